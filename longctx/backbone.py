@@ -1,0 +1,119 @@
+"""The backbone: an unmodified Hugging Face causal LM driven segment by segment through public seams."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+
+from . import attention
+from .attention import ForwardPlan
+from .errors import ModelError
+
+# Llama-family decoders whose attention calls the registry with (module, q, k, v, ...) after standard
+# rotate-half RoPE; others (partial rotary, soft-capping, alibi) would need their own handling.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+NLL_CHUNK = 1024  # tokens per lm_head/cross-entropy chunk: bounds the fp32 logits buffer
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Where the weights came from, for fingerprints and protocol lines."""
+
+    model_id: str
+    source: str  # e.g. the GGUF file and its sha256, or the local directory / hub id
+    revision: str | None = None
+
+
+class Backbone:
+    """A causal LM plus tokenizer, run with the "longctx" attention function.
+
+    `forward(ids, plan)` returns final hidden states; `token_nll(hidden, targets)` scores them in chunks.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, info: ModelInfo):
+        check_supported(model.config)
+        attention.register()
+        model.set_attn_implementation(attention.ATTN_NAME)
+        model.eval()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.config = model.config
+        self.rotary = model.model.rotary_emb
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.config.max_position_embeddings)
+
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin `[n, head_dim]` for integer positions, computed by the model's own rotary module."""
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        cos, sin = self.rotary(probe, positions.to(self.device).view(1, -1))
+        return cos[0], sin[0]
+
+    def forward(self, ids: torch.Tensor, plan: ForwardPlan, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the decoder over `ids [q]` (or `embeds [q, d]`) with the plan; return hidden `[q, d]`."""
+        q_len = ids.numel() if embeds is None else embeds.shape[0]
+        plan.cos_q, plan.sin_q = self.rope_tables(plan.query_pos)
+        plan.cos_k, plan.sin_k = self.rope_tables(plan.key_pos)
+        plan.rope_scaling = float(getattr(self.rotary, "attention_scaling", 1.0) or 1.0)
+        zeros = torch.zeros(1, q_len, dtype=torch.long, device=self.device)
+        kwargs = {"inputs_embeds": embeds.unsqueeze(0)} if embeds is not None else {"input_ids": ids.view(1, -1).to(self.device)}
+        out = self.model.model(position_ids=zeros, use_cache=False, longctx_plan=plan, **kwargs)
+        return out.last_hidden_state[0]
+
+    def token_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token negative log-likelihood (fp32) of `targets [q]` given `hidden [q, d]`."""
+        parts = []
+        for s in range(0, hidden.shape[0], NLL_CHUNK):
+            logits = self.model.lm_head(hidden[s : s + NLL_CHUNK]).float()
+            parts.append(F.cross_entropy(logits, targets[s : s + NLL_CHUNK].to(logits.device), reduction="none"))
+        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+    @cached_property
+    def fingerprint(self) -> dict[str, str | int]:
+        """Identity of weights, config and tokenizer, used in result files and snapshots."""
+        cfg = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
+        tok = self.tokenizer.backend_tokenizer.to_str() if hasattr(self.tokenizer, "backend_tokenizer") else repr(self.tokenizer.get_vocab())
+        return {
+            "model": self.info.model_id,
+            "source": self.info.source,
+            "config_sha256": hashlib.sha256(cfg.encode()).hexdigest()[:16],
+            "tokenizer_sha256": hashlib.sha256(tok.encode()).hexdigest()[:16],
+            "vocab_size": len(self.tokenizer),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+
+def check_supported(config) -> None:
+    """Refuse architectures whose attention the "longctx" function would compute wrongly."""
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(
+            f"model type '{model_type}' is not supported: longctx injects memory through the attention "
+            f"function of Llama-family decoders ({', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelError(f"RoPE type '{rope_type}' is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0):
+        raise ModelError("partial rotary embeddings are not supported")

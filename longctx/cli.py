@@ -1,0 +1,189 @@
+"""The `longctx` command line: each command parses, calls one library function, renders.
+
+stdout carries results only (tables, --json, --jsonl); progress, warnings and errors go to stderr.
+Exit codes: 0 ok, 1 runtime failure, 2 usage or bad input, 130 interrupted (docs/errors.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from . import __version__
+from .errors import EXIT_INTERRUPTED, EXIT_RUNTIME, LongctxError, UsageError
+
+app = typer.Typer(name="longctx", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_show_locals=False, rich_markup_mode="rich",
+                  help="Stream text of any length through a causal LM, segment by segment, with a memory method.")
+presets_app = typer.Typer(no_args_is_help=True, help="List and show the YAML presets (a method, segment and options).")
+app.add_typer(presets_app, name="presets")
+
+
+def _errors_to_exit(fn):
+    """Turn library errors into a message on stderr and the documented exit code (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .render import stderr_console
+
+        try:
+            return fn(*args, **kwargs)
+        except LongctxError as e:
+            console = stderr_console()
+            console.print(f"[bold red]error:[/] {e.message}", highlight=False)
+            if e.hint:
+                console.print(f"hint: {e.hint}", highlight=False)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            stderr_console().print("interrupted", highlight=False)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except MemoryError:
+            stderr_console().print("[bold red]error:[/] out of memory; try a smaller --segment or memory size")
+            raise typer.Exit(EXIT_RUNTIME) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"longctx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """longctx: perplexity, memory and long-document tools over pretrained causal LMs."""
+
+
+def _parse_overrides(pairs: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """`-o key=value` applies to every named method; `-o method.key=value` to one."""
+    out: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option expects key=value or method.key=value (got {pair!r})")
+        value = yaml.safe_load(raw) if raw else None
+        target, _, name = key.rpartition(".")
+        for m in ([target] if target else methods):
+            out.setdefault(m, {})[name] = value
+    return out
+
+
+def _method_list(method: str | None, compare: str | None) -> list[str]:
+    names = [m.strip() for m in compare.split(",") if m.strip()] if compare else []
+    if method and method not in names:
+        names.insert(0, method)
+    return names or ["xl"]
+
+
+@app.command()
+@_errors_to_exit
+def ppl(
+    file: Annotated[str, typer.Argument(help="Text file to score ('-' reads standard input).")],
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Method or preset name, or a preset .yaml path. Default: xl.")] = None,
+    compare: Annotated[str | None, typer.Option(help="Comma-separated methods to run on the same tokens in this process; deltas are against the first.")] = None,
+    segment: Annotated[int | None, typer.Option(help="Tokens per forward (default: the preset's).", envvar="LONGCTX_SEGMENT", show_envvar=True)] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Read only the first N tokens of the document.")] = None,
+    option: Annotated[list[str], typer.Option("--option", "-o", help="Method option override: key=value or method.key=value (repeatable).")] = [],
+    model: Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded SmolLM2-135M-Instruct).", envvar="LONGCTX_MODEL", show_envvar=True)] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto (default: bf16 on GPUs and CPUs with AMX/AVX512-BF16, else fp32), bf16, fp32 or fp16.", envvar="LONGCTX_DTYPE", show_envvar=True)] = None,
+    device: Annotated[str | None, typer.Option(help="cpu (default), cuda, cuda:N or auto.", envvar="LONGCTX_DEVICE", show_envvar=True)] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads; on a busy 2-core machine 1 beats 2.", envvar="LONGCTX_THREADS", show_envvar=True)] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object with all results (schema_version 1).")] = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON line per segment, then the result object.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress on stderr.")] = True,
+) -> None:
+    """Perplexity of a whole document, streamed segment by segment through one or more memory methods.
+
+    Prints PPL ± standard error (over 1024-token blocks), bits per byte, PPL by position, tokens/s and peak
+    RSS, with the protocol of every number. With --compare, every method reads the same tokens.
+    """
+    from .perplexity import perplexity
+    from .render import ProgressView, event_json, print_json, print_ppl, stderr_console, stdout_console
+
+    names = _method_list(method, compare)
+    overrides = _parse_overrides(option, names)
+    err = stderr_console()
+    size = os.path.getsize(file) if file != "-" and os.path.isfile(file) else None
+    view = ProgressView(err, total=max_tokens or size, unit="tokens" if max_tokens else "bytes",
+                        enabled=progress and not json_out)
+
+    def on_segment(ev):
+        view.update(ev)
+        if jsonl:
+            print_json(event_json(ev))
+
+    try:
+        report = perplexity(file, names, model=model, dtype=dtype, device=device, threads=threads, segment=segment,
+                            max_tokens=max_tokens, options=overrides, on_segment=on_segment,
+                            on_method=lambda name, m, info: view.start_method(name, f"{m.describe()}, segment {info['segment']}"))
+    finally:
+        view.close()
+    if json_out or jsonl:
+        print_json({"event": "result", **report.to_dict()} if jsonl else report.to_dict())
+    else:
+        print_ppl(report, stdout_console())
+
+
+@app.command()
+@_errors_to_exit
+def methods() -> None:
+    """List the memory methods, their UniMem form and options."""
+    from rich.table import Table
+
+    from .methods import METHODS
+    from .render import stdout_console
+
+    table = Table(title="Methods")
+    for col in ("method", "what it does", "options (default)"):
+        table.add_column(col)
+    for name, cls in sorted(METHODS.items()):
+        opts = ", ".join(f"{n}={d!r}" for n, _, d, _ in cls.Options.describe_fields()) or "—"
+        table.add_row(name, cls.summary, opts)
+    stdout_console().print(table)
+
+
+@presets_app.command("list")
+@_errors_to_exit
+def presets_list() -> None:
+    """List the presets (packaged, and user presets under LONGCTX_HOME/presets)."""
+    from rich.table import Table
+
+    from .presets import available, load_preset
+    from .render import stdout_console
+
+    table = Table(title="Presets")
+    for col in ("name", "method", "segment", "description"):
+        table.add_column(col)
+    for name in sorted(available()):
+        p = load_preset(name)
+        table.add_row(name, p.method, str(p.segment), p.description)
+    stdout_console().print(table)
+
+
+@presets_app.command("show")
+@_errors_to_exit
+def presets_show(name: Annotated[str, typer.Argument(help="Preset name or .yaml path.")]) -> None:
+    """Print a preset's YAML, with its comments, after validating it."""
+    from pathlib import Path
+
+    from .presets import load_preset
+
+    preset = load_preset(name)
+    sys.stdout.write(Path(preset.path).read_text(encoding="utf-8") if preset.path else yaml.safe_dump(preset.__dict__))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

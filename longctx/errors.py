@@ -1,0 +1,37 @@
+"""Error types with the exit codes documented in docs/errors.md (DESIGN.md §6)."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class LongctxError(Exception):
+    """Base class: a failure with a plain-words message and an exit code; the CLI prints no traceback."""
+
+    exit_code = EXIT_RUNTIME
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(LongctxError):
+    """Bad flags, option values, preset keys or method names."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputError(LongctxError):
+    """Unusable input document: missing, empty, binary, not UTF-8, a directory, unreadable."""
+
+    exit_code = EXIT_USAGE
+
+
+class ModelError(LongctxError):
+    """The model cannot be loaded or is not supported (missing default model, unsupported architecture)."""
+
+    exit_code = EXIT_USAGE

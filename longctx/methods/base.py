@@ -1,0 +1,175 @@
+"""The method contract: UniMem's four dimensions, validated options, and read/write over segments.
+
+A method never loops over a document: the driver hands it one segment at a time.
+  read(state, segment)  -> (state, ForwardPlan)   manage room, choose what memory each layer sees, positions
+  (the driver runs the backbone with the plan and scores the segment)
+  write(state, segment, plan) -> state            store what the forward captured; apply the overflow policy
+State is explicit data passed in and returned; a method object holds only options and the backbone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from ..attention import ForwardPlan
+from ..backbone import Backbone
+from ..errors import UsageError
+from ..segments import Segment
+
+
+@dataclass(frozen=True)
+class UniMem:
+    """A method's point in UniMem's grid (Fang et al., 2024): one phrase per dimension."""
+
+    management: str  # size and overflow policy
+    writing: str  # direct (K/V) or model-forward
+    reading: str  # position- or similarity-based
+    injection: str  # where memory enters the model
+
+    def rows(self) -> list[tuple[str, str]]:
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with its help text (used by presets, `methods` and the docs)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Base of every method's options; subclasses add fields made with `option(...)`."""
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, where: str = "options") -> MethodOptions:
+        """Build from YAML/flag values: unknown keys and wrong types are refused, naming the key."""
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(f"unknown {where} key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known)) or 'none'}")
+        return cls(**{k: _coerce(k, v, hints[k], where) for k, v in values.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """Short stable hash of the option values (snapshot and result fingerprints)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def describe_fields(cls) -> list[tuple[str, str, Any, str]]:
+        """(name, type, default, help) per option."""
+        hints = typing.get_type_hints(cls)
+        return [(f.name, _type_name(hints[f.name]), f.default, f.metadata.get("help", ""))
+                for f in dataclasses.fields(cls)]
+
+    def check(self, ok: bool, key: str, message: str) -> None:
+        """Validation helper for `__post_init__`: raise a UsageError naming the key."""
+        if not ok:
+            raise UsageError(f"option '{key}' {message} (got {getattr(self, key)!r})")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
+    """Accept `value` for a field typed `tp` (int, float, bool, str, Literal, X | None); else UsageError."""
+    options = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+    for t in options:
+        ok, v = _try(value, t)
+        if ok:
+            return v
+    raise UsageError(f"{where} key '{key}' must be {_type_name(tp)} (got {value!r})")
+
+
+def _try(value: Any, t: Any) -> tuple[bool, Any]:
+    if t is type(None):
+        return value is None or (isinstance(value, str) and value.lower() in ("null", "none")), None
+    if typing.get_origin(t) is Literal:
+        return value in typing.get_args(t), value
+    if t is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return True, value.lower() == "true"
+        return isinstance(value, bool), value
+    if t in (int, float) and not isinstance(value, bool):
+        if isinstance(value, int) or (t is float and isinstance(value, float)):
+            return True, t(value)
+        if isinstance(value, str):
+            try:
+                return True, t(value)
+            except ValueError:
+                return False, None
+    if t is str and isinstance(value, str):
+        return True, value
+    return False, None
+
+
+class Method(ABC):
+    """A memory method: options + the backbone; state passed in and returned."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[MethodOptions]]
+    summary: ClassVar[str] = ""
+    trainable: ClassVar[bool] = False
+
+    def __init__(self, options: MethodOptions, backbone: Backbone):
+        self.options = options
+        self.backbone = backbone
+
+    @abstractmethod
+    def init_state(self) -> Any:
+        """The memory of a document not yet read."""
+
+    @abstractmethod
+    def read(self, state: Any, seg: Segment) -> tuple[Any, ForwardPlan]:
+        """Make room if needed and return the plan the backbone runs this segment with."""
+
+    @abstractmethod
+    def write(self, state: Any, seg: Segment, plan: ForwardPlan) -> Any:
+        """Store what the forward captured and apply the overflow policy."""
+
+    @abstractmethod
+    def unimem(self) -> UniMem:
+        """This configuration's point in the UniMem grid."""
+
+    def check_segment(self, segment: int) -> None:
+        """Refuse a segment length this configuration cannot run (e.g. positions past the trained range)."""
+
+    def memory_size(self, state: Any) -> int:
+        """Entries currently held (tokens, slots), for progress and results."""
+        return 0
+
+    def describe(self) -> str:
+        """`name(key=value, ...)`: the protocol string printed with every number."""
+        opts = ", ".join(f"{k}={v}" for k, v in self.options.to_dict().items())
+        return f"{self.name}({opts})"
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the registry under `cls.name`."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    """Look a method up by name, listing the known ones when it is not there."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UsageError(f"unknown method '{name}'; available: {', '.join(sorted(METHODS))}") from None

@@ -1,0 +1,127 @@
+"""The shared machinery of the key/value baselines (`full`, `window`, `sinks`, `xl`).
+
+They differ only in a `KVPolicy`: how many first tokens stay as sinks, how many recent tokens are kept
+(FIFO), whether each query sees a fixed band of previous tokens, how positions are assigned, and whether
+an overflowing window is recomputed. Writing is direct (the segment's own pre-rotation K/V), reading is
+position-based, injection is at every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..attention import ForwardPlan
+from ..errors import UsageError
+from ..kvstate import KVState
+from ..segments import Segment
+from .base import Method
+
+Positions = Literal["relative", "absolute"]
+
+
+@dataclass(frozen=True)
+class KVPolicy:
+    """How a K/V memory is managed and read.
+
+    sinks: first document tokens kept forever. capacity: newest other tokens kept after each write (None:
+    keep all). band: when set, each query sees exactly the `band` previous tokens plus the sinks
+    (StreamingLLM's token-level window, computed a segment at a time). positions: "relative" numbers
+    [memory; segment] 0, 1, 2, ... (cache-relative, bounded); "absolute" uses document indices (exact, but
+    unbounded). context/keep: when memory + segment would exceed `context`, the window is re-prefilled from
+    its newest `keep` tokens (recomputed K/V at fresh positions) instead of evicting blindly.
+    """
+
+    sinks: int = 0
+    capacity: int | None = 0
+    band: int | None = None
+    positions: Positions = "relative"
+    context: int | None = None
+    keep: int = 0
+
+    @property
+    def stores(self) -> bool:
+        return self.capacity != 0
+
+
+class KVCacheMethod(Method):
+    """A method whose memory is a `KVState` governed by a `KVPolicy`."""
+
+    def policy(self) -> KVPolicy:  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+    def init_state(self) -> KVState:
+        cfg, b = self.backbone.config, self.backbone
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return KVState.empty(b.num_layers, cfg.num_key_value_heads, head_dim, dtype=b.dtype, device=b.device)
+
+    def memory_size(self, state: KVState) -> int:
+        return len(state)
+
+    def check_segment(self, segment: int) -> None:
+        p, limit = self.policy(), self.backbone.max_positions
+        if p.positions != "relative":
+            return
+        span = p.context if p.context is not None else p.sinks + (p.band or p.capacity or 0) + segment
+        if span > limit:
+            raise UsageError(
+                f"{self.describe()} with segment {segment} spans {span} positions, past the model's trained "
+                f"{limit}; use a smaller memory or segment"
+            )
+        if p.context is not None and segment > p.context:
+            raise UsageError(f"segment {segment} is longer than the context window {p.context}")
+
+    def read(self, state: KVState, seg: Segment) -> tuple[KVState, ForwardPlan]:
+        p = self.policy()
+        if p.context is not None and len(state) + len(seg) > p.context:
+            state = self._recompute(state, min(p.keep, p.context - len(seg)))
+        q_abs = seg.token_index.to(state.token_index.device)
+        m = len(state)
+        if p.positions == "absolute":
+            key_pos, query_pos = torch.cat((state.token_index, q_abs)), q_abs
+        else:
+            key_pos = torch.arange(m + len(seg), device=q_abs.device)
+            query_pos = key_pos[m:]
+        plan = ForwardPlan(query_pos=query_pos, key_pos=key_pos, mask=self._mask(state, q_abs, p),
+                           memory_keys=list(state.keys) if m else None,
+                           memory_values=list(state.values) if m else None, capture=p.stores)
+        return state, plan
+
+    @staticmethod
+    def _mask(state: KVState, q_abs: torch.Tensor, p: KVPolicy) -> torch.Tensor | None:
+        """Bool [q, m+q]: causal over document indices, limited to the band plus sinks when banded."""
+        m, q = len(state), q_abs.numel()
+        if m == 0 and (p.band is None or q <= p.band + 1):
+            return None  # plain causal attention: SDPA's fused path
+        k_abs = torch.cat((state.token_index, q_abs))
+        visible = k_abs[None, :] <= q_abs[:, None]
+        if p.band is not None:
+            near = (q_abs[:, None] - k_abs[None, :]) <= p.band
+            visible &= near | (k_abs[None, :] < p.sinks)
+        return visible
+
+    def write(self, state: KVState, seg: Segment, plan: ForwardPlan) -> KVState:
+        p = self.policy()
+        if not p.stores:
+            return state
+        layers = range(self.backbone.num_layers)
+        keys = torch.stack([plan.captured[i][0] for i in layers])
+        values = torch.stack([plan.captured[i][1] for i in layers])
+        dev = state.token_index.device
+        state = state.append(keys, values, seg.token_index.to(dev), seg.ids.to(dev), seg.byte_start.to(dev))
+        return state.fifo(p.sinks, p.capacity) if p.capacity is not None else state
+
+    def _recompute(self, state: KVState, keep: int) -> KVState:
+        """Re-prefill the newest `keep` tokens at positions 0..keep-1 (their K/V as if the text began there)."""
+        kept = state.select(torch.arange(len(state) - keep, len(state), device=state.token_index.device))
+        if keep == 0:
+            return kept
+        pos = torch.arange(keep, device=kept.token_index.device)
+        plan = ForwardPlan(query_pos=pos, key_pos=pos, capture=True)
+        self.backbone.forward(kept.token_ids, plan)
+        layers = range(self.backbone.num_layers)
+        kept.keys = torch.stack([plan.captured[i][0] for i in layers])
+        kept.values = torch.stack([plan.captured[i][1] for i in layers])
+        return kept

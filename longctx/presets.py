@@ -1,0 +1,84 @@
+"""YAML presets: a method, its segment length and options, validated against the method's dataclass."""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UsageError
+from .methods import get_method
+from .paths import longctx_home
+
+FORMAT = 1
+KEYS = {"format", "method", "description", "segment", "options"}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A validated preset: `options` has passed the method's Options dataclass."""
+
+    name: str
+    method: str
+    segment: int | None
+    options: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    path: str | None = None
+
+
+def _packaged() -> dict[str, Any]:
+    root = importlib.resources.files("longctx.preset_files")
+    return {p.name.removesuffix(".yaml"): p for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def _user() -> dict[str, Path]:
+    d = longctx_home() / "presets"
+    return {p.stem: p for p in d.glob("*.yaml")} if d.is_dir() else {}
+
+
+def available() -> dict[str, Any]:
+    """Preset name -> file; user presets (LONGCTX_HOME/presets) shadow packaged ones."""
+    return {**_packaged(), **_user()}
+
+
+def load_preset(name_or_path: str) -> Preset:
+    """Load a preset by name, or from a path ending in .yaml/.yml."""
+    if name_or_path.endswith((".yaml", ".yml")):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise UsageError(f"preset file {path} does not exist")
+        return parse_preset(path.read_text(encoding="utf-8"), name=path.stem, path=str(path))
+    found = available()
+    if name_or_path not in found:
+        raise UsageError(f"unknown method or preset '{name_or_path}'; available: {', '.join(sorted(found))}")
+    src = found[name_or_path]
+    return parse_preset(src.read_text(encoding="utf-8"), name=name_or_path, path=str(src))
+
+
+def parse_preset(text: str, *, name: str, path: str | None = None) -> Preset:
+    """Validate preset YAML: format, known keys, known method, option names and types."""
+    where = f"preset '{name}'"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UsageError(f"{where} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{where} must be a mapping with keys {', '.join(sorted(KEYS))}")
+    if data.get("format") != FORMAT:
+        raise UsageError(f"{where} has format {data.get('format')!r}; this longctx reads format {FORMAT}")
+    unknown = sorted(set(data) - KEYS)
+    if unknown:
+        raise UsageError(f"{where} has unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(KEYS))}")
+    method = get_method(str(data.get("method")))
+    options = data.get("options") or {}
+    if not isinstance(options, dict):
+        raise UsageError(f"{where}: 'options' must be a mapping")
+    method.Options.from_mapping(options, where=f"{where} option")
+    segment = data.get("segment")
+    if segment is not None and (not isinstance(segment, int) or isinstance(segment, bool) or segment < 1):
+        raise UsageError(f"{where}: 'segment' must be a positive integer (got {segment!r})")
+    return Preset(name=name, method=method.name, segment=segment, options=dict(options),
+                  description=str(data.get("description", "")), path=path)

@@ -1,0 +1,145 @@
+"""Rendering: rich progress on stderr; results (tables, JSON, JSON lines) on stdout."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .perplexity import PplReport
+from .stream import SegmentEvent
+
+PLAIN_EVERY_S = 15.0  # non-interactive stderr: one log line at most this often
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True)
+
+
+def stdout_console() -> Console:
+    return Console(soft_wrap=True)
+
+
+class ProgressView:
+    """Per-method progress: a rich bar on a terminal, periodic plain lines otherwise (CI logs)."""
+
+    def __init__(self, console: Console, *, total: int | None, unit: str, enabled: bool = True):
+        self.console, self.total, self.unit, self.enabled = console, total, unit, enabled
+        self.interactive = console.is_terminal
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._last_log = 0.0
+        self._name = ""
+
+    def start_method(self, name: str, protocol: str) -> None:
+        self._name = name
+        if not self.enabled:
+            return
+        self.console.print(f"[bold]{name}[/]: {protocol}", highlight=False)
+        if self.interactive:
+            self._stop_bar()
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[stats]}"),
+                                      TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                      console=self.console, transient=False)
+            self._progress.start()
+            self._task = self._progress.add_task(name, total=self.total, stats="")
+
+    def update(self, ev: SegmentEvent) -> None:
+        if not self.enabled:
+            return
+        done = ev.tokens if self.unit == "tokens" else ev.byte_end
+        tps = ev.tokens / ev.seconds if ev.seconds > 0 else 0.0
+        stats = f"{ev.tokens:,} tok  {tps:,.0f} tok/s  ppl {ev.running_ppl:.3f}  mem {ev.memory:,}"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, stats=stats)
+        elif time.monotonic() - self._last_log >= PLAIN_EVERY_S:
+            self._last_log = time.monotonic()
+            pct = f"{100 * done / self.total:5.1f}% " if self.total else ""
+            self.console.print(f"  {self._name}: {pct}{stats}", highlight=False)
+
+    def _stop_bar(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def close(self) -> None:
+        self._stop_bar()
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def ppl_tables(report: PplReport) -> list[Table]:
+    """The summary table (one row per method) and the PPL-by-position table."""
+    d = report.to_dict()
+    deltas = {x["method"]: x for x in d["deltas"]}
+    summary = Table(title=f"Perplexity — {d['source']['path']}", title_justify="left")
+    for col in ("method", "segment", "PPL ± SE", "bits/byte", "scored", "tok/s", "peak RSS MiB", f"Δ NLL vs {d['runs'][0]['method']}"):
+        summary.add_column(col, justify="left" if col == "method" else "right")
+    for r in d["runs"]:
+        delta = deltas.get(r["method"])
+        dtxt = f"{delta['delta_nll']:+.4f} ± {_fmt(delta['delta_nll_se'], '.4f')} (×{delta['ppl_ratio']:.3f})" if delta else "ref"
+        summary.add_row(r["method"], str(r["segment"]), f"{_fmt(r['ppl'])} ± {_fmt(r['ppl_se'])}",
+                        _fmt(r["bits_per_byte"], ".4f"), f"{r['tokens']:,}", _fmt(r["tokens_per_s"], ",.0f"),
+                        _fmt(r["peak_rss_mb"], ",.0f"), dtxt)
+    buckets = Table(title="PPL by position of the predicted token", title_justify="left")
+    buckets.add_column("positions")
+    for r in d["runs"]:
+        buckets.add_column(r["method"], justify="right")
+    spans = [(b["from"], b["to"]) for b in d["runs"][0]["buckets"]]
+    for lo, hi in spans:
+        row = [f"{lo:,}–{hi:,}"]
+        for r in d["runs"]:
+            hit = [b for b in r["buckets"] if b["from"] == lo]
+            row.append(_fmt(hit[0]["ppl"]) if hit else "—")
+        buckets.add_row(*row)
+    return [summary, buckets]
+
+
+def protocol_lines(report: PplReport) -> list[str]:
+    """One llama.cpp-style line per method carrying everything needed to compare numbers."""
+    d = report.to_dict()
+    m = d["model"]
+    lines = []
+    for r in d["runs"]:
+        lines.append(
+            f"PPL = {_fmt(r['ppl'], '.4f')} ± {_fmt(r['ppl_se'], '.4f')} | bpb = {_fmt(r['bits_per_byte'], '.4f')} | "
+            f"tokens = {r['tokens']} | segments = {r['segments']} | method = {r['protocol']} | segment = {r['segment']} | "
+            f"model = {m['model']} ({m['source']}, {m['dtype']}, tokenizer {m['tokenizer_sha256']}) | "
+            f"input sha256 = {d['source']['sha256_of_read'][:16]} ({d['source']['bytes_read']} bytes read)")
+    return lines
+
+
+def print_ppl(report: PplReport, console: Console) -> None:
+    for table in ppl_tables(report):
+        console.print(table)
+    for line in protocol_lines(report):
+        console.print(line, highlight=False, markup=False)
+
+
+def print_json(obj: Any) -> None:
+    """One JSON document per line on stdout; NaN becomes null (JSON has no NaN)."""
+    sys.stdout.write(json.dumps(_finite(obj), default=str) + "\n")
+    sys.stdout.flush()
+
+
+def event_json(ev: SegmentEvent) -> dict[str, Any]:
+    return {"schema_version": 1, "event": "segment", **asdict(ev)}
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o

