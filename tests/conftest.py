@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny random Llama (CPU, fp32, built in-process) and an isolated LONGCTX_HOME."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_tokenizers import byte_bpe_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from longctx.backbone import Backbone, ModelInfo
+
+torch.set_num_threads(1)  # tests share a 2-core machine with other work: 1 thread is faster and steadier
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    """2 layers, GQA (4 query / 2 KV heads), RoPE theta 10k, 512 trained positions."""
+    cfg = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True,
+               bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def tiny_model(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A random tiny Llama in fp32, eval mode; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(**overrides)).eval()
+    with torch.no_grad():  # larger-than-default weights make attention patterns sharp, so bugs show
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    """Every test gets its own LONGCTX_HOME and no LONGCTX_* settings from the environment."""
+    import os
+
+    for key in [k for k in os.environ if k.startswith("LONGCTX_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("LONGCTX_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def tiny_backbone() -> Backbone:
+    return Backbone(tiny_model(), byte_bpe_tokenizer(), ModelInfo(model_id="tiny-llama", source="test"))
+
+
+@pytest.fixture
+def reference_model() -> LlamaForCausalLM:
+    """The same weights as `tiny_backbone`, with transformers' own eager attention."""
+    model = tiny_model()
+    model.set_attn_implementation("eager")
+    return model

@@ -1,0 +1,138 @@
+"""The CLI end to end on a tiny model saved to a directory: exit codes, stdout/stderr split, JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_model
+from tiny_tokenizers import byte_bpe_tokenizer, sample_text
+from typer.testing import CliRunner
+
+from longctx.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-model")
+    tiny_model(max_position_embeddings=8192).save_pretrained(d)
+    byte_bpe_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture
+def book(tmp_path):
+    p = tmp_path / "book.txt"
+    p.write_text(sample_text(6000), encoding="utf-8")
+    return str(p)
+
+
+def ppl(*args, input=None):
+    return runner.invoke(app, ["ppl", *args], input=input)
+
+
+def test_ppl_table_on_stdout_progress_on_stderr(model_dir, book):
+    r = ppl(book, "--model", model_dir, "--segment", "64", "--max-tokens", "300")
+    assert r.exit_code == 0, r.stderr
+    assert "PPL =" in r.stdout and "method = xl(" in r.stdout and "tokens = 299" in r.stdout
+    assert "xl:" in r.stderr and "PPL =" not in r.stderr
+
+
+def test_ppl_json_compare_same_tokens(model_dir, book):
+    r = ppl(book, "--model", model_dir, "--compare", "window,sinks,xl,full", "--segment", "32",
+            "--max-tokens", "200", "--json", "-o", "sinks.window=40", "-o", "xl.memory=48")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["schema_version"] == 1
+    runs = {x["method"]: x for x in out["runs"]}
+    assert list(runs) == ["window", "sinks", "xl", "full"]
+    assert len({x["token_sha256"] for x in out["runs"]}) == 1
+    assert all(x["tokens"] == 199 for x in out["runs"])
+    assert runs["sinks"]["protocol"] == "sinks(sinks=4, window=40, positions=relative)"
+    assert [d["method"] for d in out["deltas"]] == ["sinks", "xl", "full"]
+    assert out["settings_origin"]["segment"] == "flag"
+    assert runs["xl"]["unimem"]["management"].startswith("FIFO of 48 tokens")
+
+
+def test_ppl_jsonl_events_then_result(model_dir, book):
+    r = ppl(book, "--model", model_dir, "--segment", "50", "--max-tokens", "160", "--jsonl", "-m", "window")
+    assert r.exit_code == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [x["event"] for x in lines] == ["segment"] * 4 + ["result"]
+    assert lines[-2]["tokens"] == 160 and lines[-1]["runs"][0]["tokens"] == 159
+
+
+def test_ppl_reads_stdin(model_dir):
+    r = ppl("-", "--model", model_dir, "--segment", "64", "--compare", "window,xl", "--json",
+            input=sample_text(3000))
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["source"]["path"] == "<stdin>" and len(out["runs"]) == 2
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"", "empty"),
+    (b"\x00\x01binary\x00", "binary"),
+    (b"good text then \xff bad", "byte 15"),
+])
+def test_bad_input_exits_2_without_traceback(model_dir, tmp_path, content, needle):
+    p = tmp_path / "bad.txt"
+    p.write_bytes(content)
+    r = ppl(str(p), "--model", model_dir)
+    assert r.exit_code == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr and r.stdout == ""
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--method", "nosuch"], "unknown method or preset 'nosuch'"),
+    (["-o", "xl.bogus=1"], "unknown xl option key(s) bogus"),
+    (["-o", "xl.memory=lots"], "must be int"),
+    (["-o", "sinks.window=0", "-m", "sinks"], "option 'window' must be >= 1"),
+    (["--dtype", "fp8"], "unknown dtype"),
+    (["--max-tokens", "1"], "--max-tokens must be >= 2"),
+    (["-o", "xl.memory=9000"], "past the model's trained 8192"),
+])
+def test_usage_errors_exit_2(model_dir, book, args, needle):
+    r = ppl(book, "--model", model_dir, *args)
+    assert r.exit_code == 2, r.stdout
+    assert needle in r.stderr
+
+
+def test_missing_file_and_directory(model_dir, tmp_path):
+    assert ppl(str(tmp_path / "nope.txt"), "--model", model_dir).exit_code == 2
+    r = ppl(str(tmp_path), "--model", model_dir)
+    assert r.exit_code == 2 and "directory" in r.stderr
+
+
+def test_model_dir_without_tokenizer(tmp_path, book):
+    tiny_model().save_pretrained(tmp_path / "m")
+    r = ppl(book, "--model", str(tmp_path / "m"))
+    assert r.exit_code == 2 and "no tokenizer" in r.stderr
+
+
+def test_env_and_user_config_precedence(model_dir, book, isolated_home, monkeypatch):
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    (isolated_home / "config.yaml").write_text("segment: 48\n")
+    r = ppl(book, "--model", model_dir, "--max-tokens", "100", "--json")
+    assert json.loads(r.stdout)["runs"][0]["segment"] == 48
+    monkeypatch.setenv("LONGCTX_SEGMENT", "40")
+    out = json.loads(ppl(book, "--model", model_dir, "--max-tokens", "100", "--json").stdout)
+    assert out["runs"][0]["segment"] == 40 and out["settings_origin"]["segment"] == "env"
+
+
+def test_presets_list_and_show():
+    r = runner.invoke(app, ["presets", "list"])
+    assert r.exit_code == 0 and all(n in r.stdout for n in ("full", "window", "sinks", "xl"))
+    r = runner.invoke(app, ["presets", "show", "xl"])
+    assert r.exit_code == 0 and "format: 1" in r.stdout and "# " in r.stdout
+    assert runner.invoke(app, ["presets", "show", "nope"]).exit_code == 2
+
+
+def test_methods_and_help():
+    r = runner.invoke(app, ["methods"])
+    assert r.exit_code == 0 and "sinks" in r.stdout
+    for args in (["--help"], ["ppl", "--help"], ["presets", "--help"]):
+        assert runner.invoke(app, args).exit_code == 0
+    assert runner.invoke(app, ["--version"]).stdout.startswith("longctx ")

