@@ -22,6 +22,8 @@ app = typer.Typer(name="longctx", no_args_is_help=True, add_completion=False,
                   help="Stream text of any length through a causal LM, segment by segment, with a memory method.")
 presets_app = typer.Typer(no_args_is_help=True, help="List and show the YAML presets (a method, segment and options).")
 app.add_typer(presets_app, name="presets")
+memory_app = typer.Typer(no_args_is_help=True, help="Inspect and manage saved memory snapshots (LONGCTX_HOME/snapshots).")
+app.add_typer(memory_app, name="memory")
 
 
 def _errors_to_exit(fn):
@@ -35,7 +37,8 @@ def _errors_to_exit(fn):
             return fn(*args, **kwargs)
         except LongctxError as e:
             console = stderr_console()
-            console.print(f"[bold red]error:[/] {e.message}", highlight=False)
+            label = "[bold yellow]interrupted:[/]" if e.exit_code == EXIT_INTERRUPTED else "[bold red]error:[/]"
+            console.print(f"{label} {e.message}", highlight=False)
             if e.hint:
                 console.print(f"hint: {e.hint}", highlight=False)
             raise typer.Exit(e.exit_code) from None
@@ -63,6 +66,8 @@ def main_options(
 
 
 def _parse_overrides(pairs: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    if pairs and not methods:
+        raise UsageError("with --resume alone, use -o method.key=value (or name --method)")
     """`-o key=value` applies to every named method; `-o method.key=value` to one."""
     out: dict[str, dict[str, Any]] = {}
     for pair in pairs:
@@ -99,16 +104,21 @@ def ppl(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object with all results (schema_version 1).")] = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON line per segment, then the result object.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress on stderr.")] = True,
+    save_memory: Annotated[str | None, typer.Option(help="Save the memory as snapshot NAME at the end (with --compare: NAME-METHOD).")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Also checkpoint the snapshot every N segments (needs --save-memory).")] = None,
+    resume: Annotated[str | None, typer.Option(help="Continue the run saved in snapshot NAME (same file, model, method, options).")] = None,
 ) -> None:
     """Perplexity of a whole document, streamed segment by segment through one or more memory methods.
 
     Prints PPL ± standard error (over 1024-token blocks), bits per byte, PPL by position, tokens/s and peak
     RSS, with the protocol of every number. With --compare, every method reads the same tokens.
+    Ctrl-C stops after the current segment, saves the memory and prints the resume command (exit 130).
     """
+    from .interrupts import GracefulInterrupt
     from .perplexity import perplexity
     from .render import ProgressView, event_json, print_json, print_ppl, stderr_console, stdout_console
 
-    names = _method_list(method, compare)
+    names = _method_list(method, compare) if (method or compare or not resume) else []
     overrides = _parse_overrides(option, names)
     err = stderr_console()
     size = os.path.getsize(file) if file != "-" and os.path.isfile(file) else None
@@ -121,9 +131,11 @@ def ppl(
             print_json(event_json(ev))
 
     try:
-        report = perplexity(file, names, model=model, dtype=dtype, device=device, threads=threads, segment=segment,
-                            max_tokens=max_tokens, options=overrides, on_segment=on_segment,
-                            on_method=lambda name, m, info: view.start_method(name, f"{m.describe()}, segment {info['segment']}"))
+        with GracefulInterrupt() as stop:
+            report = perplexity(file, names, model=model, dtype=dtype, device=device, threads=threads,
+                                segment=segment, max_tokens=max_tokens, options=overrides, save_memory=save_memory,
+                                save_every=save_every, resume=resume, stop=stop, on_segment=on_segment,
+                                on_method=lambda name, m, info: view.start_method(name, f"{m.describe()}, segment {info['segment']}"))
     finally:
         view.close()
     if json_out or jsonl:
@@ -178,6 +190,88 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name or .yaml 
 
     preset = load_preset(name)
     sys.stdout.write(Path(preset.path).read_text(encoding="utf-8") if preset.path else yaml.safe_dump(preset.__dict__))
+
+
+@memory_app.command("ls")
+@_errors_to_exit
+def memory_ls(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List snapshots: name, method, model, document, tokens consumed, size, created."""
+    import time
+
+    from rich.table import Table
+
+    from .memory import list_snapshots
+    from .render import print_json, stdout_console
+
+    rows = list_snapshots()
+    if json_out:
+        print_json({"schema_version": 1, "snapshots": rows})
+        return
+    table = Table(title="Snapshots")
+    for col in ("name", "method", "model", "document", "tokens", "size", "created"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"] + (" *" if r["latest"] else ""), r["method"], r["model"], r["document"],
+                      f"{r['tokens']:,}", f"{r['size_bytes'] / 2**20:,.1f} MiB",
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])))
+    stdout_console().print(table)
+
+
+@memory_app.command("dump")
+@_errors_to_exit
+def memory_dump(name: Annotated[str | None, typer.Argument(help="Snapshot name (default: the latest).")] = None,
+                json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """What a memory holds: tensors and shapes, entries in use, and the source span + excerpt of each group."""
+    from .memory import dump_snapshot
+    from .render import print_dump, print_json, stdout_console
+
+    info = dump_snapshot(name)
+    print_json({"schema_version": 1, **info}) if json_out else print_dump(info, stdout_console())
+
+
+@memory_app.command("show")
+@_errors_to_exit
+def memory_show(name: Annotated[str | None, typer.Argument(help="Snapshot name (default: the latest).")] = None,
+                json_out: Annotated[bool, typer.Option("--json", help="Print JSON (the manifest).")] = False) -> None:
+    """The verified manifest of a snapshot (fingerprint, method, document, progress, files)."""
+    from .memory import show_snapshot
+    from .render import print_json
+
+    info = show_snapshot(name)
+    if json_out:
+        print_json({"schema_version": 1, **info})
+    else:
+        sys.stdout.write(yaml.safe_dump(info, sort_keys=False, width=100))
+
+
+@memory_app.command("rm")
+@_errors_to_exit
+def memory_rm(name: Annotated[str, typer.Argument(help="Snapshot name.")]) -> None:
+    """Delete a snapshot (every version)."""
+    from .memory import remove_snapshot
+
+    remove_snapshot(name)
+    typer.echo(f"removed {name}", err=True)
+
+
+@memory_app.command("export")
+@_errors_to_exit
+def memory_export(name: Annotated[str, typer.Argument(help="Snapshot name.")],
+                  directory: Annotated[str, typer.Argument(help="New directory to write (must not exist).")]) -> None:
+    """Copy a snapshot's current version to a directory (verified)."""
+    from .memory import export_snapshot
+
+    typer.echo(str(export_snapshot(name, directory)))
+
+
+@memory_app.command("import")
+@_errors_to_exit
+def memory_import(directory: Annotated[str, typer.Argument(help="An exported snapshot directory.")],
+                  name: Annotated[str | None, typer.Option(help="Store under this name (default: its own).")] = None) -> None:
+    """Verify an exported snapshot and add it to the store."""
+    from .memory import import_snapshot
+
+    typer.echo(import_snapshot(directory, name))
 
 
 def main() -> None:

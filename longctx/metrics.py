@@ -51,6 +51,15 @@ class NllSums:
         self.bytes += nbytes
         self.segments += 1
 
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Exact sums for snapshots (float64 NLL per block, int64 tokens per block)."""
+        return {"block_nll": torch.tensor(self.block_nll, dtype=torch.float64),
+                "block_tokens": torch.tensor(self.block_tokens, dtype=torch.int64)}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], *, bytes: int, segments: int) -> NllSums:
+        return cls(t["block_nll"].tolist(), t["block_tokens"].tolist(), bytes, segments)
+
     def mean(self) -> float:
         t = self.tokens
         return self.nll / t if t else float("nan")

@@ -90,7 +90,8 @@ def load_backbone(model: str | None = None, *, dtype: str = "auto", device: str 
     if model in (None, DEFAULT_MODEL):
         path, info = default_model_cache(torch_dtype)
     else:
-        path, info = model, ModelInfo(model_id=model, source=_describe_source(model))
+        model_id = str(Path(model).resolve()) if Path(model).is_dir() else model  # resumable from any cwd
+        path, info = model, ModelInfo(model_id=model_id, source=_describe_source(model))
     hf_model, tokenizer = _load_hf(path, torch_dtype)
     return Backbone(hf_model.to(dev), tokenizer, info)
 

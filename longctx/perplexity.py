@@ -6,6 +6,7 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import torch
 
 from . import __version__
 from .backbone import Backbone
+from .checkpoint import Interrupted, RunSpec, check_resume, method_from_snapshot, restore, resume_command, save_run
 from .config import Resolved, resolve
 from .errors import InputError, UsageError
 from .methods import get_method
@@ -24,6 +26,7 @@ from .models import load_backbone
 from .presets import Preset, load_preset
 from .resources import peak_gpu_mb, peak_rss_mb, reset_peak_rss
 from .segments import iter_segments
+from .snapshot import Snapshot, SnapshotError, SnapshotStore, check_name
 from .stream import SegmentEvent, StreamResult, run_stream
 from .textio import open_source
 from .tokens import iter_tokens
@@ -89,38 +92,53 @@ def build_method(spec: str | Preset, backbone: Backbone, overrides: dict[str, An
     return cls(options, backbone), preset
 
 
-def perplexity(path: str, methods: Sequence[str] = ("xl",), *, model: str | None = None, dtype: str | None = None,
-               device: str | None = None, threads: int | None = None, segment: int | None = None,
-               max_tokens: int | None = None, options: dict[str, dict[str, Any]] | None = None,
-               backbone: Backbone | None = None,
+def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | None = None,
+               dtype: str | None = None, device: str | None = None, threads: int | None = None,
+               segment: int | None = None, max_tokens: int | None = None,
+               options: dict[str, dict[str, Any]] | None = None, backbone: Backbone | None = None,
+               save_memory: str | None = None, save_every: int | None = None, resume: str | None = None,
+               stop: Callable[[], bool] | None = None,
                on_segment: Callable[[SegmentEvent], None] | None = None,
                on_method: Callable[[str, Method, dict], None] | None = None) -> PplReport:
     """Score `path` ("-" = stdin) with each method in turn on the same tokens; deltas vs the first method.
 
-    `options` maps a method name to option overrides. Settings resolve flag > env > user config > preset >
-    default; the first method's preset supplies the preset layer for model-level settings.
+    `methods` are method or preset names (default: xl, or the snapshot's when resuming). `options` maps a
+    method name to option overrides. Settings resolve flag > env > user config > preset > default.
+    `save_memory` snapshots each method's memory at the end (and every `save_every` segments); `resume`
+    continues a snapshot's run; `stop()` is polled between segments, and a stopped run is saved and raises
+    `Interrupted` (exit 130) carrying the resume command.
     """
-    if not methods:
-        raise UsageError("name at least one method")
     if max_tokens is not None and max_tokens < 2:
         raise UsageError(f"--max-tokens must be >= 2 (got {max_tokens})")
-    presets = [load_preset(m) for m in methods]
+    if save_every is not None and (save_every < 1 or not save_memory):
+        raise UsageError("--save-every N needs N >= 1 and --save-memory NAME")
+    store = SnapshotStore()
+    snap = store.load(resume) if resume else None
+    if snap is not None and methods and len(methods) > 1:
+        raise UsageError("--resume continues one method's run; it cannot be combined with --compare")
+    names = list(methods or ([snap.manifest["method"]["preset"]] if snap else ["xl"]))
+    if snap is not None:  # the snapshot knows its model and dtype; explicit ones are checked against it
+        model = model or snap.manifest["fingerprint"]["model"]
+        dtype = dtype or snap.manifest["fingerprint"]["dtype"]
+    presets = [load_preset(m) for m in names]
     flags = {"model": model, "dtype": dtype, "device": device, "threads": threads, "segment": segment}
     settings = resolve(flags, {"segment": presets[0].segment})
     if backbone is None:
         backbone = load_backbone(settings["model"], dtype=settings["dtype"], device=settings["device"],
                                  threads=settings["threads"])
-    built = [build_method(p, backbone, (options or {}).get(p.method)) for p in presets]
-    seg_lens = [resolve(flags, {"segment": p.segment})["segment"] for p in presets]
-    for (method, _), seg in zip(built, seg_lens):
-        method.check_segment(seg)
-    with _replayable(path, len(built)) as src_path:
-        runs, source = [], {}
-        for (method, preset), seg in zip(built, seg_lens):
+    specs = _specs(presets, backbone, flags, options, max_tokens, snap, path)
+    runs, source = [], {}
+    with _replayable(path, len(specs)) as src_path:
+        for spec in specs:
             if on_method is not None:
-                on_method(preset.name, method, {"segment": seg})
-            run, source = _run_one(backbone, method, src_path, seg, max_tokens, on_segment)
+                on_method(spec.preset, spec.method, {"segment": spec.segment})
+            name = _snapshot_name(save_memory, spec, len(specs), stop)
+            run, source = _run_one(backbone, spec, src_path, path, store, name, save_every, bool(save_memory), snap,
+                                   stop, on_segment)
             runs.append(run)
+            if run.result.interrupted:
+                raise Interrupted(f"interrupted after {run.result.tokens} tokens; memory saved as snapshot "
+                                  f"'{name}'. Resume with:\n  {resume_command(path, name)}")
     source["path"] = path if path != "-" else "<stdin>"
     _check_same_tokens(runs)
     deltas = [{"method": r.method, "reference": runs[0].method, **paired_delta(r.result.sums, runs[0].result.sums)}
@@ -128,21 +146,68 @@ def perplexity(path: str, methods: Sequence[str] = ("xl",), *, model: str | None
     return PplReport(source, runs, settings, dict(backbone.fingerprint), deltas)
 
 
-def _run_one(backbone: Backbone, method: Method, path: str, segment: int, max_tokens: int | None,
+def _specs(presets: list[Preset], backbone: Backbone, flags: dict[str, Any], options: dict | None,
+           max_tokens: int | None, snap: Snapshot | None, path: str) -> list[RunSpec]:
+    """Build and check each method's run; a resume rebuilds it from the snapshot and checks agreement."""
+    if snap is not None:
+        spec = method_from_snapshot(snap, backbone)
+        requested = {"segment": flags["segment"], "max_tokens": max_tokens,
+                     "options": (options or {}).get(spec.method.name, {})}
+        if presets[0].name != spec.preset:
+            requested["method"] = presets[0].method
+        check_resume(snap, backbone, spec, path, requested)
+        return [spec]
+    specs = []
+    for p in presets:
+        method, _ = build_method(p, backbone, (options or {}).get(p.method))
+        seg = resolve(flags, {"segment": p.segment})["segment"]
+        method.check_segment(seg)
+        specs.append(RunSpec(method, p.name, seg, max_tokens))
+    return specs
+
+
+def _snapshot_name(save_memory: str | None, spec: RunSpec, n: int, stop: Callable | None) -> str | None:
+    if save_memory:
+        return check_name(save_memory if n == 1 else f"{save_memory}-{spec.preset}")
+    if stop is not None:  # an interruptible run saves where it stops, under a generated name
+        return check_name(f"interrupted-{spec.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return None
+
+
+def _run_one(backbone: Backbone, spec: RunSpec, src_path: str, path: str, store: SnapshotStore, name: str | None,
+             save_every: int | None, save_final: bool, snap: Snapshot | None, stop: Callable[[], bool] | None,
              on_segment: Callable[[SegmentEvent], None] | None) -> tuple[MethodRun, dict[str, Any]]:
-    stats: dict[str, Any] = {}
+    method, stats = spec.method, {}
+    state, sums, skip = restore(snap, spec) if snap is not None else (None, None, 0)
+    save = (lambda res: save_run(store, name, backbone, spec, path, res)) if name else None
     reset_peak_rss()
-    with open_source(path) as src:
-        segments = iter_segments(iter_tokens(backbone.tokenizer, src.blocks()), segment, max_tokens=max_tokens,
-                                 stats=stats)
-        result = run_stream(backbone, method, segments, on_segment=on_segment)
-        if result.tokens < 2:
+    with open_source(src_path) as src:
+        segments = iter_segments(iter_tokens(backbone.tokenizer, src.blocks()), spec.segment,
+                                 max_tokens=spec.max_tokens, stats=stats)
+        result = run_stream(backbone, method, _skip(segments, skip), state=state, sums=sums, on_segment=on_segment,
+                            stop=stop, checkpoint_every=save_every if save_final else None,
+                            on_checkpoint=save)
+        if snap is not None and result.tokens <= skip:  # nothing was left to read
+            result.tokens, result.next_byte = skip, int(snap.manifest["document"]["bytes_consumed"])
+        if result.sums.tokens < 1 and not result.interrupted:
             raise InputError(f"{src.name} has {result.tokens} token(s); at least 2 are needed to score one")
+        if save is not None and (result.interrupted or save_final):
+            save(result)
         source = {"size": src.size, "bytes_read": src.bytes_read, "sha256_of_read": src.sha256_hex(),
                   "tokens": stats.get("tokens"), "end_byte": stats.get("end_byte"), "words": stats.get("words")}
-    run = MethodRun(method.name, method.describe(), segment, dict(method.unimem().rows()), result,
+    run = MethodRun(spec.preset, method.describe(), spec.segment, dict(method.unimem().rows()), result,
                     peak_rss_mb(), peak_gpu_mb())
     return run, source
+
+
+def _skip(segments, tokens: int):
+    """Drop the segments a resumed snapshot already consumed (they must end exactly at `tokens`)."""
+    for seg in segments:
+        if seg.start < tokens:
+            if seg.start + len(seg) > tokens:
+                raise SnapshotError("the snapshot does not end on a segment boundary of this run")
+            continue
+        yield seg
 
 
 def _check_same_tokens(runs: list[MethodRun]) -> None:

@@ -20,7 +20,7 @@ PLAIN_EVERY_S = 15.0  # non-interactive stderr: one log line at most this often
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)  # long paths and commands must stay copy-pasteable
 
 
 def stdout_console() -> Console:
@@ -143,3 +143,25 @@ def _finite(o: Any) -> Any:
     if isinstance(o, (list, tuple)):
         return [_finite(v) for v in o]
     return o
+
+
+def print_dump(info: dict[str, Any], console: Console) -> None:
+    """`memory dump`: header, tensors, then one row per group of entries with its source excerpt."""
+    console.print(f"[bold]{info['name']}[/]: {info['method']}, segment {info['segment']}, model {info['model']}",
+                  highlight=False)
+    console.print(f"document {info['document']}: {info['tokens_consumed']:,} tokens consumed; "
+                  f"{info['entries']:,} entries in memory", highlight=False)
+    tensors = Table(title="Tensors", title_justify="left")
+    for col in ("name", "shape", "dtype", "MiB"):
+        tensors.add_column(col)
+    for t in info["tensors"]:
+        tensors.add_row(t["name"], "×".join(map(str, t["shape"])) or "scalar", t["dtype"], f"{t['bytes'] / 2**20:.2f}")
+    console.print(tensors)
+    groups = Table(title="Entries by source span", title_justify="left")
+    for col in ("kind", "entries", "tokens", "bytes from", "excerpt"):
+        groups.add_column(col)
+    for g in info["groups"]:
+        excerpt = g["excerpt"] if g["excerpt"] is not None else "(source not available or changed)"
+        groups.add_row(g["kind"], f"{g['entries']:,}", f"{g['tokens'][0]:,}–{g['tokens'][1]:,}", f"{g['byte_start']:,}",
+                       excerpt)
+    console.print(groups)

@@ -20,6 +20,7 @@ class Segment:
     byte_start: torch.Tensor  # [q] int64, byte offset of each token in the source
     targets: torch.Tensor  # [q] int64
     target_bytes: torch.Tensor  # [q] int64, source bytes of each target token (0 where there is none)
+    next_byte: int = -1  # byte offset where the token after this segment starts (the stream's end if none)
 
     def __len__(self) -> int:
         return int(self.ids.numel())
@@ -82,6 +83,10 @@ class _Buffer:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def next_start(self) -> int:
+        """Byte offset of the next unread token (the stream's end when none is left)."""
+        return int(self._bytes[0]) if len(self._bytes) else int(self.end_byte if self.end_byte is not None else -1)
+
 
 def iter_segments(chunks: Iterable[TokenChunk], segment: int, *, max_tokens: int | None = None,
                   stats: dict | None = None) -> Iterator[Segment]:
@@ -95,8 +100,10 @@ def iter_segments(chunks: Iterable[TokenChunk], segment: int, *, max_tokens: int
         if len(buf) == 0:
             break
         ids, starts, targets, tbytes = buf.pop(min(segment, len(buf)))
+        next_byte = buf.next_start()
         yield Segment(start, torch.from_numpy(ids.copy()), torch.from_numpy(starts.copy()),
-                      torch.from_numpy(targets.astype(np.int64)), torch.from_numpy(tbytes.astype(np.int64)))
+                      torch.from_numpy(targets.astype(np.int64)), torch.from_numpy(tbytes.astype(np.int64)),
+                      next_byte)
         start += len(ids)
     if stats is not None:
         stats.update(tokens=buf.taken, end_byte=buf.end_byte, words=buf.words if buf.complete else None)

@@ -34,45 +34,64 @@ class SegmentEvent:
 
 @dataclass
 class StreamResult:
-    """What one method produced over one document."""
+    """What one method produced over one document (or up to an interruption)."""
 
     sums: NllSums
     state: Any
-    tokens: int
+    tokens: int  # document tokens consumed (always a segment boundary)
     seconds: float
     token_digest: str  # sha256 over the token ids seen: proves methods compared the same tokens
-    extra: dict = field(default_factory=dict)
+    next_byte: int = 0  # byte offset of the first token not consumed
+    interrupted: bool = False
 
 
 def run_stream(backbone: Backbone, method: Method, segments: Iterable[Segment], *, state: Any = None,
-               on_segment: Callable[[SegmentEvent], None] | None = None) -> StreamResult:
-    """Stream `segments` through `method`; returns the NLL sums and the final memory state."""
+               sums: NllSums | None = None, on_segment: Callable[[SegmentEvent], None] | None = None,
+               stop: Callable[[], bool] | None = None, checkpoint_every: int | None = None,
+               on_checkpoint: Callable[[StreamResult], None] | None = None) -> StreamResult:
+    """Stream `segments` through `method`; returns the NLL sums and the final memory state.
+
+    `state`/`sums` continue a resumed run. `stop()` is polled between segments (graceful interrupt); every
+    `checkpoint_every` segments `on_checkpoint` receives a consistent partial result.
+    """
     state = method.init_state() if state is None else state
-    sums, digest, tokens, t0 = NllSums(), hashlib.sha256(), 0, time.perf_counter()
+    res = StreamResult(sums if sums is not None else NllSums(), state, 0, 0.0, "")
+    digest, t0, done = hashlib.sha256(), time.perf_counter(), 0
     with torch.inference_mode():
-        for i, seg in enumerate(segments):
-            state, seg_nll = _step(backbone, method, state, seg, sums)
+        for seg in segments:
+            res.state, seg_nll = _step(backbone, method, res.state, seg, res.sums)
             digest.update(seg.ids.numpy().astype("<i8").tobytes())
-            tokens = seg.start + len(seg)
+            res.tokens, res.next_byte, done = seg.start + len(seg), seg.next_byte, done + 1
+            res.seconds, res.token_digest = time.perf_counter() - t0, digest.hexdigest()
             if on_segment is not None:
-                total, scored = sums.nll, sums.tokens
-                on_segment(SegmentEvent(
-                    method=method.name, index=i, tokens=tokens, scored=scored, nll=seg_nll,
-                    running_ppl=math.exp(total / scored) if scored else float("nan"),
-                    seconds=time.perf_counter() - t0, byte_end=int(seg.byte_start[-1]),
-                    memory=method.memory_size(state)))
-    return StreamResult(sums, state, tokens, time.perf_counter() - t0, digest.hexdigest())
+                on_segment(_event(method, done - 1, res, seg_nll, seg))
+            if checkpoint_every and on_checkpoint is not None and done % checkpoint_every == 0:
+                on_checkpoint(res)
+            if stop is not None and stop():
+                res.interrupted = True
+                break
+    res.seconds, res.token_digest = time.perf_counter() - t0, digest.hexdigest()
+    return res
+
+
+def _event(method: Method, i: int, res: StreamResult, seg_nll: float, seg: Segment) -> SegmentEvent:
+    total, scored = res.sums.nll, res.sums.tokens
+    return SegmentEvent(method=method.name, index=i, tokens=res.tokens, scored=scored, nll=seg_nll,
+                        running_ppl=math.exp(total / scored) if scored else float("nan"), seconds=res.seconds,
+                        byte_end=int(seg.byte_start[-1]), memory=method.memory_size(res.state))
 
 
 def _step(backbone: Backbone, method: Method, state: Any, seg: Segment, sums: NllSums) -> tuple[Any, float]:
-    """One segment: read memory, forward, score the predicted tokens, write memory."""
+    """One segment: read memory, forward, score the predicted tokens, write memory; sums updated last."""
     state, plan = method.read(state, seg)
     hidden = backbone.forward(seg.ids, plan)
     scored = seg.targets >= 0
-    seg_nll = 0.0
+    nll = None
     if bool(scored.any()):
         nll = backbone.token_nll(hidden[scored.to(hidden.device)], seg.targets[scored])
-        positions = seg.token_index[scored] + 1  # document position of each predicted token
-        sums.add(positions, nll, int(seg.target_bytes[scored].sum()))
-        seg_nll = float(nll.double().sum())
-    return method.write(state, seg, plan), seg_nll
+    state = method.write(state, seg, plan)
+    if nll is None:
+        return state, 0.0
+    positions = seg.token_index[scored] + 1  # document position of each predicted token
+    sums.add(positions, nll, int(seg.target_bytes[scored].sum()))
+    return state, float(nll.double().sum())

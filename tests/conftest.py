@@ -13,9 +13,9 @@ torch.set_num_threads(1)  # tests share a 2-core machine with other work: 1 thre
 
 
 def tiny_config(**overrides) -> LlamaConfig:
-    """2 layers, GQA (4 query / 2 KV heads), RoPE theta 10k, 512 trained positions."""
+    """2 layers, GQA (4 query / 2 KV heads), RoPE theta 10k, 8192 trained positions (like SmolLM2)."""
     cfg = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True,
+               num_key_value_heads=2, max_position_embeddings=8192, rope_theta=10000.0, tie_word_embeddings=True,
                bos_token_id=1, eos_token_id=2, pad_token_id=2)
     cfg.update(overrides)
     return LlamaConfig(**cfg)

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import torch
+
 from ..attention import ForwardPlan
 from ..backbone import Backbone
 from ..errors import UsageError
@@ -151,6 +153,18 @@ class Method(ABC):
     def memory_size(self, state: Any) -> int:
         """Entries currently held (tokens, slots), for progress and results."""
         return 0
+
+    @abstractmethod
+    def state_tensors(self, state: Any) -> dict[str, torch.Tensor]:
+        """The state as named tensors (snapshots); exact, so a reload continues bit-identically."""
+
+    @abstractmethod
+    def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> Any:
+        """Inverse of `state_tensors`, on the backbone's device."""
+
+    def dump(self, state: Any) -> list[dict[str, Any]]:
+        """What the memory holds, as groups of entries with their provenance (for `memory dump`)."""
+        return []
 
     def describe(self) -> str:
         """`name(key=value, ...)`: the protocol string printed with every number."""

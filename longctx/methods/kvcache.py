@@ -9,7 +9,7 @@ position-based, injection is at every layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -59,6 +59,30 @@ class KVCacheMethod(Method):
 
     def memory_size(self, state: KVState) -> int:
         return len(state)
+
+    def state_tensors(self, state: KVState) -> dict[str, torch.Tensor]:
+        return state.tensors()
+
+    def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> KVState:
+        dev = self.backbone.device
+        state = KVState.from_tensors({k: v.to(dev) for k, v in tensors.items()})
+        state.keys, state.values = state.keys.to(self.backbone.dtype), state.values.to(self.backbone.dtype)
+        return state
+
+    def dump(self, state: KVState) -> list[dict[str, Any]]:
+        """Contiguous runs of document tokens held in memory (sinks, then the recent window)."""
+        idx = state.token_index.cpu()
+        if len(idx) == 0:
+            return []
+        breaks = torch.nonzero(idx[1:] != idx[:-1] + 1).flatten() + 1
+        bounds = [0, *breaks.tolist(), len(idx)]
+        p = self.policy()
+        groups = []
+        for a, b in zip(bounds, bounds[1:]):
+            kind = "sinks" if int(idx[a]) < p.sinks else "window"
+            groups.append({"kind": kind, "entries": b - a, "tokens": [int(idx[a]), int(idx[b - 1]) + 1],
+                           "byte_start": int(state.byte_start[a]), "byte_last_token": int(state.byte_start[b - 1])})
+        return groups
 
     def check_segment(self, segment: int) -> None:
         p, limit = self.policy(), self.backbone.max_positions

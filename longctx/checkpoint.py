@@ -1,0 +1,145 @@
+"""Saving a run's memory as a snapshot, and resuming a run from one, with every check in plain words."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .backbone import Backbone
+from .errors import LongctxError, UsageError
+from .methods import get_method
+from .methods.base import Method
+from .metrics import NllSums
+from .snapshot import Snapshot, SnapshotError, SnapshotStore
+from .stream import StreamResult
+
+FINGERPRINT_KEYS = ("model", "source", "config_sha256", "tokenizer_sha256", "vocab_size", "dtype")
+
+
+class Interrupted(LongctxError):
+    """Stopped by Ctrl-C after saving a snapshot; the message carries the resume command."""
+
+    exit_code = 130
+
+
+@dataclass
+class RunSpec:
+    """What a snapshot must agree with to be continued."""
+
+    method: Method
+    preset: str
+    segment: int
+    max_tokens: int | None
+
+
+def prefix_sha256(path: str, nbytes: int) -> str:
+    """sha256 of the first `nbytes` bytes of a file (the part of the document a snapshot has consumed)."""
+    h, left = hashlib.sha256(), nbytes
+    with open(path, "rb") as f:
+        while left > 0:
+            block = f.read(min(left, 1 << 20))
+            if not block:
+                break
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+def document_identity(path: str, consumed: int) -> dict[str, Any]:
+    """Path, size and the hash of the consumed prefix (stdin cannot be re-read, so it has no hash)."""
+    if path == "-":
+        return {"path": "<stdin>", "size": None, "bytes_consumed": consumed, "sha256_prefix": None}
+    p = Path(path).resolve()
+    return {"path": str(p), "size": p.stat().st_size, "bytes_consumed": consumed,
+            "sha256_prefix": prefix_sha256(str(p), consumed)}
+
+
+def save_run(store: SnapshotStore, name: str, backbone: Backbone, spec: RunSpec, path: str,
+             result: StreamResult) -> Path:
+    """Snapshot the memory and the running sums after the last completed segment."""
+    m = spec.method
+    manifest = {
+        "longctx_version": __version__,
+        "fingerprint": {k: backbone.fingerprint[k] for k in FINGERPRINT_KEYS},
+        "method": {"name": m.name, "preset": spec.preset, "options": m.options.to_dict(),
+                   "options_digest": m.options.digest(), "protocol": m.describe(), "segment": spec.segment,
+                   "max_tokens": spec.max_tokens},
+        "document": document_identity(path, result.next_byte),
+        "progress": {"tokens_consumed": result.tokens, "bytes_scored": result.sums.bytes,
+                     "segments": result.sums.segments, "tokens_scored": result.sums.tokens,
+                     "nll_sum": result.sums.nll, "token_sha256_so_far": result.token_digest},
+        "rng": None,  # no method of this release draws random numbers
+        "memory": {"entries": m.memory_size(result.state), "groups": m.dump(result.state)},
+        "command": " ".join(sys.argv),
+    }
+    tensors = {f"state.{k}": v for k, v in m.state_tensors(result.state).items()}
+    tensors.update({f"metrics.{k}": v for k, v in result.sums.to_tensors().items()})
+    return store.save(name, tensors, manifest)
+
+
+def fingerprint_differences(manifest: dict[str, Any], backbone: Backbone) -> list[str]:
+    """Each way the snapshot's model/tokenizer/dtype differs from the loaded backbone."""
+    saved, now = manifest.get("fingerprint", {}), backbone.fingerprint
+    return [f"{k}: snapshot has {saved.get(k)!r}, this run has {now[k]!r}" for k in FINGERPRINT_KEYS
+            if saved.get(k) != now[k]]
+
+
+def method_from_snapshot(snap: Snapshot, backbone: Backbone) -> RunSpec:
+    """Rebuild the method, options and segment the snapshot was made with."""
+    meta = snap.manifest["method"]
+    cls = get_method(meta["name"])
+    method = cls(cls.Options.from_mapping(meta["options"], where="snapshot option"), backbone)
+    return RunSpec(method, meta.get("preset", meta["name"]), int(meta["segment"]), meta.get("max_tokens"))
+
+
+def check_resume(snap: Snapshot, backbone: Backbone, spec: RunSpec, path: str, requested: dict[str, Any]) -> None:
+    """Refuse a resume whose model, method, options, segment or document differ, naming each difference."""
+    diffs = fingerprint_differences(snap.manifest, backbone)
+    meta = snap.manifest["method"]
+    for key, value in requested.items():
+        saved = {"method": meta["name"], "segment": meta["segment"], "max_tokens": meta.get("max_tokens")}.get(key)
+        if key == "options":
+            saved, value = meta["options"], {**meta["options"], **value}
+        if value is not None and value != saved:
+            diffs.append(f"{key}: snapshot has {saved!r}, this run asks for {value!r}")
+    if diffs:
+        raise SnapshotError(f"snapshot '{snap.name}' was made with a different setup:\n  " + "\n  ".join(diffs))
+    check_document(snap, path)
+
+
+def check_document(snap: Snapshot, path: str) -> None:
+    """The document must still start with exactly the bytes the snapshot consumed."""
+    doc = snap.manifest["document"]
+    if path == "-" or doc.get("sha256_prefix") is None:
+        raise UsageError("a run over standard input cannot be resumed: there is no file to re-read and verify")
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{path} is not a file")
+    need = int(doc["bytes_consumed"])
+    if p.stat().st_size < need:
+        raise SnapshotError(f"{path} is shorter ({p.stat().st_size} bytes) than the {need} bytes snapshot "
+                            f"'{snap.name}' already consumed from {doc['path']}")
+    if prefix_sha256(path, need) != doc["sha256_prefix"]:
+        raise SnapshotError(f"the first {need} bytes of {path} differ from those snapshot '{snap.name}' consumed "
+                            f"from {doc['path']}: the document changed")
+
+
+def restore(snap: Snapshot, spec: RunSpec) -> tuple[Any, NllSums, int]:
+    """State, sums and tokens consumed, ready to continue."""
+    state = spec.method.state_from_tensors({k[6:]: v for k, v in snap.tensors.items() if k.startswith("state.")})
+    prog = snap.manifest["progress"]
+    sums = NllSums.from_tensors({k[8:]: v for k, v in snap.tensors.items() if k.startswith("metrics.")},
+                                bytes=int(prog["bytes_scored"]), segments=int(prog["segments"]))
+    return state, sums, int(prog["tokens_consumed"])
+
+
+def resume_command(path: str, name: str) -> str:
+    return f"longctx ppl {path} --resume {name}"
+
+

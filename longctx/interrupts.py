@@ -1,0 +1,36 @@
+"""Graceful Ctrl-C: the first SIGINT asks the driver to stop after the current segment (so the memory is
+saved in a consistent state); a second one aborts at once."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from types import FrameType
+
+
+class GracefulInterrupt:
+    """Context manager and `stop()` predicate for `run_stream`."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> GracefulInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nlongctx: stopping after this segment to save the memory (Ctrl-C again aborts without saving)",
+              file=sys.stderr, flush=True)
+
+    def __call__(self) -> bool:
+        return self.requested

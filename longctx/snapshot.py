@@ -1,0 +1,246 @@
+"""Snapshot store, format v1 (DESIGN.md §5): `state.safetensors` + `manifest.json`, written atomically.
+
+Layout under `LONGCTX_HOME/snapshots/`:
+    NAME/v000007/{state.safetensors, manifest.json}   one complete version per save
+    NAME/LATEST                                        "v000007": replaced atomically after the version is durable
+    NAME/.lock                                         flock held while writing (two writers: refused, not corrupted)
+    LATEST                                             name of the most recently saved snapshot
+A version directory is built under a temporary name, fsynced and renamed; only then does LATEST move, and
+only then are older versions pruned. A process killed at any point leaves LATEST naming a complete version.
+Never pickle: tensors go to safetensors, everything else to JSON; loading checks sizes and sha256 first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import LongctxError, UsageError
+from .paths import longctx_home
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.safetensors"
+MANIFEST_FILE = "manifest.json"
+KEEP_VERSIONS = 2  # the newest and one fallback
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VERSION = re.compile(r"^v(\d{6})$")
+
+
+class SnapshotError(LongctxError):
+    """A snapshot that cannot be used: missing, corrupted, another format, or made for another setup."""
+
+    exit_code = 2
+
+
+@dataclass
+class Snapshot:
+    """A loaded, verified snapshot."""
+
+    name: str
+    path: Path
+    manifest: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+def check_name(name: str) -> str:
+    """Snapshot names are file-system safe: letters, digits, '.', '_', '-' (not starting with '.')."""
+    if not _NAME.match(name or ""):
+        raise UsageError(f"invalid snapshot name {name!r}: use letters, digits, '.', '_' and '-' (max 128)")
+    return name
+
+
+class SnapshotStore:
+    """Snapshots under one root directory (default `LONGCTX_HOME/snapshots`)."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root is not None else longctx_home() / "snapshots"
+
+    # ---- writing -------------------------------------------------------------------------------------------
+    def save(self, name: str, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> Path:
+        """Write a new version of `name` atomically and point LATEST at it; returns the version directory."""
+        check_name(name)
+        snap_dir = self.root / name
+        snap_dir.mkdir(parents=True, exist_ok=True)
+        with self._lock(snap_dir):
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=snap_dir))
+            try:
+                self._write_version(tmp, tensors, manifest, name)
+                final = snap_dir / f"v{self._next_seq(snap_dir):06d}"
+                os.rename(tmp, final)
+                _fsync_path(snap_dir)
+                _atomic_write_text(snap_dir / "LATEST", final.name)
+                _atomic_write_text(self.root / "LATEST", name)
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise SnapshotError(f"could not write snapshot '{name}': {_os_reason(e)}; the previous version "
+                                    "(if any) is intact") from e
+            self._prune(snap_dir, keep=final.name)
+        return final
+
+    def _write_version(self, tmp: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], name: str) -> None:
+        state = tmp / STATE_FILE
+        flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(flat, str(state), metadata={"format": "longctx-snapshot", "format_version": str(FORMAT_VERSION)})
+        _fsync_path(state)
+        full = {**manifest, "format_version": FORMAT_VERSION, "name": name, "created": time.time(),
+                "files": {STATE_FILE: {"size": state.stat().st_size, "sha256": _sha256(state)}}}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(full, indent=1, sort_keys=True), encoding="utf-8")
+        _fsync_path(tmp / MANIFEST_FILE)
+        _fsync_path(tmp)
+
+    @contextlib.contextmanager
+    def _lock(self, snap_dir: Path) -> Iterator[None]:
+        with open(snap_dir / ".lock", "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SnapshotError(f"snapshot '{snap_dir.name}' is being written by another process") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _next_seq(snap_dir: Path) -> int:
+        seqs = [int(m.group(1)) for p in snap_dir.iterdir() if (m := _VERSION.match(p.name))]
+        return max(seqs, default=0) + 1
+
+    @staticmethod
+    def _prune(snap_dir: Path, keep: str) -> None:
+        versions = sorted(p for p in snap_dir.iterdir() if _VERSION.match(p.name))
+        for old in versions[:-KEEP_VERSIONS]:
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+        for stale in snap_dir.glob(".tmp-*"):  # left by a killed writer; we hold the lock, so none is live
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+    # ---- reading -------------------------------------------------------------------------------------------
+    def latest_name(self) -> str | None:
+        """The name of the most recently saved snapshot, if any still exists."""
+        p = self.root / "LATEST"
+        name = p.read_text().strip() if p.is_file() else None
+        return name if name and (self.root / name / "LATEST").is_file() else None
+
+    def version_dir(self, name: str) -> Path:
+        check_name(name)
+        pointer = self.root / name / "LATEST"
+        if not pointer.is_file():
+            known = ", ".join(self.names()) or "none"
+            raise SnapshotError(f"no snapshot named '{name}' (available: {known})")
+        return self.root / name / pointer.read_text().strip()
+
+    def load(self, name: str | None = None, *, tensors: bool = True) -> Snapshot:
+        """Load and verify a snapshot (default: the latest). Refuses other formats and damaged files."""
+        name = name or self.latest_name()
+        if name is None:
+            raise SnapshotError("there are no snapshots yet (save one with --save-memory NAME)")
+        return read_snapshot_dir(self.version_dir(name), name=name, tensors=tensors)
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / "LATEST").is_file())
+
+    def remove(self, name: str) -> None:
+        """Delete every version of a snapshot."""
+        self.version_dir(name)  # raises if missing
+        with self._lock(self.root / name):
+            shutil.rmtree(self.root / name)
+        if self.latest_name() is None and (self.root / "LATEST").exists():
+            (self.root / "LATEST").unlink()
+
+    def export(self, name: str, dest: Path) -> Path:
+        """Copy the current version to `dest` (a new directory), verified."""
+        snap = self.load(name, tensors=False)
+        if dest.exists():
+            raise UsageError(f"{dest} already exists; choose a new directory (nothing was overwritten)")
+        shutil.copytree(snap.path, dest)
+        read_snapshot_dir(dest, name=name, tensors=False)
+        return dest
+
+    def import_(self, src: Path, name: str | None = None) -> str:
+        """Verify an exported snapshot directory and store it as a new version (under its own name by default)."""
+        snap = read_snapshot_dir(src, name=name or "", tensors=True)
+        target = check_name(name or snap.manifest.get("name", ""))
+        manifest = {k: v for k, v in snap.manifest.items() if k not in ("files", "format_version", "name", "created")}
+        self.save(target, snap.tensors, manifest)
+        return target
+
+
+def read_snapshot_dir(path: Path, *, name: str, tensors: bool = True) -> Snapshot:
+    """Read one version directory: format, then sizes and sha256 of every file, then the tensors."""
+    man_path = path / MANIFEST_FILE
+    if not man_path.is_file():
+        raise SnapshotError(f"{path} is not a longctx snapshot ({MANIFEST_FILE} is missing)")
+    try:
+        manifest = json.loads(man_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SnapshotError(f"{man_path} is damaged: not valid JSON ({e})") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise SnapshotError(f"{path} has snapshot format {version!r}; this longctx reads format {FORMAT_VERSION}")
+    for fname, meta in manifest.get("files", {}).items():
+        f = path / fname
+        if not f.is_file():
+            raise SnapshotError(f"{f} is missing")
+        if f.stat().st_size != meta["size"] or _sha256(f) != meta["sha256"]:
+            raise SnapshotError(f"{f} is corrupted or was modified: its size/sha256 differ from the manifest")
+    if STATE_FILE not in manifest.get("files", {}):
+        raise SnapshotError(f"{man_path} does not list {STATE_FILE}")
+    data = load_file(str(path / STATE_FILE)) if tensors else {}
+    return Snapshot(name or manifest.get("name", ""), path, manifest, data)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_path(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _os_reason(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "the disk is full"
+    return e.strerror or str(e)
