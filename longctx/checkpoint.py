@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import __version__
 from .backbone import Backbone
 from .errors import LongctxError, UsageError
+from .hashing import file_sha256
 from .methods import get_method
 from .methods.base import Method
 from .metrics import NllSums
@@ -40,15 +38,7 @@ class RunSpec:
 
 def prefix_sha256(path: str, nbytes: int) -> str:
     """sha256 of the first `nbytes` bytes of a file (the part of the document a snapshot has consumed)."""
-    h, left = hashlib.sha256(), nbytes
-    with open(path, "rb") as f:
-        while left > 0:
-            block = f.read(min(left, 1 << 20))
-            if not block:
-                break
-            h.update(block)
-            left -= len(block)
-    return h.hexdigest()
+    return file_sha256(path, limit=nbytes)
 
 
 def document_identity(path: str, consumed: int) -> dict[str, Any]:

@@ -34,3 +34,14 @@ class GracefulInterrupt:
 
     def __call__(self) -> bool:
         return self.requested
+
+
+def stop_after(segments: int):
+    """A `stop()` predicate that asks to stop after `segments` segments (tests, benchmarks, API users)."""
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= segments
+
+    return stop

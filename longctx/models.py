@@ -7,7 +7,6 @@ conversion never looks like a cache.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -21,6 +20,7 @@ import torch
 
 from .backbone import Backbone, ModelInfo
 from .errors import ModelError, UsageError
+from .hashing import file_sha256
 from .paths import longctx_home
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -167,7 +167,7 @@ def _convert_gguf(gguf: Path, cache: Path, dtype: torch.dtype, version: str) -> 
             del model.config.quantization_config
         model.to(dtype).save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        meta = {"gguf": str(gguf), "gguf_sha256": _sha256(gguf), "package": f"{GGUF_DIST}=={version}",
+        meta = {"gguf": str(gguf), "gguf_sha256": file_sha256(gguf), "package": f"{GGUF_DIST}=={version}",
                 "dtype": str(dtype).removeprefix("torch.")}
         (tmp / "longctx-model.json").write_text(json.dumps(meta, indent=1))
         _fsync_dir(tmp)
@@ -177,14 +177,6 @@ def _convert_gguf(gguf: Path, cache: Path, dtype: torch.dtype, version: str) -> 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:

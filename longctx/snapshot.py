@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -31,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import LongctxError, UsageError
+from .hashing import file_sha256
 from .paths import longctx_home
 
 FORMAT_VERSION = 1
@@ -98,7 +98,7 @@ class SnapshotStore:
         save_file(flat, str(state), metadata={"format": "longctx-snapshot", "format_version": str(FORMAT_VERSION)})
         _fsync_path(state)
         full = {**manifest, "format_version": FORMAT_VERSION, "name": name, "created": time.time(),
-                "files": {STATE_FILE: {"size": state.stat().st_size, "sha256": _sha256(state)}}}
+                "files": {STATE_FILE: {"size": state.stat().st_size, "sha256": file_sha256(state)}}}
         (tmp / MANIFEST_FILE).write_text(json.dumps(full, indent=1, sort_keys=True), encoding="utf-8")
         _fsync_path(tmp / MANIFEST_FILE)
         _fsync_path(tmp)
@@ -201,20 +201,12 @@ def read_snapshot_dir(path: Path, *, name: str, tensors: bool = True) -> Snapsho
         f = path / fname
         if not f.is_file():
             raise SnapshotError(f"{f} is missing")
-        if f.stat().st_size != meta["size"] or _sha256(f) != meta["sha256"]:
+        if f.stat().st_size != meta["size"] or file_sha256(f) != meta["sha256"]:
             raise SnapshotError(f"{f} is corrupted or was modified: its size/sha256 differ from the manifest")
     if STATE_FILE not in manifest.get("files", {}):
         raise SnapshotError(f"{man_path} does not list {STATE_FILE}")
     data = load_file(str(path / STATE_FILE)) if tensors else {}
     return Snapshot(name or manifest.get("name", ""), path, manifest, data)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_path(path: Path) -> None:

@@ -8,7 +8,17 @@ decodes R's XDR serialization and writes ``DIR/austen_<name>.txt``.
 
     python scripts/fetch_book.py [BOOK ...] [-o DIR] [--all] [--list]
 """
-import argparse, bz2, gzip, io, os, struct, subprocess, sys, tarfile, tempfile, zlib
+import argparse
+import bz2
+import gzip
+import io
+import os
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 

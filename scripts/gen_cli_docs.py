@@ -5,7 +5,9 @@
     .venv/bin/python scripts/gen_cli_docs.py --check   # exit 1 if docs/cli.md is stale
 
 Help is rendered in-process with typer's CliRunner under COLUMNS=100 and NO_COLOR=1, ANSI escapes are
-stripped and trailing spaces removed, so the output does not depend on the terminal it runs in.
+stripped and trailing spaces removed, and the settings typer takes from the environment at import time
+(TERMINAL_WIDTH, FORCE_COLOR, GITHUB_ACTIONS) are pinned while rendering, so the output does not depend on
+the terminal or CI it runs in.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import difflib
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,13 +57,30 @@ def command_paths() -> list[list[str]]:
     return paths
 
 
+@contextmanager
+def _plain_rich_help():
+    """typer reads TERMINAL_WIDTH, FORCE_COLOR and GITHUB_ACTIONS once, at import; pin what they set."""
+    import typer.rich_utils as ru
+
+    pinned = {"MAX_WIDTH": None, "FORCE_TERMINAL": False, "COLOR_SYSTEM": None}
+    saved = {k: getattr(ru, k) for k in pinned if hasattr(ru, k)}
+    for k in saved:
+        setattr(ru, k, pinned[k])
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(ru, k, v)
+
+
 def render_help(path: list[str]) -> str:
     """`longctx PATH --help` as plain text."""
     from typer.testing import CliRunner
 
     from longctx.cli import app
 
-    result = CliRunner().invoke(app, [*path, "--help"], env=ENV, prog_name=PROG, color=False)
+    with _plain_rich_help():
+        result = CliRunner().invoke(app, [*path, "--help"], env=ENV, prog_name=PROG, color=False)
     if result.exit_code != 0:
         raise SystemExit(f"`{PROG} {' '.join(path)} --help` exited {result.exit_code}:\n{result.output}")
     lines = [line.rstrip() for line in ANSI.sub("", result.output).splitlines()]

@@ -54,3 +54,12 @@ def reference_model() -> LlamaForCausalLM:
     model = tiny_model()
     model.set_attn_implementation("eager")
     return model
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> str:
+    """The tiny model and tokenizer saved as an HF directory, for `--model DIR` (CLI and subprocess tests)."""
+    d = tmp_path_factory.mktemp("tiny-model")
+    tiny_model().save_pretrained(d)
+    byte_bpe_tokenizer().save_pretrained(d)
+    return str(d)

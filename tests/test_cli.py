@@ -6,20 +6,12 @@ import json
 
 import pytest
 from conftest import tiny_model
-from tiny_tokenizers import byte_bpe_tokenizer, sample_text
+from tiny_tokenizers import sample_text
 from typer.testing import CliRunner
 
 from longctx.cli import app
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-model")
-    tiny_model(max_position_embeddings=8192).save_pretrained(d)
-    byte_bpe_tokenizer().save_pretrained(d)
-    return str(d)
 
 
 @pytest.fixture

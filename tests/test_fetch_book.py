@@ -4,8 +4,8 @@ import importlib.util
 import io
 import os
 import shutil
-import subprocess
 import struct
+import subprocess
 import tarfile
 import zlib
 from pathlib import Path

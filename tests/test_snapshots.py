@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 import longctx
 from longctx.checkpoint import Interrupted
 from longctx.cli import app
+from longctx.interrupts import stop_after
 from longctx.methods import METHODS, get_method
 from longctx.segments import iter_segments
 from longctx.snapshot import SnapshotError, SnapshotStore
@@ -43,14 +44,6 @@ def book(tmp_path):
     return str(p)
 
 
-def stopper(after: int):
-    calls = {"n": 0}
-
-    def stop() -> bool:
-        calls["n"] += 1
-        return calls["n"] >= after
-
-    return stop
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -83,7 +76,7 @@ def test_interrupt_then_resume_equals_uninterrupted(tiny_backbone, book, method)
     for after in (1, 3, 7):
         with pytest.raises(Interrupted, match="--resume") as exc:
             longctx.perplexity(book, [method], backbone=tiny_backbone, segment=16, options=opts,
-                               save_memory=f"s{after}", stop=stopper(after))
+                               save_memory=f"s{after}", stop=stop_after(after))
         assert exc.value.exit_code == 130
         resumed = longctx.perplexity(book, backbone=tiny_backbone, resume=f"s{after}")
         a, b = whole.runs[0].result.sums, resumed.runs[0].result.sums
@@ -102,7 +95,7 @@ def test_save_every_checkpoints_and_final_save(tiny_backbone, book):
 
 def test_resume_refuses_changed_or_shorter_document(tiny_backbone, book, tmp_path):
     with pytest.raises(Interrupted):
-        longctx.perplexity(book, ["xl"], backbone=tiny_backbone, segment=16, save_memory="d", stop=stopper(4))
+        longctx.perplexity(book, ["xl"], backbone=tiny_backbone, segment=16, save_memory="d", stop=stop_after(4))
     changed = tmp_path / "changed.txt"
     text = Path(book).read_text(encoding="utf-8")
     changed.write_text("X" + text[1:], encoding="utf-8")
@@ -118,7 +111,7 @@ def test_resume_refuses_other_setup_naming_each_difference(tiny_backbone, book):
     from longctx.backbone import Backbone, ModelInfo
 
     with pytest.raises(Interrupted):
-        longctx.perplexity(book, ["xl"], backbone=tiny_backbone, segment=16, save_memory="o", stop=stopper(2))
+        longctx.perplexity(book, ["xl"], backbone=tiny_backbone, segment=16, save_memory="o", stop=stop_after(2))
     with pytest.raises(SnapshotError, match=r"options: snapshot has .*memory': 2048.*memory': 64"):
         longctx.perplexity(book, backbone=tiny_backbone, resume="o", options={"xl": {"memory": 64}})
     with pytest.raises(SnapshotError, match="segment: snapshot has 16, this run asks for 32"):
@@ -216,14 +209,6 @@ def test_sigkill_during_writes_always_leaves_a_loadable_latest(tmp_path):
         assert snap.manifest["i"] == i and float(snap.tensors["x"][0]) == float(i)
         assert i >= last
         last = i
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-model")
-    tiny_model(max_position_embeddings=8192).save_pretrained(d)
-    byte_bpe_tokenizer().save_pretrained(d)
-    return str(d)
 
 
 def test_sigint_saves_and_exits_130_then_resume_matches(model_dir, tmp_path, isolated_home):
