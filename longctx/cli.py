@@ -96,7 +96,7 @@ def ppl(
     compare: Annotated[str | None, typer.Option(help="Comma-separated methods to run on the same tokens in this process; deltas are against the first.")] = None,
     segment: Annotated[int | None, typer.Option(help="Tokens per forward (default: the preset's). [env: LONGCTX_SEGMENT]")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Read only the first N tokens of the document.")] = None,
-    option: Annotated[list[str], typer.Option("--option", "-o", help="Method option override: key=value or method.key=value (repeatable).")] = [],
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override: key=value or method.key=value (repeatable).")] = None,
     model: Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded SmolLM2-135M-Instruct). [env: LONGCTX_MODEL]")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto (default: bf16 on GPUs and CPUs with AMX/AVX512-BF16, else fp32), bf16, fp32 or fp16. [env: LONGCTX_DTYPE]")] = None,
     device: Annotated[str | None, typer.Option(help="cpu (default), cuda, cuda:N or auto. [env: LONGCTX_DEVICE]")] = None,
@@ -119,7 +119,7 @@ def ppl(
     from .render import ProgressView, event_json, print_json, print_ppl, stderr_console, stdout_console
 
     names = _method_list(method, compare) if (method or compare or not resume) else []
-    overrides = _parse_overrides(option, names)
+    overrides = _parse_overrides(option or [], names)
     err = stderr_console()
     size = os.path.getsize(file) if file != "-" and os.path.isfile(file) else None
     view = ProgressView(err, total=max_tokens or size, unit="tokens" if max_tokens else "bytes",

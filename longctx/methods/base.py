@@ -149,6 +149,7 @@ class Method(ABC):
 
     def check_segment(self, segment: int) -> None:
         """Refuse a segment length this configuration cannot run (e.g. positions past the trained range)."""
+        return None  # default: any segment length works
 
     def memory_size(self, state: Any) -> int:
         """Entries currently held (tokens, slots), for progress and results."""
