@@ -2,7 +2,7 @@
 
 Python API (the CLI is a thin layer over these):
     longctx.perplexity(path, methods=("xl", "sinks"), max_tokens=..., ...) -> PplReport
-    longctx.load_backbone(model=None, dtype="bf16", device="cpu", threads=None) -> Backbone
+    longctx.load_backbone(model=None, dtype="auto", device="cpu", threads=None) -> Backbone
     longctx.METHODS, longctx.get_method(name), longctx.load_preset(name)
 """
 

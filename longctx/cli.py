@@ -45,11 +45,19 @@ def _errors_to_exit(fn):
         except KeyboardInterrupt:
             stderr_console().print("interrupted", highlight=False)
             raise typer.Exit(EXIT_INTERRUPTED) from None
-        except MemoryError:
+        except (MemoryError, RuntimeError) as e:
+            if not _is_out_of_memory(e):
+                raise
             stderr_console().print("[bold red]error:[/] out of memory; try a smaller --segment or memory size")
             raise typer.Exit(EXIT_RUNTIME) from None
 
     return wrapper
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    """torch reports allocation failures as RuntimeError (CPU) or OutOfMemoryError (CUDA)."""
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def _version(value: bool) -> None:
@@ -66,9 +74,9 @@ def main_options(
 
 
 def _parse_overrides(pairs: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """`-o key=value` applies to every named method or preset; `-o method.key=value` to one."""
     if pairs and not methods:
         raise UsageError("with --resume alone, use -o method.key=value (or name --method)")
-    """`-o key=value` applies to every named method; `-o method.key=value` to one."""
     out: dict[str, dict[str, Any]] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -110,8 +118,8 @@ def ppl(
 ) -> None:
     """Perplexity of a whole document, streamed segment by segment through one or more memory methods.
 
-    Prints PPL ± standard error (over 1024-token blocks), bits per byte, PPL by position, tokens/s and peak
-    RSS, with the protocol of every number. With --compare, every method reads the same tokens.
+    Prints PPL ± standard error (over 1024-token blocks), bits per byte, PPL by position, tokens/s and
+    peak RSS, with the protocol of every number. With --compare, every method reads the same tokens.
     Ctrl-C stops after the current segment, saves the memory and prints the resume command (exit 130).
     """
     from .interrupts import GracefulInterrupt

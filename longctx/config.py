@@ -60,7 +60,10 @@ def _env() -> dict[str, Any]:
 def _typed(key: str, value: Any, origin: str) -> Any:
     if key in INT_KEYS and value is not None:
         try:
-            return int(value)
+            number = int(value)
         except (TypeError, ValueError):
             raise UsageError(f"{key} from {origin} must be an integer (got {value!r})") from None
+        if number < 1:
+            raise UsageError(f"{key} from {origin} must be >= 1 (got {number})")
+        return number
     return value

@@ -15,7 +15,7 @@ import torch
 
 BLOCK = 256  # tokens per stored block; divides every bucket bound
 SE_BLOCK = 1024  # tokens per sample for the standard error (coarser: neighbouring tokens correlate)
-BUCKET_BOUNDS = (0, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576)
+FIRST_BUCKET = 1024  # buckets: [0, 1k), [1k, 2k), [2k, 4k), ... doubling as far as the document goes
 
 
 @dataclass
@@ -85,8 +85,10 @@ class NllSums:
 
     def buckets(self) -> list[dict]:
         """PPL by position of the predicted token: [0,1k), [1k,2k), [2k,4k), ..."""
-        out = []
-        for lo, hi in zip(BUCKET_BOUNDS, BUCKET_BOUNDS[1:]):
+        out, bounds = [], [0, FIRST_BUCKET]
+        while bounds[-1] < len(self.block_nll) * BLOCK:
+            bounds.append(bounds[-1] * 2)
+        for lo, hi in zip(bounds, bounds[1:]):
             a, b = lo // BLOCK, hi // BLOCK
             nll, tok = math.fsum(self.block_nll[a:b]), sum(self.block_tokens[a:b])
             if tok:

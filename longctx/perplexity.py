@@ -16,7 +16,8 @@ import torch
 
 from . import __version__
 from .backbone import Backbone
-from .checkpoint import Interrupted, RunSpec, check_resume, method_from_snapshot, restore, resume_command, save_run
+from .checkpoint import (Interrupted, RunSpec, check_resume, method_from_snapshot, prefix_sha256, restore,
+                         resume_command, save_run)
 from .config import Resolved, resolve
 from .errors import InputError, UsageError
 from .methods import get_method
@@ -159,7 +160,8 @@ def _specs(presets: list[Preset], backbone: Backbone, flags: dict[str, Any], opt
         return [spec]
     specs = []
     for p in presets:
-        method, _ = build_method(p, backbone, (options or {}).get(p.method))
+        opts = options or {}
+        method, _ = build_method(p, backbone, {**opts.get(p.method, {}), **opts.get(p.name, {})})
         seg = resolve(flags, {"segment": p.segment})["segment"]
         method.check_segment(seg)
         specs.append(RunSpec(method, p.name, seg, max_tokens))
@@ -193,11 +195,21 @@ def _run_one(backbone: Backbone, spec: RunSpec, src_path: str, path: str, store:
             raise InputError(f"{src.name} has {result.tokens} token(s); at least 2 are needed to score one")
         if save is not None and (result.interrupted or save_final):
             save(result)
-        source = {"size": src.size, "bytes_read": src.bytes_read, "sha256_of_read": src.sha256_hex(),
-                  "tokens": stats.get("tokens"), "end_byte": stats.get("end_byte"), "words": stats.get("words")}
+        source = _source_identity(src, src_path, path, stats)
     run = MethodRun(spec.preset, method.describe(), spec.segment, dict(method.unimem().rows()), result,
                     peak_rss_mb(), peak_gpu_mb())
     return run, source
+
+
+def _source_identity(src, src_path: str, path: str, stats: dict[str, Any]) -> dict[str, Any]:
+    """Size and sha256 of exactly the bytes the scored tokens came from (the consumed prefix)."""
+    end = stats.get("end_byte")
+    if end is None or (path == "-" and src_path == "-"):  # unspooled stdin cannot be re-read: hash what was read
+        digest, hashed = src.sha256_hex(), src.bytes_read
+    else:
+        digest, hashed = prefix_sha256(src_path, end), end
+    return {"size": src.size, "bytes_read": src.bytes_read, "sha256_prefix": digest, "bytes_hashed": hashed,
+            "tokens": stats.get("tokens"), "end_byte": end, "words": stats.get("words")}
 
 
 def _skip(segments, tokens: int):

@@ -82,14 +82,18 @@ def ppl_tables(report: PplReport) -> list[Table]:
     d = report.to_dict()
     deltas = {x["method"]: x for x in d["deltas"]}
     summary = Table(title=f"Perplexity — {d['source']['path']}", title_justify="left")
-    for col in ("method", "segment", "PPL ± SE", "bits/byte", "scored", "tok/s", "peak RSS MiB", f"Δ NLL vs {d['runs'][0]['method']}"):
+    cols = ["method", "segment", "PPL ± SE", "bits/byte", "scored", "tok/s", "peak RSS MiB"]
+    if deltas:
+        cols.append(f"Δ NLL vs {d['runs'][0]['method']}")
+    for col in cols:
         summary.add_column(col, justify="left" if col == "method" else "right")
     for r in d["runs"]:
         delta = deltas.get(r["method"])
         dtxt = f"{delta['delta_nll']:+.4f} ± {_fmt(delta['delta_nll_se'], '.4f')} (×{delta['ppl_ratio']:.3f})" if delta else "ref"
-        summary.add_row(r["method"], str(r["segment"]), f"{_fmt(r['ppl'])} ± {_fmt(r['ppl_se'])}",
-                        _fmt(r["bits_per_byte"], ".4f"), f"{r['tokens']:,}", _fmt(r["tokens_per_s"], ",.0f"),
-                        _fmt(r["peak_rss_mb"], ",.0f"), dtxt)
+        row = [r["method"], str(r["segment"]), f"{_fmt(r['ppl'])} ± {_fmt(r['ppl_se'])}",
+               _fmt(r["bits_per_byte"], ".4f"), f"{r['tokens']:,}", _fmt(r["tokens_per_s"], ",.0f"),
+               _fmt(r["peak_rss_mb"], ",.0f")]
+        summary.add_row(*(row + [dtxt] if deltas else row))
     buckets = Table(title="PPL by position of the predicted token", title_justify="left")
     buckets.add_column("positions")
     for r in d["runs"]:
@@ -114,7 +118,7 @@ def protocol_lines(report: PplReport) -> list[str]:
             f"PPL = {_fmt(r['ppl'], '.4f')} ± {_fmt(r['ppl_se'], '.4f')} | bpb = {_fmt(r['bits_per_byte'], '.4f')} | "
             f"tokens = {r['tokens']} | segments = {r['segments']} | method = {r['protocol']} | segment = {r['segment']} | "
             f"model = {m['model']} ({m['source']}, {m['dtype']}, tokenizer {m['tokenizer_sha256']}) | "
-            f"input sha256 = {d['source']['sha256_of_read'][:16]} ({d['source']['bytes_read']} bytes read)")
+            f"input sha256 = {d['source']['sha256_prefix'][:16]} (first {d['source']['bytes_hashed']} bytes)")
     return lines
 
 

@@ -134,10 +134,13 @@ class SnapshotStore:
 
     # ---- reading -------------------------------------------------------------------------------------------
     def latest_name(self) -> str | None:
-        """The name of the most recently saved snapshot, if any still exists."""
+        """The most recently saved snapshot that still exists (after `rm` of the latest: the next newest)."""
         p = self.root / "LATEST"
         name = p.read_text().strip() if p.is_file() else None
-        return name if name and (self.root / name / "LATEST").is_file() else None
+        if name and (self.root / name / "LATEST").is_file():
+            return name
+        pointers = [self.root / n / "LATEST" for n in self.names()]
+        return max(pointers, key=lambda q: q.stat().st_mtime).parent.name if pointers else None
 
     def version_dir(self, name: str) -> Path:
         check_name(name)
@@ -164,7 +167,7 @@ class SnapshotStore:
         self.version_dir(name)  # raises if missing
         with self._lock(self.root / name):
             shutil.rmtree(self.root / name)
-        if self.latest_name() is None and (self.root / "LATEST").exists():
+        if (self.root / "LATEST").is_file() and (self.root / "LATEST").read_text().strip() == name:
             (self.root / "LATEST").unlink()
 
     def export(self, name: str, dest: Path) -> Path:

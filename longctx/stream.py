@@ -28,7 +28,7 @@ class SegmentEvent:
     nll: float  # NLL sum of this segment
     running_ppl: float
     seconds: float
-    byte_end: int  # source bytes covered so far
+    byte_end: int  # byte offset where the tokens read so far end
     memory: int  # entries held by the method after this segment
 
 
@@ -78,7 +78,7 @@ def _event(method: Method, i: int, res: StreamResult, seg_nll: float, seg: Segme
     total, scored = res.sums.nll, res.sums.tokens
     return SegmentEvent(method=method.name, index=i, tokens=res.tokens, scored=scored, nll=seg_nll,
                         running_ppl=math.exp(total / scored) if scored else float("nan"), seconds=res.seconds,
-                        byte_end=int(seg.byte_start[-1]), memory=method.memory_size(res.state))
+                        byte_end=int(seg.next_byte), memory=method.memory_size(res.state))
 
 
 def _step(backbone: Backbone, method: Method, state: Any, seg: Segment, sums: NllSums) -> tuple[Any, float]:

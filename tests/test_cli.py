@@ -128,3 +128,28 @@ def test_methods_and_help():
     for args in (["--help"], ["ppl", "--help"], ["presets", "--help"]):
         assert runner.invoke(app, args).exit_code == 0
     assert runner.invoke(app, ["--version"]).stdout.startswith("longctx ")
+
+
+def test_overrides_reach_user_presets_by_name(model_dir, book, isolated_home):
+    (isolated_home / "presets").mkdir(parents=True, exist_ok=True)
+    (isolated_home / "presets" / "xl-small.yaml").write_text("format: 1\nmethod: xl\nsegment: 32\noptions: {memory: 40}\n")
+    for opt in ("memory=24", "xl-small.memory=24", "xl.memory=24"):
+        r = ppl(book, "--model", model_dir, "-m", "xl-small", "-o", opt, "--max-tokens", "100", "--json")
+        assert r.exit_code == 0, r.stderr
+        assert json.loads(r.stdout)["runs"][0]["protocol"].startswith("xl(memory=24,")
+
+
+@pytest.mark.parametrize("setting", [["--segment", "0"], ["--threads", "0"]])
+def test_non_positive_settings_are_usage_errors(model_dir, book, setting):
+    r = ppl(book, "--model", model_dir, *setting)
+    assert r.exit_code == 2 and "must be >= 1" in r.stderr
+
+
+def test_protocol_hash_covers_exactly_the_scored_prefix(model_dir, book):
+    import hashlib
+
+    out = json.loads(ppl(book, "--model", model_dir, "--max-tokens", "50", "--json").stdout)
+    src = out["source"]
+    data = open(book, "rb").read()
+    assert src["bytes_hashed"] == src["end_byte"] < len(data)
+    assert src["sha256_prefix"] == hashlib.sha256(data[: src["end_byte"]]).hexdigest()
