@@ -16,8 +16,16 @@ import torch
 
 from . import __version__
 from .backbone import Backbone
-from .checkpoint import (Interrupted, RunSpec, check_resume, method_from_snapshot, prefix_sha256, restore,
-                         resume_command, save_run)
+from .checkpoint import (
+    Interrupted,
+    RunSpec,
+    check_resume,
+    method_from_snapshot,
+    prefix_sha256,
+    restore,
+    resume_command,
+    save_run,
+)
 from .config import Resolved, resolve
 from .errors import InputError, UsageError
 from .methods import get_method

@@ -153,3 +153,14 @@ def test_protocol_hash_covers_exactly_the_scored_prefix(model_dir, book):
     data = open(book, "rb").read()
     assert src["bytes_hashed"] == src["end_byte"] < len(data)
     assert src["sha256_prefix"] == hashlib.sha256(data[: src["end_byte"]]).hexdigest()
+
+
+def test_cli_reference_is_current():
+    """docs/cli.md is generated from --help; regenerate with `python scripts/gen_cli_docs.py`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    r = subprocess.run([sys.executable, str(root / "scripts/gen_cli_docs.py"), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
