@@ -9,6 +9,7 @@ No modeling code is patched: this is the public `AttentionInterface` seam.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,21 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 ATTN_NAME = "longctx"
+
+
+@dataclass
+class Retrieved:
+    """Entries one layer read by similarity, per query: what joins the local keys in that layer's softmax.
+
+    `query [H, Q, D]` is the query rotated for the retrieved keys (their position policy), `keys`/`values`
+    `[H, Q, k, D]`. `gate [H]`: None joins the retrieved and local logits in one softmax (training-free);
+    otherwise out = gate * attend(retrieved) + (1 - gate) * attend(local), the Memorizing Transformer's form.
+    """
+
+    query: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    gate: torch.Tensor | None = None
 
 
 @dataclass
@@ -37,6 +53,10 @@ class ForwardPlan:
     memory_values: list[torch.Tensor | None] | None = None
     capture: bool = False
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # Similarity reading: called with (layer, pre-rotation queries [H, Q, D]); None = nothing at that layer.
+    retrieve: Callable[[int, torch.Tensor], Retrieved | None] | None = None
+    # Provenance of similarity reading: document token indices each layer retrieved, `[H, Q, k]`.
+    retrieved: dict[int, torch.Tensor] = field(default_factory=dict)
     # Filled by the backbone before the forward: RoPE tables in the model dtype, and RoPE's attention
     # scaling, which the zero-position pass has already applied once to q and k.
     cos_q: torch.Tensor | None = None
@@ -94,10 +114,45 @@ def longctx_attention(
         cos_k, sin_k = plan.cos_k[-q_len:], plan.sin_k[-q_len:]
         mask = plan.mask[:, -q_len:] if plan.mask is not None else None
     k = apply_rope(k, cos_k, sin_k)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=True
-    )
+    if mask is None and k.shape[2] > q.shape[2]:  # SDPA's is_causal aligns top-left; memory needs bottom-right
+        mask = causal_mask(q.shape[2], k.shape[2], q.device)
+    found = plan.retrieve(layer, query[0]) if plan.retrieve is not None else None
+    if found is not None:
+        out = attend_with_retrieved(q[0], k[0], v[0], mask, scaling, found).unsqueeze(0)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
+                                             enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
+
+
+def attend_with_retrieved(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                          scale: float | None, found: Retrieved) -> torch.Tensor:
+    """Attention of `q [H, Q, D]` over local `k, v [KVH, L, D]` (mask `[Q, L]`, None = causal) plus per-query
+    retrieved entries; one joint softmax, or a gated sum of two. Returns `[H, Q, D]`."""
+    heads, q_len, dim = q.shape
+    scale = dim**-0.5 if scale is None else scale
+    if found.gate is not None:
+        local = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
+                                               is_causal=mask is None, scale=scale, enable_gqa=True)[0]
+        p_mem = torch.softmax(torch.einsum("hqd,hqkd->hqk", found.query, found.keys) * scale, dim=-1)
+        mem = torch.einsum("hqk,hqkd->hqd", p_mem, found.values)
+        g = found.gate.view(-1, 1, 1).to(q.dtype)
+        return g * mem + (1 - g) * local
+    groups = heads // k.shape[0]
+    k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+    s_loc = (q @ k.transpose(1, 2)) * scale
+    if mask is None:
+        mask = causal_mask(q_len, k.shape[1], q.device)
+    s_loc = s_loc.masked_fill(~mask, float("-inf"))
+    s_mem = torch.einsum("hqd,hqkd->hqk", found.query, found.keys) * scale
+    p = torch.softmax(torch.cat((s_mem, s_loc), dim=-1), dim=-1)
+    n_mem = s_mem.shape[-1]
+    return torch.einsum("hqk,hqkd->hqd", p[..., :n_mem], found.values) + p[..., n_mem:] @ v
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """Bool `[q_len, k_len]`: the queries are the last `q_len` keys, each seeing itself and all before."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
 
 
 def _no_mask(*args, **kwargs) -> None:

@@ -49,15 +49,22 @@ class KVState:
         return KVState(self.keys[:, :, keep], self.values[:, :, keep], self.token_index[keep],
                        self.token_ids[keep], self.byte_start[keep])
 
+    def non_sinks(self, sinks: int) -> int:
+        """Entries that are not sinks (document tokens >= `sinks`)."""
+        return int((self.token_index >= sinks).sum())
+
+    def fifo_split(self, sinks: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices kept (sinks + newest `capacity` others, in order) and evicted (oldest first) by `fifo`."""
+        is_sink = self.token_index < sinks
+        others = torch.nonzero(~is_sink).flatten()
+        cut = max(others.numel() - capacity, 0)
+        return torch.cat((torch.nonzero(is_sink).flatten(), others[cut:])), others[:cut]
+
     def fifo(self, sinks: int, capacity: int) -> KVState:
         """Keep the sink entries (document tokens < `sinks`) and the newest `capacity` others."""
-        is_sink = self.token_index < sinks
-        n_sinks = int(is_sink.sum())
-        if len(self) - n_sinks <= capacity:
+        if self.non_sinks(sinks) <= capacity:
             return self
-        others = torch.nonzero(~is_sink).flatten()
-        kept = others[others.numel() - capacity:] if capacity > 0 else others[:0]
-        return self.select(torch.cat((torch.nonzero(is_sink).flatten(), kept)))
+        return self.select(self.fifo_split(sinks, capacity)[0])
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Named tensors of the state (for snapshots and `memory dump`)."""

@@ -29,7 +29,9 @@ from longctx.snapshot import SnapshotError, SnapshotStore
 from longctx.stream import run_stream
 from longctx.tokens import TokenChunk
 
-SMALL_OPTIONS = {"xl": {"memory": 24}, "sinks": {"window": 20}, "full": {"context": 48}, "window": {}}
+SMALL_OPTIONS = {"xl": {"memory": 24}, "sinks": {"window": 20}, "full": {"context": 48}, "window": {},
+                 "longformer": {"window": 24}, "memorizing": {"window": 16, "memory": 40, "topk": 4, "block": 7},
+                 "unimix": {"window": 16, "memory": 40, "topk": 2, "block": 7}}
 
 
 def small(method: str) -> dict:

@@ -8,6 +8,7 @@ position-based, injection is at every layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from ..segments import Segment
 from .base import Method
 
 Positions = Literal["relative", "absolute"]
+Overflow = Literal["fifo", "clear"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,10 @@ class KVPolicy:
     (StreamingLLM's token-level window, computed a segment at a time). positions: "relative" numbers
     [memory; segment] 0, 1, 2, ... (cache-relative, bounded); "absolute" uses document indices (exact, but
     unbounded). context/keep: when memory + segment would exceed `context`, the window is re-prefilled from
-    its newest `keep` tokens (recomputed K/V at fresh positions) instead of evicting blindly.
+    its newest `keep` tokens (recomputed K/V at fresh positions) instead of evicting blindly. stride: a query
+    sees only every `stride`-th memory token counting back from itself (Longformer's dilation; the current
+    segment and the sinks stay dense). overflow: "fifo" drops the oldest tokens; "clear" (UniMem's Longformer)
+    forgets all but the sinks once memory overflows, keeping only the segment just written.
     """
 
     sinks: int = 0
@@ -40,6 +45,8 @@ class KVPolicy:
     positions: Positions = "relative"
     context: int | None = None
     keep: int = 0
+    stride: int = 1
+    overflow: Overflow = "fifo"
 
     @property
     def stores(self) -> bool:
@@ -71,18 +78,8 @@ class KVCacheMethod(Method):
 
     def dump(self, state: KVState) -> list[dict[str, Any]]:
         """Contiguous runs of document tokens held in memory (sinks, then the recent window)."""
-        idx = state.token_index.cpu()
-        if len(idx) == 0:
-            return []
-        breaks = torch.nonzero(idx[1:] != idx[:-1] + 1).flatten() + 1
-        bounds = [0, *breaks.tolist(), len(idx)]
-        p = self.policy()
-        groups = []
-        for a, b in zip(bounds, bounds[1:]):
-            kind = "sinks" if int(idx[a]) < p.sinks else "window"
-            groups.append({"kind": kind, "entries": b - a, "tokens": [int(idx[a]), int(idx[b - 1]) + 1],
-                           "byte_start": int(state.byte_start[a]), "byte_last_token": int(state.byte_start[b - 1])})
-        return groups
+        sinks = self.policy().sinks
+        return token_runs(state.token_index, state.byte_start, lambda first: "sinks" if first < sinks else "window")
 
     def check_segment(self, segment: int) -> None:
         p, limit = self.policy(), self.backbone.max_positions
@@ -124,18 +121,29 @@ class KVCacheMethod(Method):
         if p.band is not None:
             near = (q_abs[:, None] - k_abs[None, :]) <= p.band
             visible &= near | (k_abs[None, :] < p.sinks)
+        if p.stride > 1:
+            dense = (torch.arange(m + q, device=k_abs.device) >= m) | (k_abs < p.sinks)
+            visible &= ((q_abs[:, None] - k_abs[None, :]) % p.stride == 0) | dense[None, :]
         return visible
 
     def write(self, state: KVState, seg: Segment, plan: ForwardPlan) -> KVState:
         p = self.policy()
         if not p.stores:
             return state
+        state = self.append_captured(state, seg, plan)
+        if p.capacity is None:
+            return state
+        if p.overflow == "clear" and state.non_sinks(p.sinks) > p.capacity:
+            return state.fifo(p.sinks, min(len(seg), p.capacity))
+        return state.fifo(p.sinks, p.capacity)
+
+    def append_captured(self, state: KVState, seg: Segment, plan: ForwardPlan) -> KVState:
+        """`state` plus the segment's pre-rotation K/V, captured at every layer by the forward."""
         layers = range(self.backbone.num_layers)
         keys = torch.stack([plan.captured[i][0] for i in layers])
         values = torch.stack([plan.captured[i][1] for i in layers])
         dev = state.token_index.device
-        state = state.append(keys, values, seg.token_index.to(dev), seg.ids.to(dev), seg.byte_start.to(dev))
-        return state.fifo(p.sinks, p.capacity) if p.capacity is not None else state
+        return state.append(keys, values, seg.token_index.to(dev), seg.ids.to(dev), seg.byte_start.to(dev))
 
     def _recompute(self, state: KVState, keep: int) -> KVState:
         """Re-prefill the newest `keep` tokens at positions 0..keep-1 (their K/V as if the text began there)."""
@@ -149,3 +157,14 @@ class KVCacheMethod(Method):
         kept.keys = torch.stack([plan.captured[i][0] for i in layers])
         kept.values = torch.stack([plan.captured[i][1] for i in layers])
         return kept
+
+
+def token_runs(token_index: torch.Tensor, byte_start: torch.Tensor, kind: Callable[[int], str]) -> list[dict[str, Any]]:
+    """Group entries (in the given order) into runs of consecutive document tokens, with their provenance."""
+    idx, starts = token_index.cpu(), byte_start.cpu()
+    if len(idx) == 0:
+        return []
+    breaks = torch.nonzero(idx[1:] != idx[:-1] + 1).flatten() + 1
+    bounds = [0, *breaks.tolist(), len(idx)]
+    return [{"kind": kind(int(idx[a])), "entries": b - a, "tokens": [int(idx[a]), int(idx[b - 1]) + 1],
+             "byte_start": int(starts[a]), "byte_last_token": int(starts[b - 1])} for a, b in zip(bounds, bounds[1:])]

@@ -1,0 +1,129 @@
+"""A large FIFO store of past keys/values at a few layers, searched exactly by q·k, block by block.
+
+The store is a ring buffer allocated lazily up to its capacity, so a 10^6-token memory costs nothing until
+a document fills it and appending never copies what is already there. Slot `i % capacity` holds the i-th
+entry ever written; the oldest is overwritten first (FIFO). Keys are pre-rotation (positions are assigned
+at read time) and may be kept in a narrower dtype than the model's: each scored block is widened first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GROW_MIN = 4096  # first allocation, in entries
+
+
+@dataclass
+class KNNStore:
+    """keys/values `[layers, kv_heads, slots, head_dim]`; token_index/token_ids/byte_start `[slots]`."""
+
+    capacity: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    token_index: torch.Tensor
+    token_ids: torch.Tensor
+    byte_start: torch.Tensor
+    written: int = 0  # entries ever added (slot of the next one: written % capacity)
+
+    @classmethod
+    def empty(cls, capacity: int, layers: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype,
+              device: torch.device) -> KNNStore:
+        kv = torch.zeros(layers, kv_heads, 0, head_dim, dtype=dtype, device=device)
+        idx = torch.zeros(0, dtype=torch.long, device=device)
+        return cls(capacity, kv, kv.clone(), idx, idx.clone(), idx.clone())
+
+    def __len__(self) -> int:
+        return min(self.written, self.capacity)
+
+    @property
+    def allocated(self) -> int:
+        return int(self.token_index.numel())
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, token_index: torch.Tensor, token_ids: torch.Tensor,
+            byte_start: torch.Tensor) -> None:
+        """Append entries (newest last), overwriting the oldest once full. Mutates the store in place."""
+        e = int(token_index.numel())
+        if self.capacity == 0 or e == 0:
+            return
+        if e > self.capacity:  # only the newest `capacity` of a huge batch could survive anyway
+            skip = e - self.capacity
+            keys, values = keys[:, :, skip:], values[:, :, skip:]
+            token_index, token_ids, byte_start = token_index[skip:], token_ids[skip:], byte_start[skip:]
+            self.written += skip
+            e = self.capacity
+        self._reserve(min(self.capacity, self.written + e))
+        slots = (self.written + torch.arange(e, device=self.token_index.device)) % self.capacity
+        self.keys.index_copy_(2, slots, keys.to(self.keys.dtype))
+        self.values.index_copy_(2, slots, values.to(self.values.dtype))
+        self.token_index.index_copy_(0, slots, token_index)
+        self.token_ids.index_copy_(0, slots, token_ids)
+        self.byte_start.index_copy_(0, slots, byte_start)
+        self.written += e
+
+    def _reserve(self, needed: int) -> None:
+        """Grow the buffers (doubling, capped at capacity) so that `needed` slots exist."""
+        have = self.allocated
+        if needed <= have:
+            return
+        size = min(self.capacity, max(needed, 2 * have, GROW_MIN))
+        L, H, _, D = self.keys.shape
+
+        def grown(t: torch.Tensor, shape: tuple[int, ...], dim: int) -> torch.Tensor:
+            out = t.new_zeros(shape)
+            out.narrow(dim, 0, have).copy_(t)
+            return out
+
+        self.keys = grown(self.keys, (L, H, size, D), 2)
+        self.values = grown(self.values, (L, H, size, D), 2)
+        self.token_index = grown(self.token_index, (size,), 0)
+        self.token_ids = grown(self.token_ids, (size,), 0)
+        self.byte_start = grown(self.byte_start, (size,), 0)
+
+    def order(self) -> torch.Tensor:
+        """Slot indices from the oldest entry to the newest."""
+        n = len(self)
+        first = self.written % self.capacity if self.written > self.capacity else 0
+        return (first + torch.arange(n, device=self.token_index.device)) % max(n, 1)
+
+    def search(self, layer: int, queries: torch.Tensor, k: int, block: int) -> torch.Tensor:
+        """Slots of the top-`k` keys by dot product for every query: `queries [kv_heads, r, d]` -> `[kv_heads, r, k]`.
+
+        Exact: scores are computed `block` keys at a time and merged, so memory is O(r · block), not O(r · n).
+        """
+        n = len(self)
+        keys = self.keys[layer, :, :n]  # slots past n are allocated but empty
+        best_s = best_i = None
+        for s in range(0, n, block):
+            scores = queries @ keys[:, s : s + block].to(queries.dtype).transpose(1, 2)
+            v, i = scores.topk(min(k, scores.shape[-1]), dim=-1)
+            i += s
+            if best_s is not None:
+                v, i = torch.cat((best_s, v), -1), torch.cat((best_i, i), -1)
+                v, j = v.topk(min(k, v.shape[-1]), dim=-1)
+                i = i.gather(-1, j)
+            best_s, best_i = v, i
+        return best_i
+
+    def gather(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `[kv_heads, r, k, d]` at `slots [kv_heads, r, k]` of one layer, in `dtype`."""
+        heads = torch.arange(slots.shape[0], device=slots.device).view(-1, 1, 1)
+        return self.keys[layer][heads, slots].to(dtype), self.values[layer][heads, slots].to(dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The filled slots as stored (ring layout kept, so a reload searches identically) + the counter."""
+        n = len(self)
+        return {"keys": self.keys[:, :, :n], "values": self.values[:, :, :n], "token_index": self.token_index[:n],
+                "token_ids": self.token_ids[:n], "byte_start": self.byte_start[:n],
+                "written": torch.tensor([self.written], dtype=torch.long)}
+
+    @classmethod
+    def from_tensors(cls, capacity: int, t: dict[str, torch.Tensor]) -> KNNStore:
+        return cls(capacity, t["keys"].clone(), t["values"].clone(), t["token_index"].clone(), t["token_ids"].clone(),
+                   t["byte_start"].clone(), int(t["written"][0]))
+
+    def nbytes(self) -> int:
+        """Bytes held by the allocated buffers."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.token_index,
+                                                           self.token_ids, self.byte_start))

@@ -1,0 +1,210 @@
+"""`memorizing` (Memorizing Transformer, Wu et al., 2022) and `unimix` (UniMem's UniMix, Fang et al., 2024).
+
+Every layer attends to sinks + a recent window of keys/values, as `xl` does. Tokens leaving the window go
+into a large FIFO store kept only at the retrieval layers. There each query, per head, reads its top-k
+store entries by q·k (exact, scored block by block) and attends to them together with the local keys in
+one softmax, or through the paper's gate. Retrieved keys carry no age: they are placed at one constant
+distance from every query (InfLLM's choice, keeping positions inside the trained range) or left unrotated.
+The store is searched before the current segment is added, so a token never retrieves its own segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Literal
+
+import torch
+
+from ..attention import ForwardPlan, Retrieved, apply_rope
+from ..errors import UsageError
+from ..knnstore import KNNStore
+from ..kvstate import KVState
+from ..layersets import resolve_layers
+from ..segments import Segment
+from .base import MethodOptions, UniMem, option, register
+from .kvcache import KVCacheMethod, KVPolicy, token_runs
+
+STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class MemorizingOptions(MethodOptions):
+    memory: int = option(65536, "tokens in the kNN store at each retrieval layer, FIFO (0 = no store: exactly xl)")
+    topk: int = option(32, "store entries each query reads, per head")
+    layers: str = option("0.75-1", "retrieval layers as fractions of depth: '0.75-1' = top quarter, '1' = last, 'all'")
+    window: int = option(2048, "recent tokens attended directly; older ones move to the store")
+    sinks: int = option(4, "first tokens of the document attended forever")
+    local_layers: str = option("all", "layers that see sinks + window (the others see only the current segment)")
+    positions: Literal["constant", "none"] = option("constant", "retrieved keys at one constant distance from each query, or unrotated")
+    distance: int | None = option(None, "that distance; null = sinks + window (just beyond the local keys)")
+    combine: Literal["joint", "gate"] = option("joint", "joint: one softmax over [retrieved; local]; gate: g*retrieved + (1-g)*local")
+    gate: float = option(0.5, "g of combine=gate, every head (untrained; 0 = local only)")
+    store_dtype: Literal["model", "bf16", "fp16"] = option("model", "dtype of stored keys/values (bf16/fp16 halve the RAM)")
+    block: int = option(8192, "store keys scored at a time (bounds the score buffer)")
+
+    def __post_init__(self):
+        for key in ("memory", "window", "sinks"):
+            self.check(getattr(self, key) >= 0, key, "must be >= 0")
+        for key in ("topk", "block"):
+            self.check(getattr(self, key) >= 1, key, "must be >= 1")
+        self.check(self.distance is None or self.distance >= 0, "distance", "must be >= 0 or null")
+        self.check(0.0 <= self.gate <= 1.0, "gate", "must be within 0..1")
+
+
+@dataclass
+class MemorizingState:
+    local: KVState  # sinks + window, every layer
+    store: KNNStore  # evicted tokens, retrieval layers only
+
+
+@register
+class Memorizing(KVCacheMethod):
+    name = "memorizing"
+    Options = MemorizingOptions
+    summary = "kNN memory: top-k per query over a large FIFO store of past K/V at upper layers, joint softmax"
+
+    def policy(self) -> KVPolicy:
+        o = self.options
+        return KVPolicy(sinks=o.sinks, capacity=o.window)
+
+    @cached_property
+    def retrieval_layers(self) -> tuple[int, ...]:
+        return resolve_layers(self.options.layers, self.backbone.num_layers)
+
+    @cached_property
+    def local_layers(self) -> frozenset[int]:
+        return frozenset(resolve_layers(self.options.local_layers, self.backbone.num_layers))
+
+    @property
+    def distance(self) -> int:
+        o = self.options
+        return o.sinks + o.window if o.distance is None else o.distance
+
+    def check_segment(self, segment: int) -> None:
+        super().check_segment(segment)
+        if self.options.positions == "constant" and self.distance >= self.backbone.max_positions:
+            raise UsageError(f"option 'distance' {self.distance} is past the model's trained {self.backbone.max_positions} positions")
+
+    def init_state(self) -> MemorizingState:
+        local = super().init_state()
+        _, kv_heads, _, head_dim = local.keys.shape
+        dtype = STORE_DTYPES.get(self.options.store_dtype, self.backbone.dtype)
+        store = KNNStore.empty(self.options.memory, len(self.retrieval_layers), kv_heads, head_dim, dtype=dtype,
+                               device=self.backbone.device)
+        return MemorizingState(local, store)
+
+    def read(self, state: MemorizingState, seg: Segment) -> tuple[MemorizingState, ForwardPlan]:
+        local, plan = super().read(state.local, seg)
+        if plan.memory_keys is not None and len(self.local_layers) < self.backbone.num_layers:
+            plan.memory_keys = [k if i in self.local_layers else None for i, k in enumerate(plan.memory_keys)]
+            plan.memory_values = [v if i in self.local_layers else None for i, v in enumerate(plan.memory_values)]
+        plan.capture = True
+        if len(state.store) and self.retrieval_layers:
+            slot = {layer: i for i, layer in enumerate(self.retrieval_layers)}
+            plan.retrieve = lambda layer, q: self._retrieve(state.store, slot.get(layer), layer, q, plan)
+        return MemorizingState(local, state.store), plan
+
+    def _retrieve(self, store: KNNStore, slot: int | None, layer: int, q: torch.Tensor,
+                  plan: ForwardPlan) -> Retrieved | None:
+        """Top-k store entries for every query of one layer (q: `[H, Q, D]`, pre-rotation)."""
+        if slot is None:
+            return None
+        heads, q_len, dim = q.shape
+        kv_heads = store.keys.shape[1]
+        groups = heads // kv_heads
+        q_ret = self._position_queries(q, plan.rope_scaling)
+        slots = store.search(slot, q_ret.reshape(kv_heads, groups * q_len, dim), self.options.topk, self.options.block)
+        keys, values = store.gather(slot, slots, q.dtype)
+        k = slots.shape[-1]
+        plan.retrieved[layer] = store.token_index[slots].view(heads, q_len, k)
+        gate = None if self.options.combine == "joint" else q.new_full((heads,), self.options.gate)
+        return Retrieved(q_ret, keys.view(heads, q_len, k, dim), values.view(heads, q_len, k, dim), gate)
+
+    def _position_queries(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Queries as the retrieved keys see them: rotated by the constant distance (keys sit at position 0).
+
+        RoPE's attention scaling multiplies rotated queries and keys alike; retrieved keys are not rotated,
+        so their factor is applied to the query instead.
+        """
+        if self.options.positions == "none":
+            return q * scaling**2
+        cos, sin = self._distance_rope
+        return apply_rope(q, cos.to(q.dtype), sin.to(q.dtype)) * scaling
+
+    @cached_property
+    def _distance_rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.backbone.rope_tables(torch.tensor([self.distance]))
+
+    def write(self, state: MemorizingState, seg: Segment, plan: ForwardPlan) -> MemorizingState:
+        local = self.append_captured(state.local, seg, plan)
+        keep, evicted = local.fifo_split(self.options.sinks, self.options.window)
+        if evicted.numel() and state.store.capacity and self.retrieval_layers:
+            gone = local.select(evicted)
+            layers = torch.tensor(self.retrieval_layers, device=gone.keys.device)
+            state.store.add(gone.keys[layers], gone.values[layers], gone.token_index, gone.token_ids, gone.byte_start)
+        return MemorizingState(local.select(keep) if evicted.numel() else local, state.store)
+
+    def memory_size(self, state: MemorizingState) -> int:
+        return len(state.local) + len(state.store)
+
+    def state_tensors(self, state: MemorizingState) -> dict[str, torch.Tensor]:
+        out = {f"local.{k}": v for k, v in state.local.tensors().items()}
+        out.update({f"store.{k}": v for k, v in state.store.tensors().items()})
+        return out
+
+    def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> MemorizingState:
+        part = {p: {k.split(".", 1)[1]: v.to(self.backbone.device) for k, v in tensors.items() if k.startswith(p + ".")}
+                for p in ("local", "store")}
+        local = super().state_from_tensors(part["local"])
+        store = KNNStore.from_tensors(self.options.memory, part["store"])
+        return MemorizingState(local, store)
+
+    def dump(self, state: MemorizingState) -> list[dict[str, Any]]:
+        """Sinks and window (every layer), then the store's runs of tokens, oldest first."""
+        order = state.store.order()
+        stored = token_runs(state.store.token_index[order], state.store.byte_start[order], lambda _: "store")
+        return super().dump(state.local) + stored
+
+    def unimem(self) -> UniMem:
+        o = self.options
+        combine = "one joint softmax" if o.combine == "joint" else f"gate {o.gate}"
+        where = "none" if o.positions == "none" else f"at distance {self.distance}"
+        return UniMem(
+            management=f"FIFO store of {o.memory} tokens; local {o.sinks} sinks + {o.window} window",
+            writing="direct (K/V of tokens leaving the window)",
+            reading=f"similarity: top-{o.topk} per query and head (positions {where}, {combine}) + position: sinks + window",
+            injection=f"store at layers {_layer_text(self.retrieval_layers)}; window at {o.local_layers}",
+        )
+
+
+def _layer_text(layers: tuple[int, ...]) -> str:
+    return "{" + ", ".join(map(str, layers)) + "}" if layers else "none"
+
+
+@dataclass(frozen=True)
+class UniMixOptions(MemorizingOptions):
+    memory: int = option(10240, "tokens in the K/V store at each memory layer, FIFO (UniMix: 20 segments of 512)")
+    topk: int = option(4, "store entries each query reads, per head, besides the window")
+    layers: str = option("0.5-1", "memory layers as fractions of depth (UniMix: the upper half)")
+    window: int = option(512, "recent tokens attended directly at the memory layers")
+    sinks: int = option(4, "global tokens: the first tokens of the document, always attended")
+    local_layers: str = option("0.5-1", "layers that see globals + window (UniMix: the memory layers only)")
+    rmt_tokens: int = option(0, "RMT memory tokens at the input; needs trained parameters, so 0 until an adapter exists")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check(self.rmt_tokens == 0, "rmt_tokens",
+                   "needs trained memory tokens; untrained tokens would be noise, and training comes with `longctx train`")
+
+
+@register
+class UniMix(Memorizing):
+    name = "unimix"
+    Options = UniMixOptions
+    summary = "UniMem's UniMix: upper-half K/V memory read by window + top-k + global tokens (token part: off)"
+
+    def unimem(self) -> UniMem:
+        u = super().unimem()
+        return UniMem(management=u.management, writing=u.writing + "; RMT tokens off (no adapter)",
+                      reading=u.reading, injection=u.injection)

@@ -1,0 +1,195 @@
+"""Retrieval memories (`memorizing`, `unimix`) and UniMem's `longformer` on a tiny random Llama in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_equivalence import doc, reference_nll, stream_nll
+
+from longctx.attention import ForwardPlan
+from longctx.errors import UsageError
+from longctx.knnstore import KNNStore
+from longctx.layersets import resolve_layers
+from longctx.methods import get_method
+from longctx.segments import Segment
+
+TOL = 2e-4
+
+
+def build(backbone, name: str, **options):
+    cls = get_method(name)
+    return cls(cls.Options.from_mapping(options), backbone)
+
+
+def segment(ids: torch.Tensor, start: int) -> Segment:
+    n = len(ids)
+    return Segment(start, ids, torch.arange(start, start + n), torch.full((n,), -1), torch.zeros(n, dtype=torch.long))
+
+
+def feed(backbone, method, ids: torch.Tensor, seg: int, state=None):
+    """Run `ids` through `method` in segments of `seg`; return the state and the last segment's plan/hidden."""
+    state = method.init_state() if state is None else state
+    start = int(state.local.token_index.max()) + 1 if hasattr(state, "local") and len(state.local) else 0
+    with torch.inference_mode():
+        for s in range(0, len(ids), seg):
+            sg = segment(ids[s : s + seg], start + s)
+            state, plan = method.read(state, sg)
+            hidden = backbone.forward(sg.ids, plan)
+            state = method.write(state, sg, plan)
+    return state, plan, hidden
+
+
+@pytest.mark.parametrize(("spec", "layers"), [("all", range(30)), ("0.5-1", range(15, 30)), ("1", [29]),
+                                              ("0.52,1", [15, 29]), ("0", [0]), ("none", [])])
+def test_layer_sets_are_fractions_of_depth(spec, layers):
+    assert resolve_layers(spec, 30) == tuple(layers)
+
+
+@pytest.mark.parametrize("spec", ["1.5", "x", "0.9-0.2"])
+def test_bad_layer_sets_are_refused(spec):
+    with pytest.raises(UsageError):
+        resolve_layers(spec, 30)
+
+
+def store_with(n: int, capacity: int, batch: int, seed: int = 0) -> tuple[KNNStore, torch.Tensor]:
+    keys = torch.randn(2, 3, n, 8, generator=torch.Generator().manual_seed(seed))
+    store = KNNStore.empty(capacity, 2, 3, 8, dtype=torch.float32, device=torch.device("cpu"))
+    for s in range(0, n, batch):
+        idx = torch.arange(s, min(s + batch, n))
+        store.add(keys[:, :, idx], -keys[:, :, idx], idx, idx + 1000, idx * 3)
+    return store, keys
+
+
+@pytest.mark.parametrize(("n", "capacity", "batch"), [(50, 64, 7), (200, 64, 7), (200, 64, 100), (10, 64, 200)])
+def test_store_fifo_keeps_exactly_the_newest_entries_in_order(n, capacity, batch):
+    store, keys = store_with(n, capacity, batch)
+    order = store.order()
+    newest = torch.arange(max(0, n - capacity), n)
+    assert torch.equal(store.token_index[order], newest)
+    assert torch.equal(store.keys[:, :, order], keys[:, :, newest])
+    assert torch.equal(store.byte_start[order], newest * 3)
+    assert len(store) == min(n, capacity) and store.allocated <= capacity
+
+
+@pytest.mark.parametrize("capacity", [256, 5000])  # full ring; allocated beyond what is filled
+def test_store_search_is_exact_blockwise_and_finds_a_planted_key(capacity):
+    store, _ = store_with(300, capacity, 32)
+    q = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1))
+    planted = store.order()[17]
+    store.keys[1, :, planted] = q[:, 2] * 50  # layer 1: this entry now dominates query 2 of every head
+    scores = q @ store.keys[1, :, : len(store)].transpose(1, 2)
+    expected = scores.topk(6, dim=-1).indices
+    for block in (1, 7, 64, 10_000):
+        found = store.search(1, q, 6, block)
+        assert torch.equal(found, expected)
+        assert (found[:, 2, 0] == planted).all()
+
+
+def test_store_round_trip_keeps_ring_layout():
+    store, _ = store_with(200, 64, 7)
+    again = KNNStore.from_tensors(64, store.tensors())
+    assert torch.equal(again.order(), store.order()) and again.written == store.written
+    new = torch.arange(200, 210)
+    for s in (store, again):
+        s.add(torch.ones(2, 3, 10, 8), torch.ones(2, 3, 10, 8), new, new, new)
+    assert torch.equal(store.tensors()["keys"], again.tensors()["keys"])
+
+
+def test_memorizing_without_store_is_exactly_xl(tiny_backbone):
+    ids = doc()
+    assert stream_nll(tiny_backbone, "memorizing", ids, 16, memory=0, window=24, sinks=2) == \
+        stream_nll(tiny_backbone, "xl", ids, 16, memory=24, sinks=2)
+
+
+def test_gate_at_zero_is_the_local_only_output(tiny_backbone):
+    ids = doc()
+    opts = dict(window=24, sinks=2, memory=64, topk=4, layers="all")
+    gated = stream_nll(tiny_backbone, "memorizing", ids, 16, combine="gate", gate=0.0, **opts)
+    assert gated == stream_nll(tiny_backbone, "xl", ids, 16, memory=24, sinks=2)
+    assert gated != stream_nll(tiny_backbone, "memorizing", ids, 16, combine="gate", gate=0.5, **opts)
+
+
+@pytest.mark.parametrize("positions", ["constant", "none"])
+def test_topk_over_whole_store_equals_attention_over_store_and_local(tiny_backbone, positions):
+    """With k >= store size every entry is read: the joint softmax must equal plain attention over
+    [store; local] with the store keys placed at the policy's positions (one query, so one placement)."""
+    ids = doc(81)
+    m = build(tiny_backbone, "memorizing", window=20, sinks=2, memory=200, topk=200, layers="all",
+              positions=positions, distance=37)
+    state, _, _ = feed(tiny_backbone, m, ids[:80], 16)
+    assert len(state.store) == 80 - 22
+    local, store = state.local, KNNStore.from_tensors(200, state.store.tensors())  # write mutates the store
+    _, plan, hidden = feed(tiny_backbone, m, ids[80:], 1, state)
+    order = store.order()
+    q_pos = len(local)  # the query's relative position: after [sinks; window]
+    store_pos = q_pos - (37 if positions == "constant" else 0)
+    n = len(store)
+    ref = ForwardPlan(query_pos=torch.tensor([q_pos]),
+                      key_pos=torch.cat((torch.full((n,), store_pos), torch.arange(q_pos + 1))),
+                      memory_keys=list(torch.cat((store.keys[:, :, order], local.keys), dim=2)),
+                      memory_values=list(torch.cat((store.values[:, :, order], local.values), dim=2)))
+    with torch.inference_mode():
+        expected = tiny_backbone.forward(ids[80:], ref)
+    assert torch.allclose(hidden, expected, atol=1e-5)
+    assert set(plan.retrieved[0].flatten().tolist()) == set(store.token_index.tolist())
+
+
+def test_memorizing_store_holds_the_evicted_tokens_and_dump_shows_them(tiny_backbone):
+    m = build(tiny_backbone, "memorizing", window=20, sinks=2, memory=30, topk=3, layers="1")
+    state, plan, _ = feed(tiny_backbone, m, doc(96), 16)
+    # local keeps tokens 0-1 (sinks) and the newest 20; the store the 30 tokens before those
+    assert state.local.token_index.tolist() == [0, 1, *range(76, 96)]
+    assert sorted(state.store.token_index.tolist()) == list(range(46, 76))
+    assert state.store.keys.shape[0] == 1  # only the retrieval layer is stored
+    kinds = [(g["kind"], g["tokens"]) for g in m.dump(state)]
+    assert kinds == [("sinks", [0, 2]), ("window", [76, 96]), ("store", [46, 76])]
+    retrieved = plan.retrieved[1]  # layer 1 retrieved for every head and query of the last segment
+    assert retrieved.shape == (4, 16, 3) and set(retrieved.flatten().tolist()) <= set(range(30, 60))
+
+
+def test_unimix_refuses_untrained_tokens_and_has_memory_only_upstairs(tiny_backbone):
+    with pytest.raises(UsageError, match="rmt_tokens"):
+        build(tiny_backbone, "unimix", rmt_tokens=16)
+    m = build(tiny_backbone, "unimix", window=8, memory=40, topk=2)
+    assert m.retrieval_layers == (1,) and m.local_layers == frozenset({1})
+    _, plan, _ = feed(tiny_backbone, m, doc(64), 16)
+    assert plan.memory_keys[0] is None and plan.memory_keys[1] is not None and 1 in plan.retrieved
+
+
+def longformer_mask(n: int, seg: int, window: int, stride: int, clear: bool) -> torch.Tensor:
+    """Visibility of the UniMem Longformer form, simulated directly: memory = the previous `held` tokens."""
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    held = 0
+    for s in range(0, n, seg):
+        e = min(s + seg, n)
+        for i in range(s, e):
+            mask[i, s : i + 1] = True
+            for j in range(s - held, s):
+                mask[i, j] = (i - j) % stride == 0
+        held += e - s
+        if held > window:
+            held = min(e - s, window) if clear else window
+    return mask
+
+
+@pytest.mark.parametrize(("overflow", "stride"), [("fifo", 1), ("fifo", 2), ("clear", 2), ("clear", 3)])
+def test_longformer_equals_its_dilated_mask(tiny_backbone, reference_model, overflow, stride):
+    ids = doc()
+    got, _ = stream_nll(tiny_backbone, "longformer", ids, 16, window=32, stride=stride, globals=0, overflow=overflow)
+    want = reference_nll(reference_model, ids, longformer_mask(len(ids), 16, 32, stride, overflow == "clear"))
+    assert abs(got - want) < TOL
+
+
+def test_longformer_clear_all_keeps_globals_and_last_segment(tiny_backbone):
+    m = build(tiny_backbone, "longformer", window=32, globals=4)
+    with torch.inference_mode():
+        state = m.init_state()
+        sizes = []
+        for s in range(0, 96, 16):
+            sg = segment(doc()[s : s + 16], s)
+            state, plan = m.read(state, sg)
+            tiny_backbone.forward(sg.ids, plan)
+            state = m.write(state, sg, plan)
+            sizes.append(state.non_sinks(4))
+    assert sizes == [12, 28, 16, 32, 16, 32]
+    assert state.token_index[:4].tolist() == [0, 1, 2, 3]
