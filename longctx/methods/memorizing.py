@@ -36,8 +36,10 @@ class MemorizingOptions(MethodOptions):
     window: int = option(2048, "recent tokens attended directly; older ones move to the store")
     sinks: int = option(4, "first tokens of the document attended forever")
     local_layers: str = option("all", "layers that see sinks + window (the others see only the current segment)")
-    positions: Literal["constant", "none"] = option("constant", "retrieved keys at one constant distance from each query, or unrotated")
-    distance: int | None = option(None, "that distance; null = sinks + window (just beyond the local keys)")
+    positions: Literal["constant", "ordered", "none"] = option(
+        "ordered", "constant: every retrieved key at one distance from the query; ordered: the newest retrieved at that "
+        "distance, older ones further back by their gap in the document (order kept, capped in range); none: unrotated")
+    distance: int | None = option(None, "the (nearest) retrieved key's distance; null = sinks + window, just beyond the local keys")
     combine: Literal["joint", "gate"] = option("joint", "joint: one softmax over [retrieved; local]; gate: g*retrieved + (1-g)*local")
     gate: float = option(0.5, "g of combine=gate, every head (untrained; 0 = local only)")
     store_dtype: Literal["model", "bf16", "fp16"] = option("model", "dtype of stored keys/values (bf16/fp16 halve the RAM)")
@@ -81,8 +83,11 @@ class Memorizing(KVCacheMethod):
         o = self.options
         return o.sinks + o.window if o.distance is None else o.distance
 
+    _segment: int = 512  # set by check_segment: bounds the ordered policy's spread
+
     def check_segment(self, segment: int) -> None:
         super().check_segment(segment)
+        self._segment = segment
         if self.options.positions == "constant" and self.distance >= self.backbone.max_positions:
             raise UsageError(f"option 'distance' {self.distance} is past the model's trained {self.backbone.max_positions} positions")
 
@@ -117,9 +122,21 @@ class Memorizing(KVCacheMethod):
         slots = store.search(slot, q_ret.reshape(kv_heads, groups * q_len, dim), self.options.topk, self.options.block)
         keys, values = store.gather(slot, slots, q.dtype)
         k = slots.shape[-1]
-        plan.retrieved[layer] = store.token_index[slots].view(heads, q_len, k)
+        doc = store.token_index[slots]
+        plan.retrieved[layer] = doc.view(heads, q_len, k)
+        if self.options.positions == "ordered":
+            q_ret, keys = q * plan.rope_scaling, self._ordered_keys(keys, doc)
         gate = None if self.options.combine == "joint" else q.new_full((heads,), self.options.gate)
         return Retrieved(q_ret, keys.view(heads, q_len, k, dim), values.view(heads, q_len, k, dim), gate)
+
+    def _ordered_keys(self, keys: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
+        """Rotate each retrieved key to sit `distance + gap` before its query (the query stays at 0), where
+        gap is how far it precedes the newest entry that query retrieved: copying needs the order of digits."""
+        gap = doc.amax(dim=-1, keepdim=True) - doc
+        limit = self.backbone.max_positions - 1 - self.distance - self._segment
+        dist = self.distance + gap.clamp(max=max(limit, 0))
+        cos, sin = self.backbone.rope_tables(-dist.flatten())
+        return apply_rope(keys, cos.view(*keys.shape).to(keys.dtype), sin.view(*keys.shape).to(keys.dtype))
 
     def _position_queries(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """Queries as the retrieved keys see them: rotated by the constant distance (keys sit at position 0).
@@ -128,7 +145,8 @@ class Memorizing(KVCacheMethod):
         so their factor is applied to the query instead.
         """
         if self.options.positions == "none":
-            return q * scaling**2
+            return q * scaling**2  # both at position 0
+        # constant (and the search of ordered): the query rotated by the distance, the keys at position 0
         cos, sin = self._distance_rope
         return apply_rope(q, cos.to(q.dtype), sin.to(q.dtype)) * scaling
 
@@ -169,7 +187,8 @@ class Memorizing(KVCacheMethod):
     def unimem(self) -> UniMem:
         o = self.options
         combine = "one joint softmax" if o.combine == "joint" else f"gate {o.gate}"
-        where = "none" if o.positions == "none" else f"at distance {self.distance}"
+        where = {"none": "none", "constant": f"at distance {self.distance}",
+                 "ordered": f"from distance {self.distance}, in document order"}[o.positions]
         return UniMem(
             management=f"FIFO store of {o.memory} tokens; local {o.sinks} sinks + {o.window} window",
             writing="direct (K/V of tokens leaving the window)",

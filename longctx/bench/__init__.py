@@ -1,0 +1,1 @@
+"""Benchmarks run by `longctx bench`: every method on the same items, in one process."""

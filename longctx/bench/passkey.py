@@ -1,0 +1,212 @@
+"""Passkey retrieval far past the window (Mohtashami & Jaggi's wording, public-domain book filler).
+
+The prompt is: the task line, book text, the information line with a 5-digit key at a chosen depth (moved
+back to the nearest sentence end), more book text, and the question. Every named method reads the same
+prompt in one process and continues it greedily; a trial is correct when the first integer generated is
+the key. Each trial also records where the key was when the question came (in a method's window, in its
+store, gone) and, for similarity methods, whether any retrieval layer's head read it, so failures split
+into "not held", "not retrieved" and "copy errors".
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..backbone import Backbone
+from ..decode import greedy, ingest, plain_segments
+from ..errors import InputError, UsageError
+from ..methods.base import Method
+from ..textio import open_source
+
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+        "I will quiz you about the important information there.\n")
+INFO = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+@dataclass(frozen=True)
+class PasskeyTrial:
+    """One prompt: its tokens, the key, and where the information line sits."""
+
+    length: int
+    depth: float
+    key: int
+    ids: torch.Tensor
+    needle: tuple[int, int]  # token span of the information line
+
+
+@dataclass
+class Filler:
+    """Book tokens to cut haystacks from, with the positions where a sentence ends."""
+
+    ids: torch.Tensor
+    sentence_end: torch.Tensor  # bool per token
+
+    @classmethod
+    def from_file(cls, path: str, tokenizer) -> Filler:
+        with open_source(path) as src:
+            text = "".join(block.text for block in src.blocks())
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) < 1000:
+            raise InputError(f"filler '{path}' has {len(ids)} tokens; passkey haystacks need a book (>= 1000 tokens)")
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        ends = torch.tensor([p.rstrip().endswith((".", "!", "?")) for p in pieces])
+        return cls(torch.tensor(ids), ends)
+
+    def take(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`n` tokens from `start`, wrapping around the book when it is shorter than the haystack."""
+        idx = (start + torch.arange(n)) % len(self.ids)
+        return self.ids[idx], self.sentence_end[idx]
+
+
+def make_trial(tokenizer, filler: Filler, length: int, depth: float, rng: random.Random) -> PasskeyTrial:
+    """A prompt of `length` tokens with the key's line at `depth` of the haystack (deterministic from rng)."""
+    key = rng.randint(10000, 99999)
+    enc = lambda s: torch.tensor(tokenizer(s, add_special_tokens=False)["input_ids"], dtype=torch.long)  # noqa: E731
+    head, info, question = enc(TASK), enc(INFO.format(key=key)), enc(QUESTION)
+    n_fill = length - len(head) - len(info) - len(question)
+    if n_fill < 16:
+        raise UsageError(f"passkey length {length} is too short for the prompt's own {length - n_fill} tokens")
+    hay, ends = filler.take(rng.randrange(len(filler.ids)), n_fill)
+    cut = int(depth * n_fill)
+    before = torch.nonzero(ends[:cut]).flatten()
+    cut = int(before[-1]) + 1 if len(before) else cut  # the needle starts a sentence
+    ids = torch.cat((head, hay[:cut], info, hay[cut:], question))
+    start = len(head) + cut
+    return PasskeyTrial(length, depth, key, ids, (start, start + len(info)))
+
+
+@dataclass
+class TrialResult:
+    """One method on one prompt."""
+
+    method: str
+    length: int
+    depth: float
+    key: int
+    answer: str
+    correct: bool
+    held: str  # where the key's line was when the question came: window, store, partly, gone
+    retrieved: float | None  # share of (layer, head) pairs whose top-k at the last prompt token hit the line
+    seconds: float
+
+    @property
+    def failure(self) -> str | None:
+        """Why a wrong answer was wrong: the key was not held, held but not read, or read but miscopied."""
+        if self.correct:
+            return None
+        if self.held == "gone":
+            return "not held"
+        if self.held == "store" and not self.retrieved:
+            return "not retrieved"
+        return "copy error"
+
+
+def where_held(method: Method, state: Any, span: tuple[int, int]) -> str:
+    """Where the needle's tokens are in the method's memory, from `dump()`'s runs."""
+    kinds = set()
+    covered = 0
+    for run in method.dump(state):
+        a, b = max(run["tokens"][0], span[0]), min(run["tokens"][1], span[1])
+        if b > a:
+            kinds.add("store" if run["kind"] == "store" else "window")
+            covered += b - a
+    if not kinds:
+        return "gone"
+    if covered < span[1] - span[0]:
+        return "partly"
+    return "window" if "window" in kinds else "store"
+
+
+def retrieval_hits(retrieved: dict[int, torch.Tensor], span: tuple[int, int]) -> float | None:
+    """Share of (layer, head) pairs whose top-k, for the last query, includes a token of `span`."""
+    if not retrieved:
+        return None
+    hits = [((r[:, -1] >= span[0]) & (r[:, -1] < span[1])).any(dim=-1) for r in retrieved.values()]
+    return float(torch.cat(hits).float().mean())
+
+
+def first_integer(text: str) -> str:
+    found = re.search(r"\d+", text)
+    return found.group(0) if found else ""
+
+
+def run_trial(backbone: Backbone, method: Method, trial: PasskeyTrial, segment: int,
+              max_new_tokens: int) -> TrialResult:
+    """Ingest the prompt into a fresh memory, then answer greedily."""
+    t0 = time.perf_counter()
+    done = ingest(backbone, method, plain_segments(trial.ids, segment))
+    held = where_held(method, done.state, trial.needle)
+    hits = retrieval_hits(done.last_plan.retrieved, trial.needle)
+    tokens, _ = greedy(backbone, method, done, max_new_tokens)
+    answer = backbone.tokenizer.decode(tokens, skip_special_tokens=True)
+    return TrialResult(method.name, trial.length, trial.depth, trial.key, answer.strip(),
+                       first_integer(answer) == str(trial.key), held, hits, time.perf_counter() - t0)
+
+
+@dataclass
+class PasskeyConfig:
+    lengths: Sequence[int]
+    depths: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    trials: int = 20
+    seed: int = 0
+    segment: int = 512
+    max_new_tokens: int = 8
+
+    def __post_init__(self):
+        if self.trials < 1 or not self.lengths or not self.depths:
+            raise UsageError("passkey needs >= 1 trial, a length and a depth")
+        if any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise UsageError("passkey depths are fractions within 0..1")
+
+
+@dataclass
+class PasskeyReport:
+    config: PasskeyConfig
+    methods: dict[str, str]  # name -> protocol string
+    results: list[TrialResult] = field(default_factory=list)
+
+    def cells(self) -> list[dict[str, Any]]:
+        """Accuracy per (method, length), with the failure breakdown and mean seconds per trial."""
+        out = []
+        for name in self.methods:
+            for length in self.config.lengths:
+                rs = [r for r in self.results if r.method == name and r.length == length]
+                if not rs:
+                    continue
+                fails = [r.failure for r in rs if r.failure]
+                out.append({"method": name, "length": length, "trials": len(rs),
+                            "correct": sum(r.correct for r in rs), "accuracy": sum(r.correct for r in rs) / len(rs),
+                            "failures": {k: fails.count(k) for k in sorted(set(fails))},
+                            "seconds_per_trial": sum(r.seconds for r in rs) / len(rs)})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"benchmark": "passkey", "config": asdict(self.config), "methods": self.methods,
+                "cells": self.cells(), "trials": [{**asdict(r), "failure": r.failure} for r in self.results]}
+
+
+def passkey(backbone: Backbone, methods: Sequence[Method], filler_path: str, config: PasskeyConfig,
+            on_result: Callable[[TrialResult], None] | None = None) -> PasskeyReport:
+    """Every method on the same prompts: for each length, `trials` prompts cycling through the depths."""
+    for m in methods:
+        m.check_segment(config.segment)
+    filler = Filler.from_file(filler_path, backbone.tokenizer)
+    report = PasskeyReport(config, {m.name: m.describe() for m in methods})
+    rng = random.Random(config.seed)
+    for length in config.lengths:
+        for t in range(config.trials):
+            trial = make_trial(backbone.tokenizer, filler, length, config.depths[t % len(config.depths)], rng)
+            for m in methods:
+                result = run_trial(backbone, m, trial, config.segment, config.max_new_tokens)
+                report.results.append(result)
+                if on_result is not None:
+                    on_result(result)
+    return report
