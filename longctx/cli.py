@@ -48,10 +48,18 @@ def _errors_to_exit(fn):
         except (MemoryError, RuntimeError) as e:
             if not _is_out_of_memory(e):
                 raise
-            stderr_console().print("[bold red]error:[/] out of memory; try a smaller --segment or memory size")
+            stderr_console().print(f"[bold red]error:[/] out of memory; {_smaller_segment_hint(kwargs.get('segment'))}",
+                                   highlight=False)
             raise typer.Exit(EXIT_RUNTIME) from None
 
     return wrapper
+
+
+def _smaller_segment_hint(segment: int | None) -> str:
+    """The next thing to try: half the segment (attention memory grows with it), or a smaller memory."""
+    if segment and segment > 1:
+        return f"try a smaller segment (--segment {segment // 2}) or memory size"
+    return "try a smaller --segment or memory size"
 
 
 def _is_out_of_memory(e: BaseException) -> bool:
