@@ -93,8 +93,15 @@ def _parse_overrides(pairs: list[str], methods: list[str]) -> dict[str, dict[str
         value = yaml.safe_load(raw) if raw else None
         target, _, name = key.rpartition(".")
         for m in ([target] if target else methods):
-            out.setdefault(m, {})[name] = value
+            out.setdefault(_preset_key(m), {})[name] = value
     return out
+
+
+def _preset_key(method: str) -> str:
+    """Overrides are looked up by preset name; a preset given as a .yaml path is named by its file stem."""
+    from pathlib import Path
+
+    return Path(method).stem if method.endswith((".yaml", ".yml")) else method
 
 
 def _method_list(method: str | None, compare: str | None) -> list[str]:

@@ -223,6 +223,16 @@ def test_bad_preset_exit_2(model_dir, book, tmp_path, isolated_home, case):
     assert p.read_text() == text
 
 
+def test_override_reaches_a_preset_given_as_a_path(model_dir, book, tmp_path):
+    """-o used to be dropped silently when -m named a .yaml file (it was keyed by the path, looked up by name)."""
+    p = tmp_path / "mine.yaml"
+    p.write_text("format: 1\nmethod: xl\nsegment: 32\noptions: {memory: 40}\n")
+    for opt in ("memory=24", "mine.memory=24"):
+        r = ppl(book, "--model", model_dir, "-m", f"{tmp_path}/./mine.yaml", "-o", opt, "--max-tokens", "60", "--json")
+        assert r.exit_code == 0, r.stderr
+        assert json.loads(r.stdout)["runs"][0]["protocol"].startswith("xl(memory=24,")
+
+
 def test_adapter_flag_not_applicable_yet(model_dir, book):
     """Adapters do not exist in this release: the flag is an unknown option (typer's usage error, exit 2)."""
     r = ppl(book, "--model", model_dir, "--adapter", "other-model-adapter")
