@@ -131,7 +131,7 @@ def ppl(
     save_every: Annotated[int | None, typer.Option(help="Also checkpoint the snapshot every N segments (needs --save-memory).")] = None,
     resume: Annotated[str | None, typer.Option(help="Continue the run saved in snapshot NAME (same file, model, method, options).")] = None,
     files_from: Annotated[str | None, typer.Option("--files", metavar="LIST", help="Also score the files listed in LIST: one path per line, '#' comment lines, no '-'.")] = None,
-    log: Annotated[str | None, typer.Option(help="Many documents: append each finished file to this JSON-lines run log; the same command with the same log skips files already done (same sha256 and setup).")] = None,
+    log: Annotated[str | None, typer.Option("--run-log", metavar="FILE", help="Many documents: append each finished file to this JSON-lines run log; the same command with the same log skips files already done (same sha256 and setup).")] = None,
 ) -> None:
     """Perplexity of whole documents, streamed segment by segment through one or more memory methods.
 
@@ -140,7 +140,7 @@ def ppl(
     Ctrl-C stops after the current segment, saves the memory and prints the resume command (exit 130).
     Several documents (arguments and/or --files LIST) are scored one by one, each with fresh memory:
     a row per file, the micro average (all tokens pooled) and the macro average (mean over files).
-    --log makes such a run resumable file by file.
+    --run-log makes such a run resumable file by file.
     """
     from .corpus import read_file_list
 
@@ -194,11 +194,14 @@ def _ppl_one(file: str, method: str | None, compare: str | None, option: list[st
 
 def _ppl_many(docs: list[str], method: str | None, overrides: dict[str, dict[str, Any]], common: dict[str, Any],
               json_out: bool, jsonl: bool, progress: bool, log: str | None) -> None:
-    """Several documents through `perplexity_many()`; Ctrl-C stops at once (the run log keeps finished files)."""
+    """Several documents through `perplexity_many()`; Ctrl-C stops at once (--run-log keeps finished files)."""
     from .corpus import perplexity_many
     from .render import ProgressView, event_json, print_corpus, print_json, stderr_console, stdout_console
+    from .sharding import is_main_process
 
-    err, show = stderr_console(), progress and not json_out
+    main = is_main_process()  # under accelerate launch / torchrun only rank 0 shows progress and prints
+    jsonl = jsonl and main
+    err, show = stderr_console(), progress and not json_out and main
     views: list[ProgressView] = []
 
     def on_start(i: int, path: str) -> None:
@@ -224,6 +227,8 @@ def _ppl_many(docs: list[str], method: str | None, overrides: dict[str, dict[str
     finally:
         for v in views:
             v.close()
+    if not main:
+        return
     if json_out or jsonl:
         print_json({"event": "result", **report.to_dict()} if jsonl else report.to_dict())
     else:

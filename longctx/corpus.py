@@ -25,6 +25,7 @@ from .hashing import file_sha256
 from .models import load_backbone
 from .perplexity import SCHEMA_VERSION, build_method, environment, perplexity
 from .presets import load_preset
+from .sharding import current_shard, in_order
 from .stream import SegmentEvent
 
 # Per-file numbers kept in the log and the report (the position buckets stay with single-file runs).
@@ -45,6 +46,11 @@ class FileResult:
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "sha256": self.sha256, "size": self.size, "from_log": self.from_log,
                 **self.numbers}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FileResult:
+        """Inverse of `to_dict()` (results travel between processes as JSON)."""
+        return cls(d["path"], d["sha256"], d["size"], {k: d[k] for k in FILE_KEYS}, d["from_log"])
 
 
 @dataclass
@@ -79,7 +85,7 @@ class CorpusReport:
                 "model": self.fingerprint, "settings": self.settings.values,
                 "settings_origin": self.settings.origins, **self.setup, "log": self.log,
                 "files": [f.to_dict() for f in self.files], "micro": self.micro(), "macro": self.macro(),
-                "environment": environment()}
+                **self.extra, "environment": environment()}
 
 
 # -- the list of documents -----------------------------------------------------------------------------
@@ -149,7 +155,7 @@ class RunLog:
         self.path, self.setup = path, setup
         parent = Path(path).resolve().parent
         if not parent.is_dir():
-            raise UsageError(f"--log {path}: directory {parent} does not exist")
+            raise UsageError(f"--run-log {path}: directory {parent} does not exist")
         self.done = self._read()
 
     def _read(self) -> dict[tuple[str, str], dict[str, Any]]:
@@ -178,7 +184,7 @@ class RunLog:
             diffs = [f"{k}: log has {entry.get('setup', {}).get(k)!r}, this run has {v!r}"
                      for k, v in self.setup.items() if entry.get("setup", {}).get(k) != v]
             raise UsageError(f"run log {self.path} was written by a run with a different setup:\n  "
-                             + "\n  ".join(diffs), hint="use a new --log file, or the same model, method and options")
+                             + "\n  ".join(diffs), hint="use a new --run-log file, or the same model, method and options")
 
     def lookup(self, path: str, sha256: str) -> dict[str, Any] | None:
         return self.done.get((str(Path(path).resolve()), sha256))
@@ -214,8 +220,9 @@ def perplexity_many(paths: Sequence[str], method: str | None = None, *, model: s
     preset = load_preset(method or "xl")
     flags = {"model": model, "dtype": dtype, "device": device, "threads": threads, "segment": segment}
     settings = resolve(flags, {"segment": preset.segment})
+    shard = current_shard(settings["device"])
     if backbone is None:
-        backbone = load_backbone(settings["model"], dtype=settings["dtype"], device=settings["device"],
+        backbone = load_backbone(settings["model"], dtype=settings["dtype"], device=shard.device(settings["device"]),
                                  threads=settings["threads"])
     overrides = {**(options or {}).get(preset.method, {}), **(options or {}).get(preset.name, {})}
     built, _ = build_method(preset, backbone, overrides)
@@ -223,17 +230,19 @@ def perplexity_many(paths: Sequence[str], method: str | None = None, *, model: s
     setup = {"method": preset.name, "protocol": built.describe(), "segment": settings["segment"],
              "max_tokens": max_tokens, "model": dict(backbone.fingerprint)}
     run_log = RunLog(log, setup) if log else None
-    results: list[FileResult] = []
-    for i, path in enumerate(paths):
+    mine: list[list[Any]] = []  # [index in paths, result dict]: this process's share
+    for i in shard.split(len(paths)):
         try:
-            results.append(_one_file(i, path, run_log, on_start, lambda p: perplexity(
+            result = _one_file(i, paths[i], run_log, on_start, lambda p: perplexity(
                 p, [method or "xl"], backbone=backbone, segment=segment, max_tokens=max_tokens, options=options,
-                on_segment=on_segment)))
+                on_segment=on_segment))
         except KeyboardInterrupt:
-            raise Interrupted(_interrupted_message(path, i, len(paths), log)) from None
+            raise Interrupted(_interrupted_message(paths[i], len(mine), len(paths), log)) from None
+        mine.append([i, result.to_dict()])
         if on_file is not None:
-            on_file(i, results[-1])
-    return CorpusReport(results, setup, settings, dict(backbone.fingerprint), log)
+            on_file(i, result)
+    results = [FileResult.from_dict(d) for d in in_order(shard.gather_json(mine))]
+    return CorpusReport(results, setup, settings, dict(backbone.fingerprint), log, {"processes": shard.world})
 
 
 def _one_file(i: int, path: str, run_log: RunLog | None, on_start: Callable | None,
@@ -259,4 +268,4 @@ def _interrupted_message(path: str, i: int, n: int, log: str | None) -> str:
     head = f"interrupted while scoring {path}; {i} of {n} documents finished"
     if log:
         return f"{head} and are in run log {log}. Run the same command again to continue (finished files are skipped)"
-    return f"{head}; without --log nothing was kept (add --log run.jsonl to make a run resumable)"
+    return f"{head}; without --run-log nothing was kept (add --run-log run.jsonl to make a run resumable)"

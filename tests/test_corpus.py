@@ -97,7 +97,7 @@ def test_missing_and_unusable_documents_fail_before_any_work(model_dir, docs, tm
     log = tmp_path / "run.jsonl"
     lst = tmp_path / "list.txt"
     lst.write_text(f"{docs[0]}\n{tmp_path / 'gone.txt'}\n{tmp_path}\n{docs[0]}\n")
-    r = runner.invoke(app, ["ppl", "--files", str(lst), "--model", model_dir, "--log", str(log)])
+    r = runner.invoke(app, ["ppl", "--files", str(lst), "--model", model_dir, "--run-log", str(log)])
     assert r.exit_code == 2, r.stdout
     assert "3 problem(s) with the 4 documents; nothing was scored" in r.stderr
     assert "gone.txt: not found" in r.stderr and "is a directory" in r.stderr and "listed twice" in r.stderr
@@ -178,7 +178,7 @@ def test_torn_last_log_line_is_rescored_and_garbage_refused(tiny_backbone, docs,
 
 def test_cli_ctrl_c_then_same_command_continues(model_dir, docs, tmp_path, monkeypatch):
     log = tmp_path / "run.jsonl"
-    args = ["ppl", *docs, "--model", model_dir, "--segment", "64", "--log", str(log), "--json"]
+    args = ["ppl", *docs, "--model", model_dir, "--segment", "64", "--run-log", str(log), "--json"]
     real = corpus_module.perplexity
     calls = {"n": 0}
 
