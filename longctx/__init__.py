@@ -2,15 +2,17 @@
 
 Python API (the CLI is a thin layer over these):
     longctx.perplexity(path, methods=("xl", "sinks"), max_tokens=..., ...) -> PplReport
+    longctx.perplexity_many(paths, method="xl", log="run.jsonl", ...) -> CorpusReport (micro/macro averages)
     longctx.load_backbone(model=None, dtype="auto", device="cpu", threads=None) -> Backbone
     longctx.METHODS, longctx.get_method(name), longctx.load_preset(name)
 """
 
 __version__ = "0.1.0"
 
+from .corpus import perplexity_many  # noqa: E402
 from .methods import METHODS, get_method  # noqa: E402
 from .models import load_backbone  # noqa: E402
 from .perplexity import perplexity  # noqa: E402
 from .presets import load_preset  # noqa: E402
 
-__all__ = ["METHODS", "__version__", "get_method", "load_backbone", "load_preset", "perplexity"]
+__all__ = ["METHODS", "__version__", "get_method", "load_backbone", "load_preset", "perplexity", "perplexity_many"]

@@ -46,6 +46,8 @@ def document_identity(path: str, consumed: int) -> dict[str, Any]:
     if path == "-":
         return {"path": "<stdin>", "size": None, "bytes_consumed": consumed, "sha256_prefix": None}
     p = Path(path).resolve()
+    if not p.is_file():  # a FIFO cannot be re-read: like stdin, it cannot be verified or resumed
+        return {"path": str(p), "size": None, "bytes_consumed": consumed, "sha256_prefix": None}
     return {"path": str(p), "size": p.stat().st_size, "bytes_consumed": consumed,
             "sha256_prefix": prefix_sha256(str(p), consumed)}
 
@@ -107,7 +109,8 @@ def check_document(snap: Snapshot, path: str) -> None:
     """The document must still start with exactly the bytes the snapshot consumed."""
     doc = snap.manifest["document"]
     if path == "-" or doc.get("sha256_prefix") is None:
-        raise UsageError("a run over standard input cannot be resumed: there is no file to re-read and verify")
+        raise UsageError("a run over standard input or a pipe cannot be resumed: there is no file to re-read "
+                         "and verify")
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"{path} is not a file")

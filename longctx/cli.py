@@ -48,10 +48,18 @@ def _errors_to_exit(fn):
         except (MemoryError, RuntimeError) as e:
             if not _is_out_of_memory(e):
                 raise
-            stderr_console().print("[bold red]error:[/] out of memory; try a smaller --segment or memory size")
+            stderr_console().print(f"[bold red]error:[/] out of memory; {_smaller_segment_hint(kwargs.get('segment'))}",
+                                   highlight=False)
             raise typer.Exit(EXIT_RUNTIME) from None
 
     return wrapper
+
+
+def _smaller_segment_hint(segment: int | None) -> str:
+    """The next thing to try: half the segment (attention memory grows with it), or a smaller memory."""
+    if segment and segment > 1:
+        return f"try a smaller segment (--segment {segment // 2}) or memory size"
+    return "try a smaller --segment or memory size"
 
 
 def _is_out_of_memory(e: BaseException) -> bool:
@@ -85,8 +93,15 @@ def _parse_overrides(pairs: list[str], methods: list[str]) -> dict[str, dict[str
         value = yaml.safe_load(raw) if raw else None
         target, _, name = key.rpartition(".")
         for m in ([target] if target else methods):
-            out.setdefault(m, {})[name] = value
+            out.setdefault(_preset_key(m), {})[name] = value
     return out
+
+
+def _preset_key(method: str) -> str:
+    """Overrides are looked up by preset name; a preset given as a .yaml path is named by its file stem."""
+    from pathlib import Path
+
+    return Path(method).stem if method.endswith((".yaml", ".yml")) else method
 
 
 def _method_list(method: str | None, compare: str | None) -> list[str]:
@@ -99,38 +114,64 @@ def _method_list(method: str | None, compare: str | None) -> list[str]:
 @app.command()
 @_errors_to_exit
 def ppl(
-    file: Annotated[str, typer.Argument(help="Text file to score ('-' reads standard input).")],
+    files: Annotated[list[str] | None, typer.Argument(help="Text file(s) to score ('-' reads standard input, alone). Several files: per-file results and micro/macro averages.", show_default=False)] = None,
     method: Annotated[str | None, typer.Option("--method", "-m", help="Method or preset name, or a preset .yaml path. Default: xl.")] = None,
     compare: Annotated[str | None, typer.Option(help="Comma-separated methods to run on the same tokens in this process; deltas are against the first.")] = None,
     segment: Annotated[int | None, typer.Option(help="Tokens per forward (default: the preset's). [env: LONGCTX_SEGMENT]")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Read only the first N tokens of the document.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Read only the first N tokens of the document (of each document).")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override: key=value or method.key=value (repeatable).")] = None,
     model: Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded SmolLM2-135M-Instruct). [env: LONGCTX_MODEL]")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto (default: bf16 on GPUs and CPUs with AMX/AVX512-BF16, else fp32), bf16, fp32 or fp16. [env: LONGCTX_DTYPE]")] = None,
     device: Annotated[str | None, typer.Option(help="cpu (default), cuda, cuda:N or auto. [env: LONGCTX_DEVICE]")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads; on a busy 2-core machine 1 beats 2. [env: LONGCTX_THREADS]")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object with all results (schema_version 1).")] = False,
-    jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON line per segment, then the result object.")] = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON line per segment (and per file), then the result object.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress on stderr.")] = True,
     save_memory: Annotated[str | None, typer.Option(help="Save the memory as snapshot NAME at the end (with --compare: NAME-METHOD).")] = None,
     save_every: Annotated[int | None, typer.Option(help="Also checkpoint the snapshot every N segments (needs --save-memory).")] = None,
     resume: Annotated[str | None, typer.Option(help="Continue the run saved in snapshot NAME (same file, model, method, options).")] = None,
+    files_from: Annotated[str | None, typer.Option("--files", metavar="LIST", help="Also score the files listed in LIST: one path per line, '#' comment lines, no '-'.")] = None,
+    log: Annotated[str | None, typer.Option("--run-log", metavar="FILE", help="Many documents: append each finished file to this JSON-lines run log; the same command with the same log skips files already done (same sha256 and setup).")] = None,
 ) -> None:
-    """Perplexity of a whole document, streamed segment by segment through one or more memory methods.
+    """Perplexity of whole documents, streamed segment by segment through one or more memory methods.
 
     Prints PPL ± standard error (over 1024-token blocks), bits per byte, PPL by position, tokens/s and
     peak RSS, with the protocol of every number. With --compare, every method reads the same tokens.
     Ctrl-C stops after the current segment, saves the memory and prints the resume command (exit 130).
+    Several documents (arguments and/or --files LIST) are scored one by one, each with fresh memory:
+    a row per file, the micro average (all tokens pooled) and the macro average (mean over files).
+    --run-log makes such a run resumable file by file.
     """
+    from .corpus import read_file_list
+
+    docs = [*(files or []), *(read_file_list(files_from) if files_from else [])]
+    if not docs:
+        raise UsageError("give a document to score (a file, or '-' for standard input), several files, or --files LIST")
+    common = {"model": model, "dtype": dtype, "device": device, "threads": threads, "segment": segment,
+              "max_tokens": max_tokens}
+    if len(docs) == 1 and not files_from and not log:
+        _ppl_one(docs[0], method, compare, option or [], common, json_out, jsonl, progress, save_memory, save_every,
+                 resume)
+        return
+    if compare or save_memory or save_every or resume:
+        raise UsageError("--compare, --save-memory, --save-every and --resume work on one document; "
+                         "score several documents with one --method")
+    _ppl_many(docs, method, _parse_overrides(option or [], [method or "xl"]), common, json_out, jsonl, progress, log)
+
+
+def _ppl_one(file: str, method: str | None, compare: str | None, option: list[str], common: dict[str, Any],
+             json_out: bool, jsonl: bool, progress: bool, save_memory: str | None, save_every: int | None,
+             resume: str | None) -> None:
+    """One document: the `perplexity()` report, with snapshots, --compare and graceful Ctrl-C."""
     from .interrupts import GracefulInterrupt
     from .perplexity import perplexity
     from .render import ProgressView, event_json, print_json, print_ppl, stderr_console, stdout_console
 
     names = _method_list(method, compare) if (method or compare or not resume) else []
-    overrides = _parse_overrides(option or [], names)
-    err = stderr_console()
+    overrides = _parse_overrides(option, names)
     size = os.path.getsize(file) if file != "-" and os.path.isfile(file) else None
-    view = ProgressView(err, total=max_tokens or size, unit="tokens" if max_tokens else "bytes",
+    max_tokens = common["max_tokens"]
+    view = ProgressView(stderr_console(), total=max_tokens or size, unit="tokens" if max_tokens else "bytes",
                         enabled=progress and not json_out)
 
     def on_segment(ev):
@@ -140,8 +181,7 @@ def ppl(
 
     try:
         with GracefulInterrupt() as stop:
-            report = perplexity(file, names, model=model, dtype=dtype, device=device, threads=threads,
-                                segment=segment, max_tokens=max_tokens, options=overrides, save_memory=save_memory,
+            report = perplexity(file, names, **common, options=overrides, save_memory=save_memory,
                                 save_every=save_every, resume=resume, stop=stop, on_segment=on_segment,
                                 on_method=lambda name, m, info: view.start_method(name, f"{m.describe()}, segment {info['segment']}"))
     finally:
@@ -150,6 +190,49 @@ def ppl(
         print_json({"event": "result", **report.to_dict()} if jsonl else report.to_dict())
     else:
         print_ppl(report, stdout_console())
+
+
+def _ppl_many(docs: list[str], method: str | None, overrides: dict[str, dict[str, Any]], common: dict[str, Any],
+              json_out: bool, jsonl: bool, progress: bool, log: str | None) -> None:
+    """Several documents through `perplexity_many()`; Ctrl-C stops at once (--run-log keeps finished files)."""
+    from .corpus import perplexity_many
+    from .render import ProgressView, event_json, print_corpus, print_json, stderr_console, stdout_console
+    from .sharding import is_main_process
+
+    main = is_main_process()  # under accelerate launch / torchrun only rank 0 shows progress and prints
+    jsonl = jsonl and main
+    err, show = stderr_console(), progress and not json_out and main
+    views: list[ProgressView] = []
+
+    def on_start(i: int, path: str) -> None:
+        for v in views:
+            v.close()
+        views[:] = [ProgressView(err, total=os.path.getsize(path), unit="bytes", enabled=show)]
+        views[0].start_method(f"[{i + 1}/{len(docs)}] {path}", method or "xl")
+
+    def on_segment(ev) -> None:
+        views[0].update(ev)
+        if jsonl:
+            print_json(event_json(ev))
+
+    def on_file(i: int, result) -> None:
+        if result.from_log and show:
+            err.print(f"[{i + 1}/{len(docs)}] {result.path}: done in run log {log}, skipped", highlight=False)
+        if jsonl:
+            print_json({"schema_version": 1, "event": "file", **result.to_dict()})
+
+    try:
+        report = perplexity_many(docs, method, **common, options=overrides, log=log, on_start=on_start,
+                                 on_file=on_file, on_segment=on_segment)
+    finally:
+        for v in views:
+            v.close()
+    if not main:
+        return
+    if json_out or jsonl:
+        print_json({"event": "result", **report.to_dict()} if jsonl else report.to_dict())
+    else:
+        print_corpus(report, stdout_console())
 
 
 @app.command()

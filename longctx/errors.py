@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -35,3 +37,10 @@ class ModelError(LongctxError):
     """The model cannot be loaded or is not supported (missing default model, unsupported architecture)."""
 
     exit_code = EXIT_USAGE
+
+
+def os_reason(e: OSError) -> str:
+    """An OSError in plain words ("the disk is full" rather than "[Errno 28] ...")."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full"
+    return e.strerror or str(e)

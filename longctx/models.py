@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .backbone import Backbone, ModelInfo
-from .errors import ModelError, UsageError
+from .errors import ModelError, UsageError, os_reason
 from .hashing import file_sha256
 from .paths import longctx_home
 
@@ -157,25 +157,34 @@ def _convert_gguf(gguf: Path, cache: Path, dtype: torch.dtype, version: str) -> 
     _quiet_transformers()
     print(f"longctx: converting the default model to a {str(dtype).removeprefix('torch.')} safetensors cache "
           f"in {cache} (once, ~30 s)", file=sys.stderr)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache.parent))
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # de-quantised already; else save_pretrained refuses a "gguf-quantized" model
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    meta = {"gguf": str(gguf), "gguf_sha256": file_sha256(gguf), "package": f"{GGUF_DIST}=={version}",
+            "dtype": str(dtype).removeprefix("torch.")}
+    _write_cache(model.to(dtype), tok, meta, cache)
+
+
+def _write_cache(model, tokenizer, meta: dict, cache: Path) -> None:
+    """Write to a temporary directory, then rename: a full disk or a kill never leaves a half cache."""
+    tmp = None
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        model.hf_quantizer = None  # de-quantised already; else save_pretrained refuses a "gguf-quantized" model
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.to(dtype).save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        meta = {"gguf": str(gguf), "gguf_sha256": file_sha256(gguf), "package": f"{GGUF_DIST}=={version}",
-                "dtype": str(dtype).removeprefix("torch.")}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache.parent))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         (tmp / "longctx-model.json").write_text(json.dumps(meta, indent=1))
         _fsync_dir(tmp)
         if cache.exists():
             shutil.rmtree(cache)
         os.replace(tmp, cache)
+    except OSError as e:
+        raise ModelError(f"could not write the model cache {cache}: {os_reason(e)}; nothing was cached",
+                         hint=f"free space under {cache.parent} (or point LONGCTX_HOME elsewhere) and run again") from e
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 

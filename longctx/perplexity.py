@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -201,6 +202,8 @@ def _run_one(backbone: Backbone, spec: RunSpec, src_path: str, path: str, store:
             result.tokens, result.next_byte = skip, int(snap.manifest["document"]["bytes_consumed"])
         if result.sums.tokens < 1 and not result.interrupted:
             raise InputError(f"{src.name} has {result.tokens} token(s); at least 2 are needed to score one")
+        if stats.get("words") == 0:  # complete input, and not one non-space character in it
+            raise InputError(f"{src.name} contains only whitespace ({src.bytes_read} bytes); there is no text to score")
         if save is not None and (result.interrupted or save_final):
             save(result)
         source = _source_identity(src, src_path, path, stats)
@@ -212,7 +215,7 @@ def _run_one(backbone: Backbone, spec: RunSpec, src_path: str, path: str, store:
 def _source_identity(src, src_path: str, path: str, stats: dict[str, Any]) -> dict[str, Any]:
     """Size and sha256 of exactly the bytes the scored tokens came from (the consumed prefix)."""
     end = stats.get("end_byte")
-    if end is None or (path == "-" and src_path == "-"):  # unspooled stdin cannot be re-read: hash what was read
+    if end is None or src.size is None:  # stdin, a FIFO: cannot be re-read, so hash what was read
         digest, hashed = src.sha256_hex(), src.bytes_read
     else:
         digest, hashed = prefix_sha256(src_path, end), end
@@ -236,18 +239,30 @@ def _check_same_tokens(runs: list[MethodRun]) -> None:
         raise RuntimeError("methods saw different token streams; paired comparison refused")
 
 
+def _is_pipe(path: str) -> bool:
+    """A FIFO or a process substitution (/dev/fd/N): it can be read only once."""
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False  # missing etc.: open_source reports it
+
+
 @contextmanager
 def _replayable(path: str, uses: int):
-    """Yield a path that can be read `uses` times: stdin is spooled to a temporary file when needed."""
-    if path != "-" or uses == 1:
+    """Yield a path that can be read `uses` times: stdin or a pipe is spooled to a temporary file when needed."""
+    if uses == 1 or (path != "-" and not _is_pipe(path)):
         yield path
         return
     tmp = tempfile.NamedTemporaryFile(prefix="longctx-stdin-", delete=False)
     try:
         with tmp:
-            import sys
+            if path == "-":
+                import sys
 
-            shutil.copyfileobj(sys.stdin.buffer, tmp, 1 << 20)
+                shutil.copyfileobj(sys.stdin.buffer, tmp, 1 << 20)
+            else:
+                with open(path, "rb") as pipe:
+                    shutil.copyfileobj(pipe, tmp, 1 << 20)
         yield tmp.name
     finally:
         os.unlink(tmp.name)

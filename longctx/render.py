@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .corpus import CorpusReport
 from .perplexity import PplReport
 from .stream import SegmentEvent
 
@@ -127,6 +128,40 @@ def print_ppl(report: PplReport, console: Console) -> None:
         console.print(table)
     for line in protocol_lines(report):
         console.print(line, highlight=False, markup=False)
+
+
+def corpus_table(report: CorpusReport) -> Table:
+    """One row per document, then the micro (pooled tokens) and macro (mean over files) averages."""
+    d = report.to_dict()
+    table = Table(title=f"Perplexity — {len(d['files'])} documents, {d['protocol']}, segment {d['segment']}",
+                  title_justify="left")
+    for col in ("document", "tokens", "PPL ± SE", "bits/byte", "tok/s", "from"):
+        table.add_column(col, justify="left" if col in ("document", "from") else "right")
+    for f in d["files"]:
+        table.add_row(f["path"], f"{f['tokens']:,}", f"{_fmt(f['ppl'])} ± {_fmt(f['ppl_se'])}",
+                      _fmt(f["bits_per_byte"], ".4f"), _fmt(f["tokens_per_s"], ",.0f"), "log" if f["from_log"] else "run")
+    micro, macro = d["micro"], d["macro"]
+    table.add_section()
+    table.add_row("micro (tokens pooled)", f"{micro['tokens']:,}", _fmt(micro["ppl"]),
+                  _fmt(micro["bits_per_byte"], ".4f"), "", "")
+    table.add_row(f"macro (mean of {macro['files']})", "", _fmt(macro["ppl"]), _fmt(macro["bits_per_byte"], ".4f"),
+                  "", "")
+    return table
+
+
+def corpus_protocol_line(report: CorpusReport) -> str:
+    """The llama.cpp-style line for a many-document run."""
+    d = report.to_dict()
+    m, micro, macro = d["model"], d["micro"], d["macro"]
+    return (f"micro PPL = {_fmt(micro['ppl'], '.4f')} | macro PPL = {_fmt(macro['ppl'], '.4f')} | "
+            f"bpb = {_fmt(micro['bits_per_byte'], '.4f')} | files = {macro['files']} | tokens = {micro['tokens']} | "
+            f"method = {d['protocol']} | segment = {d['segment']} | "
+            f"model = {m['model']} ({m['source']}, {m['dtype']}, tokenizer {m['tokenizer_sha256']})")
+
+
+def print_corpus(report: CorpusReport, console: Console) -> None:
+    console.print(corpus_table(report))
+    console.print(corpus_protocol_line(report), highlight=False, markup=False)
 
 
 def print_json(obj: Any) -> None:

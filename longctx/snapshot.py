@@ -13,7 +13,6 @@ Never pickle: tensors go to safetensors, everything else to JSON; loading checks
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import LongctxError, UsageError
+from .errors import LongctxError, UsageError, os_reason
 from .hashing import file_sha256
 from .paths import longctx_home
 
@@ -87,8 +86,11 @@ class SnapshotStore:
                 _atomic_write_text(self.root / "LATEST", name)
             except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise SnapshotError(f"could not write snapshot '{name}': {_os_reason(e)}; the previous version "
+                raise SnapshotError(f"could not write snapshot '{name}': {os_reason(e)}; the previous version "
                                     "(if any) is intact") from e
+            except BaseException:  # Ctrl-C mid-write: LATEST still names the previous version
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             self._prune(snap_dir, keep=final.name)
         return final
 
@@ -234,8 +236,3 @@ def _atomic_write_text(path: Path, text: str) -> None:
             os.unlink(tmp)
         raise
 
-
-def _os_reason(e: OSError) -> str:
-    if e.errno == errno.ENOSPC:
-        return "the disk is full"
-    return e.strerror or str(e)

@@ -45,6 +45,7 @@ class Source:
     def __init__(self, name: str, stream: BinaryIO, *, size: int | None, is_stdin: bool, block_size: int):
         self.name = name
         self.size = size
+        self._identity = _file_identity(stream) if size is not None else None
         self.is_stdin = is_stdin
         self.block_size = block_size
         self.bytes_read = 0
@@ -120,6 +121,8 @@ class Source:
                 final = not data
                 if offset == 0 and data.startswith(UTF8_BOM):
                     data, offset, text_end = data[len(UTF8_BOM) :], len(UTF8_BOM), len(UTF8_BOM)
+                if final:
+                    self._check_unchanged()
                 text = self._decode(decoder, data, offset, final)
                 offset += len(data)
                 undecoded = len(decoder.getstate()[0])  # bytes of a character split across reads
@@ -130,6 +133,22 @@ class Source:
                     return
         finally:
             self.close()
+
+    def _check_unchanged(self) -> None:
+        """A regular file must end as it began: same size and mtime, and exactly `size` bytes read.
+
+        A file that grows or is truncated while being read would give a result that describes no single
+        version of it (and a byte count that does not match its hash), so it is refused.
+        """
+        if self._identity is None:
+            return
+        now = _file_identity(self._stream)
+        if now != self._identity or self.bytes_read != self.size:
+            raise InputError(
+                f"{self.name} changed while it was being read (size {self.size} -> {now[0]} bytes, "
+                f"{self.bytes_read} read); the result would describe no single version of it",
+                hint="score a copy that nothing writes to (cp FILE snapshot.txt), or wait until the writer is done",
+            )
 
     def _decode(self, decoder: codecs.IncrementalDecoder, data: bytes, offset: int, final: bool) -> str:
         """Decode one read; on error report the absolute offset of the first bad byte."""
@@ -194,6 +213,12 @@ def _isatty(stream: object) -> bool:
         return bool(stream.isatty())  # type: ignore[attr-defined]
     except (AttributeError, ValueError, OSError):
         return False
+
+
+def _file_identity(stream: BinaryIO) -> tuple[int, int]:
+    """(size, mtime in ns) of an open regular file: what tells us it changed under us."""
+    st = os.fstat(stream.fileno())
+    return st.st_size, st.st_mtime_ns
 
 
 def _open_file(path: str, block_size: int) -> Source:

@@ -1,0 +1,5 @@
+"""`python -m longctx` (also what `torchrun -m longctx` and `accelerate launch -m longctx` run)."""
+
+from .cli import main
+
+main()
