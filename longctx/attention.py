@@ -138,16 +138,19 @@ def attend_with_retrieved(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
         mem = torch.einsum("hqk,hqkd->hqd", p_mem, found.values)
         g = found.gate.view(-1, 1, 1).to(q.dtype)
         return g * mem + (1 - g) * local
-    groups = heads // k.shape[0]
-    k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
-    s_loc = (q @ k.transpose(1, 2)) * scale
+    kv_heads, k_len = k.shape[0], k.shape[1]
+    groups = heads // kv_heads
     if mask is None:
-        mask = causal_mask(q_len, k.shape[1], q.device)
-    s_loc = s_loc.masked_fill(~mask, float("-inf"))
+        mask = causal_mask(q_len, k_len, q.device)
+    # GQA without copying K/V: the query heads sharing a KV head are stacked along the query axis
+    s_loc = (q.reshape(kv_heads, groups * q_len, dim) @ k.transpose(1, 2)).view(heads, q_len, k_len) * scale
+    s_loc = s_loc.masked_fill_(~mask, float("-inf"))
     s_mem = torch.einsum("hqd,hqkd->hqk", found.query, found.keys) * scale
-    p = torch.softmax(torch.cat((s_mem, s_loc), dim=-1), dim=-1)
-    n_mem = s_mem.shape[-1]
-    return torch.einsum("hqk,hqkd->hqd", p[..., :n_mem], found.values) + p[..., n_mem:] @ v
+    top = torch.maximum(s_loc.amax(-1, keepdim=True), s_mem.amax(-1, keepdim=True))
+    e_loc, e_mem = s_loc.sub_(top).exp_(), s_mem.sub_(top).exp_()  # one softmax over both, without a concat
+    denom = e_loc.sum(-1, keepdim=True) + e_mem.sum(-1, keepdim=True)
+    local = (e_loc.view(kv_heads, groups * q_len, k_len) @ v).view(heads, q_len, dim)
+    return (local + torch.einsum("hqk,hqkd->hqd", e_mem, found.values)) / denom
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:

@@ -26,6 +26,7 @@ class KNNStore:
     token_ids: torch.Tensor
     byte_start: torch.Tensor
     written: int = 0  # entries ever added (slot of the next one: written % capacity)
+    _centroids: dict[int, torch.Tensor] | None = None  # block means per layer, dropped on every add
 
     @classmethod
     def empty(cls, capacity: int, layers: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype,
@@ -61,6 +62,7 @@ class KNNStore:
         self.token_ids.index_copy_(0, slots, token_ids)
         self.byte_start.index_copy_(0, slots, byte_start)
         self.written += e
+        self._centroids = None
 
     def _reserve(self, needed: int) -> None:
         """Grow the buffers (doubling, capped at capacity) so that `needed` slots exist."""
@@ -105,6 +107,43 @@ class KNNStore:
                 i = i.gather(-1, j)
             best_s, best_i = v, i
         return best_i
+
+    def search_blocks(self, layer: int, queries: torch.Tensor, k: int, *, block: int, probes: int,
+                      candidates: int) -> torch.Tensor:
+        """Approximate top-`k` slots: score block centroids, let every query vote for its `probes` best blocks,
+        keep the `candidates` blocks with most votes (per KV head, shared by the segment's queries), then
+        score their keys exactly. Cost: O(r · (n/block + candidates·block)) instead of O(r · n)."""
+        n = len(self)
+        cent = self.centroids(layer, block)  # [kv_heads, nb, d]
+        nb = cent.shape[1]
+        if nb <= candidates:
+            return self.search(layer, queries, k, block=max(n, 1))
+        best = (queries @ cent.to(queries.dtype).transpose(1, 2)).topk(min(probes, nb), dim=-1).indices  # [h, r, probes]
+        votes = torch.zeros(cent.shape[0], nb, device=queries.device)
+        votes.scatter_add_(1, best.flatten(1), torch.ones(best.flatten(1).shape, device=queries.device))
+        chosen = votes.topk(candidates, dim=-1).indices  # [h, c]
+        slots = (chosen.unsqueeze(-1) * block + torch.arange(block, device=chosen.device)).flatten(1)
+        valid = slots < n
+        slots = slots.clamp(max=n - 1)
+        heads = torch.arange(slots.shape[0], device=slots.device).view(-1, 1)
+        keys = self.keys[layer][heads, slots].to(queries.dtype)  # [h, c*block, d]
+        scores = (queries @ keys.transpose(1, 2)).masked_fill(~valid.unsqueeze(1), float("-inf"))
+        top = scores.topk(min(k, int(valid.sum(-1).min())), dim=-1).indices
+        return slots.gather(1, top.flatten(1)).view_as(top)
+
+    def centroids(self, layer: int, block: int) -> torch.Tensor:
+        """Mean key of each run of `block` slots `[kv_heads, nb, d]` (the last run may be partial)."""
+        if self._centroids is None:
+            self._centroids = {}
+        if layer not in self._centroids:
+            n = len(self)
+            keys = self.keys[layer, :, :n].float()
+            nb = -(-n // block)
+            padded = torch.nn.functional.pad(keys, (0, 0, 0, nb * block - n))
+            counts = torch.full((nb,), float(block), device=keys.device)
+            counts[-1] = n - (nb - 1) * block
+            self._centroids[layer] = (padded.view(keys.shape[0], nb, block, -1).sum(2) / counts.view(1, -1, 1))
+        return self._centroids[layer]
 
     def gather(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `[kv_heads, r, k, d]` at `slots [kv_heads, r, k]` of one layer, in `dtype`."""

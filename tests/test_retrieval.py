@@ -85,6 +85,18 @@ def test_store_search_is_exact_blockwise_and_finds_a_planted_key(capacity):
         assert (found[:, 2, 0] == planted).all()
 
 
+def test_blocks_index_finds_a_planted_key_and_only_valid_slots():
+    store, _ = store_with(1000, 4096, 100)  # 1000 of 4096 allocated slots filled
+    q = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(2))
+    store.keys[0, :, 613] = q[:, 4] * 50
+    store._centroids = None
+    found = store.search_blocks(0, q, 6, block=16, probes=2, candidates=8)
+    assert found.shape == (3, 5, 6) and (found < 1000).all()
+    assert (found[:, 4, 0] == 613).all()
+    exact = store.search_blocks(0, q, 6, block=16, probes=2, candidates=1000)  # every block: exact search
+    assert torch.equal(exact, store.search(0, q, 6, 8192))
+
+
 def test_store_round_trip_keeps_ring_layout():
     store, _ = store_with(200, 64, 7)
     again = KNNStore.from_tensors(64, store.tensors())
@@ -109,7 +121,7 @@ def test_gate_at_zero_is_the_local_only_output(tiny_backbone):
     assert gated != stream_nll(tiny_backbone, "memorizing", ids, 16, combine="gate", gate=0.5, **opts)
 
 
-@pytest.mark.parametrize("positions", ["constant", "none"])
+@pytest.mark.parametrize("positions", ["constant", "ordered", "none"])
 def test_topk_over_whole_store_equals_attention_over_store_and_local(tiny_backbone, positions):
     """With k >= store size every entry is read: the joint softmax must equal plain attention over
     [store; local] with the store keys placed at the policy's positions (one query, so one placement)."""
@@ -122,10 +134,11 @@ def test_topk_over_whole_store_equals_attention_over_store_and_local(tiny_backbo
     _, plan, hidden = feed(tiny_backbone, m, ids[80:], 1, state)
     order = store.order()
     q_pos = len(local)  # the query's relative position: after [sinks; window]
-    store_pos = q_pos - (37 if positions == "constant" else 0)
     n = len(store)
-    ref = ForwardPlan(query_pos=torch.tensor([q_pos]),
-                      key_pos=torch.cat((torch.full((n,), store_pos), torch.arange(q_pos + 1))),
+    doc_idx = store.token_index[order]
+    store_pos = {"constant": torch.full((n,), q_pos - 37), "none": torch.full((n,), q_pos),
+                 "ordered": q_pos - 37 - (doc_idx.max() - doc_idx)}[positions]
+    ref = ForwardPlan(query_pos=torch.tensor([q_pos]), key_pos=torch.cat((store_pos, torch.arange(q_pos + 1))),
                       memory_keys=list(torch.cat((store.keys[:, :, order], local.keys), dim=2)),
                       memory_values=list(torch.cat((store.values[:, :, order], local.values), dim=2)))
     with torch.inference_mode():

@@ -66,11 +66,26 @@ class Filler:
         return self.ids[idx], self.sentence_end[idx]
 
 
-def make_trial(tokenizer, filler: Filler, length: int, depth: float, rng: random.Random) -> PasskeyTrial:
+def prompt_frame(tokenizer, chat: bool) -> tuple[str, str]:
+    """Text before the haystack and after it. With `chat`, the model's chat template wraps the task as the
+    user's message and the answer is primed as the assistant's ("The pass key is")."""
+    if not chat:
+        return TASK, QUESTION
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError("--chat needs a tokenizer with a chat template (this model has none); use plain prompts")
+    marker = "\u0000HAYSTACK\u0000"
+    framed = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                           add_generation_prompt=True)
+    before, after = framed.split(marker)
+    return before + TASK, "\nWhat is the pass key?" + after + "The pass key is"
+
+
+def make_trial(tokenizer, filler: Filler, length: int, depth: float, rng: random.Random,
+               frame: tuple[str, str] = (TASK, QUESTION)) -> PasskeyTrial:
     """A prompt of `length` tokens with the key's line at `depth` of the haystack (deterministic from rng)."""
     key = rng.randint(10000, 99999)
     enc = lambda s: torch.tensor(tokenizer(s, add_special_tokens=False)["input_ids"], dtype=torch.long)  # noqa: E731
-    head, info, question = enc(TASK), enc(INFO.format(key=key)), enc(QUESTION)
+    head, info, question = enc(frame[0]), enc(INFO.format(key=key)), enc(frame[1])
     n_fill = length - len(head) - len(info) - len(question)
     if n_fill < 16:
         raise UsageError(f"passkey length {length} is too short for the prompt's own {length - n_fill} tokens")
@@ -159,6 +174,7 @@ class PasskeyConfig:
     seed: int = 0
     segment: int = 512
     max_new_tokens: int = 8
+    chat: bool = False  # wrap the prompt in the model's chat template
 
     def __post_init__(self):
         if self.trials < 1 or not self.lengths or not self.depths:
@@ -201,9 +217,10 @@ def passkey(backbone: Backbone, methods: Sequence[Method], filler_path: str, con
     filler = Filler.from_file(filler_path, backbone.tokenizer)
     report = PasskeyReport(config, {m.name: m.describe() for m in methods})
     rng = random.Random(config.seed)
+    frame = prompt_frame(backbone.tokenizer, config.chat)
     for length in config.lengths:
         for t in range(config.trials):
-            trial = make_trial(backbone.tokenizer, filler, length, config.depths[t % len(config.depths)], rng)
+            trial = make_trial(backbone.tokenizer, filler, length, config.depths[t % len(config.depths)], rng, frame)
             for m in methods:
                 result = run_trial(backbone, m, trial, config.segment, config.max_new_tokens)
                 report.results.append(result)

@@ -43,12 +43,17 @@ class MemorizingOptions(MethodOptions):
     combine: Literal["joint", "gate"] = option("joint", "joint: one softmax over [retrieved; local]; gate: g*retrieved + (1-g)*local")
     gate: float = option(0.5, "g of combine=gate, every head (untrained; 0 = local only)")
     store_dtype: Literal["model", "bf16", "fp16"] = option("model", "dtype of stored keys/values (bf16/fp16 halve the RAM)")
-    block: int = option(8192, "store keys scored at a time (bounds the score buffer)")
+    block: int = option(8192, "store keys scored at a time by the exact search (bounds the score buffer)")
+    index: Literal["exact", "blocks"] = option(
+        "exact", "exact: every store key scored; blocks: score block means, then the keys of the most-voted blocks")
+    index_block: int = option(64, "blocks index: consecutive store entries per block")
+    probes: int = option(4, "blocks index: blocks each query votes for")
+    candidates: int = option(64, "blocks index: blocks (per KV head and segment) whose keys are scored exactly")
 
     def __post_init__(self):
         for key in ("memory", "window", "sinks"):
             self.check(getattr(self, key) >= 0, key, "must be >= 0")
-        for key in ("topk", "block"):
+        for key in ("topk", "block", "index_block", "probes", "candidates"):
             self.check(getattr(self, key) >= 1, key, "must be >= 1")
         self.check(self.distance is None or self.distance >= 0, "distance", "must be >= 0 or null")
         self.check(0.0 <= self.gate <= 1.0, "gate", "must be within 0..1")
@@ -119,7 +124,13 @@ class Memorizing(KVCacheMethod):
         kv_heads = store.keys.shape[1]
         groups = heads // kv_heads
         q_ret = self._position_queries(q, plan.rope_scaling)
-        slots = store.search(slot, q_ret.reshape(kv_heads, groups * q_len, dim), self.options.topk, self.options.block)
+        o = self.options
+        grouped = q_ret.reshape(kv_heads, groups * q_len, dim)
+        if o.index == "blocks":
+            slots = store.search_blocks(slot, grouped, o.topk, block=o.index_block, probes=o.probes,
+                                        candidates=o.candidates)
+        else:
+            slots = store.search(slot, grouped, o.topk, o.block)
         keys, values = store.gather(slot, slots, q.dtype)
         k = slots.shape[-1]
         doc = store.token_index[slots]
@@ -135,8 +146,14 @@ class Memorizing(KVCacheMethod):
         gap = doc.amax(dim=-1, keepdim=True) - doc
         limit = self.backbone.max_positions - 1 - self.distance - self._segment
         dist = self.distance + gap.clamp(max=max(limit, 0))
-        cos, sin = self.backbone.rope_tables(-dist.flatten())
-        return apply_rope(keys, cos.view(*keys.shape).to(keys.dtype), sin.view(*keys.shape).to(keys.dtype))
+        cos, sin = self._rope_table
+        # position -dist: cos is even, sin odd
+        return apply_rope(keys, cos[dist].to(keys.dtype), -sin[dist].to(keys.dtype))
+
+    @cached_property
+    def _rope_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for every trained position, looked up per retrieved key (cheaper than recomputing)."""
+        return self.backbone.rope_tables(torch.arange(self.backbone.max_positions))
 
     def _position_queries(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """Queries as the retrieved keys see them: rotated by the constant distance (keys sit at position 0).
