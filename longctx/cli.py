@@ -22,6 +22,8 @@ app = typer.Typer(name="longctx", no_args_is_help=True, add_completion=False,
                   help="Stream text of any length through a causal LM, segment by segment, with a memory method.")
 presets_app = typer.Typer(no_args_is_help=True, help="List and show the YAML presets (a method, segment and options).")
 app.add_typer(presets_app, name="presets")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: every named method on the same items, in one process.")
+app.add_typer(bench_app, name="bench")
 memory_app = typer.Typer(no_args_is_help=True, help="Inspect and manage saved memory snapshots (LONGCTX_HOME/snapshots).")
 app.add_typer(memory_app, name="memory")
 
@@ -363,6 +365,71 @@ def memory_import(directory: Annotated[str, typer.Argument(help="An exported sna
     from .memory import import_snapshot
 
     typer.echo(import_snapshot(directory, name))
+
+
+def _counts(text: str, what: str) -> list[int]:
+    """'16k,32k,1000' -> [16384, 32768, 1000]."""
+    out = []
+    for item in (t.strip().lower() for t in text.split(",") if t.strip()):
+        scale = 1024 if item.endswith("k") else 1
+        try:
+            out.append(int(item.removesuffix("k")) * scale)
+        except ValueError:
+            raise UsageError(f"{what}: '{item}' is not a token count (e.g. 16k or 16384)") from None
+    return out
+
+
+def _fractions(text: str, what: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"{what} must be comma-separated fractions (got {text!r})") from None
+
+
+@bench_app.command("passkey")
+@_errors_to_exit
+def bench_passkey(
+    filler: Annotated[str, typer.Argument(help="Book to cut haystacks from (public-domain text, UTF-8).")],
+    method: Annotated[list[str] | None, typer.Option("--method", "-m", help="Method or preset (repeatable). Default: memorizing, sinks, window.")] = None,
+    lengths: Annotated[str, typer.Option(help="Prompt lengths in tokens, comma-separated (16k = 16384).")] = "16k,32k",
+    depths: Annotated[str, typer.Option(help="Depths of the key in the haystack, cycled over the trials.")] = "0.1,0.3,0.5,0.7,0.9",
+    trials: Annotated[int, typer.Option(help="Prompts per length (the same for every method).")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed for keys, depths order and haystack offsets.")] = 0,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per answer.")] = 8,
+    segment: Annotated[int, typer.Option(help="Tokens per forward.")] = 512,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override: key=value or method.key=value (repeatable).")] = None,
+    model: Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded model).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, bf16, fp32 or fp16.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the full result (every trial) as JSON.")] = False,
+) -> None:
+    """Passkey retrieval past the window: accuracy per method and length, with why the misses missed.
+
+    Every method answers the same prompts (Landmark wording, 5-digit key, book filler) by greedy decoding;
+    a trial is correct when the first integer of the answer is the key. Failures are split into "not held"
+    (the key left memory), "not retrieved" (stored, but no head read it) and "copy error".
+    """
+    from .bench.passkey import PasskeyConfig, passkey_bench
+    from .render import print_json, print_passkey, stderr_console, stdout_console
+
+    names = method or ["memorizing", "sinks", "window"]
+    config = PasskeyConfig(lengths=_counts(lengths, "--lengths"), depths=_fractions(depths, "--depths"), trials=trials,
+                           seed=seed, segment=segment, max_new_tokens=max_new_tokens, chat=chat)
+    err = stderr_console()
+
+    def on_result(r) -> None:
+        mark = "[green]ok[/]" if r.correct else f"[red]{r.failure}[/]"
+        err.print(f"{r.method:>12} {r.length:>7} depth {r.depth:.2f} key {r.key} -> {r.answer[:24]!r} {mark} "
+                  f"({r.seconds:.1f}s)", highlight=False)
+
+    result = passkey_bench(filler, names, config, model=model, dtype=dtype, device=device, threads=threads,
+                           options=_parse_overrides(option or [], names), on_result=on_result)
+    if json_out:
+        print_json(result)
+    else:
+        print_passkey(result, stdout_console())
 
 
 def main() -> None:

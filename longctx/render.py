@@ -204,3 +204,31 @@ def print_dump(info: dict[str, Any], console: Console) -> None:
         groups.add_row(g["kind"], f"{g['entries']:,}", f"{g['tokens'][0]:,}–{g['tokens'][1]:,}", f"{g['byte_start']:,}",
                        excerpt)
     console.print(groups)
+
+
+def print_passkey(result: dict[str, Any], console: Console) -> None:
+    """Accuracy per method (rows) and length (columns), then failures and the protocol of each method."""
+    lengths = result["config"]["lengths"]
+    table = Table(title=f"passkey retrieval ({result['config']['trials']} trials per cell, depths "
+                        f"{', '.join(map(str, result['config']['depths']))})")
+    table.add_column("method")
+    for n in lengths:
+        table.add_column(f"{n:,} tok", justify="right")
+    table.add_column("failures")
+    table.add_column("s/trial", justify="right")
+    for name in result["methods"]:
+        cells = {c["length"]: c for c in result["cells"] if c["method"] == name}
+        fails: dict[str, int] = {}
+        for c in cells.values():
+            for k, v in c["failures"].items():
+                fails[k] = fails.get(k, 0) + v
+        row = [f"{100 * cells[n]['accuracy']:.0f}% ({cells[n]['correct']}/{cells[n]['trials']})" if n in cells else "-"
+               for n in lengths]
+        secs = sum(c["seconds_per_trial"] for c in cells.values()) / max(len(cells), 1)
+        table.add_row(name, *row, ", ".join(f"{k} {v}" for k, v in fails.items()) or "none", f"{secs:.1f}")
+    console.print(table)
+    for name, protocol in result["methods"].items():
+        console.print(f"  {name}: {protocol}", highlight=False)
+    fp = result["model"]
+    console.print(f"  model {fp['model']} ({fp['dtype']}), filler {result['filler']}, seed {result['config']['seed']}",
+                  highlight=False)

@@ -32,7 +32,7 @@ STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class MemorizingOptions(MethodOptions):
     memory: int = option(65536, "tokens in the kNN store at each retrieval layer, FIFO (0 = no store: exactly xl)")
     topk: int = option(32, "store entries each query reads, per head")
-    layers: str = option("0.75-1", "retrieval layers as fractions of depth: '0.75-1' = top quarter, '1' = last, 'all'")
+    layers: str = option("0.5-1", "retrieval layers as fractions of depth: '0.5-1' = upper half, '1' = last, 'all'")
     window: int = option(2048, "recent tokens attended directly; older ones move to the store")
     sinks: int = option(4, "first tokens of the document attended forever")
     local_layers: str = option("all", "layers that see sinks + window (the others see only the current segment)")
