@@ -206,3 +206,26 @@ def test_longformer_clear_all_keeps_globals_and_last_segment(tiny_backbone):
             sizes.append(state.non_sinks(4))
     assert sizes == [12, 28, 16, 32, 16, 32]
     assert state.token_index[:4].tolist() == [0, 1, 2, 3]
+
+
+def test_memory_dump_shows_the_store_with_excerpts(tiny_backbone, tmp_path):
+    import json
+    from pathlib import Path
+
+    from tiny_tokenizers import sample_text
+    from typer.testing import CliRunner
+
+    import longctx
+    from longctx.cli import app
+
+    book = tmp_path / "book.txt"
+    book.write_text(sample_text(2500), encoding="utf-8")
+    longctx.perplexity(str(book), ["memorizing"], backbone=tiny_backbone, segment=16, save_memory="mem",
+                       options={"memorizing": {"window": 20, "sinks": 2, "memory": 40, "topk": 4}})
+    info = json.loads(CliRunner().invoke(app, ["memory", "dump", "mem", "--json"]).stdout)
+    kinds = [g["kind"] for g in info["groups"]]
+    assert kinds == ["sinks", "window", "store"]
+    store = info["groups"][2]
+    assert store["entries"] == 40 and store["tokens"][1] == info["groups"][1]["tokens"][0]
+    text = Path(book).read_bytes()
+    assert " ".join(text[store["byte_start"]:store["byte_start"] + 12].decode("utf-8", "replace").split())[:6] in store["excerpt"]
