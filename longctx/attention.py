@@ -33,6 +33,7 @@ class Retrieved:
     keys: torch.Tensor
     values: torch.Tensor
     gate: torch.Tensor | None = None
+    valid: torch.Tensor | None = None  # [H, Q, k] bool: False entries are padding (not attended)
 
 
 @dataclass
@@ -134,7 +135,7 @@ def attend_with_retrieved(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     if found.gate is not None:
         local = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
                                                is_causal=mask is None, scale=scale, enable_gqa=True)[0]
-        p_mem = torch.softmax(torch.einsum("hqd,hqkd->hqk", found.query, found.keys) * scale, dim=-1)
+        p_mem = torch.softmax(_memory_scores(found, scale), dim=-1)
         mem = torch.einsum("hqk,hqkd->hqd", p_mem, found.values)
         g = found.gate.view(-1, 1, 1).to(q.dtype)
         return g * mem + (1 - g) * local
@@ -145,12 +146,17 @@ def attend_with_retrieved(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     # GQA without copying K/V: the query heads sharing a KV head are stacked along the query axis
     s_loc = (q.reshape(kv_heads, groups * q_len, dim) @ k.transpose(1, 2)).view(heads, q_len, k_len) * scale
     s_loc = s_loc.masked_fill_(~mask, float("-inf"))
-    s_mem = torch.einsum("hqd,hqkd->hqk", found.query, found.keys) * scale
+    s_mem = _memory_scores(found, scale)
     top = torch.maximum(s_loc.amax(-1, keepdim=True), s_mem.amax(-1, keepdim=True))
     e_loc, e_mem = s_loc.sub_(top).exp_(), s_mem.sub_(top).exp_()  # one softmax over both, without a concat
     denom = e_loc.sum(-1, keepdim=True) + e_mem.sum(-1, keepdim=True)
     local = (e_loc.view(kv_heads, groups * q_len, k_len) @ v).view(heads, q_len, dim)
     return (local + torch.einsum("hqk,hqkd->hqd", e_mem, found.values)) / denom
+
+
+def _memory_scores(found: Retrieved, scale: float) -> torch.Tensor:
+    scores = torch.einsum("hqd,hqkd->hqk", found.query, found.keys) * scale
+    return scores if found.valid is None else scores.masked_fill_(~found.valid, float("-inf"))
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:

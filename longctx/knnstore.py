@@ -131,6 +131,17 @@ class KNNStore:
         top = scores.topk(min(k, int(valid.sum(-1).min())), dim=-1).indices
         return slots.gather(1, top.flatten(1)).view_as(top)
 
+    def with_neighbours(self, slots: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each hit plus the `span` entries on either side (consecutive text, except across the ring's seam),
+        each slot once per query: `[..., k]` -> slots and a validity mask `[..., k * (2 * span + 1)]`."""
+        n = len(self)
+        off = torch.arange(-span, span + 1, device=slots.device)
+        wide = (slots.unsqueeze(-1) + off).flatten(-2)
+        wide = wide.masked_fill((wide < 0) | (wide >= n), -1).sort(dim=-1).values
+        valid = wide >= 0
+        valid[..., 1:] &= wide[..., 1:] != wide[..., :-1]  # the same slot from two hits counts once
+        return wide.clamp(min=0), valid
+
     def centroids(self, layer: int, block: int) -> torch.Tensor:
         """Mean key of each run of `block` slots `[kv_heads, nb, d]` (the last run may be partial)."""
         if self._centroids is None:

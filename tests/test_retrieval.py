@@ -97,6 +97,12 @@ def test_blocks_index_finds_a_planted_key_and_only_valid_slots():
     assert torch.equal(exact, store.search(0, q, 6, 8192))
 
 
+def test_neighbours_are_in_range_and_counted_once():
+    store, _ = store_with(20, 64, 20)
+    slots, valid = store.with_neighbours(torch.tensor([[0, 1, 19]]), 2)
+    assert slots[valid].tolist() == [0, 1, 2, 3, 17, 18, 19]
+
+
 def test_store_round_trip_keeps_ring_layout():
     store, _ = store_with(200, 64, 7)
     again = KNNStore.from_tensors(64, store.tensors())
@@ -121,13 +127,13 @@ def test_gate_at_zero_is_the_local_only_output(tiny_backbone):
     assert gated != stream_nll(tiny_backbone, "memorizing", ids, 16, combine="gate", gate=0.5, **opts)
 
 
-@pytest.mark.parametrize("positions", ["constant", "ordered", "none"])
-def test_topk_over_whole_store_equals_attention_over_store_and_local(tiny_backbone, positions):
+@pytest.mark.parametrize(("positions", "span"), [("constant", 0), ("ordered", 0), ("none", 0), ("ordered", 3)])
+def test_topk_over_whole_store_equals_attention_over_store_and_local(tiny_backbone, positions, span):
     """With k >= store size every entry is read: the joint softmax must equal plain attention over
     [store; local] with the store keys placed at the policy's positions (one query, so one placement)."""
     ids = doc(81)
     m = build(tiny_backbone, "memorizing", window=20, sinks=2, memory=200, topk=200, layers="all",
-              positions=positions, distance=37)
+              positions=positions, distance=37, span=span)  # span: every neighbour is a hit too, read once
     state, _, _ = feed(tiny_backbone, m, ids[:80], 16)
     assert len(state.store) == 80 - 22
     local, store = state.local, KNNStore.from_tensors(200, state.store.tensors())  # write mutates the store
@@ -144,7 +150,7 @@ def test_topk_over_whole_store_equals_attention_over_store_and_local(tiny_backbo
     with torch.inference_mode():
         expected = tiny_backbone.forward(ids[80:], ref)
     assert torch.allclose(hidden, expected, atol=1e-5)
-    assert set(plan.retrieved[0].flatten().tolist()) == set(store.token_index.tolist())
+    assert set(plan.retrieved[0].flatten().tolist()) - {-1} == set(store.token_index.tolist())
 
 
 def test_memorizing_store_holds_the_evicted_tokens_and_dump_shows_them(tiny_backbone):

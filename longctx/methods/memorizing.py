@@ -32,6 +32,7 @@ STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class MemorizingOptions(MethodOptions):
     memory: int = option(65536, "tokens in the kNN store at each retrieval layer, FIFO (0 = no store: exactly xl)")
     topk: int = option(32, "store entries each query reads, per head")
+    span: int = option(0, "neighbours read on each side of every hit: the text around it, in order (0 = hits only)")
     layers: str = option("0.5-1", "retrieval layers as fractions of depth: '0.5-1' = upper half, '1' = last, 'all'")
     window: int = option(2048, "recent tokens attended directly; older ones move to the store")
     sinks: int = option(4, "first tokens of the document attended forever")
@@ -51,7 +52,7 @@ class MemorizingOptions(MethodOptions):
     candidates: int = option(64, "blocks index: blocks (per KV head and segment) whose keys are scored exactly")
 
     def __post_init__(self):
-        for key in ("memory", "window", "sinks"):
+        for key in ("memory", "window", "sinks", "span"):
             self.check(getattr(self, key) >= 0, key, "must be >= 0")
         for key in ("topk", "block", "index_block", "probes", "candidates"):
             self.check(getattr(self, key) >= 1, key, "must be >= 1")
@@ -131,14 +132,26 @@ class Memorizing(KVCacheMethod):
                                         candidates=o.candidates)
         else:
             slots = store.search(slot, grouped, o.topk, o.block)
-        keys, values = store.gather(slot, slots, q.dtype)
-        k = slots.shape[-1]
-        doc = store.token_index[slots]
+        keys, values, doc, valid = self._read_entries(store, slot, slots, q.dtype)
+        k = slots.shape[-1] * (2 * o.span + 1)
         plan.retrieved[layer] = doc.view(heads, q_len, k)
+        valid = valid.view(heads, q_len, k) if valid is not None else None
         if self.options.positions == "ordered":
             q_ret, keys = q * plan.rope_scaling, self._ordered_keys(keys, doc)
         gate = None if self.options.combine == "joint" else q.new_full((heads,), self.options.gate)
-        return Retrieved(q_ret, keys.view(heads, q_len, k, dim), values.view(heads, q_len, k, dim), gate)
+        return Retrieved(q_ret, keys.view(heads, q_len, k, dim), values.view(heads, q_len, k, dim), gate, valid)
+
+    def _read_entries(self, store: KNNStore, slot: int, hits: torch.Tensor, dtype: torch.dtype):
+        """Keys, values and document indices of the hits (with their neighbours when `span` > 0); padding
+        entries are marked invalid and get document index -1."""
+        valid = None
+        if self.options.span:
+            hits, valid = store.with_neighbours(hits, self.options.span)
+        keys, values = store.gather(slot, hits, dtype)
+        doc = store.token_index[hits]
+        if valid is not None:
+            doc = doc.masked_fill(~valid, -1)
+        return keys, values, doc, valid
 
     def _ordered_keys(self, keys: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
         """Rotate each retrieved key to sit `distance + gap` before its query (the query stays at 0), where
