@@ -66,11 +66,71 @@ def snapshots(d: dict) -> list[str]:
     return out + [""]
 
 
+def ppl_report(d: dict) -> list[str]:
+    """A `longctx ppl --json` result: PPL, bits/byte, paired delta vs the first method, tok/s, RSS."""
+    deltas = {x["method"]: x for x in d["deltas"]}
+    ref = d["runs"][0]
+    out = [f"{ref['tokens']:,} scored tokens of `{Path(d['source']['path']).name}`, model `{d['model']['model']}` "
+           f"({d['model']['dtype']}), {d['environment']['threads']} threads, torch {d['environment']['torch']}.", "",
+           f"| method | protocol | PPL ± SE | vs {ref['method']} | Δ NLL vs {ref['method']} | bits/byte | tok/s | peak RSS MiB |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in d["runs"]:
+        dl = deltas.get(r["method"])
+        dtxt = f"{dl['delta_nll']:+.4f} ± {_f(dl['delta_nll_se'], '.4f')}" if dl else "ref"
+        out.append(f"| {r['method']} | `{r['protocol']}` | {r['ppl']:.3f} ± {_f(r['ppl_se'], '.3f')} "
+                   f"| {100 * (r['ppl'] / ref['ppl'] - 1):+.1f}% | {dtxt} | {r['bits_per_byte']:.4f} "
+                   f"| {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+    return out + [""]
+
+
+def retrieval_cost(d: dict) -> list[str]:
+    out = [f"Store filled from the first {d['fill_tokens']:,} tokens, then {d['measure_tokens']:,} tokens timed "
+           f"(segment {d['segment']}, methods alternating per segment, median segment time); "
+           f"{d['environment']['threads']} threads, load average {d['environment']['load_avg_1m']:.2f}.", "",
+           "| variant | store entries per layer | store MiB | tok/s | vs xl |", "|---|---|---|---|---|"]
+    for name, r in d["timed"].items():
+        out.append(f"| {name} | {r['store_entries']:,} | {r['store_mib']:.0f} | {r['tokens_per_s']:.0f} | {r['vs_xl']:.2f} |")
+    m = d["million"]
+    out += ["", f"Peak RSS of the process holding every variant above: {d['peak_rss_mib_all_variants']:.0f} MiB. "
+            f"One layer's store of {m['entries']:,} entries in bf16 (random keys): {m['store_mib']:.0f} MiB "
+            f"(RSS grew {m['rss_growth_mib']:.0f} MiB); one 512-token segment's search: exact {m['exact_search_s']:.2f} s, "
+            f"blocks {m['blocks_search_s']:.3f} s.", ""]
+    return out
+
+
+def passkey(d: dict) -> list[str]:
+    c = d["config"]
+    out = [f"{c['trials']} prompts per length, depths {', '.join(map(str, c['depths']))} (cycled), seed {c['seed']}, "
+           f"segment {c['segment']}, filler `{Path(d['filler']).name}`, model `{d['model']['model']}` "
+           f"({d['model']['dtype']}), {d['environment']['threads']} threads.", "",
+           "| method | length | correct | accuracy | not held | not retrieved | copy errors | s/trial |",
+           "|---|---|---|---|---|---|---|---|"]
+    for x in d["cells"]:
+        f = x["failures"]
+        out.append(f"| {x['method']} | {x['length']:,} | {x['correct']}/{x['trials']} | {100 * x['accuracy']:.0f}% "
+                   f"| {f.get('not held', 0)} | {f.get('not retrieved', 0)} | {f.get('copy error', 0)} "
+                   f"| {x['seconds_per_trial']:.0f} |")
+    out += ["", "Protocols: " + "; ".join(f"`{p}`" for p in d["methods"].values()), ""]
+    return out
+
+
+def render(d: dict) -> list[str]:
+    if "exactness" in d:
+        return snapshots(d)
+    if d.get("benchmark") == "passkey":
+        return passkey(d)
+    if "million" in d:
+        return retrieval_cost(d)
+    if "runs" in d and "deltas" in d:
+        return ppl_report(d)
+    return foundation(d)
+
+
 def main() -> None:
     for path in sys.argv[1:]:
         d = json.loads(Path(path).read_text())
-        print(f"<!-- generated from {path}: {d['command']} -->")
-        print("\n".join(snapshots(d) if "exactness" in d else foundation(d)))
+        print(f"<!-- generated from {path}: {d.get('command', 'see docs/benchmarks.md')} -->")
+        print("\n".join(render(d)))
 
 
 if __name__ == "__main__":

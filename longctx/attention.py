@@ -54,6 +54,12 @@ class ForwardPlan:
     memory_values: list[torch.Tensor | None] | None = None
     capture: bool = False
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # Memory tokens at the input (RMT, HMT): `embeds [n, d]` replaces the token ids, and `token_rows` says which
+    # rows of the output are the segment's own tokens (None: all of them). The driver leaves the final hidden
+    # states `[n, d]` in `hidden` for the method's write step (model-forward writing).
+    embeds: torch.Tensor | None = None
+    token_rows: slice | None = None
+    hidden: torch.Tensor | None = None
     # Similarity reading: called with (layer, pre-rotation queries [H, Q, D]); None = nothing at that layer.
     retrieve: Callable[[int, torch.Tensor], Retrieved | None] | None = None
     # Provenance of similarity reading: document token indices each layer retrieved, `[H, Q, k]`.

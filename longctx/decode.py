@@ -18,6 +18,7 @@ from .attention import ForwardPlan
 from .backbone import Backbone
 from .methods.base import Method
 from .segments import Segment
+from .stream import forward_segment as step
 
 
 @dataclass
@@ -36,13 +37,6 @@ def plain_segments(ids: torch.Tensor, segment: int, start: int = 0) -> Iterator[
         part = ids[s : s + segment]
         n = len(part)
         yield Segment(start + s, part, torch.full((n,), -1), torch.full((n,), -1), torch.zeros(n, dtype=torch.long))
-
-
-def step(backbone: Backbone, method: Method, state: Any, seg: Segment) -> tuple[Any, torch.Tensor, ForwardPlan]:
-    """One segment: read memory, forward, write memory. Returns the state, hidden `[q, d]` and the plan."""
-    state, plan = method.read(state, seg)
-    hidden = backbone.forward(seg.ids, plan)
-    return method.write(state, seg, plan), hidden, plan
 
 
 def ingest(backbone: Backbone, method: Method, segments: Iterator[Segment], state: Any = None) -> Ingested:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .attention import ForwardPlan
 from .backbone import Backbone
 from .methods.base import Method
 from .metrics import NllSums
@@ -81,15 +82,24 @@ def _event(method: Method, i: int, res: StreamResult, seg_nll: float, seg: Segme
                         byte_end=int(seg.next_byte), memory=method.memory_size(res.state))
 
 
-def _step(backbone: Backbone, method: Method, state: Any, seg: Segment, sums: NllSums) -> tuple[Any, float]:
-    """One segment: read memory, forward, score the predicted tokens, write memory; sums updated last."""
+def forward_segment(backbone: Backbone, method: Method, state: Any, seg: Segment) -> tuple[Any, torch.Tensor, ForwardPlan]:
+    """One segment: read memory, forward, write memory. Returns the new state, the hidden states of the
+    segment's own tokens `[q, d]` (memory-token rows removed) and the plan. Every task runs segments through
+    this one function: scoring, ingestion, generation and training."""
     state, plan = method.read(state, seg)
-    hidden = backbone.forward(seg.ids, plan)
+    hidden = backbone.forward(seg.ids, plan, embeds=plan.embeds)
+    plan.hidden = hidden
+    tokens = hidden if plan.token_rows is None else hidden[plan.token_rows]
+    return method.write(state, seg, plan), tokens, plan
+
+
+def _step(backbone: Backbone, method: Method, state: Any, seg: Segment, sums: NllSums) -> tuple[Any, float]:
+    """One segment through `forward_segment`, then the predicted tokens scored; sums updated last."""
+    state, hidden, _ = forward_segment(backbone, method, state, seg)
     scored = seg.targets >= 0
     nll = None
     if bool(scored.any()):
         nll = backbone.token_nll(hidden[scored.to(hidden.device)], seg.targets[scored])
-    state = method.write(state, seg, plan)
     if nll is None:
         return state, 0.0
     positions = seg.token_index[scored] + 1  # document position of each predicted token

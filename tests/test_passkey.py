@@ -85,7 +85,7 @@ def test_every_method_answers_the_same_prompts(tiny_backbone, filler_file):
 
 def test_cli_bench_passkey_json(model_dir, filler_file):
     res = CliRunner().invoke(app, ["bench", "passkey", filler_file, "--model", model_dir, "-m", "memorizing", "-m",
-                                   "sinks", "--lengths", "300", "--trials", "2", "--segment", "64", "--json",
+                                   "sinks", "--lengths", "300", "--trials", "2", "--segment", "64", "--json", "--dtype", "fp32",
                                    "-o", "memorizing.window=32", "-o", "sinks.window=32", "--max-new-tokens", "2"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
