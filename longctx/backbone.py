@@ -46,6 +46,8 @@ class Backbone:
         self.info = info
         self.config = model.config
         self.rotary = model.model.rotary_emb
+        self.active_lora: str | None = None  # peft adapter the forward runs through (longctx.lora.activate)
+        self.lora_names: set[str] = set()
 
     @property
     def device(self) -> torch.device:

@@ -66,8 +66,9 @@ def check_name(name: str) -> str:
 class SnapshotStore:
     """Snapshots under one root directory (default `LONGCTX_HOME/snapshots`)."""
 
-    def __init__(self, root: Path | None = None):
+    def __init__(self, root: Path | None = None, *, what: str = "snapshot"):
         self.root = Path(root) if root is not None else longctx_home() / "snapshots"
+        self.what = what  # the word in messages: the same store layout also holds trained adapters
 
     # ---- writing -------------------------------------------------------------------------------------------
     def save(self, name: str, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> Path:
@@ -149,7 +150,7 @@ class SnapshotStore:
         pointer = self.root / name / "LATEST"
         if not pointer.is_file():
             known = ", ".join(self.names()) or "none"
-            raise SnapshotError(f"no snapshot named '{name}' (available: {known})")
+            raise SnapshotError(f"no {self.what} named '{name}' (available: {known})")
         return self.root / name / pointer.read_text().strip()
 
     def load(self, name: str | None = None, *, tensors: bool = True) -> Snapshot:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from . import lora
 from .attention import ForwardPlan
 from .backbone import Backbone
 from .methods.base import Method
@@ -86,6 +87,7 @@ def forward_segment(backbone: Backbone, method: Method, state: Any, seg: Segment
     """One segment: read memory, forward, write memory. Returns the new state, the hidden states of the
     segment's own tokens `[q, d]` (memory-token rows removed) and the plan. Every task runs segments through
     this one function: scoring, ingestion, generation and training."""
+    lora.activate(backbone, method.lora)
     state, plan = method.read(state, seg)
     hidden = backbone.forward(seg.ids, plan, embeds=plan.embeds)
     plan.hidden = hidden

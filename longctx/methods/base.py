@@ -126,6 +126,7 @@ class Method(ABC):
     Options: ClassVar[type[MethodOptions]]
     summary: ClassVar[str] = ""
     trainable: ClassVar[bool] = False
+    lora: str | None = None  # the backbone's LoRA adapter this method runs through (trained methods only)
 
     def __init__(self, options: MethodOptions, backbone: Backbone):
         self.options = options

@@ -1,0 +1,132 @@
+"""Trained parameters of a method (an adapter): saved, found, verified and attached.
+
+An adapter uses the snapshot store's layout and guarantees (safetensors + JSON manifest, atomic versioned
+writes, sha256 verified on load, never pickle) under `LONGCTX_HOME/adapters`; adapters shipped with
+longctx live in the package (`longctx/adapter_files`, the repository's `adapters/`). Tensors are
+`params.*` (the method's own parameters), `lora.*` (peft LoRA weights) and `backbone.*` (full fine-tuning).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any
+
+from .backbone import Backbone
+from .errors import UsageError
+from .lora import LoraSpec, activate, load_lora, lora_tensors
+from .methods.base import Method
+from .methods.recurrent import TrainableMethod
+from .paths import longctx_home
+from .snapshot import Snapshot, SnapshotError, SnapshotStore, read_snapshot_dir
+
+KIND = "longctx-adapter"
+BASE_KEYS = ("model", "config_sha256", "tokenizer_sha256", "vocab_size")
+
+
+def user_store() -> SnapshotStore:
+    return SnapshotStore(longctx_home() / "adapters", what="adapter")
+
+
+def packaged_store() -> SnapshotStore:
+    return SnapshotStore(Path(str(importlib.resources.files("longctx.adapter_files"))), what="adapter")
+
+
+def available() -> dict[str, str]:
+    """Adapter name -> where it lives ("user" shadows "packaged")."""
+    return {**{n: "packaged" for n in packaged_store().names()}, **{n: "user" for n in user_store().names()}}
+
+
+def find_adapter(spec: str) -> Snapshot:
+    """An adapter by directory (a version directory or a store entry) or by name (user, then packaged)."""
+    p = Path(spec)
+    if p.is_dir():
+        if (p / "LATEST").is_file():
+            return SnapshotStore(p.parent, what="adapter").load(p.name)
+        return read_snapshot_dir(p, name=p.name)
+    for store in (user_store(), packaged_store()):
+        if spec in store.names():
+            return store.load(spec)
+    raise UsageError(f"no adapter named '{spec}' (available: {', '.join(sorted(available())) or 'none'}); "
+                     "train one with `longctx train CORPUS --method M --out NAME`")
+
+
+def save_adapter(out: str, method: TrainableMethod, backbone: Backbone, tune: str, lora: LoraSpec | None,
+                 training: dict[str, Any]) -> Path:
+    """Write `method`'s trained parameters as adapter `out` (a name, or a path with a '/')."""
+    tensors = {f"params.{k}": v.detach().float() for k, v in method.params.state_dict().items()}
+    if lora is not None and method.lora is not None:
+        tensors.update({f"lora.{k}": v.float() for k, v in lora_tensors(backbone, method.lora).items()})
+    if tune == "full":
+        tensors.update({f"backbone.{k}": v.detach() for k, v in backbone.model.state_dict().items()
+                        if "lora_" not in k})
+    manifest = {"kind": KIND, "method": {"name": method.name, "options": method.options.to_dict()}, "tune": tune,
+                "lora": lora.to_dict() if lora is not None else None,
+                "base": {k: backbone.fingerprint[k] for k in BASE_KEYS}, "training": training}
+    store, name = _destination(out)
+    return store.save(name, tensors, manifest)
+
+
+def _destination(out: str) -> tuple[SnapshotStore, str]:
+    if "/" in out:
+        p = Path(out)
+        return SnapshotStore(p.parent, what="adapter"), p.name
+    return user_store(), out
+
+
+def check_adapter(snap: Snapshot, method: Method, backbone: Backbone) -> None:
+    """Refuse an adapter for another kind of file, method, parameter shape or model, naming what differs."""
+    man = snap.manifest
+    if man.get("kind") != KIND:
+        raise SnapshotError(f"{snap.path} is not a longctx adapter (kind {man.get('kind')!r})")
+    if not isinstance(method, TrainableMethod):
+        raise UsageError(f"method '{method.name}' has no trainable parameters; an adapter cannot be attached")
+    diffs = []
+    if man["method"]["name"] != method.name:
+        diffs.append(f"method: adapter is for {man['method']['name']!r}, this run is {method.name!r}")
+    opts, now = man["method"]["options"], method.options.to_dict()
+    diffs += [f"option {k}: adapter was trained with {opts.get(k)!r}, this run has {now[k]!r}"
+              for k in method.param_options if opts.get(k) != now[k]]
+    fp = backbone.fingerprint
+    diffs += [f"{k}: adapter was trained on {man['base'].get(k)!r}, this model has {fp[k]!r}"
+              for k in BASE_KEYS if man["base"].get(k) != fp[k]]
+    if diffs:
+        raise SnapshotError(f"adapter '{snap.name}' does not fit this run:\n  " + "\n  ".join(diffs))
+
+
+def attach_adapter(method: Method, spec: str, backbone: Backbone) -> None:
+    """Load adapter `spec` into `method` (and its LoRA into the backbone); `method.adapter` records which."""
+    snap = find_adapter(spec)
+    check_adapter(snap, method, backbone)
+    params = {k[7:]: v for k, v in snap.tensors.items() if k.startswith("params.")}
+    try:
+        method.params.load_state_dict({k: v.to(backbone.device) for k, v in params.items()}, strict=True)
+    except RuntimeError as e:
+        raise SnapshotError(f"adapter '{snap.name}' does not fit method {method.name}: {e}") from None
+    lora = {k[5:]: v.to(backbone.device, backbone.dtype) for k, v in snap.tensors.items() if k.startswith("lora.")}
+    if lora:
+        method.lora = f"{method.name}-{snap.name}".replace(".", "_")
+        if method.lora not in backbone.lora_names:
+            load_lora(backbone, method.lora, LoraSpec.from_dict(snap.manifest["lora"]), lora)
+            backbone.lora_names.add(method.lora)
+    full = {k[9:]: v for k, v in snap.tensors.items() if k.startswith("backbone.")}
+    if full:
+        backbone.model.load_state_dict({k: v.to(backbone.dtype) for k, v in full.items()}, strict=False)
+    activate(backbone, None)
+    sha = snap.manifest["files"]["state.safetensors"]["sha256"]
+    method.adapter = {"name": snap.name, "sha256": sha, "path": str(snap.path), "tune": snap.manifest["tune"],
+                      "training": snap.manifest.get("training", {})}
+
+
+def require_trained(method: Method, allow_untrained: bool) -> None:
+    """A trainable method without an adapter refuses to run unless the user accepts an untrained one."""
+    if getattr(method, "trainable", False) and getattr(method, "adapter", None) is None and not allow_untrained:
+        raise UsageError(f"method '{method.name}' has trainable memory parameters and no adapter: its memory is "
+                         "noise until trained. Pass --adapter NAME (see `longctx adapters`), train one with "
+                         "`longctx train`, or pass --allow-untrained to run it untrained anyway")
+
+
+def untrained(methods: list[Method]) -> list[str]:
+    """Names of the methods in a run that are trainable but untrained (for the warning on every output)."""
+    return [m.name for m in methods if getattr(m, "trainable", False) and getattr(m, "adapter", None) is None]
+

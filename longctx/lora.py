@@ -1,0 +1,73 @@
+"""LoRA on the shared backbone through peft's public API, one named adapter per trained method.
+
+Several methods can run on one backbone in one process (`--compare xl,rmt`), so LoRA weights are never
+merged: each method's adapter is injected under its own name and switched on only while that method runs
+(peft multi-adapter switching); a method without LoRA runs the plain base weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from .backbone import Backbone
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA rank, alpha, dropout and target projections (HMT's choice: r=8, alpha=32 on every projection)."""
+
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.0
+    targets: tuple[str, ...] = TARGETS
+
+    def config(self) -> LoraConfig:
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=list(self.targets))
+
+    def to_dict(self) -> dict:
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoraSpec:
+        return cls(int(d["r"]), int(d["alpha"]), float(d["dropout"]), tuple(d["targets"]))
+
+
+def add_lora(backbone: Backbone, name: str, spec: LoraSpec) -> list[torch.nn.Parameter]:
+    """Inject a fresh LoRA adapter `name` (B = 0, so the model is unchanged until trained); its parameters."""
+    inject_adapter_in_model(spec.config(), backbone.model, adapter_name=name)
+    activate(backbone, None)
+    return [p for n, p in backbone.model.named_parameters() if f".{name}." in n and "lora_" in n]
+
+
+def lora_tensors(backbone: Backbone, name: str) -> dict[str, torch.Tensor]:
+    """The adapter's weights, with names that do not depend on the adapter's name."""
+    return {k: v.detach() for k, v in get_peft_model_state_dict(backbone.model, adapter_name=name).items()}
+
+
+def load_lora(backbone: Backbone, name: str, spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> None:
+    """Inject adapter `name` and load its trained weights."""
+    add_lora(backbone, name, spec)
+    result = set_peft_model_state_dict(backbone.model, tensors, adapter_name=name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"LoRA weights do not fit this model: unexpected {unexpected[:3]}")
+
+
+def activate(backbone: Backbone, name: str | None) -> None:
+    """Route the backbone through LoRA adapter `name`, or through the base weights alone (None)."""
+    if backbone.active_lora == name:
+        return
+    for module in backbone.model.modules():
+        if isinstance(module, BaseTunerLayer):
+            if name is None or name not in module.lora_A:
+                module.enable_adapters(False)
+            else:
+                module.enable_adapters(True)
+                module.set_adapter(name)
+    backbone.active_lora = name

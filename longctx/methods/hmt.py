@@ -1,0 +1,154 @@
+"""`hmt`: the Hierarchical Memory Transformer (He et al., 2024), as methods.md §2.1 describes it.
+
+Per segment x_n (two backbone passes):
+1. summary pass: [T; first `sum_fraction` of x_n; T] with the learned prompt T; the last final state is S_n;
+2. recall: one-query cross-attention over the cached memory embeddings C (the last N):
+   a = softmax((S_n W_q)(C W_k)ᵀ / √h), P_n = a·C. With C empty, P_n is the learned first memory;
+3. main pass: [P_n; sensory; x_n; P_n], sensory = the previous segment's last k tokens re-embedded;
+   x_n's logits are scored, the last final state (rescaled, as in `rmt`) is M_n, appended to C (FIFO N).
+`recall: false` is training stage 1 (P_n = M_{n-1}, no summary pass, as the paper trains first).
+Unlike the reference code, generation past one segment and truncated BPTT work (methods.md §2.6).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attention import ForwardPlan
+from ..errors import UsageError
+from ..segments import Segment
+from .base import MethodOptions, UniMem, option, register
+from .recurrent import Scale, TrainableMethod, gaussian, scale_param
+
+
+@dataclass(frozen=True)
+class HMTOptions(MethodOptions):
+    sensory: int = option(32, "sensory memory k: the previous segment's last k tokens, re-embedded before the segment")
+    cache: int = option(100, "long-term memory N: memory embeddings of the last N segments recall reads (FIFO)")
+    recall_dim: int | None = option(None, "h, width of the recall projections W_q, W_k (null = the model's hidden size)")
+    sum_fraction: float = option(0.5, "share of each segment the summary pass reads (its first part)")
+    recall: bool = option(True, "cross-attention recall over the cache (stage 2); false = stage 1, reuse the last memory")
+    scale: Scale = option("learned", "learned = written memory times a trained per-channel factor; none = raw final-norm states")
+    init_seed: int = option(0, "seed of the untrained initial parameters")
+
+    def __post_init__(self) -> None:
+        self.check(self.sensory >= 0, "sensory", "must be >= 0")
+        self.check(self.cache >= 1, "cache", "must be >= 1")
+        self.check(self.recall_dim is None or self.recall_dim >= 1, "recall_dim", "must be >= 1 or null")
+        self.check(0.0 < self.sum_fraction <= 1.0, "sum_fraction", "must be in (0, 1]")
+
+
+@dataclass
+class HMTState:
+    """`cache [c, d]` memory embeddings M (oldest first) with the byte span of the segment each came from
+    (`spans [c, 2]`), the previous segment's last tokens (`sensory [<=k]`), and the segment count."""
+
+    cache: torch.Tensor
+    spans: torch.Tensor
+    sensory: torch.Tensor
+    segments: int = 0
+
+
+@register
+class HMT(TrainableMethod):
+    name = "hmt"
+    Options = HMTOptions
+    summary = "Hierarchical Memory Transformer: sensory tokens + segment summary + recall over cached memories (trainable)"
+    param_options = ("recall_dim", "scale")
+
+    def build_params(self, gen: torch.Generator) -> nn.Module:
+        d = self.backbone.config.hidden_size
+        h, std = self.options.recall_dim or d, self.embedding_std()
+        p = nn.Module()
+        p.memory = gaussian(gen, (1, d), std)  # first segment's memory, before anything was written
+        p.prompt = gaussian(gen, (1, d), std)  # T, the summary prompt
+        p.w_q = gaussian(gen, (d, h), d**-0.5)
+        p.w_k = gaussian(gen, (d, h), d**-0.5)
+        p.scale = scale_param(self.output_scale_init(), d, self.options.scale)
+        return p
+
+    def unimem(self) -> UniMem:
+        o = self.options
+        reading = (f"similarity: softmax cross-attention over the last {o.cache} memories" if o.recall
+                   else "position: the last memory") + f" + position: the last {o.sensory} tokens"
+        return UniMem(management=f"{o.sensory} sensory tokens + 1 memory embedding + FIFO cache of {o.cache}",
+                      writing="model-forward (one final state per segment)", reading=reading,
+                      injection="input embeddings")
+
+    def check_segment(self, segment: int) -> None:
+        span = segment + self.options.sensory + 2
+        if span > self.backbone.max_positions:
+            raise UsageError(f"{self.describe()} with segment {segment} spans {span} positions, past the model's "
+                             f"trained {self.backbone.max_positions}; use a smaller segment")
+
+    def init_state(self) -> HMTState:
+        dev, d = self.backbone.device, self.backbone.config.hidden_size
+        empty = torch.zeros(0, dtype=torch.long, device=dev)
+        return HMTState(torch.zeros(0, d, device=dev), torch.zeros(0, 2, dtype=torch.long, device=dev), empty)
+
+    def memory_size(self, state: HMTState) -> int:
+        return int(state.cache.shape[0]) + int(state.sensory.numel())
+
+    def read(self, state: HMTState, seg: Segment) -> tuple[HMTState, ForwardPlan]:
+        x = self.embed(seg.ids)
+        prior = self.as_input(self.recall(state, x))
+        sensory = self.embed(state.sensory)
+        embeds = torch.cat((prior, sensory, x, prior))
+        return state, self.memory_plan(embeds, 1 + sensory.shape[0], len(seg))
+
+    def recall(self, state: HMTState, x: torch.Tensor) -> torch.Tensor:
+        """P_n `[1, d]`: the memory this segment starts from."""
+        if state.cache.shape[0] == 0:
+            return self.params.memory
+        if not self.options.recall:
+            return state.cache[-1:]
+        summary = self.summarize(x)
+        p = self.params
+        q = summary.float() @ p.w_q
+        k = state.cache.float() @ p.w_k
+        weights = torch.softmax(q @ k.T / math.sqrt(p.w_q.shape[1]), dim=-1)
+        return weights @ state.cache.float()
+
+    def summarize(self, x: torch.Tensor) -> torch.Tensor:
+        """S_n `[1, d]`: the last final state of [T; x[:j]; T]."""
+        j = max(1, round(x.shape[0] * self.options.sum_fraction))
+        t = self.as_input(self.params.prompt)
+        embeds = torch.cat((t, x[:j], t))
+        pos = torch.arange(embeds.shape[0], device=self.backbone.device)
+        return self.backbone.forward(torch.empty(0), ForwardPlan(query_pos=pos, key_pos=pos), embeds=embeds)[-1:]
+
+    def write(self, state: HMTState, seg: Segment, plan: ForwardPlan) -> HMTState:
+        new = plan.hidden[-1:].float()
+        if self.params.scale is not None:
+            new = new * self.params.scale
+        n = self.options.cache
+        span = torch.tensor([[int(seg.byte_start[0]), int(seg.next_byte)]], device=state.spans.device)
+        k = self.options.sensory
+        sensory = seg.ids[-k:].to(state.sensory.device) if k else state.sensory
+        return HMTState(torch.cat((state.cache, new))[-n:], torch.cat((state.spans, span))[-n:], sensory,
+                        state.segments + 1)
+
+    def detach_state(self, state: HMTState) -> HMTState:
+        return HMTState(state.cache.detach(), state.spans, state.sensory, state.segments)
+
+    def state_tensors(self, state: HMTState) -> dict[str, torch.Tensor]:
+        return {"cache": state.cache.detach(), "spans": state.spans, "sensory": state.sensory,
+                "counters": torch.tensor([state.segments])}
+
+    def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> HMTState:
+        dev = self.backbone.device
+        return HMTState(tensors["cache"].to(dev), tensors["spans"].to(dev), tensors["sensory"].to(dev),
+                        int(tensors["counters"][0]))
+
+    def dump(self, state: HMTState) -> list[dict[str, Any]]:
+        out = [{"kind": "cached memory", "entries": 1, "segment": state.segments - len(state.spans) + i,
+                "bytes": [int(a), int(b)]} for i, (a, b) in enumerate(state.spans.tolist())]
+        if state.sensory.numel():
+            out.append({"kind": "sensory tokens", "entries": int(state.sensory.numel()),
+                        "text": self.backbone.tokenizer.decode(state.sensory.tolist())})
+        return out

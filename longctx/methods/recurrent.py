@@ -1,0 +1,83 @@
+"""What the memory-token methods (`rmt`, `hmt`) share: trainable parameters, input embeddings, the scale fix.
+
+These methods write memory *through the model*: memory embeddings enter at the input (`inputs_embeds`)
+and new memory is read from the final hidden states. Their parameters live in `self.params` (an
+`nn.Module` kept in fp32, cast to the backbone's dtype where used), separate from the memory state.
+Untrained, the parameters come from a fixed seed, so an untrained run is at least reproducible; it is
+never presented as trained (`adapter` stays None and the protocol says UNTRAINED).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ..attention import ForwardPlan
+from .base import Method
+
+Scale = Literal["learned", "none"]
+
+
+class TrainableMethod(Method):
+    """A method with parameters that `longctx train` learns and adapters carry."""
+
+    trainable = True
+    # option names that change parameter shapes: an adapter only fits a method built with the same values
+    param_options: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, options, backbone):
+        super().__init__(options, backbone)
+        gen = torch.Generator().manual_seed(int(getattr(options, "init_seed", 0)))
+        self.params = self.build_params(gen).to(backbone.device)
+        self.adapter: dict[str, Any] | None = None  # manifest of the loaded adapter; None = untrained
+        self.lora: str | None = None  # name of this method's LoRA adapter in the backbone, if any
+
+    def build_params(self, gen: torch.Generator) -> nn.Module:
+        """The method's trainable parameters (fp32), initialised from `gen`."""
+        raise NotImplementedError
+
+    def detach_state(self, state: Any) -> Any:
+        """The same memory with its gradient history cut (truncated BPTT)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        base = super().describe()
+        if self.adapter is None:
+            return f"{base[:-1]}, UNTRAINED)"
+        return f"{base[:-1]}, adapter={self.adapter.get('name', '?')}@{self.adapter.get('sha256', '')[:8]})"
+
+    # ---- shared pieces ------------------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings `[q, d]` of token ids, in the backbone's dtype."""
+        return self.backbone.model.get_input_embeddings()(ids.to(self.backbone.device))
+
+    def as_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.backbone.dtype)
+
+    def embedding_std(self) -> float:
+        """σ of the input embedding matrix: RMT/HMT initialise memory vectors with it (methods.md §3.1)."""
+        return float(self.backbone.model.get_input_embeddings().weight.detach().float().std())
+
+    def output_scale_init(self) -> float:
+        """Input-embedding RMS over final-norm output RMS: the factor that puts written memory (final-norm
+        states) on the scale of token embeddings (methods.md §11.7; SmolLM2's final states are ~50x larger)."""
+        emb = self.backbone.model.get_input_embeddings().weight.detach().float()
+        norm = getattr(self.backbone.model.model, "norm", None)
+        w = norm.weight.detach().float() if norm is not None and hasattr(norm, "weight") else torch.ones(1)
+        return float(emb.pow(2).mean().sqrt() / w.pow(2).mean().sqrt().clamp_min(1e-6))
+
+    def memory_plan(self, embeds: torch.Tensor, first: int, count: int) -> ForwardPlan:
+        """Plain causal forward over `embeds [n, d]` at positions 0..n-1; rows first..first+count are tokens."""
+        pos = torch.arange(embeds.shape[0], device=self.backbone.device)
+        return ForwardPlan(query_pos=pos, key_pos=pos, embeds=embeds, token_rows=slice(first, first + count))
+
+
+def scale_param(init: float, dim: int, kind: Scale) -> nn.Parameter | None:
+    """The learned per-channel factor applied to written memory (None when `kind` is "none")."""
+    return nn.Parameter(torch.full((dim,), init)) if kind == "learned" else None
+
+
+def gaussian(gen: torch.Generator, shape: tuple[int, ...], std: float) -> nn.Parameter:
+    return nn.Parameter(torch.randn(shape, generator=gen) * std)

@@ -1,0 +1,341 @@
+"""`longctx train` as a library function: truncated BPTT over segments for a method's memory parameters.
+
+A sample is `n` consecutive segments (n from the curriculum); the method reads them through the same
+`forward_segment` as every other task, with gradients on. BPTT depth k: the memory entering each of the
+last k segments keeps its gradient, older memory is detached *by returning a detached state* (the
+reference code's truncation is a no-op, methods.md §2.6); the first segment's memory is the learned
+initial memory and always trains. Loss masks: all segments, the last one (the HMT paper's protocol), or
+answer spans a task marks. AdamW, cosine schedule with warmup, gradient clipping, seeded sampling, optional
+bf16 autocast; checkpoints (parameters, optimizer, schedule, RNG) resume bit-identically.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+from . import __version__
+from .backbone import Backbone
+from .errors import UsageError
+from .hashing import file_sha256
+from .lora import LoraSpec, add_lora
+from .methods.base import Method
+from .methods.recurrent import TrainableMethod
+from .paths import longctx_home
+from .segments import Segment
+from .snapshot import SnapshotStore
+from .stream import forward_segment, run_stream
+from .textio import open_source
+from .tokens import iter_tokens
+
+LossMask = Literal["all", "last", "answer"]
+Tune = Literal["memory", "lora", "full"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that shapes a training run (recorded in the adapter's manifest)."""
+
+    segment: int = 512
+    curriculum: tuple[tuple[int, int], ...] = ((1, 20), (2, 40))  # (segments per sample, steps) stages
+    bptt: int | None = None  # segments whose entering memory keeps its gradient; None = all (full BPTT)
+    loss: LossMask = "all"
+    tune: Tune = "lora"
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    lr: float = 1e-3
+    backbone_lr: float = 1e-4  # LoRA / full fine-tuning weights
+    warmup: int = 10
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    accumulate: int = 1  # samples per optimizer step
+    seed: int = 0
+    autocast: bool = False  # bf16 autocast (for an fp32 backbone)
+    validate_every: int = 0  # steps; 0 = only at the end
+    val_tokens: int = 4096
+    checkpoint_every: int = 0  # steps; 0 = none
+
+    @property
+    def steps(self) -> int:
+        return sum(s for _, s in self.curriculum)
+
+    def segments_at(self, step: int) -> int:
+        """Segments per sample at optimizer step `step` (0-based) under the curriculum."""
+        for n, s in self.curriculum:
+            if step < s:
+                return n
+            step -= s
+        return self.curriculum[-1][0]
+
+    def check(self) -> None:
+        if not self.curriculum or any(n < 1 or s < 1 for n, s in self.curriculum):
+            raise UsageError("--curriculum needs stages SEGMENTS:STEPS with both >= 1, e.g. 1:50,2:100,4:200")
+        if self.bptt is not None and self.bptt < 1:
+            raise UsageError(f"--bptt must be >= 1 (got {self.bptt})")
+        if self.segment < 2 or self.accumulate < 1:
+            raise UsageError("--segment must be >= 2 and --accumulate >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lora"] = self.lora.to_dict()
+        d["curriculum"] = [list(c) for c in self.curriculum]
+        return d
+
+
+def parse_curriculum(text: str) -> tuple[tuple[int, int], ...]:
+    """'1:50,2:100' -> ((1, 50), (2, 100))."""
+    try:
+        stages = tuple(tuple(int(x) for x in part.split(":")) for part in text.split(",") if part.strip())
+    except ValueError:
+        stages = ()
+    if not stages or any(len(s) != 2 for s in stages):
+        raise UsageError(f"--curriculum must look like 1:50,2:100,4:200 (segments:steps), got {text!r}")
+    return stages  # type: ignore[return-value]
+
+
+# ---- samples -------------------------------------------------------------------------------------------------
+class SampleSource(Protocol):
+    """Draws training samples: `n` segments of `segment` tokens each (targets -1 where not scored)."""
+
+    def draw(self, n: int, segment: int, gen: torch.Generator) -> list[Segment]: ...
+
+
+@dataclass
+class TokenCorpus:
+    """Whole documents as token ids; samples are random windows, files chosen in proportion to length."""
+
+    docs: list[torch.Tensor]
+    files: list[dict[str, Any]]
+
+    @classmethod
+    def from_files(cls, paths: Sequence[str], tokenizer) -> TokenCorpus:
+        docs, files = [], []
+        for path in paths:
+            with open_source(path) as src:
+                ids = torch.cat([torch.from_numpy(c.ids.astype("int64")) for c in iter_tokens(tokenizer, src.blocks())])
+            docs.append(ids)
+            files.append({"path": str(Path(path).resolve()), "sha256": file_sha256(path), "tokens": len(ids)})
+        return cls(docs, files)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(d) for d in self.docs)
+
+    def draw(self, n: int, segment: int, gen: torch.Generator) -> list[Segment]:
+        need = n * segment + 1
+        weights = torch.tensor([max(len(d) - need, 0) + 1e-9 for d in self.docs], dtype=torch.float64)
+        if all(len(d) < need for d in self.docs):
+            raise UsageError(f"no training document has {need} tokens ({n} segments of {segment} + 1)")
+        doc = self.docs[int(torch.multinomial(weights, 1, generator=gen))]
+        start = int(torch.randint(0, len(doc) - need + 1, (1,), generator=gen))
+        return window_segments(doc[start : start + need], segment)
+
+
+def window_segments(ids: torch.Tensor, segment: int, scored: torch.Tensor | None = None) -> list[Segment]:
+    """`ids` (one more than the tokens read) cut into segments with next-token targets; `scored` (bool per
+    target) masks the loss, as tasks with answer spans need."""
+    out = []
+    for s in range(0, len(ids) - 1, segment):
+        part = ids[s : min(s + segment, len(ids) - 1)]
+        q = len(part)
+        targets = ids[s + 1 : s + 1 + q].clone()
+        if scored is not None:
+            targets[~scored[s : s + q]] = -1
+        out.append(Segment(s, part, torch.full((q,), -1), targets, torch.ones(q, dtype=torch.long), next_byte=-1))
+    return out
+
+
+# ---- one sample ----------------------------------------------------------------------------------------------
+def unroll(backbone: Backbone, method: Method, segments: Sequence[Segment], *, bptt: int | None,
+           loss: LossMask, on_enter: Callable[[int, Any], Any] | None = None) -> tuple[torch.Tensor, int]:
+    """Mean NLL over the scored targets of one sample, with gradients; returns (loss, tokens scored).
+
+    `on_enter(i, state)` sees the memory entering segment i (tests use it to check the BPTT depth)."""
+    n = len(segments)
+    state = method.init_state()
+    total, count = None, 0
+    for i, seg in enumerate(segments):
+        if i > 0 and bptt is not None and i < n - bptt and hasattr(method, "detach_state"):
+            state = method.detach_state(state)
+        if on_enter is not None:
+            state = on_enter(i, state) or state
+        state, hidden, _ = forward_segment(backbone, method, state, seg)
+        scored = seg.targets >= 0
+        if loss == "last" and i < n - 1:
+            continue
+        if bool(scored.any()):
+            nll = backbone.token_nll(hidden[scored.to(hidden.device)], seg.targets[scored]).sum()
+            total, count = (nll if total is None else total + nll), count + int(scored.sum())
+    if total is None:
+        raise UsageError("a training sample had no scored token (check --loss and the task)")
+    return total / count, count
+
+
+# ---- the run -------------------------------------------------------------------------------------------------
+@dataclass
+class TrainProgress:
+    """After each optimizer step (also what the CLI shows)."""
+
+    step: int
+    steps: int
+    segments: int
+    loss: float
+    lr: float
+    tokens: int
+    seconds: float
+    validation: dict[str, float] | None = None
+
+
+@dataclass
+class TrainResult:
+    method: TrainableMethod
+    steps: int
+    tokens: int
+    seconds: float
+    history: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+
+
+class Trainer:
+    """Holds the optimizer, schedule and sampler of one run; `run()` trains to the end of the curriculum."""
+
+    def __init__(self, backbone: Backbone, method: Method, source: SampleSource, config: TrainConfig,
+                 *, validation: torch.Tensor | None = None, checkpoints: SnapshotStore | None = None,
+                 checkpoint_name: str = "train"):
+        config.check()
+        self.backbone, self.method, self.source, self.cfg = backbone, method, source, config
+        self.validation, self.checkpoints, self.checkpoint_name = validation, checkpoints, checkpoint_name
+        torch.manual_seed(config.seed)
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.params = self._trainable()
+        groups = [{"params": list(self.own_params()), "lr": config.lr}]
+        if not groups[0]["params"]:
+            groups.pop(0)
+        if self.backbone_params:
+            groups.append({"params": self.backbone_params, "lr": config.backbone_lr})
+        self.opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        self.sched = get_cosine_schedule_with_warmup(self.opt, config.warmup, config.steps)
+        self.step, self.tokens, self.seconds = 0, 0, 0.0
+        self.history: list[dict[str, Any]] = []
+        self.val_history: list[dict[str, Any]] = []
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        cfg, b = self.cfg, self.backbone
+        for p in b.model.parameters():
+            p.requires_grad_(cfg.tune == "full")
+        self.backbone_params: list[torch.nn.Parameter] = []
+        if cfg.tune == "lora":
+            self.method.lora = f"{self.method.name}-train"
+            self.backbone_params = add_lora(b, self.method.lora, cfg.lora)
+            b.lora_names.add(self.method.lora)
+            for p in self.backbone_params:
+                p.requires_grad_(True)
+        elif cfg.tune == "full":
+            self.backbone_params = list(b.model.parameters())
+        for p in self.own_params():
+            p.requires_grad_(True)
+        return list(self.own_params()) + self.backbone_params
+
+    def own_params(self) -> list[torch.nn.Parameter]:
+        """The method's parameters (none for a training-free method fine-tuned as a no-memory baseline)."""
+        params = getattr(self.method, "params", None)
+        return list(params.parameters()) if params is not None else []
+
+    def train_step(self) -> TrainProgress:
+        """One optimizer step over `accumulate` samples."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        n = cfg.segments_at(self.step)
+        self.opt.zero_grad(set_to_none=True)
+        losses = []
+        for _ in range(cfg.accumulate):
+            segs = self.source.draw(n, cfg.segment, self.gen)
+            with torch.autocast(self.backbone.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+                loss, count = unroll(self.backbone, self.method, segs, bptt=cfg.bptt, loss=cfg.loss)
+            (loss / cfg.accumulate).backward()
+            losses.append(float(loss.detach()))
+            self.tokens += sum(len(s) for s in segs)
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        self.seconds += time.perf_counter() - t0
+        rec = {"step": self.step, "segments": n, "loss": sum(losses) / len(losses), "lr": self.sched.get_last_lr()[0]}
+        self.history.append(rec)
+        return TrainProgress(self.step, cfg.steps, n, rec["loss"], rec["lr"], self.tokens, self.seconds)
+
+    def validate(self) -> dict[str, float] | None:
+        """PPL of the method on the held-out tokens (inference, same driver as `longctx ppl`)."""
+        if self.validation is None:
+            return None
+        ids = self.validation[: self.cfg.val_tokens + 1]
+        res = run_stream(self.backbone, self.method, window_segments(ids, self.cfg.segment))
+        out = {"step": self.step, "tokens": res.sums.tokens, "ppl": math.exp(res.sums.nll / res.sums.tokens)}
+        self.val_history.append(out)
+        return out
+
+    def run(self, on_step: Callable[[TrainProgress], None] | None = None) -> TrainResult:
+        """Train to the end of the curriculum, validating and checkpointing at the configured cadence."""
+        cfg = self.cfg
+        if self.step == 0 and self.validation is not None and not self.val_history:
+            self.validate()  # the untrained starting point, for the record
+        while self.step < cfg.steps:
+            prog = self.train_step()
+            last = self.step == cfg.steps
+            if last or (cfg.validate_every and self.step % cfg.validate_every == 0):
+                prog.validation = self.validate()
+            if self.checkpoints is not None and (last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)):
+                self.save_checkpoint()
+            if on_step is not None:
+                on_step(prog)
+        return TrainResult(self.method, self.step, self.tokens, self.seconds, self.history, self.val_history)
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Parameters, optimizer moments, schedule and sampler RNG: enough to continue bit-identically."""
+        tensors = {f"param.{i}": p.detach() for i, p in enumerate(self.params)}
+        for i, st in self.opt.state_dict()["state"].items():
+            tensors.update({f"opt.{i}.{k}": torch.as_tensor(v) for k, v in st.items()})
+        tensors["rng.sampler"] = self.gen.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        manifest = {"kind": "longctx-train-checkpoint", "longctx_version": __version__, "step": self.step,
+                    "tokens": self.tokens, "seconds": self.seconds, "config": self.cfg.to_dict(),
+                    "method": {"name": self.method.name, "options": self.method.options.to_dict()},
+                    "scheduler": self.sched.state_dict(), "history": self.history, "validation": self.val_history}
+        return self.checkpoints.save(self.checkpoint_name, tensors, manifest)
+
+    def load_checkpoint(self) -> bool:
+        """Continue from this run's checkpoint, if there is one; refuses one made with another setup."""
+        if self.checkpoints is None or self.checkpoint_name not in self.checkpoints.names():
+            return False
+        snap = self.checkpoints.load(self.checkpoint_name)
+        man = snap.manifest
+        if man.get("config") != self.cfg.to_dict() or man.get("method", {}).get("options") != self.method.options.to_dict():
+            raise UsageError(f"training checkpoint '{self.checkpoint_name}' was made with other settings; "
+                             "rerun with the same ones, or use --fresh to start over")
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                p.copy_(snap.tensors[f"param.{i}"])
+        state = self.opt.state_dict()
+        for i in range(len(self.params)):
+            keys = [k for k in snap.tensors if k.startswith(f"opt.{i}.")]
+            if keys:
+                state["state"][i] = {k.split(".", 2)[2]: snap.tensors[k].clone() for k in keys}
+        self.opt.load_state_dict(state)
+        self.sched.load_state_dict(man["scheduler"])
+        self.gen.set_state(snap.tensors["rng.sampler"])
+        torch.set_rng_state(snap.tensors["rng.torch"])
+        self.step, self.tokens, self.seconds = int(man["step"]), int(man["tokens"]), float(man["seconds"])
+        self.history, self.val_history = list(man["history"]), list(man["validation"])
+        return True
+
+
+def checkpoint_store() -> SnapshotStore:
+    """Where `longctx train` keeps resumable checkpoints (one name per --out)."""
+    return SnapshotStore(longctx_home() / "training", what="training checkpoint")
