@@ -61,7 +61,7 @@ def save_run(store: SnapshotStore, name: str, backbone: Backbone, spec: RunSpec,
         "fingerprint": {k: backbone.fingerprint[k] for k in FINGERPRINT_KEYS},
         "method": {"name": m.name, "preset": spec.preset, "options": m.options.to_dict(),
                    "options_digest": m.options.digest(), "protocol": m.describe(), "segment": spec.segment,
-                   "max_tokens": spec.max_tokens},
+                   "max_tokens": spec.max_tokens, "adapter": _adapter_ref(m)},
         "document": document_identity(path, result.next_byte),
         "progress": {"tokens_consumed": result.tokens, "bytes_scored": result.sums.bytes,
                      "segments": result.sums.segments, "tokens_scored": result.sums.tokens,
@@ -82,11 +82,24 @@ def fingerprint_differences(manifest: dict[str, Any], backbone: Backbone) -> lis
             if saved.get(k) != now[k]]
 
 
+def _adapter_ref(method: Method) -> dict[str, str] | None:
+    a = getattr(method, "adapter", None)
+    return {"name": a["name"], "path": a["path"], "sha256": a["sha256"]} if a else None
+
+
 def method_from_snapshot(snap: Snapshot, backbone: Backbone) -> RunSpec:
-    """Rebuild the method, options and segment the snapshot was made with."""
+    """Rebuild the method, options, adapter and segment the snapshot was made with."""
+    from .adapters import attach_adapter
+
     meta = snap.manifest["method"]
     cls = get_method(meta["name"])
     method = cls(cls.Options.from_mapping(meta["options"], where="snapshot option"), backbone)
+    ref = meta.get("adapter")
+    if ref:  # the same trained parameters, verified by hash: other parameters would read the memory differently
+        attach_adapter(method, ref["path"] if Path(ref["path"]).is_dir() else ref["name"], backbone)
+        if method.adapter["sha256"] != ref["sha256"]:
+            raise SnapshotError(f"snapshot '{snap.name}' was made with adapter {ref['name']} "
+                                f"(sha256 {ref['sha256'][:12]}); the adapter found now differs")
     return RunSpec(method, meta.get("preset", meta["name"]), int(meta["segment"]), meta.get("max_tokens"))
 
 

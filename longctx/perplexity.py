@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .adapters import attach_adapter, require_trained
 from .backbone import Backbone
 from .checkpoint import (
     Interrupted,
@@ -62,6 +63,7 @@ class MethodRun:
                 **summarize(r.sums), "tokens_read": r.tokens, "seconds": r.seconds,
                 "tokens_per_s": r.tokens / r.seconds if r.seconds > 0 else None,
                 "peak_rss_mb": self.peak_rss_mb, "peak_gpu_mb": self.peak_gpu_mb,
+                "untrained": "UNTRAINED" in self.protocol,
                 "memory_entries": _memory_entries(r.state), "token_sha256": r.token_digest}
 
 
@@ -94,12 +96,19 @@ def _memory_entries(state: Any) -> int | None:
     return len(state) if hasattr(state, "__len__") else None
 
 
-def build_method(spec: str | Preset, backbone: Backbone, overrides: dict[str, Any] | None = None) -> tuple[Method, Preset]:
-    """Instantiate a method from a preset name/path (or Preset), with option overrides."""
+def build_method(spec: str | Preset, backbone: Backbone, overrides: dict[str, Any] | None = None, *,
+                 adapter: str | None = None, allow_untrained: bool = False) -> tuple[Method, Preset]:
+    """Instantiate a method from a preset name/path (or Preset), with option overrides. A trainable method
+    loads `adapter` (else the preset's); without one it refuses unless `allow_untrained`."""
     preset = load_preset(spec) if isinstance(spec, str) else spec
     cls = get_method(preset.method)
     options = cls.Options.from_mapping({**preset.options, **(overrides or {})}, where=f"{preset.method} option")
-    return cls(options, backbone), preset
+    method = cls(options, backbone)
+    if adapter or preset.adapter:
+        attach_adapter(method, adapter or preset.adapter, backbone)
+    else:
+        require_trained(method, allow_untrained)
+    return method, preset
 
 
 def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | None = None,
@@ -107,7 +116,7 @@ def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | 
                segment: int | None = None, max_tokens: int | None = None,
                options: dict[str, dict[str, Any]] | None = None, backbone: Backbone | None = None,
                save_memory: str | None = None, save_every: int | None = None, resume: str | None = None,
-               stop: Callable[[], bool] | None = None,
+               adapter: str | None = None, allow_untrained: bool = False, stop: Callable[[], bool] | None = None,
                on_segment: Callable[[SegmentEvent], None] | None = None,
                on_method: Callable[[str, Method, dict], None] | None = None) -> PplReport:
     """Score `path` ("-" = stdin) with each method in turn on the same tokens; deltas vs the first method.
@@ -115,7 +124,8 @@ def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | 
     `methods` are method or preset names (default: xl, or the snapshot's when resuming). `options` maps a
     method name to option overrides. Settings resolve flag > env > user config > preset > default.
     `save_memory` snapshots each method's memory at the end (and every `save_every` segments); `resume`
-    continues a snapshot's run; `stop()` is polled between segments, and a stopped run is saved and raises
+    continues a snapshot's run; `adapter` is loaded by the first method (trainable methods refuse to run
+    untrained unless `allow_untrained`); `stop()` is polled between segments, and a stopped run is saved and raises
     `Interrupted` (exit 130) carrying the resume command.
     """
     if max_tokens is not None and max_tokens < 2:
@@ -136,7 +146,7 @@ def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | 
     if backbone is None:
         backbone = load_backbone(settings["model"], dtype=settings["dtype"], device=settings["device"],
                                  threads=settings["threads"])
-    specs = _specs(presets, backbone, flags, options, max_tokens, snap, path)
+    specs = _specs(presets, backbone, flags, options, max_tokens, snap, path, adapter, allow_untrained)
     runs, source = [], {}
     with _replayable(path, len(specs)) as src_path:
         for spec in specs:
@@ -157,7 +167,8 @@ def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | 
 
 
 def _specs(presets: list[Preset], backbone: Backbone, flags: dict[str, Any], options: dict | None,
-           max_tokens: int | None, snap: Snapshot | None, path: str) -> list[RunSpec]:
+           max_tokens: int | None, snap: Snapshot | None, path: str, adapter: str | None = None,
+           allow_untrained: bool = False) -> list[RunSpec]:
     """Build and check each method's run; a resume rebuilds it from the snapshot and checks agreement."""
     if snap is not None:
         spec = method_from_snapshot(snap, backbone)
@@ -168,9 +179,10 @@ def _specs(presets: list[Preset], backbone: Backbone, flags: dict[str, Any], opt
         check_resume(snap, backbone, spec, path, requested)
         return [spec]
     specs = []
-    for p in presets:
+    for i, p in enumerate(presets):
         opts = options or {}
-        method, _ = build_method(p, backbone, {**opts.get(p.method, {}), **opts.get(p.name, {})})
+        method, _ = build_method(p, backbone, {**opts.get(p.method, {}), **opts.get(p.name, {})},
+                                 adapter=adapter if i == 0 else None, allow_untrained=allow_untrained)
         seg = resolve(flags, {"segment": p.segment})["segment"]
         method.check_segment(seg)
         specs.append(RunSpec(method, p.name, seg, max_tokens))

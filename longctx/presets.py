@@ -14,7 +14,7 @@ from .methods import get_method
 from .paths import longctx_home
 
 FORMAT = 1
-KEYS = {"format", "method", "description", "segment", "options"}
+KEYS = {"format", "method", "description", "segment", "options", "adapter"}
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class Preset:
     options: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     path: str | None = None
+    adapter: str | None = None  # trained parameters the method loads (name or directory), for trainable methods
 
 
 def _packaged() -> dict[str, Any]:
@@ -80,5 +81,8 @@ def parse_preset(text: str, *, name: str, path: str | None = None) -> Preset:
     segment = data.get("segment")
     if segment is not None and (not isinstance(segment, int) or isinstance(segment, bool) or segment < 1):
         raise UsageError(f"{where}: 'segment' must be a positive integer (got {segment!r})")
+    adapter = data.get("adapter")
+    if adapter is not None and not (isinstance(adapter, str) and adapter):
+        raise UsageError(f"{where}: 'adapter' must be an adapter name or directory (got {adapter!r})")
     return Preset(name=name, method=method.name, segment=segment, options=dict(options),
-                  description=str(data.get("description", "")), path=path)
+                  description=str(data.get("description", "")), path=path, adapter=adapter)
