@@ -93,12 +93,16 @@ class Backbone:
     @cached_property
     def fingerprint(self) -> dict[str, str | int]:
         """Identity of weights, config and tokenizer, used in result files and snapshots."""
-        cfg = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
+        raw = self.config.to_dict()
+        cfg = json.dumps(raw, sort_keys=True, default=str)
+        # the architecture alone: a model loaded in another dtype is still the same model for an adapter
+        arch = json.dumps({k: v for k, v in raw.items() if k not in ("dtype", "torch_dtype")}, sort_keys=True, default=str)
         tok = self.tokenizer.backend_tokenizer.to_str() if hasattr(self.tokenizer, "backend_tokenizer") else repr(self.tokenizer.get_vocab())
         return {
             "model": self.info.model_id,
             "source": self.info.source,
             "config_sha256": hashlib.sha256(cfg.encode()).hexdigest()[:16],
+            "arch_sha256": hashlib.sha256(arch.encode()).hexdigest()[:16],
             "tokenizer_sha256": hashlib.sha256(tok.encode()).hexdigest()[:16],
             "vocab_size": len(self.tokenizer),
             "dtype": str(self.dtype).removeprefix("torch."),

@@ -11,6 +11,7 @@ bf16 autocast; checkpoints (parameters, optimizer, schedule, RNG) resume bit-ide
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
+from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
 from . import __version__
@@ -30,6 +32,7 @@ from .methods.base import Method
 from .methods.recurrent import TrainableMethod
 from .paths import longctx_home
 from .segments import Segment
+from .sharding import current_shard
 from .snapshot import SnapshotStore
 from .stream import forward_segment, run_stream
 from .textio import open_source
@@ -202,8 +205,33 @@ class TrainResult:
     validation: list[dict[str, Any]]
 
 
+def sample_generator(seed: int, step: int, lane: int) -> torch.Generator:
+    """The RNG of one sample, from (seed, step, lane) alone: resumes need no sampler state, and W processes
+    with `accumulate` a draw exactly the samples one process with `accumulate` W*a draws (lane = rank*a + j)."""
+    key = hashlib.sha256(f"{seed}:{step}:{lane}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & ((1 << 63) - 1))
+
+
+class _Unroll(nn.Module):
+    """One sample's loss as a module forward, so DistributedDataParallel can average the gradients of the
+    parameters it holds (the method's and the backbone's trainable ones) across processes."""
+
+    def __init__(self, trainer: Trainer, params: list[nn.Parameter]):
+        super().__init__()
+        self.trainer = [trainer]  # in a list: not a submodule
+        self.trainable = nn.ParameterList(params)
+
+    def forward(self, segments: list[Segment]) -> torch.Tensor:
+        t = self.trainer[0]
+        with torch.autocast(t.backbone.device.type, dtype=torch.bfloat16, enabled=t.cfg.autocast):
+            return unroll(t.backbone, t.method, segments, bptt=t.cfg.bptt, loss=t.cfg.loss)[0]
+
+
 class Trainer:
-    """Holds the optimizer, schedule and sampler of one run; `run()` trains to the end of the curriculum."""
+    """Holds the optimizer, schedule and sampler of one run; `run()` trains to the end of the curriculum.
+
+    Under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) each process draws its own lanes of every step
+    and DistributedDataParallel averages the gradients; rank 0 validates, checkpoints and saves."""
 
     def __init__(self, backbone: Backbone, method: Method, source: SampleSource, config: TrainConfig,
                  *, validation: torch.Tensor | None = None, checkpoints: SnapshotStore | None = None,
@@ -211,9 +239,12 @@ class Trainer:
         config.check()
         self.backbone, self.method, self.source, self.cfg = backbone, method, source, config
         self.validation, self.checkpoints, self.checkpoint_name = validation, checkpoints, checkpoint_name
+        self.shard = current_shard(backbone.device.type)
         torch.manual_seed(config.seed)
-        self.gen = torch.Generator().manual_seed(config.seed)
         self.params = self._trainable()
+        self.unroll: nn.Module = _Unroll(self, self.params)
+        if self.shard.world > 1:
+            self.unroll = nn.parallel.DistributedDataParallel(self.unroll, find_unused_parameters=True)
         groups = [{"params": list(self.own_params()), "lr": config.lr}]
         if not groups[0]["params"]:
             groups.pop(0)
@@ -231,9 +262,12 @@ class Trainer:
             p.requires_grad_(cfg.tune == "full")
         self.backbone_params: list[torch.nn.Parameter] = []
         if cfg.tune == "lora":
-            self.method.lora = f"{self.method.name}-train"
-            self.backbone_params = add_lora(b, self.method.lora, cfg.lora)
-            b.lora_names.add(self.method.lora)
+            if self.method.lora is None:  # else: an initial adapter's LoRA, trained on
+                self.method.lora = f"{self.method.name}-train"
+                add_lora(b, self.method.lora, cfg.lora)
+                b.lora_names.add(self.method.lora)
+            self.backbone_params = [p for n, p in b.model.named_parameters()
+                                    if "lora_" in n and f".{self.method.lora}." in n]
             for p in self.backbone_params:
                 p.requires_grad_(True)
         elif cfg.tune == "full":
@@ -253,13 +287,13 @@ class Trainer:
         n = cfg.segments_at(self.step)
         self.opt.zero_grad(set_to_none=True)
         losses = []
-        for _ in range(cfg.accumulate):
-            segs = self.source.draw(n, cfg.segment, self.gen)
-            with torch.autocast(self.backbone.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
-                loss, count = unroll(self.backbone, self.method, segs, bptt=cfg.bptt, loss=cfg.loss)
+        for j in range(cfg.accumulate):
+            lane = self.shard.rank * cfg.accumulate + j
+            segs = self.source.draw(n, cfg.segment, sample_generator(cfg.seed, self.step, lane))
+            loss = self._sample_loss(segs, last=j == cfg.accumulate - 1)
             (loss / cfg.accumulate).backward()
             losses.append(float(loss.detach()))
-            self.tokens += sum(len(s) for s in segs)
+            self.tokens += sum(len(s) for s in segs) * self.shard.world
         if cfg.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
         self.opt.step()
@@ -270,9 +304,16 @@ class Trainer:
         self.history.append(rec)
         return TrainProgress(self.step, cfg.steps, n, rec["loss"], rec["lr"], self.tokens, self.seconds)
 
+    def _sample_loss(self, segs: list[Segment], last: bool) -> torch.Tensor:
+        """Through the DDP wrapper when distributed; gradients are synchronised on the last sample only."""
+        if self.shard.world > 1 and not last:
+            with self.unroll.no_sync():
+                return self.unroll(segs)
+        return self.unroll(segs)
+
     def validate(self) -> dict[str, float] | None:
         """PPL of the method on the held-out tokens (inference, same driver as `longctx ppl`)."""
-        if self.validation is None:
+        if self.validation is None or self.shard.rank != 0:
             return None
         ids = self.validation[: self.cfg.val_tokens + 1]
         res = run_stream(self.backbone, self.method, window_segments(ids, self.cfg.segment))
@@ -290,7 +331,7 @@ class Trainer:
             last = self.step == cfg.steps
             if last or (cfg.validate_every and self.step % cfg.validate_every == 0):
                 prog.validation = self.validate()
-            if self.checkpoints is not None and (last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)):
+            if self.checkpoints is not None and self.shard.rank == 0 and (last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)):
                 self.save_checkpoint()
             if on_step is not None:
                 on_step(prog)
@@ -302,12 +343,13 @@ class Trainer:
         tensors = {f"param.{i}": p.detach() for i, p in enumerate(self.params)}
         for i, st in self.opt.state_dict()["state"].items():
             tensors.update({f"opt.{i}.{k}": torch.as_tensor(v) for k, v in st.items()})
-        tensors["rng.sampler"] = self.gen.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
         manifest = {"kind": "longctx-train-checkpoint", "longctx_version": __version__, "step": self.step,
+                    "world": self.shard.world,
                     "tokens": self.tokens, "seconds": self.seconds, "config": self.cfg.to_dict(),
                     "method": {"name": self.method.name, "options": self.method.options.to_dict()},
-                    "scheduler": self.sched.state_dict(), "history": self.history, "validation": self.val_history}
+                    "scheduler": self.sched.state_dict(), "group_lr": [g["lr"] for g in self.opt.param_groups],
+                    "history": self.history, "validation": self.val_history}
         return self.checkpoints.save(self.checkpoint_name, tensors, manifest)
 
     def load_checkpoint(self) -> bool:
@@ -316,7 +358,7 @@ class Trainer:
             return False
         snap = self.checkpoints.load(self.checkpoint_name)
         man = snap.manifest
-        if man.get("config") != self.cfg.to_dict() or man.get("method", {}).get("options") != self.method.options.to_dict():
+        if man.get("world", 1) != self.shard.world or man.get("config") != self.cfg.to_dict() or man.get("method", {}).get("options") != self.method.options.to_dict():
             raise UsageError(f"training checkpoint '{self.checkpoint_name}' was made with other settings; "
                              "rerun with the same ones, or use --fresh to start over")
         with torch.no_grad():
@@ -329,7 +371,8 @@ class Trainer:
                 state["state"][i] = {k.split(".", 2)[2]: snap.tensors[k].clone() for k in keys}
         self.opt.load_state_dict(state)
         self.sched.load_state_dict(man["scheduler"])
-        self.gen.set_state(snap.tensors["rng.sampler"])
+        for group, lr in zip(self.opt.param_groups, man["group_lr"]):
+            group["lr"] = lr
         torch.set_rng_state(snap.tensors["rng.torch"])
         self.step, self.tokens, self.seconds = int(man["step"]), int(man["tokens"]), float(man["seconds"])
         self.history, self.val_history = list(man["history"]), list(man["validation"])
@@ -339,3 +382,71 @@ class Trainer:
 def checkpoint_store() -> SnapshotStore:
     """Where `longctx train` keeps resumable checkpoints (one name per --out)."""
     return SnapshotStore(longctx_home() / "training", what="training checkpoint")
+
+
+# ---- the library entry point ----------------------------------------------------------------------------------
+RECALL_KEYS = (" apple", " river", " candle", " silver", " garden", " window", " horse", " letter", " winter",
+               " orange", " castle", " doctor", " forest", " mirror", " pencil", " violin")
+
+
+def recall_task_for(tokenizer, filler: torch.Tensor):
+    """The synthetic recall task in words, with book filler: "The secret word is X." ... question -> X."""
+    from .bench.recall import RecallTask
+
+    def enc(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    keys = [enc(k)[0] for k in RECALL_KEYS if len(enc(k)) == 1]
+    return RecallTask(fact=enc("The secret word is"), question=enc(". What was the secret word? The secret word is"),
+                      keys=keys, filler=filler)
+
+
+def train(files: Sequence[str], method: str, out: str, config: TrainConfig, *, validation: str | None = None,
+          task: Literal["lm", "recall"] = "lm", options: dict[str, Any] | None = None, init_adapter: str | None = None,
+          model: str | None = None, dtype: str | None = None, device: str | None = None, threads: int | None = None,
+          fresh: bool = False, backbone: Backbone | None = None, command: str | None = None,
+          on_step: Callable[[TrainProgress], None] | None = None) -> dict[str, Any]:
+    """Train `method`'s memory parameters on `files` and save adapter `out`; returns the adapter's manifest.
+
+    Resumes from `out`'s training checkpoint when one exists (unless `fresh`). `init_adapter` starts from an
+    earlier adapter (HMT's stage 2 from stage 1)."""
+    from .adapters import attach_adapter, save_adapter
+    from .models import load_backbone
+    from .perplexity import build_method, environment
+
+    if backbone is None:
+        backbone = load_backbone(model, dtype=dtype or "auto", device=device or "cpu", threads=threads)
+    m, preset = build_method(method, backbone, options, allow_untrained=True)
+    if not isinstance(m, TrainableMethod):
+        raise UsageError(f"method '{m.name}' has no memory parameters to train (trainable: rmt, hmt)")
+    if init_adapter:
+        attach_adapter(m, init_adapter, backbone)
+        m.adapter = None  # it trains on from there: the result is a new adapter
+    m.check_segment(config.segment)
+    corpus = TokenCorpus.from_files(files, backbone.tokenizer)
+    source = recall_task_for(backbone.tokenizer, torch.cat(corpus.docs)) if task == "recall" else corpus
+    if task == "lm" and config.loss == "answer":
+        raise UsageError("--loss answer needs a task with answer spans (--task recall)")
+    val = TokenCorpus.from_files([validation], backbone.tokenizer) if validation else None
+    store = checkpoint_store()
+    name = out.replace("/", "_").strip("_.") or "train"
+    trainer = Trainer(backbone, m, source, config, validation=val.docs[0] if val else None, checkpoints=store,
+                      checkpoint_name=name)
+    if fresh and name in store.names() and trainer.shard.rank == 0:
+        store.remove(name)
+    if trainer.shard.world > 1:
+        trainer.shard.state.wait_for_everyone()  # every rank sees the same checkpoint (or none)
+    resumed = trainer.load_checkpoint()
+    result = trainer.run(on_step)
+    training = {"command": command, "longctx_version": __version__, "task": task, "config": config.to_dict(),
+                "preset": preset.name, "data": corpus.files, "validation": val.files if val else None,
+                "init_adapter": init_adapter, "steps": result.steps, "tokens": result.tokens,
+                "seconds": result.seconds, "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
+                "resumed_from_checkpoint": resumed, "final_loss": result.history[-1]["loss"] if result.history else None,
+                "validation_ppl": result.validation, "history": result.history, "device": str(backbone.device),
+                "environment": environment()}
+    training["processes"] = trainer.shard.world
+    if trainer.shard.rank != 0:
+        return {}
+    path = save_adapter(out, m, backbone, config.tune, config.lora if config.tune == "lora" else None, training)
+    return {"adapter": out, "path": str(path), **training}
