@@ -151,10 +151,14 @@ def attend_with_retrieved(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
         mask = causal_mask(q_len, k_len, q.device)
     # GQA without copying K/V: the query heads sharing a KV head are stacked along the query axis
     s_loc = (q.reshape(kv_heads, groups * q_len, dim) @ k.transpose(1, 2)).view(heads, q_len, k_len) * scale
-    s_loc = s_loc.masked_fill_(~mask, float("-inf"))
+    training = torch.is_grad_enabled()  # autograd needs the score buffers kept; inference reuses them in place
+    s_loc = s_loc.masked_fill(~mask, float("-inf")) if training else s_loc.masked_fill_(~mask, float("-inf"))
     s_mem = _memory_scores(found, scale)
     top = torch.maximum(s_loc.amax(-1, keepdim=True), s_mem.amax(-1, keepdim=True))
-    e_loc, e_mem = s_loc.sub_(top).exp_(), s_mem.sub_(top).exp_()  # one softmax over both, without a concat
+    if training:
+        e_loc, e_mem = (s_loc - top).exp(), (s_mem - top).exp()
+    else:  # one softmax over both, without a concat
+        e_loc, e_mem = s_loc.sub_(top).exp_(), s_mem.sub_(top).exp_()
     denom = e_loc.sum(-1, keepdim=True) + e_mem.sum(-1, keepdim=True)
     local = (e_loc.view(kv_heads, groups * q_len, k_len) @ v).view(heads, q_len, dim)
     return (local + torch.einsum("hqk,hqkd->hqd", e_mem, found.values)) / denom
@@ -162,7 +166,7 @@ def attend_with_retrieved(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
 
 def _memory_scores(found: Retrieved, scale: float) -> torch.Tensor:
     scores = torch.einsum("hqd,hqkd->hqk", found.query, found.keys) * scale
-    return scores if found.valid is None else scores.masked_fill_(~found.valid, float("-inf"))
+    return scores if found.valid is None else scores.masked_fill(~found.valid, float("-inf"))
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:

@@ -29,7 +29,7 @@ from .checkpoint import (
     save_run,
 )
 from .config import Resolved, resolve
-from .errors import InputError, UsageError
+from .errors import InputError, LongctxError, UsageError
 from .methods import get_method
 from .methods.base import Method
 from .metrics import paired_delta, summarize
@@ -104,11 +104,24 @@ def build_method(spec: str | Preset, backbone: Backbone, overrides: dict[str, An
     cls = get_method(preset.method)
     options = cls.Options.from_mapping({**preset.options, **(overrides or {})}, where=f"{preset.method} option")
     method = cls(options, backbone)
-    if adapter or preset.adapter:
-        attach_adapter(method, adapter or preset.adapter, backbone)
+    if adapter:
+        attach_adapter(method, adapter, backbone)
+    elif preset.adapter:
+        _attach_preset_adapter(method, preset, backbone, allow_untrained)
     else:
         require_trained(method, allow_untrained)
     return method, preset
+
+
+def _attach_preset_adapter(method: Method, preset: Preset, backbone: Backbone, allow_untrained: bool) -> None:
+    """The preset's adapter fits the model it was trained on; on another model the method runs untrained
+    only when that is allowed, else the refusal says why and what to do."""
+    try:
+        attach_adapter(method, preset.adapter, backbone)
+    except LongctxError as e:
+        if not allow_untrained:
+            raise UsageError(f"preset '{preset.name}' names adapter '{preset.adapter}', which does not fit this run "
+                             f"({e}); pass --adapter NAME, or --allow-untrained to run {method.name} untrained") from None
 
 
 def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | None = None,

@@ -12,6 +12,7 @@ from longctx.knnstore import KNNStore
 from longctx.layersets import resolve_layers
 from longctx.methods import get_method
 from longctx.segments import Segment
+from longctx.stream import forward_segment
 
 TOL = 2e-4
 
@@ -32,10 +33,7 @@ def feed(backbone, method, ids: torch.Tensor, seg: int, state=None):
     start = int(state.local.token_index.max()) + 1 if hasattr(state, "local") and len(state.local) else 0
     with torch.inference_mode():
         for s in range(0, len(ids), seg):
-            sg = segment(ids[s : s + seg], start + s)
-            state, plan = method.read(state, sg)
-            hidden = backbone.forward(sg.ids, plan)
-            state = method.write(state, sg, plan)
+            state, hidden, plan = forward_segment(backbone, method, state, segment(ids[s : s + seg], start + s))
     return state, plan, hidden
 
 
@@ -167,8 +165,11 @@ def test_memorizing_store_holds_the_evicted_tokens_and_dump_shows_them(tiny_back
 
 
 def test_unimix_refuses_untrained_tokens_and_has_memory_only_upstairs(tiny_backbone):
-    with pytest.raises(UsageError, match="rmt_tokens"):
-        build(tiny_backbone, "unimix", rmt_tokens=16)
+    from longctx.perplexity import build_method
+
+    with pytest.raises(UsageError, match="--allow-untrained"):
+        build_method("unimix", tiny_backbone, {"rmt_tokens": 16})
+    assert "UNTRAINED" in build_method("unimix", tiny_backbone, {"rmt_tokens": 4}, allow_untrained=True)[0].describe()
     m = build(tiny_backbone, "unimix", window=8, memory=40, topk=2)
     assert m.retrieval_layers == (1,) and m.local_layers == frozenset({1})
     _, plan, _ = feed(tiny_backbone, m, doc(64), 16)
@@ -235,3 +236,15 @@ def test_memory_dump_shows_the_store_with_excerpts(tiny_backbone, tmp_path):
     assert store["entries"] == 40 and store["tokens"][1] == info["groups"][1]["tokens"][0]
     text = Path(book).read_bytes()
     assert " ".join(text[store["byte_start"]:store["byte_start"] + 12].decode("utf-8", "replace").split())[:6] in store["excerpt"]
+
+
+def test_unimix_rmt_tokens_stay_out_of_the_kv_memory_and_zero_tokens_change_nothing(tiny_backbone):
+    """[mem; x; mem] rows are fed, but only the segment's own K/V are stored; the tokens' rows are not scored."""
+    with_tokens = build(tiny_backbone, "unimix", window=8, memory=40, topk=2, rmt_tokens=3)
+    state, plan, hidden = feed(tiny_backbone, with_tokens, doc(64), 16)
+    assert plan.embeds.shape[0] == 16 + 6 and plan.hidden.shape[0] == 16 + 6 and hidden.shape[0] == 16
+    assert state.local.token_index.tolist() == [0, 1, 2, 3, *range(56, 64)]  # 4 globals + 8 window, no slot rows
+    assert sorted(state.store.token_index.tolist()) == list(range(16, 56))  # FIFO of 40
+    assert state.tokens.memory.shape == (3, tiny_backbone.config.hidden_size) and state.tokens.segments == 4
+    plain = build(tiny_backbone, "unimix", window=8, memory=40, topk=2)
+    assert plain.init_state().tokens is None and not plain.trainable

@@ -49,10 +49,16 @@ def make(name: str, backbone: Backbone, **options):
 
 
 def memory_tensor(state) -> torch.Tensor:
+    if hasattr(state, "tokens"):  # unimix: its RMT part
+        return state.tokens.memory
     return state.memory if hasattr(state, "memory") else state.cache
 
 
-@pytest.mark.parametrize("name, options", [("rmt", {"tokens": 2}), ("hmt", {"sensory": 2, "cache": 3})])
+UNIMIX = {"rmt_tokens": 2, "window": 4, "memory": 8, "topk": 2, "sinks": 0}
+
+
+@pytest.mark.parametrize("name, options", [("rmt", {"tokens": 2}), ("hmt", {"sensory": 2, "cache": 3}),
+                                           ("unimix", UNIMIX)])
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
 def test_bptt_depth_gradient_reaches_exactly_the_last_k_segments(tiny_backbone, name, options, k):
     """Loss on the last of 5 segments: the memory entering segment i has a gradient iff i >= 5 - k; the
@@ -82,7 +88,8 @@ def test_bptt_depth_gradient_reaches_exactly_the_last_k_segments(tiny_backbone, 
         assert init is None or torch.count_nonzero(init) == 0
 
 
-@pytest.mark.parametrize("name, options", [("rmt", {"tokens": 4}), ("hmt", {"sensory": 0, "cache": 4})])
+@pytest.mark.parametrize("name, options", [("rmt", {"tokens": 4}), ("hmt", {"sensory": 0, "cache": 4}),
+                                           ("unimix", {**UNIMIX, "rmt_tokens": 4, "memory": 0})])
 def test_memory_learns_the_recall_task_the_no_memory_model_cannot(name, options):
     """Key in segment 1, question at the end of segment 3 (8-token segments): trained with memory, recall is
     near perfect; the same backbone fine-tuned the same way without memory stays near chance (1/8)."""

@@ -22,8 +22,10 @@ from ..knnstore import KNNStore
 from ..kvstate import KVState
 from ..layersets import resolve_layers
 from ..segments import Segment
-from .base import MethodOptions, UniMem, option, register
+from .base import Method, MethodOptions, UniMem, option, register
 from .kvcache import KVCacheMethod, KVPolicy, token_runs
+from .recurrent import Scale, TrainableMethod, gaussian, scale_param
+from .rmt import TokenMemory
 
 STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -239,21 +241,123 @@ class UniMixOptions(MemorizingOptions):
     window: int = option(512, "recent tokens attended directly at the memory layers")
     sinks: int = option(4, "global tokens: the first tokens of the document, always attended")
     local_layers: str = option("0.5-1", "layers that see globals + window (UniMix: the memory layers only)")
-    rmt_tokens: int = option(0, "RMT memory tokens at the input; needs trained parameters, so 0 until an adapter exists")
+    rmt_tokens: int = option(0, "RMT memory tokens [mem; x; mem] at the input (UniMix: 40); > 0 needs an adapter from `longctx train`")
+    scale: Scale = option("learned", "RMT tokens: written memory times a trained per-channel factor, or raw (none)")
+    init_seed: int = option(0, "seed of the untrained RMT token parameters")
 
     def __post_init__(self):
         super().__post_init__()
-        self.check(self.rmt_tokens == 0, "rmt_tokens",
-                   "needs trained memory tokens; untrained tokens would be noise, and training comes with `longctx train`")
+        self.check(self.rmt_tokens >= 0, "rmt_tokens", "must be >= 0")
+
+
+@dataclass
+class UniMixState(MemorizingState):
+    tokens: TokenMemory | None = None  # the RMT part (None with rmt_tokens = 0)
 
 
 @register
-class UniMix(Memorizing):
+class UniMix(Memorizing, TrainableMethod):
+    """UniMix = the memorizing machinery at the upper half + RMT tokens at the input (UniMem §1.2).
+
+    With `rmt_tokens` m > 0 each segment runs as [mem; x; mem] like `rmt`: the K/V memory is written from
+    the segment's own rows only (memory tokens are excluded from the cache, as in UniMem's code), the
+    write slots' final states become the next tokens. Those tokens are trained (`longctx train -m unimix
+    -o rmt_tokens=16`); with m = 0 nothing is trainable and the method is training-free."""
+
     name = "unimix"
     Options = UniMixOptions
-    summary = "UniMem's UniMix: upper-half K/V memory read by window + top-k + global tokens (token part: off)"
+    summary = "UniMem's UniMix: upper-half K/V memory read by window + top-k + global tokens, + RMT tokens at the input (trainable)"
+    param_options = ("rmt_tokens", "scale")
+
+    def __init__(self, options, backbone):
+        super().__init__(options, backbone)
+        self.trainable = options.rmt_tokens > 0  # the K/V part needs no training
+
+    def build_params(self, gen: torch.Generator) -> torch.nn.Module:
+        p = torch.nn.Module()
+        m, d = self.options.rmt_tokens, self.backbone.config.hidden_size
+        p.memory = gaussian(gen, (m, d), self.embedding_std()) if m else None
+        p.scale = scale_param(self.output_scale_init(), d, self.options.scale) if m else None
+        return p
+
+    def describe(self) -> str:
+        return TrainableMethod.describe(self) if self.trainable else Method.describe(self)
+
+    def check_segment(self, segment: int) -> None:
+        super().check_segment(segment + 2 * self.options.rmt_tokens)  # the forward spans the slots too
+
+    def init_state(self) -> UniMixState:
+        s = super().init_state()
+        return UniMixState(s.local, s.store, TokenMemory(self.params.memory) if self.trainable else None)
+
+    def read(self, state: UniMixState, seg: Segment) -> tuple[UniMixState, ForwardPlan]:
+        s, plan = super().read(state, seg)
+        if state.tokens is None:
+            return UniMixState(s.local, s.store, None), plan
+        m = self.options.rmt_tokens
+        mem = self.as_input(state.tokens.memory)
+        plan.embeds = torch.cat((mem, self.embed(seg.ids), mem))
+        plan.token_rows = slice(m, m + len(seg))
+        _widen_for_tokens(plan, m, len(seg))
+        return UniMixState(s.local, s.store, state.tokens), plan
+
+    def write(self, state: UniMixState, seg: Segment, plan: ForwardPlan) -> UniMixState:
+        if state.tokens is not None:  # the K/V memory keeps the segment's rows, never the memory tokens
+            rows = plan.token_rows
+            plan.captured = {layer: (k[:, rows].detach(), v[:, rows].detach()) for layer, (k, v) in plan.captured.items()}
+        s = super().write(state, seg, plan)
+        tokens = state.tokens
+        if tokens is not None:
+            new = plan.hidden[-self.options.rmt_tokens :]
+            if self.params.scale is not None:
+                new = new * self.params.scale.to(new.dtype)
+            tokens = TokenMemory(new, tokens.segments + 1, int(seg.next_byte))
+        return UniMixState(s.local, s.store, tokens)
+
+    def detach_state(self, state: UniMixState) -> UniMixState:
+        t = state.tokens
+        return UniMixState(state.local, state.store, TokenMemory(t.memory.detach(), t.segments, t.byte_end) if t else None)
+
+    def state_tensors(self, state: UniMixState) -> dict[str, torch.Tensor]:
+        out = super().state_tensors(state)
+        if state.tokens is not None:
+            out["rmt.memory"] = state.tokens.memory.detach()
+            out["rmt.counters"] = torch.tensor([state.tokens.segments, state.tokens.byte_end])
+        return out
+
+    def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> UniMixState:
+        s = super().state_from_tensors({k: v for k, v in tensors.items() if not k.startswith("rmt.")})
+        tokens = None
+        if "rmt.memory" in tensors:
+            c = tensors["rmt.counters"].tolist()
+            tokens = TokenMemory(tensors["rmt.memory"].to(self.backbone.device), int(c[0]), int(c[1]))
+        return UniMixState(s.local, s.store, tokens)
+
+    def memory_size(self, state: UniMixState) -> int:
+        return super().memory_size(state) + (self.options.rmt_tokens if state.tokens is not None else 0)
 
     def unimem(self) -> UniMem:
-        u = super().unimem()
-        return UniMem(management=u.management, writing=u.writing + "; RMT tokens off (no adapter)",
-                      reading=u.reading, injection=u.injection)
+        u, m = super().unimem(), self.options.rmt_tokens
+        if not m:
+            return UniMem(management=u.management, writing=u.writing + "; RMT tokens off (rmt_tokens 0)",
+                          reading=u.reading, injection=u.injection)
+        return UniMem(management=u.management + f"; {m} RMT tokens, overwritten every segment",
+                      writing=u.writing + f" + model-forward ({m} RMT write slots)",
+                      reading=u.reading + f" + full ({m} RMT read slots)",
+                      injection=u.injection + "; RMT tokens at the input embeddings")
+
+
+def _widen_for_tokens(plan: ForwardPlan, m: int, q: int) -> None:
+    """Turn a plan for the segment's q tokens into one for [m read slots; q tokens; m write slots]: positions
+    stay contiguous after the K/V memory; the slots see the memory as the segment's first / last token does."""
+    mem_len = plan.memory_len
+    start = int(plan.query_pos[0]) if plan.query_pos.numel() else 0
+    plan.query_pos = torch.arange(start, start + q + 2 * m, device=plan.query_pos.device)
+    plan.key_pos = torch.cat((plan.key_pos[:mem_len], plan.query_pos))
+    if plan.mask is None:
+        return
+    old = plan.mask[:, :mem_len]
+    memory_part = torch.cat((old[:1].expand(m, -1), old, old[-1:].expand(m, -1)))
+    n = q + 2 * m
+    local = torch.ones(n, n, dtype=torch.bool, device=old.device).tril()
+    plan.mask = torch.cat((memory_part, local), dim=1)
