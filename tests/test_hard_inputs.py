@@ -233,10 +233,21 @@ def test_override_reaches_a_preset_given_as_a_path(model_dir, book, tmp_path):
         assert json.loads(r.stdout)["runs"][0]["protocol"].startswith("xl(memory=24,")
 
 
-def test_adapter_flag_not_applicable_yet(model_dir, book):
-    """Adapters do not exist in this release: the flag is an unknown option (typer's usage error, exit 2)."""
-    r = ppl(book, "--model", model_dir, "--adapter", "other-model-adapter")
-    assert r.exit_code == 2 and "No such option: --adapter" in r.stderr
+def test_adapter_for_another_model_is_refused(model_dir, book, tmp_path):
+    """An rmt adapter trained on a narrower model: exit 2 naming the architecture hash, nothing run."""
+    from conftest import tiny_model
+    from tiny_tokenizers import byte_bpe_tokenizer
+
+    from longctx.adapters import save_adapter
+    from longctx.backbone import Backbone, ModelInfo
+    from longctx.methods import get_method
+
+    other = Backbone(tiny_model(hidden_size=32, intermediate_size=64), byte_bpe_tokenizer(), ModelInfo("tiny-llama", "test"))
+    cls = get_method("rmt")
+    save_adapter(str(tmp_path / "ad" / "narrow"), cls(cls.Options(), other), other, "memory", None, {"steps": 0})
+    r = ppl(book, "--model", model_dir, "-m", "rmt", "--adapter", str(tmp_path / "ad" / "narrow"), "--max-tokens", "60")
+    assert r.exit_code == 2 and "does not fit this run" in r.stderr and "arch_sha256" in r.stderr
+    assert r.stdout == ""
 
 
 # -- snapshots -----------------------------------------------------------------------------------------
