@@ -114,7 +114,34 @@ def passkey(d: dict) -> list[str]:
     return out
 
 
+def trained(d: dict) -> list[str]:
+    """benchmarks/trained.py: how the adapters were trained, held-out PPL, recall accuracy."""
+    out = ["| adapter | tune | steps | tokens | seconds | train tok/s | threads | val PPL before → after | data |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for a in d["adapters"].values():
+        v = a["validation_ppl"]
+        out.append(f"| `{a['name']}` | {a['tune']} | {a['steps']} | {a['tokens']:,} | {a['seconds']:.0f} "
+                   f"| {a['tokens_per_s']:.0f} | {a['threads']} | {v[0]['ppl']:.2f} → {v[-1]['ppl']:.2f} "
+                   f"| {', '.join(x.removeprefix('austen_').removesuffix('.txt') for x in a['data'])} |")
+    out += [""] + ppl_report(d["ppl"])
+    if d.get("recall", {}).get("cells"):
+        cells = d["recall"]["cells"]
+        lengths = sorted({c["segments"] for c in cells})
+        out += [f"Recall accuracy ({d['recall']['samples']} samples per cell, {d['recall']['keys']} candidate words, "
+                f"segment {d['segment']}; the fact opens segment 1, the question closes the last):", "",
+                "| method | " + " | ".join(f"{n} segments" for n in lengths) + " |",
+                "|---|" + "---|" * len(lengths)]
+        for m in dict.fromkeys(c["method"] for c in cells):
+            row = {c["segments"]: c for c in cells if c["method"] == m}
+            out.append(f"| {m} | " + " | ".join(f"{row[n]['correct']}/{row[n]['samples']}" if n in row else "—"
+                                               for n in lengths) + " |")
+        out.append("")
+    return out
+
+
 def render(d: dict) -> list[str]:
+    if "adapters" in d and "ppl" in d:
+        return trained(d)
     if "exactness" in d:
         return snapshots(d)
     if d.get("benchmark") == "passkey":

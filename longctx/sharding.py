@@ -9,6 +9,7 @@ Without WORLD_SIZE > 1 in the environment nothing here touches torch.distributed
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 from collections.abc import Sequence
@@ -70,7 +71,17 @@ def current_shard(device: str | None) -> Shard:
     from accelerate import PartialState
 
     state = PartialState(cpu=(device or "cpu") == "cpu" or not torch.cuda.is_available())
+    atexit.register(_close)
     return Shard(state.process_index, state.num_processes, state)
+
+
+def _close() -> None:
+    """Tear the process group down before the interpreter does: gloo's threads outliving it abort the
+    process at exit ("terminate called without an active exception"), failing an otherwise good run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def in_order(pieces: Sequence[list[list[Any]]]) -> list[Any]:

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from ..attention import ForwardPlan
-from ..errors import UsageError
 from ..segments import Segment
 from .base import MethodOptions, UniMem, option, register
 from .recurrent import Scale, TrainableMethod, gaussian, scale_param
@@ -81,10 +80,7 @@ class HMT(TrainableMethod):
                       injection="input embeddings")
 
     def check_segment(self, segment: int) -> None:
-        span = segment + self.options.sensory + 2
-        if span > self.backbone.max_positions:
-            raise UsageError(f"{self.describe()} with segment {segment} spans {span} positions, past the model's "
-                             f"trained {self.backbone.max_positions}; use a smaller segment")
+        self.check_span(segment, self.options.sensory + 2)
 
     def init_state(self) -> HMTState:
         dev, d = self.backbone.device, self.backbone.config.hidden_size
@@ -123,9 +119,7 @@ class HMT(TrainableMethod):
         return self.backbone.forward(torch.empty(0), ForwardPlan(query_pos=pos, key_pos=pos), embeds=embeds)[-1:]
 
     def write(self, state: HMTState, seg: Segment, plan: ForwardPlan) -> HMTState:
-        new = plan.hidden[-1:].float()
-        if self.params.scale is not None:
-            new = new * self.params.scale
+        new = self.written(plan.hidden[-1:].float())
         n = self.options.cache
         span = torch.tensor([[int(seg.byte_start[0]), int(seg.next_byte)]], device=state.spans.device)
         k = self.options.sensory

@@ -308,10 +308,8 @@ class UniMix(Memorizing, TrainableMethod):
         s = super().write(state, seg, plan)
         tokens = state.tokens
         if tokens is not None:
-            new = plan.hidden[-self.options.rmt_tokens :]
-            if self.params.scale is not None:
-                new = new * self.params.scale.to(new.dtype)
-            tokens = TokenMemory(new, tokens.segments + 1, int(seg.next_byte))
+            tokens = TokenMemory(self.written(plan.hidden[-self.options.rmt_tokens :]), tokens.segments + 1,
+                                 int(seg.next_byte))
         return UniMixState(s.local, s.store, tokens)
 
     def detach_state(self, state: UniMixState) -> UniMixState:

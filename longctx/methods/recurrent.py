@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..attention import ForwardPlan
+from ..errors import UsageError
 from .base import Method
 
 Scale = Literal["learned", "none"]
@@ -67,6 +68,18 @@ class TrainableMethod(Method):
         norm = getattr(self.backbone.model.model, "norm", None)
         w = norm.weight.detach().float() if norm is not None and hasattr(norm, "weight") else torch.ones(1)
         return float(emb.pow(2).mean().sqrt() / w.pow(2).mean().sqrt().clamp_min(1e-6))
+
+    def check_span(self, segment: int, extra: int) -> None:
+        """Refuse a forward of `segment + extra` positions (the memory slots) past the trained range."""
+        span = segment + extra
+        if span > self.backbone.max_positions:
+            raise UsageError(f"{self.describe()} with segment {segment} spans {span} positions, past the model's "
+                             f"trained {self.backbone.max_positions}; use a smaller segment")
+
+    def written(self, states: torch.Tensor) -> torch.Tensor:
+        """New memory from write-slot final states: rescaled by the learned factor when there is one."""
+        scale = getattr(self.params, "scale", None)
+        return states if scale is None else states * scale.to(states.dtype)
 
     def memory_plan(self, embeds: torch.Tensor, first: int, count: int) -> ForwardPlan:
         """Plain causal forward over `embeds [n, d]` at positions 0..n-1; rows first..first+count are tokens."""

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from ..attention import ForwardPlan
-from ..errors import UsageError
 from ..segments import Segment
 from .base import MethodOptions, UniMem, option, register
 from .recurrent import Scale, TrainableMethod, gaussian, scale_param
@@ -62,10 +61,7 @@ class RMT(TrainableMethod):
                       reading=f"full (all {m} read slots)", injection="input embeddings")
 
     def check_segment(self, segment: int) -> None:
-        span = segment + 2 * self.options.tokens
-        if span > self.backbone.max_positions:
-            raise UsageError(f"{self.describe()} with segment {segment} spans {span} positions, past the model's "
-                             f"trained {self.backbone.max_positions}; use a smaller segment")
+        self.check_span(segment, 2 * self.options.tokens)
 
     def init_state(self) -> TokenMemory:
         return TokenMemory(self.params.memory)
@@ -79,10 +75,7 @@ class RMT(TrainableMethod):
         return state, self.memory_plan(embeds, mem.shape[0], len(seg))
 
     def write(self, state: TokenMemory, seg: Segment, plan: ForwardPlan) -> TokenMemory:
-        new = plan.hidden[-self.options.tokens :]
-        if self.params.scale is not None:
-            new = new * self.params.scale.to(new.dtype)
-        return TokenMemory(new, state.segments + 1, int(seg.next_byte))
+        return TokenMemory(self.written(plan.hidden[-self.options.tokens :]), state.segments + 1, int(seg.next_byte))
 
     def detach_state(self, state: TokenMemory) -> TokenMemory:
         return TokenMemory(state.memory.detach(), state.segments, state.byte_end)
