@@ -7,6 +7,7 @@ merged: each method's adapter is injected under its own name and switched on onl
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,9 @@ class LoraSpec:
 
 def add_lora(backbone: Backbone, name: str, spec: LoraSpec) -> list[torch.nn.Parameter]:
     """Inject a fresh LoRA adapter `name` (B = 0, so the model is unchanged until trained); its parameters."""
-    inject_adapter_in_model(spec.config(), backbone.model, adapter_name=name)
+    with warnings.catch_warnings():  # several named adapters on one model is the design here, not an accident
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(spec.config(), backbone.model, adapter_name=name)
     activate(backbone, None)
     return [p for n, p in backbone.model.named_parameters() if f".{name}." in n and "lora_" in n]
 

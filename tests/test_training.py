@@ -49,7 +49,7 @@ def make(name: str, backbone: Backbone, **options):
 
 
 def memory_tensor(state) -> torch.Tensor:
-    if hasattr(state, "tokens"):  # unimix: its RMT part
+    if hasattr(state, "local"):  # unimix: its RMT part
         return state.tokens.memory
     return state.memory if hasattr(state, "memory") else state.cache
 
@@ -244,3 +244,18 @@ def test_train_under_ddp_two_processes_equals_one_with_the_same_global_batch(mod
     assert a.keys() == b.keys() and any(k.startswith("lora.") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_memory_dump_of_hmt_lists_each_cached_segment_with_its_text(tiny_backbone, tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text(sample_text(1500), encoding="utf-8")
+    longctx.perplexity(str(book), ["hmt"], backbone=tiny_backbone, segment=32, save_memory="h", allow_untrained=True,
+                       options={"hmt": {"sensory": 4, "cache": 3}})
+    info = json.loads(runner.invoke(app, ["memory", "dump", "h", "--json"]).stdout)
+    groups = info["groups"]
+    assert [g["kind"].split(" of ")[0] for g in groups] == ["memory", "memory", "memory", "sensory tokens"]
+    last = groups[2]
+    assert last["tokens"][1] == info["tokens_consumed"] and groups[3]["tokens"] == [last["tokens"][1] - 4, last["tokens"][1]]
+    text = book.read_bytes()
+    assert " ".join(text[last["byte_start"]:last["byte_start"] + 10].decode("utf-8", "replace").split())[:5] in last["excerpt"]
+    assert "UNTRAINED" in info["method"]

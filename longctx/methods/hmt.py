@@ -44,13 +44,15 @@ class HMTOptions(MethodOptions):
 
 @dataclass
 class HMTState:
-    """`cache [c, d]` memory embeddings M (oldest first) with the byte span of the segment each came from
-    (`spans [c, 2]`), the previous segment's last tokens (`sensory [<=k]`), and the segment count."""
+    """`cache [c, d]` memory embeddings M (oldest first); `spans [c, 4]` the segment each came from (first and
+    end token, first token's byte, last token's byte); the previous segment's last tokens (`sensory [<=k]`,
+    starting at document token `sensory_at`) and the segment count."""
 
     cache: torch.Tensor
     spans: torch.Tensor
     sensory: torch.Tensor
     segments: int = 0
+    sensory_at: tuple[int, int] = (0, 0)  # document token and byte where the sensory tokens start
 
 
 @register
@@ -85,7 +87,7 @@ class HMT(TrainableMethod):
     def init_state(self) -> HMTState:
         dev, d = self.backbone.device, self.backbone.config.hidden_size
         empty = torch.zeros(0, dtype=torch.long, device=dev)
-        return HMTState(torch.zeros(0, d, device=dev), torch.zeros(0, 2, dtype=torch.long, device=dev), empty)
+        return HMTState(torch.zeros(0, d, device=dev), torch.zeros(0, 4, dtype=torch.long, device=dev), empty)
 
     def memory_size(self, state: HMTState) -> int:
         return int(state.cache.shape[0]) + int(state.sensory.numel())
@@ -121,28 +123,35 @@ class HMT(TrainableMethod):
     def write(self, state: HMTState, seg: Segment, plan: ForwardPlan) -> HMTState:
         new = self.written(plan.hidden[-1:].float())
         n = self.options.cache
-        span = torch.tensor([[int(seg.byte_start[0]), int(seg.next_byte)]], device=state.spans.device)
-        k = self.options.sensory
-        sensory = seg.ids[-k:].to(state.sensory.device) if k else state.sensory
+        span = torch.tensor([[seg.start, seg.start + len(seg), int(seg.byte_start[0]), int(seg.byte_start[-1])]],
+                            device=state.spans.device)
+        k = min(self.options.sensory, len(seg))
+        sensory = seg.ids[len(seg) - k :].to(state.sensory.device)
+        at = (seg.start + len(seg) - k, int(seg.byte_start[len(seg) - k])) if k else (seg.start + len(seg), 0)
         return HMTState(torch.cat((state.cache, new))[-n:], torch.cat((state.spans, span))[-n:], sensory,
-                        state.segments + 1)
+                        state.segments + 1, at)
 
     def detach_state(self, state: HMTState) -> HMTState:
-        return HMTState(state.cache.detach(), state.spans, state.sensory, state.segments)
+        return HMTState(state.cache.detach(), state.spans, state.sensory, state.segments, state.sensory_at)
 
     def state_tensors(self, state: HMTState) -> dict[str, torch.Tensor]:
         return {"cache": state.cache.detach(), "spans": state.spans, "sensory": state.sensory,
-                "counters": torch.tensor([state.segments])}
+                "counters": torch.tensor([state.segments, *state.sensory_at])}
 
     def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> HMTState:
         dev = self.backbone.device
-        return HMTState(tensors["cache"].to(dev), tensors["spans"].to(dev), tensors["sensory"].to(dev),
-                        int(tensors["counters"][0]))
+        c = [int(x) for x in tensors["counters"].tolist()]
+        return HMTState(tensors["cache"].to(dev), tensors["spans"].to(dev), tensors["sensory"].to(dev), c[0],
+                        (c[1], c[2]))
 
     def dump(self, state: HMTState) -> list[dict[str, Any]]:
-        out = [{"kind": "cached memory", "entries": 1, "segment": state.segments - len(state.spans) + i,
-                "bytes": [int(a), int(b)]} for i, (a, b) in enumerate(state.spans.tolist())]
-        if state.sensory.numel():
-            out.append({"kind": "sensory tokens", "entries": int(state.sensory.numel()),
-                        "text": self.backbone.tokenizer.decode(state.sensory.tolist())})
+        """One row per cached memory (the segment it summarises), then the sensory tokens."""
+        first = state.segments - len(state.spans)
+        out = [{"kind": f"memory of segment {first + i}", "entries": 1, "tokens": [a, b], "byte_start": bs,
+                "byte_last_token": bl} for i, (a, b, bs, bl) in enumerate(state.spans.tolist())]
+        n = int(state.sensory.numel())
+        if n:
+            out.append({"kind": "sensory tokens", "entries": n, "tokens": [state.sensory_at[0], state.sensory_at[0] + n],
+                        "byte_start": state.sensory_at[1],
+                        "byte_last_token": int(state.spans[-1, 3]) if len(state.spans) else state.sensory_at[1]})
         return out

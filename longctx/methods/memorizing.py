@@ -308,31 +308,28 @@ class UniMix(Memorizing, TrainableMethod):
         s = super().write(state, seg, plan)
         tokens = state.tokens
         if tokens is not None:
-            tokens = TokenMemory(self.written(plan.hidden[-self.options.rmt_tokens :]), tokens.segments + 1,
-                                 int(seg.next_byte))
+            tokens = tokens.after(self.written(plan.hidden[-self.options.rmt_tokens :]), seg)
         return UniMixState(s.local, s.store, tokens)
 
     def detach_state(self, state: UniMixState) -> UniMixState:
-        t = state.tokens
-        return UniMixState(state.local, state.store, TokenMemory(t.memory.detach(), t.segments, t.byte_end) if t else None)
+        return UniMixState(state.local, state.store, state.tokens.detached() if state.tokens else None)
 
     def state_tensors(self, state: UniMixState) -> dict[str, torch.Tensor]:
         out = super().state_tensors(state)
         if state.tokens is not None:
-            out["rmt.memory"] = state.tokens.memory.detach()
-            out["rmt.counters"] = torch.tensor([state.tokens.segments, state.tokens.byte_end])
+            out.update({f"rmt.{k}": v for k, v in state.tokens.tensors().items()})
         return out
 
     def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> UniMixState:
         s = super().state_from_tensors({k: v for k, v in tensors.items() if not k.startswith("rmt.")})
-        tokens = None
-        if "rmt.memory" in tensors:
-            c = tensors["rmt.counters"].tolist()
-            tokens = TokenMemory(tensors["rmt.memory"].to(self.backbone.device), int(c[0]), int(c[1]))
-        return UniMixState(s.local, s.store, tokens)
+        rmt = {k[4:]: v for k, v in tensors.items() if k.startswith("rmt.")}
+        return UniMixState(s.local, s.store, TokenMemory.from_tensors(rmt, self.backbone.device) if rmt else None)
 
     def memory_size(self, state: UniMixState) -> int:
         return super().memory_size(state) + (self.options.rmt_tokens if state.tokens is not None else 0)
+
+    def dump(self, state: UniMixState) -> list[dict[str, Any]]:
+        return super().dump(state) + ([state.tokens.group()] if state.tokens is not None else [])
 
     def unimem(self) -> UniMem:
         u, m = super().unimem(), self.options.rmt_tokens

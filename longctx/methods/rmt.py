@@ -33,11 +33,34 @@ class RMTOptions(MethodOptions):
 
 @dataclass
 class TokenMemory:
-    """RMT's memory: `memory [m, d]`, written by segment `segments - 1`, covering bytes before `byte_end`."""
+    """RMT's memory: `memory [m, d]`, written by segment `segments - 1`, after the document's first `tokens`
+    tokens; `last_byte` is where the last of them starts (provenance for `memory dump`)."""
 
     memory: torch.Tensor
     segments: int = 0
-    byte_end: int = 0
+    tokens: int = 0
+    last_byte: int = 0
+
+    def after(self, new: torch.Tensor, seg: Segment) -> TokenMemory:
+        """The memory written by `seg`."""
+        return TokenMemory(new, self.segments + 1, seg.start + len(seg), int(seg.byte_start[-1]))
+
+    def detached(self) -> TokenMemory:
+        return TokenMemory(self.memory.detach(), self.segments, self.tokens, self.last_byte)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"memory": self.memory.detach(), "counters": torch.tensor([self.segments, self.tokens, self.last_byte])}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], device: torch.device) -> TokenMemory:
+        c = [int(x) for x in t["counters"].tolist()]
+        return cls(t["memory"].to(device), *c)
+
+    def group(self) -> dict[str, Any]:
+        """`memory dump`'s row: m vectors summarising the document so far."""
+        kind = "memory tokens (learned initial)" if self.segments == 0 else f"memory tokens (after segment {self.segments - 1})"
+        return {"kind": kind, "entries": int(self.memory.shape[0]), "tokens": [0, self.tokens], "byte_start": 0,
+                "byte_last_token": self.last_byte}
 
 
 @register
@@ -75,20 +98,16 @@ class RMT(TrainableMethod):
         return state, self.memory_plan(embeds, mem.shape[0], len(seg))
 
     def write(self, state: TokenMemory, seg: Segment, plan: ForwardPlan) -> TokenMemory:
-        return TokenMemory(self.written(plan.hidden[-self.options.tokens :]), state.segments + 1, int(seg.next_byte))
+        return state.after(self.written(plan.hidden[-self.options.tokens :]), seg)
 
     def detach_state(self, state: TokenMemory) -> TokenMemory:
-        return TokenMemory(state.memory.detach(), state.segments, state.byte_end)
+        return state.detached()
 
     def state_tensors(self, state: TokenMemory) -> dict[str, torch.Tensor]:
-        return {"memory": state.memory.detach(), "counters": torch.tensor([state.segments, state.byte_end])}
+        return state.tensors()
 
     def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> TokenMemory:
-        c = tensors["counters"].tolist()
-        return TokenMemory(tensors["memory"].to(self.backbone.device), int(c[0]), int(c[1]))
+        return TokenMemory.from_tensors(tensors, self.backbone.device)
 
     def dump(self, state: TokenMemory) -> list[dict[str, Any]]:
-        src = "learned initial memory" if state.segments == 0 else f"written by segment {state.segments - 1}"
-        return [{"kind": "memory tokens", "entries": self.memory_size(state), "source": src,
-                 "bytes_summarised": [0, state.byte_end],
-                 "rms": float(state.memory.detach().float().pow(2).mean().sqrt())}]
+        return [state.group()]
