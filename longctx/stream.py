@@ -87,12 +87,17 @@ def forward_segment(backbone: Backbone, method: Method, state: Any, seg: Segment
     """One segment: read memory, forward, write memory. Returns the new state, the hidden states of the
     segment's own tokens `[q, d]` (memory-token rows removed) and the plan. Every task runs segments through
     this one function: scoring, ingestion, generation and training."""
+    state, tokens, plan = read_forward(backbone, method, state, seg)
+    return method.write(state, seg, plan), tokens, plan
+
+
+def read_forward(backbone: Backbone, method: Method, state: Any, seg: Segment) -> tuple[Any, torch.Tensor, ForwardPlan]:
+    """`forward_segment` without the write: what the segment sees of memory, and its tokens' hidden states."""
     lora.activate(backbone, method.lora)
     state, plan = method.read(state, seg)
     hidden = backbone.forward(seg.ids, plan, embeds=plan.embeds)
     plan.hidden = hidden
-    tokens = hidden if plan.token_rows is None else hidden[plan.token_rows]
-    return method.write(state, seg, plan), tokens, plan
+    return state, (hidden if plan.token_rows is None else hidden[plan.token_rows]), plan
 
 
 def _step(backbone: Backbone, method: Method, state: Any, seg: Segment, sums: NllSums) -> tuple[Any, float]:

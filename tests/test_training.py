@@ -259,3 +259,25 @@ def test_memory_dump_of_hmt_lists_each_cached_segment_with_its_text(tiny_backbon
     text = book.read_bytes()
     assert " ".join(text[last["byte_start"]:last["byte_start"] + 10].decode("utf-8", "replace").split())[:5] in last["excerpt"]
     assert "UNTRAINED" in info["method"]
+
+
+@pytest.mark.parametrize("name, options", [("rmt", {"tokens": 2}), ("hmt", {"sensory": 3, "cache": 4}),
+                                           ("unimix", UNIMIX)])
+def test_generation_past_a_segment_writes_memory_as_ingesting_the_text_would(tiny_backbone, name, options):
+    """Memory-token methods hold a pending segment while generating: each token equals what re-reading the
+    whole text so far predicts, and crossing the segment length writes exactly the memory ingestion writes."""
+    from longctx.decode import greedy, ingest, plain_segments
+
+    m = make(name, tiny_backbone, **options)
+    prompt = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(2))
+    done = ingest(tiny_backbone, m, plain_segments(prompt, 16))
+    assert len(done.pending) == 8
+    out, after = greedy(tiny_backbone, m, done, 12)
+    assert len(after.pending) == 4 and after.tokens == 52
+    for t in range(12):  # the reference re-reads everything from scratch
+        again = ingest(tiny_backbone, m, plain_segments(torch.cat((prompt, torch.tensor(out[:t], dtype=torch.long))), 16))
+        with torch.inference_mode():
+            assert int(tiny_backbone.model.lm_head(again.last_hidden).argmax()) == out[t]
+    full = ingest(tiny_backbone, m, plain_segments(torch.cat((prompt, torch.tensor(out[:8], dtype=torch.long))), 16))
+    a, b = m.state_tensors(after.state), m.state_tensors(full.state)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

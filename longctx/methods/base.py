@@ -127,6 +127,8 @@ class Method(ABC):
     summary: ClassVar[str] = ""
     trainable: ClassVar[bool] = False
     lora: str | None = None  # the backbone's LoRA adapter this method runs through (trained methods only)
+    # memory rewritten once per segment (memory tokens), not per token: generation holds a pending segment
+    writes_per_segment: bool = False
 
     def __init__(self, options: MethodOptions, backbone: Backbone):
         self.options = options

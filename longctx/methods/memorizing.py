@@ -272,6 +272,7 @@ class UniMix(Memorizing, TrainableMethod):
     def __init__(self, options, backbone):
         super().__init__(options, backbone)
         self.trainable = options.rmt_tokens > 0  # the K/V part needs no training
+        self.writes_per_segment = self.trainable  # the RMT tokens are rewritten once per segment
 
     def build_params(self, gen: torch.Generator) -> torch.nn.Module:
         p = torch.nn.Module()

@@ -25,6 +25,7 @@ class TrainableMethod(Method):
     """A method with parameters that `longctx train` learns and adapters carry."""
 
     trainable = True
+    writes_per_segment = True
     # option names that change parameter shapes: an adapter only fits a method built with the same values
     param_options: ClassVar[tuple[str, ...]] = ()
 
