@@ -74,3 +74,14 @@ def test_memory_beats_window_and_xl_matches_full(default_backbone, book):
     # 1536 tokens fit in both memories: same keys, positions differ only by the 4-sink gap (none: contiguous)
     assert ppl["xl"] == pytest.approx(ppl["full"], rel=2e-3)
     assert report.deltas[0]["delta_nll"] < 0
+
+
+@pytest.mark.model
+def test_shipped_adapters_load_and_beat_the_memoryless_window(default_backbone, book):
+    """The committed adapters fit the default model (in fp32 too: they are checked by architecture, not
+    dtype) and their memory helps on the held-out novel: rmt and hmt below window on the same tokens."""
+    report = longctx.perplexity(book, ["window", "rmt", "hmt"], backbone=default_backbone, segment=512,
+                                max_tokens=2048)
+    ppl = {r.method: r.to_dict()["ppl"] for r in report.runs}
+    assert [r.protocol.split("adapter=")[1][:11] for r in report.runs[1:]] == ["smollm2-rmt", "smollm2-hmt"]
+    assert ppl["rmt"] < ppl["window"] and ppl["hmt"] < ppl["window"], ppl

@@ -281,3 +281,13 @@ def test_generation_past_a_segment_writes_memory_as_ingesting_the_text_would(tin
     full = ingest(tiny_backbone, m, plain_segments(torch.cat((prompt, torch.tensor(out[:8], dtype=torch.long))), 16))
     a, b = m.state_tensors(after.state), m.state_tensors(full.state)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name, options", [("rmt", {"tokens": 2}), ("hmt", {"sensory": 2, "cache": 3}),
+                                           ("unimix", UNIMIX)])
+def test_validation_between_steps_leaves_training_usable(tiny_backbone, name, options):
+    """Validation runs in inference mode; nothing it caches may break the next training step."""
+    cfg = TrainConfig(segment=8, curriculum=((3, 4),), tune="memory", validate_every=2, val_tokens=40)
+    held_out = torch.randint(3, 256, (100,), generator=torch.Generator().manual_seed(4))
+    result = Trainer(tiny_backbone, make(name, tiny_backbone, **options), TASK, cfg, validation=held_out).run()
+    assert [v["step"] for v in result.validation] == [0, 2, 4] and result.steps == 4

@@ -168,7 +168,8 @@ class Memorizing(KVCacheMethod):
     @cached_property
     def _rope_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for every trained position, looked up per retrieved key (cheaper than recomputing)."""
-        return self.backbone.rope_tables(torch.arange(self.backbone.max_positions))
+        with torch.inference_mode(False):  # cached: must stay usable by training after an inference pass
+            return self.backbone.rope_tables(torch.arange(self.backbone.max_positions))
 
     def _position_queries(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """Queries as the retrieved keys see them: rotated by the constant distance (keys sit at position 0).
@@ -184,7 +185,8 @@ class Memorizing(KVCacheMethod):
 
     @cached_property
     def _distance_rope(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.backbone.rope_tables(torch.tensor([self.distance]))
+        with torch.inference_mode(False):  # cached, as above
+            return self.backbone.rope_tables(torch.tensor([self.distance]))
 
     def write(self, state: MemorizingState, seg: Segment, plan: ForwardPlan) -> MemorizingState:
         local = self.append_captured(state.local, seg, plan)
