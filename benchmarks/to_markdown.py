@@ -128,13 +128,15 @@ def trained(d: dict) -> list[str]:
         cells = d["recall"]["cells"]
         lengths = sorted({c["segments"] for c in cells})
         out += [f"Recall accuracy ({d['recall']['samples']} samples per cell, {d['recall']['keys']} candidate words, "
-                f"segment {d['segment']}; the fact opens segment 1, the question closes the last):", "",
+                f"segment {d['segment']}; the fact opens segment 1, the question closes the last). Each cell: greedy "
+                f"next token is the key / samples (in parentheses: the key has the highest logit among the "
+                f"{d['recall']['keys']} candidates, chance 1/{d['recall']['keys']}):", "",
                 "| method | " + " | ".join(f"{n} segments" for n in lengths) + " |",
                 "|---|" + "---|" * len(lengths)]
         for m in dict.fromkeys(c["method"] for c in cells):
             row = {c["segments"]: c for c in cells if c["method"] == m}
-            out.append(f"| {m} | " + " | ".join(f"{row[n]['correct']}/{row[n]['samples']}" if n in row else "—"
-                                               for n in lengths) + " |")
+            out.append(f"| {m} | " + " | ".join(f"{row[n]['correct']}/{row[n]['samples']} ({row[n]['chosen']})"
+                                               if n in row else "—" for n in lengths) + " |")
         out.append("")
     return out
 

@@ -113,7 +113,7 @@ def attach_adapter(method: Method, spec: str, backbone: Backbone) -> None:
     full = {k[9:]: v for k, v in snap.tensors.items() if k.startswith("backbone.")}
     if full:
         backbone.model.load_state_dict({k: v.to(backbone.dtype) for k, v in full.items()}, strict=False)
-    activate(backbone, None)
+    activate(backbone, None, force=True)
     sha = snap.manifest["files"]["state.safetensors"]["sha256"]
     method.adapter = {"name": snap.name, "sha256": sha, "path": str(snap.path), "tune": snap.manifest["tune"],
                       "training": snap.manifest.get("training", {})}

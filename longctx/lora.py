@@ -44,7 +44,7 @@ def add_lora(backbone: Backbone, name: str, spec: LoraSpec) -> list[torch.nn.Par
     with warnings.catch_warnings():  # several named adapters on one model is the design here, not an accident
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         inject_adapter_in_model(spec.config(), backbone.model, adapter_name=name)
-    activate(backbone, None)
+    activate(backbone, None, force=True)  # peft enables what it injects: off until its method runs
     return [p for n, p in backbone.model.named_parameters() if f".{name}." in n and "lora_" in n]
 
 
@@ -62,9 +62,10 @@ def load_lora(backbone: Backbone, name: str, spec: LoraSpec, tensors: dict[str, 
         raise ValueError(f"LoRA weights do not fit this model: unexpected {unexpected[:3]}")
 
 
-def activate(backbone: Backbone, name: str | None) -> None:
-    """Route the backbone through LoRA adapter `name`, or through the base weights alone (None)."""
-    if backbone.active_lora == name:
+def activate(backbone: Backbone, name: str | None, *, force: bool = False) -> None:
+    """Route the backbone through LoRA adapter `name`, or through the base weights alone (None). The
+    switch is skipped when `name` is already active, so `force` after anything that changes the layers."""
+    if backbone.active_lora == name and not force:
         return
     for module in backbone.model.modules():
         if isinstance(module, BaseTunerLayer):

@@ -146,9 +146,14 @@ def test_adapter_round_trip_reproduces_the_trained_method(tmp_path):
     loaded, _ = build_method("rmt", fresh, {"tokens": 2}, adapter=path)
     assert loaded.adapter["name"] == "tiny-rmt" and "adapter=tiny-rmt@" in loaded.describe()
     assert run_stream(fresh, loaded, window_segments(ids, 8)).sums.nll == before
-    plain, _ = build_method("xl", fresh)  # the LoRA is switched off for methods without it
-    reference = run_stream(Backbone(tiny_model(), byte_bpe_tokenizer(), ModelInfo("tiny-llama", "test")),
-                           plain, window_segments(ids, 8)).sums.nll
+    reference_backbone = Backbone(tiny_model(), byte_bpe_tokenizer(), ModelInfo("tiny-llama", "test"))
+    reference = run_stream(reference_backbone, build_method("xl", reference_backbone)[0], window_segments(ids, 8)).sums.nll
+    # the LoRA is off for methods without it: right after loading (before the trained method ever ran) ...
+    other = Backbone(tiny_model(), byte_bpe_tokenizer(), ModelInfo(model_id="tiny-llama", source="test"))
+    build_method("rmt", other, {"tokens": 2}, adapter=path)
+    assert run_stream(other, build_method("xl", other)[0], window_segments(ids, 8)).sums.nll == reference
+    # ... and after it ran
+    plain, _ = build_method("xl", fresh)
     assert run_stream(fresh, plain, window_segments(ids, 8)).sums.nll == reference
 
 

@@ -60,16 +60,19 @@ class RecallTask:
 
 def recall_accuracy(backbone: Backbone, method: Method, task: RecallTask, *, segments: int, segment: int,
                     samples: int, seed: int = 1234) -> dict[str, Any]:
-    """Share of `samples` fresh samples whose greedy token after the question is the key."""
+    """Share of `samples` fresh samples whose greedy token after the question is the key (`accuracy`), and
+    whose logit is the highest among the candidate keys (`choice_accuracy`: a multiple choice, chance 1/keys)."""
     gen = torch.Generator().manual_seed(seed)
-    correct = 0
+    correct = chosen = 0
+    keys = torch.tensor(list(task.keys))
     with torch.inference_mode():
         for _ in range(samples):
             ids, key, q = task.sample(segments, segment, gen)
             state = method.init_state()
             for seg in window_segments(ids, segment):
                 state, hidden, _ = forward_segment(backbone, method, state, seg)
-            last = hidden[q - seg.start]
-            correct += int(backbone.model.lm_head(last).argmax()) == key
+            logits = backbone.model.lm_head(hidden[q - seg.start])
+            correct += int(logits.argmax()) == key
+            chosen += int(keys[logits[keys.to(logits.device)].argmax()]) == key
     return {"method": method.name, "segments": segments, "segment": segment, "samples": samples,
-            "correct": correct, "accuracy": correct / samples}
+            "correct": correct, "accuracy": correct / samples, "chosen": chosen, "choice_accuracy": chosen / samples}
