@@ -160,9 +160,7 @@ def ppl(
     if compare or save_memory or save_every or resume:
         raise UsageError("--compare, --save-memory, --save-every and --resume work on one document; "
                          "score several documents with one --method")
-    if adapter or allow_untrained:
-        raise UsageError("--adapter and --allow-untrained work on one document for now; name the adapter in a preset")
-    common = {k: v for k, v in common.items() if k not in ("adapter", "allow_untrained")}
+    _warn_untrained_start([method or "xl"], common)
     _ppl_many(docs, method, _parse_overrides(option or [], [method or "xl"]), common, json_out, jsonl, progress, log)
 
 
@@ -428,6 +426,7 @@ def bench_passkey(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the full result (every trial) as JSON.")] = False,
+    allow_untrained: Annotated[bool, typer.Option("--allow-untrained", help="Run trainable methods without an adapter (answers then say nothing about the method).")] = False,
 ) -> None:
     """Passkey retrieval past the window: accuracy per method and length, with why the misses missed.
 
@@ -449,7 +448,8 @@ def bench_passkey(
                   f"({r.seconds:.1f}s)", highlight=False)
 
     result = passkey_bench(filler, names, config, model=model, dtype=dtype, device=device, threads=threads,
-                           options=_parse_overrides(option or [], names), on_result=on_result)
+                           options=_parse_overrides(option or [], names), allow_untrained=allow_untrained,
+                           on_result=on_result)
     if json_out:
         print_json(result)
     else:

@@ -204,6 +204,7 @@ def perplexity_many(paths: Sequence[str], method: str | None = None, *, model: s
                     dtype: str | None = None, device: str | None = None, threads: int | None = None,
                     segment: int | None = None, max_tokens: int | None = None,
                     options: dict[str, dict[str, Any]] | None = None, backbone=None, log: str | None = None,
+                    adapter: str | None = None, allow_untrained: bool = False,
                     on_file: Callable[[int, FileResult], None] | None = None,
                     on_start: Callable[[int, str], None] | None = None,
                     on_segment: Callable[[SegmentEvent], None] | None = None) -> CorpusReport:
@@ -225,7 +226,7 @@ def perplexity_many(paths: Sequence[str], method: str | None = None, *, model: s
         backbone = load_backbone(settings["model"], dtype=settings["dtype"], device=shard.device(settings["device"]),
                                  threads=settings["threads"])
     overrides = {**(options or {}).get(preset.method, {}), **(options or {}).get(preset.name, {})}
-    built, _ = build_method(preset, backbone, overrides)
+    built, _ = build_method(preset, backbone, overrides, adapter=adapter, allow_untrained=allow_untrained)
     built.check_segment(settings["segment"])
     setup = {"method": preset.name, "protocol": built.describe(), "segment": settings["segment"],
              "max_tokens": max_tokens, "model": dict(backbone.fingerprint)}
@@ -235,7 +236,7 @@ def perplexity_many(paths: Sequence[str], method: str | None = None, *, model: s
         try:
             result = _one_file(i, paths[i], run_log, on_start, lambda p: perplexity(
                 p, [method or "xl"], backbone=backbone, segment=segment, max_tokens=max_tokens, options=options,
-                on_segment=on_segment))
+                adapter=adapter, allow_untrained=allow_untrained, on_segment=on_segment))
         except KeyboardInterrupt:
             raise Interrupted(_interrupted_message(paths[i], len(mine), len(paths), log)) from None
         mine.append([i, result.to_dict()])

@@ -296,3 +296,24 @@ def test_validation_between_steps_leaves_training_usable(tiny_backbone, name, op
     held_out = torch.randint(3, 256, (100,), generator=torch.Generator().manual_seed(4))
     result = Trainer(tiny_backbone, make(name, tiny_backbone, **options), TASK, cfg, validation=held_out).run()
     assert [v["step"] for v in result.validation] == [0, 2, 4] and result.steps == 4
+
+
+def test_many_documents_and_passkey_take_the_adapter_flags(model_dir, tmp_path):
+    docs = []
+    for i in range(2):
+        p = tmp_path / f"d{i}.txt"
+        p.write_text(sample_text(1200 if i else 4000, seed=i), encoding="utf-8")
+        docs.append(str(p))
+    base = ["ppl", *docs, "--model", model_dir, "-m", "rmt", "--segment", "16", "-o", "tokens=2", "--json"]
+    refused = runner.invoke(app, base)
+    assert refused.exit_code == 2 and "--allow-untrained" in refused.stderr
+    r = runner.invoke(app, [*base, "--allow-untrained"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["kind"] == "corpus" and "UNTRAINED" in r.stdout
+    pk = ["bench", "passkey", docs[0], "--model", model_dir, "-m", "rmt", "--lengths", "200", "--trials", "1",
+          "--segment", "64", "--max-new-tokens", "2", "--json", "-o", "tokens=2"]
+    refused = runner.invoke(app, pk)
+    assert refused.exit_code == 2 and "--allow-untrained" in refused.stderr
+    ok = runner.invoke(app, [*pk, "--allow-untrained"])
+    assert ok.exit_code == 0, ok.output
+    assert "UNTRAINED" in json.loads(ok.stdout)["methods"]["rmt"]

@@ -232,8 +232,10 @@ def passkey(backbone: Backbone, methods: Sequence[Method], filler_path: str, con
 def passkey_bench(filler_path: str, methods: Sequence[str], config: PasskeyConfig, *, model: str | None = None,
                   dtype: str | None = None, device: str | None = None, threads: int | None = None,
                   options: dict[str, dict[str, Any]] | None = None, backbone: Backbone | None = None,
+                  allow_untrained: bool = False,
                   on_result: Callable[[TrialResult], None] | None = None) -> dict[str, Any]:
-    """`longctx bench passkey` as a library call: load the model, build the methods, run, describe the run."""
+    """`longctx bench passkey` as a library call: load the model, build the methods, run, describe the run.
+    Trainable methods load their presets' adapters (or refuse, unless `allow_untrained`)."""
     from ..config import resolve
     from ..models import load_backbone
     from ..perplexity import build_method, environment
@@ -243,7 +245,8 @@ def passkey_bench(filler_path: str, methods: Sequence[str], config: PasskeyConfi
     if backbone is None:
         backbone = load_backbone(settings["model"], dtype=settings["dtype"], device=settings["device"],
                                  threads=settings["threads"])
-    built = [build_method(name, backbone, (options or {}).get(name))[0] for name in methods]
+    built = [build_method(name, backbone, (options or {}).get(name), allow_untrained=allow_untrained)[0]
+             for name in methods]
     if len({m.name for m in built}) < len(built):
         raise UsageError("name each method once (presets of one method are not told apart in the results)")
     report = passkey(backbone, built, filler_path, config, on_result=on_result)
