@@ -88,9 +88,8 @@ def check_adapter(snap: Snapshot, method: Method, backbone: Backbone) -> None:
     diffs += [f"option {k}: adapter was trained with {opts.get(k)!r}, this run has {now[k]!r}"
               for k in method.param_options if opts.get(k) != now[k]]
     fp, base = backbone.fingerprint, man["base"]
-    # manifests older than the dtype-free architecture hash name the model by its full config hash
-    keys = BASE_KEYS if "arch_sha256" in base else (*BASE_KEYS[:1], "config_sha256", *BASE_KEYS[2:])
-    diffs += [f"{k}: adapter was trained on {base.get(k)!r}, this model has {fp[k]!r}" for k in keys if base.get(k) != fp[k]]
+    diffs += [f"{k}: adapter was trained on {base.get(k)!r}, this model has {fp[k]!r}" for k in BASE_KEYS
+              if base.get(k) != fp[k]]
     if diffs:
         raise SnapshotError(f"adapter '{snap.name}' does not fit this run:\n  " + "\n  ".join(diffs))
 

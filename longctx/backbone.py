@@ -18,6 +18,7 @@ from .errors import ModelError
 # rotate-half RoPE; others (partial rotary, soft-capping, alibi) would need their own handling.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ARCH_IGNORED = ("dtype", "torch_dtype", "_name_or_path")  # config keys that say how a model was loaded, not what it is
 NLL_CHUNK = 1024  # tokens per lm_head/cross-entropy chunk: bounds the fp32 logits buffer
 
 
@@ -93,10 +94,11 @@ class Backbone:
     @cached_property
     def fingerprint(self) -> dict[str, str | int]:
         """Identity of weights, config and tokenizer, used in result files and snapshots."""
-        raw = self.config.to_dict()
+        raw = {k: v for k, v in self.config.to_dict().items() if k != "_name_or_path"}  # where it was loaded from
         cfg = json.dumps(raw, sort_keys=True, default=str)
-        # the architecture alone: a model loaded in another dtype is still the same model for an adapter
-        arch = json.dumps({k: v for k, v in raw.items() if k not in ("dtype", "torch_dtype")}, sort_keys=True, default=str)
+        # the architecture alone: the same model loaded in another dtype or from another directory (the
+        # converted cache lives under LONGCTX_HOME) is still the same model for an adapter
+        arch = json.dumps({k: v for k, v in raw.items() if k not in ARCH_IGNORED}, sort_keys=True, default=str)
         tok = self.tokenizer.backend_tokenizer.to_str() if hasattr(self.tokenizer, "backend_tokenizer") else repr(self.tokenizer.get_vocab())
         return {
             "model": self.info.model_id,
