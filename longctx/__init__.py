@@ -4,6 +4,7 @@ Python API (the CLI is a thin layer over these):
     longctx.perplexity(path, methods=("xl", "sinks"), max_tokens=..., ...) -> PplReport
     longctx.perplexity_many(paths, method="xl", log="run.jsonl", ...) -> CorpusReport (micro/macro averages)
     longctx.load_backbone(model=None, dtype="auto", device="cpu", threads=None) -> Backbone
+    longctx.train(files, method, out, TrainConfig(...), validation=...) -> the adapter's manifest
     longctx.METHODS, longctx.get_method(name), longctx.load_preset(name)
 """
 
@@ -14,5 +15,7 @@ from .methods import METHODS, get_method  # noqa: E402
 from .models import load_backbone  # noqa: E402
 from .perplexity import perplexity  # noqa: E402
 from .presets import load_preset  # noqa: E402
+from .training import TrainConfig, train  # noqa: E402
 
-__all__ = ["METHODS", "__version__", "get_method", "load_backbone", "load_preset", "perplexity", "perplexity_many"]
+__all__ = ["METHODS", "TrainConfig", "__version__", "get_method", "load_backbone", "load_preset", "perplexity",
+           "perplexity_many", "train"]
