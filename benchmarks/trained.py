@@ -64,7 +64,7 @@ def main() -> None:
 
 
 def _adapter_summary(name: str) -> dict:
-    man = find_adapter(name).manifest
+    man = find_adapter(name, tensors=False).manifest
     tr = man["training"]
     return {"name": name, "tune": man["tune"], "steps": tr["steps"], "tokens": tr["tokens"], "seconds": tr["seconds"],
             "tokens_per_s": tr["tokens_per_s"], "validation_ppl": tr["validation_ppl"], "command": tr["command"],

@@ -37,16 +37,17 @@ def available() -> dict[str, str]:
     return {**{n: "packaged" for n in packaged_store().names()}, **{n: "user" for n in user_store().names()}}
 
 
-def find_adapter(spec: str) -> Snapshot:
-    """An adapter by directory (a version directory or a store entry) or by name (user, then packaged)."""
+def find_adapter(spec: str, *, tensors: bool = True) -> Snapshot:
+    """An adapter by directory (a version directory or a store entry) or by name (user, then packaged);
+    verified either way, its tensors read only when `tensors`."""
     p = Path(spec)
     if p.is_dir():
         if (p / "LATEST").is_file():
-            return SnapshotStore(p.parent, what="adapter").load(p.name)
-        return read_snapshot_dir(p, name=p.name)
+            return SnapshotStore(p.parent, what="adapter").load(p.name, tensors=tensors)
+        return read_snapshot_dir(p, name=p.name, tensors=tensors)
     for store in (user_store(), packaged_store()):
         if spec in store.names():
-            return store.load(spec)
+            return store.load(spec, tensors=tensors)
     raise UsageError(f"no adapter named '{spec}' (available: {', '.join(sorted(available())) or 'none'}); "
                      "train one with `longctx train CORPUS --method M --out NAME`")
 

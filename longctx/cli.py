@@ -160,7 +160,7 @@ def ppl(
     if compare or save_memory or save_every or resume:
         raise UsageError("--compare, --save-memory, --save-every and --resume work on one document; "
                          "score several documents with one --method")
-    _warn_untrained_start([method or "xl"], common)
+    _warn_untrained_start(common)
     _ppl_many(docs, method, _parse_overrides(option or [], [method or "xl"]), common, json_out, jsonl, progress, log)
 
 
@@ -185,7 +185,7 @@ def _ppl_one(file: str, method: str | None, compare: str | None, option: list[st
             print_json(event_json(ev))
 
     try:
-        _warn_untrained_start(names, common)
+        _warn_untrained_start(common)
         with GracefulInterrupt() as stop:
             report = perplexity(file, names, **common, options=overrides, save_memory=save_memory,
                                 save_every=save_every, resume=resume, stop=stop, on_segment=on_segment,
@@ -199,7 +199,7 @@ def _ppl_one(file: str, method: str | None, compare: str | None, option: list[st
     _warn_untrained(report.runs)
 
 
-def _warn_untrained_start(names: list[str], common: dict[str, Any]) -> None:
+def _warn_untrained_start(common: dict[str, Any]) -> None:
     from .render import stderr_console
 
     if common.get("allow_untrained"):
@@ -499,6 +499,7 @@ def train(
     """
     from .lora import LoraSpec
     from .render import stderr_console
+    from .sharding import is_main_process
     from .training import TrainConfig, parse_curriculum
     from .training import train as train_fn
 
@@ -511,8 +512,6 @@ def train(
                          clip=clip, accumulate=accumulate, seed=seed, autocast=autocast, validate_every=validate_every,
                          val_tokens=val_tokens, checkpoint_every=checkpoint_every)
     err = stderr_console()
-
-    from .sharding import is_main_process
 
     def on_step(p) -> None:
         if progress and is_main_process():
@@ -546,7 +545,7 @@ def adapters(json_out: Annotated[bool, typer.Option("--json", help="Print JSON."
 
     rows = []
     for name, where in sorted(available().items()):
-        man = find_adapter(name).manifest
+        man = find_adapter(name, tensors=False).manifest  # the listing needs no weights
         tr = man.get("training", {})
         vals = tr.get("validation_ppl") or []
         rows.append({"name": name, "where": where, "method": man["method"]["name"], "tune": man.get("tune"),

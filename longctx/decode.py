@@ -66,7 +66,7 @@ def ingest(backbone: Backbone, method: Method, segments: Iterator[Segment], stat
         for seg in segments:
             size = size or len(seg)
             if method.writes_per_segment and len(seg) < size:
-                hidden, plan = _read_only(backbone, method, state, seg)
+                _, hidden, plan = read_forward(backbone, method, state, seg)  # read, not written: pending
                 pending = seg.ids
             else:
                 state, hidden, plan = step(backbone, method, state, seg)
@@ -74,12 +74,6 @@ def ingest(backbone: Backbone, method: Method, segments: Iterator[Segment], stat
     if hidden is None:
         raise ValueError("nothing to ingest: the text has no tokens")
     return Ingested(state, tokens, hidden[-1], plan, pending, size)
-
-
-def _read_only(backbone: Backbone, method: Method, state: Any, seg: Segment) -> tuple[torch.Tensor, ForwardPlan]:
-    """The forward of `seg` over the memory, without writing it (memory-token methods read without side effects)."""
-    _, hidden, plan = read_forward(backbone, method, state, seg)
-    return hidden, plan
 
 
 def greedy(backbone: Backbone, method: Method, done: Ingested, max_new_tokens: int,
@@ -106,5 +100,5 @@ def _advance(backbone: Backbone, method: Method, done: Ingested, token: int) -> 
     if len(pending) >= (done.segment or len(pending)):
         state, hidden, plan = step(backbone, method, done.state, seg)
         return Ingested(state, done.tokens + 1, hidden[-1], plan, torch.zeros(0, dtype=torch.long), done.segment)
-    hidden, plan = _read_only(backbone, method, done.state, seg)
+    _, hidden, plan = read_forward(backbone, method, done.state, seg)
     return Ingested(done.state, done.tokens + 1, hidden[-1], plan, pending, done.segment)

@@ -45,6 +45,11 @@ def add_lora(backbone: Backbone, name: str, spec: LoraSpec) -> list[torch.nn.Par
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         inject_adapter_in_model(spec.config(), backbone.model, adapter_name=name)
     activate(backbone, None, force=True)  # peft enables what it injects: off until its method runs
+    return lora_parameters(backbone, name)
+
+
+def lora_parameters(backbone: Backbone, name: str) -> list[torch.nn.Parameter]:
+    """The weights of LoRA adapter `name` in the backbone."""
     return [p for n, p in backbone.model.named_parameters() if f".{name}." in n and "lora_" in n]
 
 

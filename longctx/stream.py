@@ -100,15 +100,21 @@ def read_forward(backbone: Backbone, method: Method, state: Any, seg: Segment) -
     return state, (hidden if plan.token_rows is None else hidden[plan.token_rows]), plan
 
 
+def scored_nll(backbone: Backbone, hidden: torch.Tensor, seg: Segment) -> torch.Tensor | None:
+    """Per-token NLL of the segment's scored targets (those >= 0) from its tokens' hidden states; None if none."""
+    scored = seg.targets >= 0
+    if not bool(scored.any()):
+        return None
+    return backbone.token_nll(hidden[scored.to(hidden.device)], seg.targets[scored])
+
+
 def _step(backbone: Backbone, method: Method, state: Any, seg: Segment, sums: NllSums) -> tuple[Any, float]:
     """One segment through `forward_segment`, then the predicted tokens scored; sums updated last."""
     state, hidden, _ = forward_segment(backbone, method, state, seg)
-    scored = seg.targets >= 0
-    nll = None
-    if bool(scored.any()):
-        nll = backbone.token_nll(hidden[scored.to(hidden.device)], seg.targets[scored])
+    nll = scored_nll(backbone, hidden, seg)
     if nll is None:
         return state, 0.0
+    scored = seg.targets >= 0
     positions = seg.token_index[scored] + 1  # document position of each predicted token
     sums.add(positions, nll, int(seg.target_bytes[scored].sum()))
     return state, float(nll.double().sum())

@@ -27,14 +27,14 @@ from . import __version__
 from .backbone import Backbone
 from .errors import UsageError
 from .hashing import file_sha256
-from .lora import LoraSpec, add_lora
+from .lora import LoraSpec, add_lora, lora_parameters
 from .methods.base import Method
 from .methods.recurrent import TrainableMethod
 from .paths import longctx_home
 from .segments import Segment
 from .sharding import current_shard
 from .snapshot import SnapshotStore
-from .stream import forward_segment, run_stream
+from .stream import forward_segment, run_stream, scored_nll
 from .textio import open_source
 from .tokens import iter_tokens
 
@@ -169,12 +169,11 @@ def unroll(backbone: Backbone, method: Method, segments: Sequence[Segment], *, b
         if on_enter is not None:
             state = on_enter(i, state) or state
         state, hidden, _ = forward_segment(backbone, method, state, seg)
-        scored = seg.targets >= 0
         if loss == "last" and i < n - 1:
             continue
-        if bool(scored.any()):
-            nll = backbone.token_nll(hidden[scored.to(hidden.device)], seg.targets[scored]).sum()
-            total, count = (nll if total is None else total + nll), count + int(scored.sum())
+        nll = scored_nll(backbone, hidden, seg)
+        if nll is not None:
+            total, count = (nll.sum() if total is None else total + nll.sum()), count + nll.numel()
     if total is None:
         raise UsageError("a training sample had no scored token (check --loss and the task)")
     return total / count, count
@@ -266,8 +265,7 @@ class Trainer:
                 self.method.lora = f"{self.method.name}-train"
                 add_lora(b, self.method.lora, cfg.lora)
                 b.lora_names.add(self.method.lora)
-            self.backbone_params = [p for n, p in b.model.named_parameters()
-                                    if "lora_" in n and f".{self.method.lora}." in n]
+            self.backbone_params = lora_parameters(b, self.method.lora)
             for p in self.backbone_params:
                 p.requires_grad_(True)
         elif cfg.tune == "full":
