@@ -416,7 +416,7 @@ def train(files: Sequence[str], method: str, out: str, config: TrainConfig, *, v
         backbone = load_backbone(model, dtype=dtype or "auto", device=device or "cpu", threads=threads)
     m, preset = build_method(method, backbone, options, allow_untrained=True)
     if not isinstance(m, TrainableMethod):
-        raise UsageError(f"method '{m.name}' has no memory parameters to train (trainable: rmt, hmt)")
+        raise UsageError(f"method '{m.name}' has no memory parameters to train (trainable: rmt, hmt, unimix with rmt_tokens > 0)")
     if init_adapter:
         attach_adapter(m, init_adapter, backbone)
         m.adapter = None  # it trains on from there: the result is a new adapter
