@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import __version__
 from .backbone import Backbone
 from .errors import LongctxError, UsageError
@@ -53,8 +55,10 @@ def document_identity(path: str, consumed: int) -> dict[str, Any]:
 
 
 def save_run(store: SnapshotStore, name: str, backbone: Backbone, spec: RunSpec, path: str,
-             result: StreamResult) -> Path:
-    """Snapshot the memory and the running sums after the last completed segment."""
+             result: StreamResult, *, extra: dict[str, Any] | None = None,
+             extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Snapshot the memory and the running sums after the last completed segment (with a task's own
+    manifest section and tensors, e.g. an ingestion's pending tokens)."""
     m = spec.method
     manifest = {
         "longctx_version": __version__,
@@ -69,9 +73,11 @@ def save_run(store: SnapshotStore, name: str, backbone: Backbone, spec: RunSpec,
         "rng": None,  # no method of this release draws random numbers
         "memory": {"entries": m.memory_size(result.state), "groups": m.dump(result.state)},
         "command": " ".join(sys.argv),
+        **(extra or {}),
     }
     tensors = {f"state.{k}": v for k, v in m.state_tensors(result.state).items()}
     tensors.update({f"metrics.{k}": v for k, v in result.sums.to_tensors().items()})
+    tensors.update(extra_tensors or {})
     return store.save(name, tensors, manifest)
 
 

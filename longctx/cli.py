@@ -259,6 +259,207 @@ def _ppl_many(docs: list[str], method: str | None, overrides: dict[str, dict[str
         print_corpus(report, stdout_console())
 
 
+SAMPLING_HELP = "0 = greedy (default, reproducible); > 0 samples from softmax(logits / T)."
+
+
+def _sampling(temperature: float, top_k: int, top_p: float, seed: int):
+    from .sampling import Sampling
+
+    return Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+
+def _read_questions(question: str | None, questions_file: str | None) -> list[str]:
+    """The positional question, then one per line of --questions FILE ('#' lines and blank lines skipped)."""
+    qs = [question] if question is not None else []
+    if questions_file:
+        from .textio import open_source
+
+        with open_source(questions_file) as src:
+            text = "".join(b.text for b in src.blocks())
+        qs += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return qs
+
+
+def _reading_view(file: str, enabled: bool):
+    """A progress view for reading a document into memory, and the on_segment callback feeding it."""
+    import time as _time
+
+    from .render import ProgressView, stderr_console
+
+    size = os.path.getsize(file) if file != "-" and os.path.isfile(file) else None
+    view = ProgressView(stderr_console(), total=size, unit="bytes", enabled=enabled)
+    t0 = [None]
+
+    def on_segment(seg) -> None:
+        if t0[0] is None:
+            t0[0] = _time.perf_counter()
+            view.start_method("reading", file)
+        view.reading(seg.start + len(seg), int(seg.next_byte), _time.perf_counter() - t0[0])
+
+    return view, on_segment
+
+
+def _memory_line(memory: dict[str, Any]) -> str:
+    if memory.get("note"):
+        from .render import stderr_console
+
+        stderr_console().print(f"[yellow]warning:[/] {memory['note']}", highlight=False)
+    if memory.get("reused"):
+        return f"memory: reused {memory['snapshot']} (loaded in {memory['load_seconds']:.2f} s)"
+    rate = memory.get("ingest_tokens_per_s")
+    where = f", saved as {memory['snapshot']}" if memory.get("snapshot") else ""
+    what = f"{memory.get('document_tokens', memory.get('chunks', 0)):,} {'tokens' if 'document_tokens' in memory else 'chunks'}"
+    return f"memory: read {what} in {memory['ingest_seconds']:.1f} s" + (f" ({rate:,.0f} tok/s)" if rate else "") + where
+
+
+@app.command()
+@_errors_to_exit
+def ask(
+    file: Annotated[str, typer.Argument(help="The document (a text file; '-' reads standard input, which is not reused).")],
+    question: Annotated[str | None, typer.Argument(help="The question (or use --questions FILE).")] = None,
+    questions_file: Annotated[str | None, typer.Option("--questions", metavar="FILE", help="Questions, one per line ('#' lines skipped), all answered over one reading.")] = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Memory method or preset, or rag (the retrieval-augmented baseline). Default: memorizing.")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override key=value (repeatable); for rag: topk, chunk_tokens, embedder.")] = None,
+    cite: Annotated[bool, typer.Option("--cite", help="Print the source spans (byte offsets, excerpts) the memory retrieved for each answer.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 128,
+    temperature: Annotated[float, typer.Option(help=SAMPLING_HELP)] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the K most likely tokens (0 = all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Sample from the smallest set holding this much probability.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of sampling.")] = 0,
+    chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="Use the model's chat template (default: when it has one).", show_default=False)] = None,
+    instruction: Annotated[str | None, typer.Option(help="The line read before each question (default: answer in a few words).")] = None,
+    reuse: Annotated[bool, typer.Option("--reuse/--no-reuse", help="Reuse the stored memory of this document, model and method (ingest once, ask many).")] = True,
+    segment: Annotated[int | None, typer.Option(help="Tokens per forward (default: the preset's). [env: LONGCTX_SEGMENT]")] = None,
+    adapter: Annotated[str | None, typer.Option(help="Trained parameters for the method (default: the preset's).")] = None,
+    allow_untrained: Annotated[bool, typer.Option("--allow-untrained", help="Run a trainable method without an adapter (answers then say nothing about it).")] = False,
+    model: Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded model). [env: LONGCTX_MODEL]")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, bf16, fp32 or fp16. [env: LONGCTX_DTYPE]")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto. [env: LONGCTX_DEVICE]")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads. [env: LONGCTX_THREADS]")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (answers, citations, timings, protocol) at the end.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress on stderr.")] = True,
+) -> None:
+    """Answer questions about a long document from its memory, streaming each answer to stdout.
+
+    The document is read into the method's memory once and saved; asking again (same document, model,
+    method, options) reuses that memory. Each question continues its own copy of it.
+    """
+    from .qa import ask as ask_fn
+    from .render import print_json, stderr_console
+
+    qs = _read_questions(question, questions_file)
+    name = method or "memorizing"
+    err, out = stderr_console(), sys.stdout
+    view, on_segment = _reading_view(file, progress and not json_out)
+    shown = [-1]
+
+    def on_text(i: int, piece: str) -> None:
+        if json_out:
+            return
+        if i != shown[0]:
+            if len(qs) > 1:
+                out.write(("\n" if i else "") + f"Q{i + 1}: {qs[i]}\nA{i + 1}: ")
+            shown[0] = i
+        out.write(piece)
+        out.flush()
+
+    def on_memory(memory: dict[str, Any]) -> None:
+        view.close()
+        if progress and not json_out:
+            err.print(_memory_line(memory), highlight=False)
+
+    try:
+        report = ask_fn(file, qs, method=name, model=model, dtype=dtype, device=device, threads=threads, segment=segment,
+                        options=_parse_overrides(option or [], [name]).get(_preset_key(name)), adapter=adapter,
+                        allow_untrained=allow_untrained, chat=chat, instruction=instruction,
+                        max_new_tokens=max_new_tokens,
+                        sampling=_sampling(temperature, top_k, top_p, seed), cite=cite, reuse=reuse,
+                        on_text=on_text, on_segment=on_segment, on_memory=on_memory)
+    finally:
+        view.close()
+    if json_out:
+        print_json(report.to_dict())
+        return
+    out.write("\n")
+    if cite:
+        _print_citations(report.answers)
+    if progress:
+        err.print(f"{report.protocol}; first answer token {report.first_token_s:.2f} s after start", highlight=False)
+
+
+def _print_citations(answers) -> None:
+    for i, a in enumerate(answers):
+        label = f" (Q{i + 1})" if len(answers) > 1 else ""
+        if a.cite_note:
+            print(f"[note{label}] {a.cite_note}")
+        for c in a.citations[:8]:
+            share = f" {100 * c.weight:.0f}% of reads" if c.weight is not None else ""
+            print(f"[{c.kind}{label}] bytes {c.byte_start}-{c.byte_end}{share}: {c.excerpt or ''}")
+
+
+@app.command()
+@_errors_to_exit
+def generate(
+    file: Annotated[str, typer.Argument(help="The text to continue ('-' reads standard input, which is not reused).")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 200,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Memory method or preset. Default: xl.")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override key=value (repeatable).")] = None,
+    temperature: Annotated[float, typer.Option(help=SAMPLING_HELP)] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the K most likely tokens (0 = all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Sample from the smallest set holding this much probability.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of sampling.")] = 0,
+    stop: Annotated[bool, typer.Option("--stop/--no-stop", help="Stop at the model's end-of-text token.")] = True,
+    reuse: Annotated[bool, typer.Option("--reuse/--no-reuse", help="Reuse the stored memory of this document, model and method.")] = True,
+    segment: Annotated[int | None, typer.Option(help="Tokens per forward (default: the preset's). [env: LONGCTX_SEGMENT]")] = None,
+    adapter: Annotated[str | None, typer.Option(help="Trained parameters for the method (default: the preset's).")] = None,
+    allow_untrained: Annotated[bool, typer.Option("--allow-untrained", help="Run a trainable method without an adapter.")] = False,
+    model: Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded model). [env: LONGCTX_MODEL]")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, bf16, fp32 or fp16. [env: LONGCTX_DTYPE]")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto. [env: LONGCTX_DEVICE]")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads. [env: LONGCTX_THREADS]")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, timings, protocol) at the end.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress on stderr.")] = True,
+) -> None:
+    """Continue a long text after its end with the whole document in memory, streaming the tokens.
+
+    The generated text is read into memory as it grows, so memory-token methods write it to memory at
+    every segment boundary, exactly as if it had been part of the document.
+    """
+    from .generation import generate as generate_fn
+    from .render import print_json, stderr_console
+
+    name = method or "xl"
+    err = stderr_console()
+    view, on_segment = _reading_view(file, progress and not json_out)
+
+    def on_text(piece: str) -> None:
+        if not json_out:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    def on_memory(mem) -> None:
+        view.close()
+        if progress and not json_out:
+            err.print(_memory_line(mem.to_dict()), highlight=False)
+
+    try:
+        report = generate_fn(file, method=name, max_new_tokens=max_new_tokens,
+                             sampling=_sampling(temperature, top_k, top_p, seed), stop_at_eos=stop, model=model,
+                             dtype=dtype, device=device, threads=threads, segment=segment,
+                             options=_parse_overrides(option or [], [name]).get(_preset_key(name)), adapter=adapter,
+                             allow_untrained=allow_untrained, reuse=reuse, on_text=on_text, on_segment=on_segment,
+                             on_memory=on_memory)
+    finally:
+        view.close()
+    if json_out:
+        print_json(report.to_dict())
+        return
+    sys.stdout.write("\n")
+    if progress:
+        rate = report.tokens / report.decode_seconds if report.decode_seconds else 0.0
+        err.print(f"{report.protocol}: {report.tokens} tokens ({report.stopped}) at {rate:.1f} tok/s", highlight=False)
+
+
 @app.command()
 @_errors_to_exit
 def methods() -> None:

@@ -15,7 +15,8 @@ segment is read back by the method as it grows:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,9 @@ import torch
 
 from .attention import ForwardPlan
 from .backbone import Backbone
+from .errors import InputError
 from .methods.base import Method
+from .sampling import Sampling
 from .segments import Segment
 from .stream import forward_segment as step
 from .stream import read_forward
@@ -34,12 +37,12 @@ class Ingested:
     """Memory after reading some tokens, and the forward of the last one (its hidden state and plan).
 
     `pending` holds tokens read but not yet written to a segment-recurrent memory (else empty); `segment`
-    is the segment length memory is written at."""
+    is the segment length memory is written at. `last_plan` is None for a memory restored from a snapshot."""
 
     state: Any
-    tokens: int  # document tokens read so far (the next token's index)
+    tokens: int  # tokens read so far (the next token's index)
     last_hidden: torch.Tensor  # [d]
-    last_plan: ForwardPlan
+    last_plan: ForwardPlan | None
     pending: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     segment: int = 0
 
@@ -56,12 +59,13 @@ def _segment(start: int, ids: torch.Tensor) -> Segment:
     return Segment(start, ids, torch.full((n,), -1), torch.full((n,), -1), torch.zeros(n, dtype=torch.long))
 
 
-def ingest(backbone: Backbone, method: Method, segments: Iterator[Segment], state: Any = None) -> Ingested:
+def ingest(backbone: Backbone, method: Method, segments: Iterable[Segment], state: Any = None, *,
+           segment: int | None = None, on_segment: Callable[[Segment], None] | None = None) -> Ingested:
     """Read every segment into memory; keep only what the next token needs. For a memory-token method a
-    final segment shorter than the first is read but left pending (generation continues it)."""
+    final segment shorter than `segment` (default: the first one's length) is read but left pending."""
     state = method.init_state() if state is None else state
     hidden = plan = None
-    tokens, size, pending = 0, 0, torch.zeros(0, dtype=torch.long)
+    tokens, size, pending = 0, segment or 0, torch.zeros(0, dtype=torch.long)
     with torch.inference_mode():
         for seg in segments:
             size = size or len(seg)
@@ -71,23 +75,71 @@ def ingest(backbone: Backbone, method: Method, segments: Iterator[Segment], stat
             else:
                 state, hidden, plan = step(backbone, method, state, seg)
             tokens = seg.start + len(seg)
+            if on_segment is not None:
+                on_segment(seg)
     if hidden is None:
-        raise ValueError("nothing to ingest: the text has no tokens")
+        raise InputError("nothing to read: the text has no tokens")
     return Ingested(state, tokens, hidden[-1], plan, pending, size)
 
 
-def greedy(backbone: Backbone, method: Method, done: Ingested, max_new_tokens: int,
-           stop: Callable[[int], bool] | None = None) -> tuple[list[int], Ingested]:
-    """Greedy continuation of the ingested text; each new token is read into memory before the next."""
-    out: list[int] = []
+def extend(backbone: Backbone, method: Method, done: Ingested, ids: torch.Tensor) -> Ingested:
+    """Read `ids` after what `done` holds (a question after its document), exactly as if they had been part
+    of the ingested text: a memory-token method's pending tokens and the new ones are cut into segments."""
+    if len(ids) == 0:
+        return done
+    ids = torch.cat((done.pending, ids))
+    segments = plain_segments(ids, done.segment or len(ids), start=done.tokens - len(done.pending))
+    return ingest(backbone, method, segments, done.state, segment=done.segment or len(ids))
+
+
+def fork(method: Method, done: Ingested) -> Ingested:
+    """An independent copy of `done`: reading a question into it leaves the original memory untouched (some
+    methods update their stores in place)."""
+    state = method.state_from_tensors({k: v.clone() for k, v in method.state_tensors(done.state).items()})
+    return Ingested(state, done.tokens, done.last_hidden, done.last_plan, done.pending.clone(), done.segment)
+
+
+@dataclass
+class Continuation:
+    """Tokens generated after the ingested text, why generation stopped, and the memory after them."""
+
+    tokens: list[int]
+    stopped: str  # "stop" (an end-of-text/turn token, not included) or "length"
+    done: Ingested
+    first_token_s: float  # seconds until the first token was chosen
+    seconds: float
+
+
+def continue_text(backbone: Backbone, method: Method, done: Ingested, max_new_tokens: int, *,
+                  sampling: Sampling | None = None, stop: Collection[int] = (),
+                  on_token: Callable[[int], None] | None = None,
+                  on_plan: Callable[[ForwardPlan], None] | None = None) -> Continuation:
+    """Continue the ingested text token by token; each token is read into memory before the next is chosen.
+    A token in `stop` ends generation (it is neither kept nor read). `on_plan` sees every forward's plan
+    (the last prompt forward first), e.g. to collect what similarity reading retrieved."""
+    sampling = sampling or Sampling()
+    gen, out, t0, first = sampling.generator(), [], time.perf_counter(), None
+    if on_plan is not None and done.last_plan is not None:
+        on_plan(done.last_plan)
     with torch.inference_mode():
         for _ in range(max_new_tokens):
-            token = int(backbone.model.lm_head(done.last_hidden).argmax())
+            token = sampling.pick(backbone.model.lm_head(done.last_hidden), gen)
+            first = first if first is not None else time.perf_counter() - t0
+            if token in stop:
+                return Continuation(out, "stop", done, first, time.perf_counter() - t0)
             out.append(token)
-            if stop is not None and stop(token):
-                break
+            if on_token is not None:
+                on_token(token)
             done = _advance(backbone, method, done, token)
-    return out, done
+            if on_plan is not None:
+                on_plan(done.last_plan)
+    return Continuation(out, "length", done, first or 0.0, time.perf_counter() - t0)
+
+
+def greedy(backbone: Backbone, method: Method, done: Ingested, max_new_tokens: int) -> tuple[list[int], Ingested]:
+    """Greedy continuation of the ingested text (no stop tokens): the tokens and the memory after them."""
+    result = continue_text(backbone, method, done, max_new_tokens)
+    return result.tokens, result.done
 
 
 def _advance(backbone: Backbone, method: Method, done: Ingested, token: int) -> Ingested:

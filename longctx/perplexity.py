@@ -113,6 +113,26 @@ def build_method(spec: str | Preset, backbone: Backbone, overrides: dict[str, An
     return method, preset
 
 
+def prepare_run(name: str, *, model: str | None = None, dtype: str | None = None, device: str | None = None,
+                threads: int | None = None, segment: int | None = None, options: dict[str, Any] | None = None,
+                adapter: str | None = None, allow_untrained: bool = False,
+                backbone: Backbone | None = None) -> tuple[Backbone, RunSpec, float]:
+    """One method ready to read a document: settings resolved (flag > env > user config > preset > default),
+    the backbone loaded (unless given), the method built and its segment checked. Returns the seconds the
+    backbone took to load (0 when given)."""
+    preset = load_preset(name)
+    flags = {"model": model, "dtype": dtype, "device": device, "threads": threads, "segment": segment}
+    settings = resolve(flags, {"segment": preset.segment})
+    t0 = time.perf_counter()
+    if backbone is None:
+        backbone = load_backbone(settings["model"], dtype=settings["dtype"], device=settings["device"],
+                                 threads=settings["threads"])
+    load_s = time.perf_counter() - t0
+    method, _ = build_method(preset, backbone, options, adapter=adapter, allow_untrained=allow_untrained)
+    method.check_segment(settings["segment"])
+    return backbone, RunSpec(method, preset.name, settings["segment"], None), load_s
+
+
 def _attach_preset_adapter(method: Method, preset: Preset, backbone: Backbone, allow_untrained: bool) -> None:
     """The preset's adapter fits the model it was trained on; on another model the method runs untrained
     only when that is allowed, else the refusal says why and what to do."""

@@ -57,7 +57,16 @@ class ProgressView:
             return
         done = ev.tokens if self.unit == "tokens" else ev.byte_end
         tps = ev.tokens / ev.seconds if ev.seconds > 0 else 0.0
-        stats = f"{ev.tokens:,} tok  {tps:,.0f} tok/s  ppl {ev.running_ppl:.3f}  mem {ev.memory:,}"
+        self._show(done, f"{ev.tokens:,} tok  {tps:,.0f} tok/s  ppl {ev.running_ppl:.3f}  mem {ev.memory:,}")
+
+    def reading(self, tokens: int, byte_end: int, seconds: float) -> None:
+        """Progress of a document read into memory without scoring (ask, generate)."""
+        if not self.enabled:
+            return
+        tps = tokens / seconds if seconds > 0 else 0.0
+        self._show(tokens if self.unit == "tokens" else byte_end, f"{tokens:,} tok  {tps:,.0f} tok/s")
+
+    def _show(self, done: int, stats: str) -> None:
         if self._progress is not None:
             self._progress.update(self._task, completed=done, stats=stats)
         elif time.monotonic() - self._last_log >= PLAIN_EVERY_S:

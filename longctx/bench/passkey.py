@@ -23,6 +23,7 @@ from ..backbone import Backbone
 from ..decode import greedy, ingest, plain_segments
 from ..errors import InputError, UsageError
 from ..methods.base import Method
+from ..prompts import chat_halves
 from ..textio import open_source
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -71,12 +72,7 @@ def prompt_frame(tokenizer, chat: bool) -> tuple[str, str]:
     user's message and the answer is primed as the assistant's ("The pass key is")."""
     if not chat:
         return TASK, QUESTION
-    if not getattr(tokenizer, "chat_template", None):
-        raise UsageError("--chat needs a tokenizer with a chat template (this model has none); use plain prompts")
-    marker = "\u0000HAYSTACK\u0000"
-    framed = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
-                                           add_generation_prompt=True)
-    before, after = framed.split(marker)
+    before, after = chat_halves(tokenizer)
     return before + TASK, "\nWhat is the pass key?" + after + "The pass key is"
 
 

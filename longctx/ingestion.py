@@ -1,0 +1,172 @@
+"""Read a document once into a method's memory, and reuse that memory from the snapshot store afterwards.
+
+`ask` and `generate` put a prompt head before the document (the chat template's opening), stream the
+document through the method, and keep what the next token needs (`decode.Ingested`). That memory is saved
+as an ordinary snapshot (`memory ls/dump` show it) under a name derived from everything it depends on: the
+document's sha256, the model, tokenizer and dtype, the method with its options and adapter, the segment
+length and the head. The same command on the same document therefore loads it instead of reading the
+document again (ingest once, ask many); any change gives another name, so a stale memory is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .backbone import Backbone
+from .checkpoint import FINGERPRINT_KEYS, RunSpec, check_resume, restore, save_run
+from .decode import Ingested, ingest
+from .errors import InputError
+from .hashing import file_sha256
+from .metrics import NllSums
+from .segments import Segment, iter_segments
+from .snapshot import SnapshotError, SnapshotStore
+from .stream import StreamResult
+from .textio import open_source
+from .tokens import TokenChunk, iter_tokens
+
+
+@dataclass
+class DocumentMemory:
+    """A document read into memory (fresh or reused), ready for a question or a continuation."""
+
+    done: Ingested
+    byte_start: torch.Tensor  # [tokens] byte offset of every token read; prompt-head tokens sit at byte 0
+    head_tokens: int  # the first `head_tokens` tokens are the prompt head, not the document
+    document: dict[str, Any]  # path, size, sha256
+    snapshot: str | None  # its name in the store (None: stdin or a pipe, not saved)
+    reused: bool
+    seconds: float  # reading the document (0 when reused)
+    load_seconds: float  # loading and verifying the snapshot (0 when read fresh)
+    note: str | None = None  # why a stored memory was not reused, if one existed
+
+    @property
+    def tokens(self) -> int:
+        """Document tokens (the head excluded)."""
+        return self.done.tokens - self.head_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        rate = self.tokens / self.seconds if self.seconds else None
+        return {"snapshot": self.snapshot, "reused": self.reused, "document_tokens": self.tokens,
+                "head_tokens": self.head_tokens, "ingest_seconds": self.seconds, "ingest_tokens_per_s": rate,
+                "load_seconds": self.load_seconds, "note": self.note}
+
+
+def read_document(backbone: Backbone, spec: RunSpec, path: str, head_ids: list[int], *, kind: str,
+                  reuse: bool = True, store: SnapshotStore | None = None,
+                  on_segment: Callable[[Segment], None] | None = None) -> DocumentMemory:
+    """The memory of `head_ids` + the document at `path` under `spec`'s method: loaded from the store when
+    this exact reading was saved before (and `reuse`), else read now and saved (files only)."""
+    store = store or SnapshotStore()
+    replayable = path != "-" and Path(path).is_file()
+    identity = _identity(path) if replayable else {"path": "<stdin>" if path == "-" else path, "size": None,
+                                                   "sha256": None}
+    name = snapshot_name(kind, identity, backbone, spec, head_ids) if replayable else None
+    note = None
+    if name and reuse and name in store.names():
+        try:
+            return _load(store, name, backbone, spec, path, identity, head_ids)
+        except SnapshotError as e:  # damaged or mismatched: read the document again and save a new version
+            note = f"stored memory '{name}' was not usable ({e}); the document was read again"
+    mem = _read(backbone, spec, path, head_ids, identity, on_segment)
+    mem.note = note
+    if name:
+        _save(store, name, backbone, spec, path, mem, kind, head_ids)
+        mem.snapshot = name
+    return mem
+
+
+def _identity(path: str) -> dict[str, Any]:
+    p = Path(path).resolve()
+    return {"path": str(p), "size": p.stat().st_size, "sha256": file_sha256(p)}
+
+
+def snapshot_name(kind: str, identity: dict[str, Any], backbone: Backbone, spec: RunSpec,
+                  head_ids: list[int]) -> str:
+    """`KIND-DOCSTEM-PRESET-KEY`, KEY hashing everything the memory depends on."""
+    m = spec.method
+    adapter = getattr(m, "adapter", None)
+    key = {"kind": kind, "document": [identity["sha256"], identity["size"]],
+           "model": {k: backbone.fingerprint[k] for k in FINGERPRINT_KEYS}, "method": m.name,
+           "options": m.options.to_dict(), "adapter": adapter["sha256"] if adapter else None,
+           "segment": spec.segment, "head": head_ids}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(identity["path"]).stem).strip("._-")[:40] or "doc"
+    preset = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.preset)[:32]
+    return f"{kind}-{stem}-{preset}-{digest}"
+
+
+def _segments(backbone: Backbone, src, head_ids: list[int], segment: int) -> Iterator[Segment]:
+    """The head's tokens (zero bytes at the document's start), then the document's, cut into segments."""
+    head = TokenChunk(np.asarray(head_ids, dtype=np.int64), np.zeros(len(head_ids), dtype=np.int64), 0, 0)
+    doc = iter_tokens(backbone.tokenizer, src.blocks(), add_bos=False if head_ids else None)
+    chunks = doc if not head_ids else _chain(head, doc)
+    return iter_segments(chunks, segment)
+
+
+def _chain(first: TokenChunk, rest: Iterator[TokenChunk]) -> Iterator[TokenChunk]:
+    yield first
+    yield from rest
+
+
+def _read(backbone: Backbone, spec: RunSpec, path: str, head_ids: list[int], identity: dict[str, Any],
+          on_segment: Callable[[Segment], None] | None) -> DocumentMemory:
+    starts: list[torch.Tensor] = []
+
+    def seen(seg: Segment) -> None:
+        starts.append(seg.byte_start)
+        if on_segment is not None:
+            on_segment(seg)
+
+    t0 = time.perf_counter()
+    with open_source(path) as src:
+        done = ingest(backbone, spec.method, _segments(backbone, src, head_ids, spec.segment), segment=spec.segment,
+                      on_segment=seen)
+        if done.tokens <= len(head_ids):
+            raise InputError(f"{src.name} has no tokens to read")
+        if identity["size"] is None:
+            identity["size"], identity["sha256"] = src.bytes_read, src.sha256_hex()
+    return DocumentMemory(done, torch.cat(starts), len(head_ids), identity, None, False,
+                          time.perf_counter() - t0, 0.0)
+
+
+def _save(store: SnapshotStore, name: str, backbone: Backbone, spec: RunSpec, path: str, mem: DocumentMemory,
+          kind: str, head_ids: list[int]) -> None:
+    done = mem.done
+    result = StreamResult(NllSums(), done.state, done.tokens, mem.seconds, "", next_byte=int(mem.document["size"]))
+    extra = {"ingest": {"kind": kind, "head_tokens": mem.head_tokens, "head_sha256": _ids_sha(head_ids),
+                        "document_sha256": mem.document["sha256"], "pending_tokens": len(done.pending),
+                        "seconds": mem.seconds}}
+    tensors = {"ingest.pending": done.pending, "ingest.last_hidden": done.last_hidden.float(),
+               "ingest.byte_start": mem.byte_start}
+    save_run(store, name, backbone, spec, path, result, extra=extra, extra_tensors=tensors)
+
+
+def _load(store: SnapshotStore, name: str, backbone: Backbone, spec: RunSpec, path: str, identity: dict[str, Any],
+          head_ids: list[int]) -> DocumentMemory:
+    """Load and check a stored reading: same model, method, options, segment, head and whole document."""
+    t0 = time.perf_counter()
+    snap = store.load(name)
+    check_resume(snap, backbone, spec, path, {"segment": spec.segment, "options": spec.method.options.to_dict()})
+    meta = snap.manifest.get("ingest") or {}
+    if meta.get("head_sha256") != _ids_sha(head_ids) or meta.get("document_sha256") != identity["sha256"]:
+        raise SnapshotError(f"snapshot '{name}' holds another prompt or document version")
+    state, _, tokens = restore(snap, spec)
+    t = snap.tensors
+    hidden = t["ingest.last_hidden"].to(backbone.device, backbone.dtype)
+    done = Ingested(state, tokens, hidden, None, t["ingest.pending"].long(), spec.segment)
+    return DocumentMemory(done, t["ingest.byte_start"].long(), int(meta["head_tokens"]), identity, name, True, 0.0,
+                          time.perf_counter() - t0)
+
+
+def _ids_sha(ids: list[int]) -> str:
+    return hashlib.sha256(np.asarray(ids, dtype="<i8").tobytes()).hexdigest()
