@@ -657,6 +657,52 @@ def bench_passkey(
         print_passkey(result, stdout_console())
 
 
+@bench_app.command("needle")
+@_errors_to_exit
+def bench_needle(
+    filler: Annotated[str, typer.Argument(help="Book to cut haystacks from (public-domain text, UTF-8).")],
+    method: Annotated[list[str] | None, typer.Option("--method", "-m", help="Method, preset or rag (repeatable). Default: memorizing, sinks, rag.")] = None,
+    lengths: Annotated[str, typer.Option(help="Document lengths in tokens, comma-separated (8k = 8192).")] = "8k,32k",
+    trials: Annotated[int, typer.Option(help="Documents per length (the same for every method).")] = 2,
+    needles: Annotated[int, typer.Option(help="Facts per document, one question each (1 = single needle); plus one absent-fact question.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed for facts, depths and haystack offsets.")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens (greedy).")] = 48,
+    instruction: Annotated[str | None, typer.Option(help="The line read before each question (default: ask's).")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override: key=value or method.key=value (repeatable).")] = None,
+    model: Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded model).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, bf16, fp32 or fp16.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the full result (every item) as JSON.")] = False,
+    allow_untrained: Annotated[bool, typer.Option("--allow-untrained", help="Run trainable methods without an adapter.")] = False,
+) -> None:
+    """Needle QA past the window: invented facts in book filler, questions in natural words, via `ask`.
+
+    Every method reads each document once and answers every question over its own copy of the memory:
+    one per fact (normalized match) and one about a fact the document does not hold (correct when the
+    answer says it is not there).
+    """
+    from .bench.needle import NeedleConfig, needle_bench
+    from .render import print_json, print_needle, stderr_console, stdout_console
+
+    names = method or ["memorizing", "sinks", "rag"]
+    config = NeedleConfig(lengths=_counts(lengths, "--lengths"), trials=trials, needles=needles, seed=seed,
+                          max_new_tokens=max_new_tokens, instruction=instruction)
+    err = stderr_console()
+
+    def on_item(r) -> None:
+        mark = "[green]ok[/]" if r.correct else "[red]wrong[/]"
+        err.print(f"{r.method:>12} {r.length:>7} {r.kind:>6} {r.fact:>10} -> {r.answer[:48]!r} {mark}", highlight=False)
+
+    result = needle_bench(filler, names, config, model=model, dtype=dtype, device=device, threads=threads,
+                          options=_parse_overrides(option or [], names), allow_untrained=allow_untrained,
+                          on_item=on_item)
+    if json_out:
+        print_json(result)
+    else:
+        print_needle(result, stdout_console())
+
+
 @app.command()
 @_errors_to_exit
 def train(

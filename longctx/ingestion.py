@@ -62,10 +62,10 @@ class DocumentMemory:
 
 
 def read_document(backbone: Backbone, spec: RunSpec, path: str, head_ids: list[int], *, kind: str,
-                  reuse: bool = True, store: SnapshotStore | None = None,
+                  reuse: bool = True, save: bool = True, store: SnapshotStore | None = None,
                   on_segment: Callable[[Segment], None] | None = None) -> DocumentMemory:
     """The memory of `head_ids` + the document at `path` under `spec`'s method: loaded from the store when
-    this exact reading was saved before (and `reuse`), else read now and saved (files only)."""
+    this exact reading was saved before (and `reuse`), else read now and saved (files only, if `save`)."""
     store = store or SnapshotStore()
     replayable = path != "-" and Path(path).is_file()
     identity = _identity(path) if replayable else {"path": "<stdin>" if path == "-" else path, "size": None,
@@ -79,7 +79,7 @@ def read_document(backbone: Backbone, spec: RunSpec, path: str, head_ids: list[i
             note = f"stored memory '{name}' was not usable ({e}); the document was read again"
     mem = _read(backbone, spec, path, head_ids, identity, on_segment)
     mem.note = note
-    if name:
+    if name and save:
         _save(store, name, backbone, spec, path, mem, kind, head_ids)
         mem.snapshot = name
     return mem
@@ -105,12 +105,12 @@ def snapshot_name(kind: str, identity: dict[str, Any], backbone: Backbone, spec:
     return f"{kind}-{stem}-{preset}-{digest}"
 
 
-def _segments(backbone: Backbone, src, head_ids: list[int], segment: int) -> Iterator[Segment]:
+def _segments(backbone: Backbone, src, head_ids: list[int], segment: int, stats: dict) -> Iterator[Segment]:
     """The head's tokens (zero bytes at the document's start), then the document's, cut into segments."""
     head = TokenChunk(np.asarray(head_ids, dtype=np.int64), np.zeros(len(head_ids), dtype=np.int64), 0, 0)
     doc = iter_tokens(backbone.tokenizer, src.blocks(), add_bos=False if head_ids else None)
     chunks = doc if not head_ids else _chain(head, doc)
-    return iter_segments(chunks, segment)
+    return iter_segments(chunks, segment, stats=stats)
 
 
 def _chain(first: TokenChunk, rest: Iterator[TokenChunk]) -> Iterator[TokenChunk]:
@@ -127,12 +127,12 @@ def _read(backbone: Backbone, spec: RunSpec, path: str, head_ids: list[int], ide
         if on_segment is not None:
             on_segment(seg)
 
-    t0 = time.perf_counter()
+    t0, stats = time.perf_counter(), {}
     with open_source(path) as src:
-        done = ingest(backbone, spec.method, _segments(backbone, src, head_ids, spec.segment), segment=spec.segment,
-                      on_segment=seen)
-        if done.tokens <= len(head_ids):
-            raise InputError(f"{src.name} has no tokens to read")
+        done = ingest(backbone, spec.method, _segments(backbone, src, head_ids, spec.segment, stats),
+                      segment=spec.segment, on_segment=seen)
+        if done.tokens <= len(head_ids) or stats.get("words") == 0:
+            raise InputError(f"{src.name} contains only whitespace ({src.bytes_read} bytes); there is no text to read")
         if identity["size"] is None:
             identity["size"], identity["sha256"] = src.bytes_read, src.sha256_hex()
     return DocumentMemory(done, torch.cat(starts), len(head_ids), identity, None, False,

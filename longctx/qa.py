@@ -119,14 +119,16 @@ def ask(path: str, questions: Sequence[str], *, method: str | None = None, model
         segment: int | None = None, options: dict[str, Any] | None = None, adapter: str | None = None,
         allow_untrained: bool = False, chat: bool | None = None, instruction: str | None = None,
         max_new_tokens: int = 128,
-        sampling: Sampling | None = None, cite: bool = False, reuse: bool = True, backbone: Backbone | None = None,
+        sampling: Sampling | None = None, cite: bool = False, reuse: bool = True, save: bool = True,
+        backbone: Backbone | None = None,
         on_text: Callable[[int, str], None] | None = None, on_segment: Callable[[Segment], None] | None = None,
         on_memory: Callable[[dict[str, Any]], None] | None = None) -> AskReport:
     """Answer `questions` about the document at `path` ("-" = stdin).
 
     `method`: a memory method or preset (default: `DEFAULT_METHOD`), or "rag". `chat` None = the chat template
     when the model has one; `instruction` replaces the default line read before each question. `on_text(i, piece)` streams answer i as it is generated. With `cite`, each answer
-    lists the source spans its memory retrieved (or, for position-reading methods, held)."""
+    lists the source spans its memory retrieved (or, for position-reading methods, held). `reuse`/`save`: load
+    the document's stored memory when there is one / store it after reading (benchmarks turn saving off)."""
     qs = [check_question(q) for q in questions]
     if not qs:
         raise UsageError("give a question (an argument, or --questions FILE)")
@@ -144,9 +146,9 @@ def ask(path: str, questions: Sequence[str], *, method: str | None = None, model
     session = _Session(backbone, qa_frame(backbone.tokenizer, chat, instruction), sampling or Sampling(), max_new_tokens, cite,
                        stop_ids(backbone.tokenizer, backbone.model), on_text)
     if rag_opts is not None:
-        return _ask_rag(path, qs, session, spec.method, rag_opts, reuse, load_s, t0, on_memory)
+        return _ask_rag(path, qs, session, spec.method, rag_opts, reuse, save, load_s, t0, on_memory)
     mem = read_document(backbone, spec, path, session.encode(session.frame.head, head=True), kind="ask",
-                        reuse=reuse, on_segment=on_segment)
+                        reuse=reuse, save=save, on_segment=on_segment)
     memory = {**mem.to_dict(), "entries": spec.method.memory_size(mem.done.state)}
     if on_memory is not None:
         on_memory(memory)
@@ -207,13 +209,13 @@ def _cite(answer: Answer, method: Method, mem: DocumentMemory, tally: RetrievalT
 # ---- the RAG baseline ---------------------------------------------------------------------------------------
 
 def _ask_rag(path: str, questions: list[str], session: _Session, full: Method, opts: RagOptions, reuse: bool,
-             load_s: float, t0: float, on_memory: Callable[[dict[str, Any]], None] | None) -> AskReport:
+             save: bool, load_s: float, t0: float, on_memory: Callable[[dict[str, Any]], None] | None) -> AskReport:
     from . import rag
 
     if path == "-" or not Path(path).is_file():
-        raise UsageError("--method rag needs a file (it re-reads chunks by byte offset); save standard input first")
+        raise UsageError("--method rag needs a file (its chunk index is stored under the file's sha256); save standard input to a file first")
     embedder = rag.Embedder.load(opts.embedder)
-    index, memory = _rag_index(path, session.backbone, embedder, opts.chunk_tokens, reuse)
+    index, memory = _rag_index(path, session.backbone, embedder, opts.chunk_tokens, reuse, save)
     if on_memory is not None:
         on_memory(memory)
     start = time.perf_counter() - t0
@@ -250,7 +252,7 @@ def _rag_answer(session: _Session, full: Method, embedder, index, opts: RagOptio
                   time.perf_counter() - t0, citations if session.cite else [])
 
 
-def _rag_index(path: str, backbone: Backbone, embedder, chunk_tokens: int, reuse: bool):
+def _rag_index(path: str, backbone: Backbone, embedder, chunk_tokens: int, reuse: bool, save: bool):
     """The document's chunk index: loaded from LONGCTX_HOME/rag when built before for this exact document,
     tokenizer, chunking and embedder, else built and saved there."""
     from . import rag
@@ -273,6 +275,7 @@ def _rag_index(path: str, backbone: Backbone, embedder, chunk_tokens: int, reuse
             pass  # damaged: rebuild below (a new version replaces it)
     index = rag.build_index(path, backbone.tokenizer, embedder, chunk_tokens=chunk_tokens)
     seconds = time.perf_counter() - t0
-    store.save(name, index.to_tensors(), {"kind": "rag-index", "key": key, "document": {"path": str(Path(path).resolve())},
-                                           "seconds": seconds})
+    if save:
+        store.save(name, index.to_tensors(), {"kind": "rag-index", "key": key, "seconds": seconds,
+                                               "document": {"path": str(Path(path).resolve())}})
     return index, {**info, "reused": False, "chunks": len(index.chunks), "ingest_seconds": seconds, "load_seconds": 0.0}

@@ -241,3 +241,29 @@ def print_passkey(result: dict[str, Any], console: Console) -> None:
     fp = result["model"]
     console.print(f"  model {fp['model']} ({fp['dtype']}), filler {result['filler']}, seed {result['config']['seed']}",
                   highlight=False)
+
+
+def print_needle(result: dict[str, Any], console: Console) -> None:
+    """Needle accuracy per method (rows) and length (columns), absent-fact accuracy, ingestion rate."""
+    cfg = result["config"]
+    table = Table(title=f"needle QA ({cfg['trials']} documents per length, {cfg['needles']} facts each)")
+    table.add_column("method")
+    for n in cfg["lengths"]:
+        table.add_column(f"{n:,} tok", justify="right")
+    table.add_column("absent fact", justify="right")
+    table.add_column("read tok/s", justify="right")
+    table.add_column("1st token s", justify="right")
+    for name in result["methods"]:
+        cells = [c for c in result["cells"] if c["method"] == name]
+        needle = {c["length"]: c for c in cells if c["kind"] == "needle"}
+        absent = [c for c in cells if c["kind"] == "absent"]
+        row = [f"{100 * needle[n]['accuracy']:.0f}% ({needle[n]['correct']}/{needle[n]['items']})" if n in needle
+               else "-" for n in cfg["lengths"]]
+        a_ok, a_n = sum(c["correct"] for c in absent), sum(c["items"] for c in absent)
+        rates = [c["ingest_tokens_per_s"] for c in needle.values() if c["ingest_tokens_per_s"]]
+        firsts = [c["first_token_s"] for c in needle.values() if c["first_token_s"] is not None]
+        table.add_row(name, *row, f"{a_ok}/{a_n}", f"{sum(rates) / len(rates):,.0f}" if rates else "-",
+                      f"{sum(firsts) / len(firsts):.2f}" if firsts else "-")
+    console.print(table)
+    for name, protocol in result["methods"].items():
+        console.print(f"  {name}: {protocol}", highlight=False)
