@@ -134,8 +134,10 @@ class NeedleDocument:
 
 def make_document(tokenizer, filler: Filler, length: int, facts: list[Fact], absent: Fact,
                   rng: random.Random) -> NeedleDocument:
-    """About `length` tokens of book text with the facts at depths spread over 10-90 % (each at the
-    nearest sentence end before its depth), from a random offset into the book."""
+    """About `length` tokens in all: book text from a random offset with the facts at depths spread over
+    10-90 % (each at the nearest sentence end before its depth)."""
+    fact_tokens = sum(len(tokenizer(" " + f.sentence, add_special_tokens=False)["input_ids"]) for f in facts)
+    length = max(length - fact_tokens, 16)
     hay, ends = filler.take(rng.randrange(len(filler.ids)), length)
     depths = [0.1 + 0.8 * (i + 0.5) / len(facts) for i in range(len(facts))]
     order = rng.sample(range(len(facts)), len(facts))  # which fact goes at which depth

@@ -1,0 +1,90 @@
+"""Needle QA: deterministic facts, scoring rules, documents that hold exactly the facts they claim."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from longctx.bench.needle import (
+    NeedleConfig,
+    answered,
+    make_document,
+    make_facts,
+    needle_qa,
+    normalize,
+    says_absent,
+)
+from longctx.bench.passkey import Filler
+from longctx.errors import UsageError
+
+
+def _book(tmp_path, sentences: int = 400) -> str:
+    rng = random.Random(1)
+    words = ["the", "letter", "was", "written", "in", "haste", "and", "she", "read", "it", "twice", "before", "noon"]
+    text = " ".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 14))).capitalize() + "."
+                    for _ in range(sentences))
+    path = tmp_path / "book.txt"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_facts_are_deterministic_distinct_and_the_absent_one_is_new():
+    a, absent_a = make_facts(random.Random(5), 4)
+    b, absent_b = make_facts(random.Random(5), 4)
+    assert a == b and absent_a == absent_b
+    subjects = [f.subject for f in a]
+    assert len(set(subjects)) == 4 and absent_a.subject not in subjects
+    assert all(f.answer in f.sentence and f.subject in f.question for f in a)
+    assert make_facts(random.Random(6), 4)[0] != a
+
+
+def test_normalized_match_and_absent_phrases():
+    assert answered("It is kept inside the blue Teapot!", "teapot")
+    assert answered("The horse is called Pickwick.", "Pickwick")
+    assert not answered("The horse is called Pickwickian.", "Pickwick")  # whole words only
+    assert normalize("The Music-Box, a gift") == "music box gift"
+    assert answered("in a music box", "music box")
+    assert says_absent("The document does not mention Lady Quill's horse.")
+    assert says_absent("That is NOT in the document.")
+    assert not says_absent("The horse is called Marigold.")
+
+
+def test_document_holds_each_fact_once_at_a_sentence_start_in_depth_order(tiny_backbone, tmp_path):
+    tok = tiny_backbone.tokenizer
+    filler = Filler.from_file(_book(tmp_path), tok)
+    facts, absent = make_facts(random.Random(0), 3)
+    doc = make_document(tok, filler, 1500, facts, absent, random.Random(0))
+    assert sorted(f.sentence for f in doc.facts) == sorted(f.sentence for f in facts)
+    positions = [doc.text.index(f.sentence) for f in doc.facts]
+    assert positions == sorted(positions)  # doc.facts is in depth order, like doc.depths
+    assert doc.depths == sorted(doc.depths) and 0.1 <= doc.depths[0] and doc.depths[-1] <= 0.9
+    for f, p in zip(doc.facts, positions):
+        assert doc.text.count(f.sentence) == 1
+        assert doc.text[:p].rstrip().endswith(".")  # placed after a sentence end
+    assert absent.sentence not in doc.text and absent.subject not in doc.text
+    assert abs(doc.tokens - 1500) < 100
+
+
+def test_needle_qa_runs_every_method_on_the_same_items(tiny_backbone, tmp_path):
+    config = NeedleConfig(lengths=[600], trials=2, needles=2, max_new_tokens=3)
+    torch.manual_seed(0)
+    report = needle_qa(tiny_backbone, ["xl", "sinks"], _book(tmp_path), config,
+                       options={"xl": {"memory": 64}, "sinks": {"window": 64}})
+    assert len(report.items) == 2 * 2 * (2 + 1)  # methods x documents x (facts + absent)
+    by_method = {m: [(r.trial, r.question) for r in report.items if r.method == m] for m in ("xl", "sinks")}
+    assert by_method["xl"] == by_method["sinks"]
+    assert {r.kind for r in report.items} == {"needle", "absent"}
+    cells = report.to_dict()["cells"]
+    assert {(c["method"], c["kind"]) for c in cells} == {(m, k) for m in ("xl", "sinks") for k in ("needle", "absent")}
+    assert all(c["items"] == (4 if c["kind"] == "needle" else 2) for c in cells)
+    assert all(c["correct"] == sum(r.correct for r in report.items if r.method == c["method"] and r.kind == c["kind"])
+               for c in cells)
+
+
+def test_needle_config_refuses_nonsense():
+    with pytest.raises(UsageError):
+        NeedleConfig(lengths=[100])
+    with pytest.raises(UsageError):
+        NeedleConfig(lengths=[1024], needles=0)
