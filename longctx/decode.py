@@ -83,8 +83,10 @@ def ingest(backbone: Backbone, method: Method, segments: Iterable[Segment], stat
 
 
 def extend(backbone: Backbone, method: Method, done: Ingested, ids: torch.Tensor) -> Ingested:
-    """Read `ids` after what `done` holds (a question after its document), exactly as if they had been part
-    of the ingested text: a memory-token method's pending tokens and the new ones are cut into segments."""
+    """Read `ids` after what `done` holds (a question after its document). A memory-token method continues
+    its pending segment, so this equals reading them as part of the text; a key/value method starts a new
+    segment at the end of what it read, so with a bounded memory (what a segment evicts depends on where
+    segments start) it equals reading the text with a segment boundary there."""
     if len(ids) == 0:
         return done
     ids = torch.cat((done.pending, ids))

@@ -164,6 +164,8 @@ def _generate(session: _Session, method: Method, done: Ingested, index: int,
               tally: RetrievalTally | None) -> tuple[str, Any]:
     """The answer's text (streamed through `on_text`) and the continuation."""
     stream = TextStream(session.backbone.tokenizer)
+    if session.on_text is not None:
+        session.on_text(index, "")  # the answer starts (even one that turns out empty)
 
     def on_token(token: int) -> None:
         piece = stream.push(token)
@@ -185,25 +187,28 @@ def _answer(session: _Session, method: Method, mem: DocumentMemory, question: st
         session.frame.tail(question)), dtype=torch.long))
     doc_end = mem.done.tokens  # document tokens are [head_tokens, doc_end)
     tally = RetrievalTally(mem.head_tokens, doc_end) if session.cite else None
+    held = method.dump(done.state) if session.cite else []  # what the answer's first token can see
     prompt_s = time.perf_counter() - t0
     text, cont = _generate(session, method, done, index, tally)
     answer = Answer(question, text, len(cont.tokens), cont.stopped, prompt_s + cont.first_token_s,
                     time.perf_counter() - t0)
     if session.cite:
-        _cite(answer, method, mem, tally, cont.done.state)
+        _cite(answer, method, mem, tally, held)
     return answer
 
 
-def _cite(answer: Answer, method: Method, mem: DocumentMemory, tally: RetrievalTally, state: Any) -> None:
-    """Retrieved spans if similarity reading picked document tokens, else what the memory held."""
+def _cite(answer: Answer, method: Method, mem: DocumentMemory, tally: RetrievalTally,
+          held: list[dict[str, Any]]) -> None:
+    """Retrieved spans if similarity reading picked document tokens, else what the memory held when the
+    question had been read."""
     path, size = mem.document.get("path"), int(mem.document.get("size") or 0)
     if tally.counts.sum() > 0:
         answer.citations = retrieved_citations(tally, mem.byte_start, size, path)
         return
-    answer.citations = held_citations(method.dump(state), mem.head_tokens, mem.done.tokens, mem.byte_start, size,
-                                      path)
-    answer.cite_note = (f"{method.name} retrieved nothing for this answer (it reads memory by position, or its store "
-                        "was empty); the citations are the document spans its memory held")
+    answer.citations = held_citations(held, mem.head_tokens, mem.done.tokens, mem.byte_start, size, path)
+    why = f"{method.name} retrieved nothing for this answer (it reads memory by position, or its store was empty)"
+    answer.cite_note = why + ("; the citations are the document spans its memory held when the question had been "
+                              "read" if answer.citations else "; its memory held no document tokens by then")
 
 
 # ---- the RAG baseline ---------------------------------------------------------------------------------------

@@ -273,11 +273,11 @@ def test_xl_cites_what_its_memory_held_with_a_note(tiny_backbone, doc):
     assert answer.citations and all(c.kind == "held" and c.weight is None for c in answer.citations)
     for c in answer.citations:
         assert 0 <= c.tokens[0] < c.tokens[1] <= n_doc and 0 <= c.byte_start < c.byte_end <= size
-    # 128 recent tokens after the question and the answer: the document's end, not its head-token sinks
+    # the 128 recent tokens once the question is read (what the first answer token sees): the document's end
     last = answer.citations[-1]
     assert last.tokens[1] == n_doc and last.byte_end == size
     held = sum(c.tokens[1] - c.tokens[0] for c in answer.citations)
-    assert held == 128 - len(tail_ids(tiny_backbone, Q1)) - answer.tokens
+    assert held == 128 - len(tail_ids(tiny_backbone, Q1))
     assert last.excerpt == " ".join(Path(doc).read_bytes()[last.byte_start:].decode("utf-8", "replace").split())
     json.dumps(report.to_dict())  # serialisable
 
@@ -423,6 +423,8 @@ def test_bad_questions_and_lengths_are_usage_errors_before_anything_is_read(tiny
 def test_cli_errors_exit_2_with_a_message_and_save_nothing(model_dir, doc, tmp_path, isolated_home):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n\t\n")
     comments = tmp_path / "qs.txt"
     comments.write_text("# nothing but a comment\n\n")
     missing = str(tmp_path / "missing.txt")
@@ -436,6 +438,8 @@ def test_cli_errors_exit_2_with_a_message_and_save_nothing(model_dir, doc, tmp_p
         (["ask", doc, Q1, "--top-p", "0", *base], "--top-p"),
         (["ask", str(empty), Q1, *base], "empty"),
         (["ask", missing, Q1, *base], "missing.txt"),
+        (["ask", str(blank), Q1, *base], "blank.txt"),
+        (["generate", str(blank), *base], "blank.txt"),
         (["generate", str(empty), *base], "empty"),
         (["generate", missing, *base], "missing.txt"),
         (["generate", doc, "--max-new-tokens", "0", *base], "--max-new-tokens"),
@@ -489,6 +493,34 @@ def test_cli_ask_json_questions_file_and_streaming(model_dir, doc, tmp_path):
     assert "memory: reused" in r.stderr and "memory:" not in r.stdout
     r = runner.invoke(app, [*base[:2], Q1, *base[2:], "--no-progress"])
     assert r.exit_code == 0 and r.stdout.strip() == answer["text"] and r.stderr == ""
+
+
+def test_cli_streams_the_header_of_an_empty_answer_too(model_dir, doc, tmp_path, monkeypatch):
+    import longctx.qa
+
+    monkeypatch.setattr(longctx.qa, "stop_ids", lambda tokenizer, model=None: set(range(400)))  # stop at once
+    qs = tmp_path / "questions.txt"
+    qs.write_text(f"{Q1}\n{Q2}\n", encoding="utf-8")
+    r = runner.invoke(app, ["ask", doc, "--model", model_dir, "--segment", "32", "--questions", str(qs),
+                            "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert f"Q1: {Q1}\nA1: \nQ2: {Q2}\nA2: " in r.stdout
+
+
+def test_cli_ask_reads_standard_input_without_saving_it(model_dir, doc):
+    text = Path(doc).read_bytes().decode("utf-8")
+    args = ["ask", "-", Q1, "--model", model_dir, "--segment", "32", "-m", "xl", "--json", "--cite"]
+    r = runner.invoke(app, args, input=text)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["memory"]["snapshot"] is None and not out["memory"]["reused"] and out["document"]["path"] == "<stdin>"
+    assert out["document"]["size"] == len(text.encode("utf-8"))
+    for c in out["answers"][0]["citations"]:
+        assert 0 <= c["byte_start"] < c["byte_end"] <= out["document"]["size"] and c["excerpt"] is None
+    assert snapshots() == []
+    from_file = json.loads(runner.invoke(app, ["ask", doc, *args[2:]]).stdout)
+    assert from_file["answers"][0]["text"] == out["answers"][0]["text"]
+    assert from_file["document"]["sha256"] == out["document"]["sha256"]
 
 
 def test_cli_chat_needs_a_chat_template(plain_model_dir, doc):
@@ -553,9 +585,8 @@ def test_ask_reads_chat_markup_as_special_tokens(doc):
 
 # ---- the real default model --------------------------------------------------------------------------------
 
-STORY = ("The town museum opened in 1911 in the old grain exchange. Its halls hold maps, coins and a ship's bell. "
-         "The museum's old clock is wound every Sunday by a man named Tobias Wren. "
-         "The café next door serves soup at noon, and the park behind it has a pond with ducks.")
+STORY = ("The town museum stands on the main square. Its halls hold maps, coins and a ship's bell. "
+         "The museum's old clock is wound every Sunday by a man named Tobias Wren. The café next door serves soup at noon.")
 
 
 @pytest.mark.model
