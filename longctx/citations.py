@@ -3,8 +3,8 @@
 While an answer is generated, every forward's plan records, per retrieval layer, the document token each
 head's top-k picked for each query (`ForwardPlan.retrieved`). `RetrievalTally` counts, for the query that
 chooses the next token (the last prompt token, then each generated token), how often every document token
-was picked over layers, heads and steps. Runs of picked tokens close together become spans, ranked by their
-share of the picks; each span carries its byte offsets and an excerpt of the source. Methods that read memory
+was picked over layers, heads and steps. The most-picked tokens seed spans (seeds close together join),
+ranked by their share of all picks; each span carries its byte offsets and an excerpt of the source. Methods that read memory
 by position (windows, sinks, memory tokens) retrieve nothing: their citation is what memory held.
 """
 
@@ -19,6 +19,7 @@ import torch
 from .attention import ForwardPlan
 
 MERGE_GAP = 16  # picked tokens at most this far apart form one span
+FOCUS_TOKENS = 48  # the most-picked tokens that seed spans
 EXCERPT_CONTEXT = 60  # source bytes shown on each side of a span
 
 
@@ -56,14 +57,18 @@ class RetrievalTally:
             idx = idx[(idx >= self.first) & (idx < self.last)] - self.first
             self.counts += torch.bincount(idx, minlength=len(self.counts))
 
-    def spans(self, limit: int = 3) -> list[tuple[int, int, float]]:
-        """The `limit` heaviest runs of picked tokens as (start, end, share of picks), heaviest first."""
+    def spans(self, limit: int = 3, focus: int = FOCUS_TOKENS) -> list[tuple[int, int, float]]:
+        """The `limit` heaviest spans as (start, end, share of all picks), heaviest first. Only the `focus`
+        most-picked tokens seed spans (picks spread thinly over the whole store would otherwise merge into
+        one span as long as the document); seeds at most MERGE_GAP apart join, and a span's share counts
+        every pick inside it."""
         total = int(self.counts.sum())
-        hit = torch.nonzero(self.counts).flatten().tolist()
         if not total:
             return []
-        runs, start, prev = [], hit[0], hit[0]
-        for t in hit[1:]:
+        k = min(focus, int((self.counts > 0).sum()))
+        seeds = sorted(torch.topk(self.counts, k).indices.tolist())
+        runs, start, prev = [], seeds[0], seeds[0]
+        for t in seeds[1:]:
             if t - prev > MERGE_GAP:
                 runs.append((start, prev + 1))
                 start = t
