@@ -260,6 +260,21 @@ def _ppl_many(docs: list[str], method: str | None, overrides: dict[str, dict[str
 
 
 SAMPLING_HELP = "0 = greedy (default, reproducible); > 0 samples from softmax(logits / T)."
+# Options that ask and generate share, declared once.
+ModelOpt = Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded model). [env: LONGCTX_MODEL]")]
+DtypeOpt = Annotated[str | None, typer.Option(help="auto, bf16, fp32 or fp16. [env: LONGCTX_DTYPE]")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto. [env: LONGCTX_DEVICE]")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="torch threads. [env: LONGCTX_THREADS]")]
+SegmentOpt = Annotated[int | None, typer.Option(help="Tokens per forward (default: the preset's). [env: LONGCTX_SEGMENT]")]
+OptionOpt = Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override key=value (repeatable).")]
+AdapterOpt = Annotated[str | None, typer.Option(help="Trained parameters for the method (default: the preset's).")]
+UntrainedOpt = Annotated[bool, typer.Option("--allow-untrained", help="Run a trainable method without an adapter (its output then says nothing about the method).")]
+TemperatureOpt = Annotated[float, typer.Option(help=SAMPLING_HELP)]
+TopKOpt = Annotated[int, typer.Option(help="Sample among the K most likely tokens (0 = all).")]
+TopPOpt = Annotated[float, typer.Option(help="Sample from the smallest set holding this much probability.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of sampling.")]
+ReuseOpt = Annotated[bool, typer.Option("--reuse/--no-reuse", help="Reuse the stored memory of this document, model and method (ingest once).")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress on stderr.")]
 
 
 def _sampling(temperature: float, top_k: int, top_p: float, seed: int):
@@ -322,22 +337,22 @@ def ask(
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override key=value (repeatable); for rag: topk, chunk_tokens, embedder.")] = None,
     cite: Annotated[bool, typer.Option("--cite", help="Print the source spans (byte offsets, excerpts) the memory retrieved for each answer.")] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 128,
-    temperature: Annotated[float, typer.Option(help=SAMPLING_HELP)] = 0.0,
-    top_k: Annotated[int, typer.Option(help="Sample among the K most likely tokens (0 = all).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Sample from the smallest set holding this much probability.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of sampling.")] = 0,
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
     chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="Use the model's chat template (default: when it has one).", show_default=False)] = None,
     instruction: Annotated[str | None, typer.Option(help="The line read before each question (default: answer in a few words).")] = None,
-    reuse: Annotated[bool, typer.Option("--reuse/--no-reuse", help="Reuse the stored memory of this document, model and method (ingest once, ask many).")] = True,
-    segment: Annotated[int | None, typer.Option(help="Tokens per forward (default: the preset's). [env: LONGCTX_SEGMENT]")] = None,
-    adapter: Annotated[str | None, typer.Option(help="Trained parameters for the method (default: the preset's).")] = None,
-    allow_untrained: Annotated[bool, typer.Option("--allow-untrained", help="Run a trainable method without an adapter (answers then say nothing about it).")] = False,
-    model: Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded model). [env: LONGCTX_MODEL]")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto, bf16, fp32 or fp16. [env: LONGCTX_DTYPE]")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto. [env: LONGCTX_DEVICE]")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads. [env: LONGCTX_THREADS]")] = None,
+    reuse: ReuseOpt = True,
+    segment: SegmentOpt = None,
+    adapter: AdapterOpt = None,
+    allow_untrained: UntrainedOpt = False,
+    model: ModelOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (answers, citations, timings, protocol) at the end.")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress on stderr.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """Answer questions about a long document from its memory, streaming each answer to stdout.
 
@@ -403,22 +418,22 @@ def generate(
     file: Annotated[str, typer.Argument(help="The text to continue ('-' reads standard input, which is not reused).")],
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 200,
     method: Annotated[str | None, typer.Option("--method", "-m", help="Memory method or preset. Default: xl.")] = None,
-    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override key=value (repeatable).")] = None,
-    temperature: Annotated[float, typer.Option(help=SAMPLING_HELP)] = 0.0,
-    top_k: Annotated[int, typer.Option(help="Sample among the K most likely tokens (0 = all).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Sample from the smallest set holding this much probability.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of sampling.")] = 0,
+    option: OptionOpt = None,
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
     stop: Annotated[bool, typer.Option("--stop/--no-stop", help="Stop at the model's end-of-text token.")] = True,
-    reuse: Annotated[bool, typer.Option("--reuse/--no-reuse", help="Reuse the stored memory of this document, model and method.")] = True,
-    segment: Annotated[int | None, typer.Option(help="Tokens per forward (default: the preset's). [env: LONGCTX_SEGMENT]")] = None,
-    adapter: Annotated[str | None, typer.Option(help="Trained parameters for the method (default: the preset's).")] = None,
-    allow_untrained: Annotated[bool, typer.Option("--allow-untrained", help="Run a trainable method without an adapter.")] = False,
-    model: Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded model). [env: LONGCTX_MODEL]")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto, bf16, fp32 or fp16. [env: LONGCTX_DTYPE]")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto. [env: LONGCTX_DEVICE]")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads. [env: LONGCTX_THREADS]")] = None,
+    reuse: ReuseOpt = True,
+    segment: SegmentOpt = None,
+    adapter: AdapterOpt = None,
+    allow_untrained: UntrainedOpt = False,
+    model: ModelOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, timings, protocol) at the end.")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress on stderr.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """Continue a long text after its end with the whole document in memory, streaming the tokens.
 

@@ -1,0 +1,122 @@
+"""What every benchmark result file carries beyond the method protocol: model, software, machine and moment.
+
+A timing means little without the load the machine was under, and a number cannot be reproduced without
+the exact code (commit, and whether the tree had uncommitted changes) and library versions it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..backbone import Backbone
+from ..perplexity import environment
+
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "safetensors", "numpy")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../longctx
+GIT_TIMEOUT_S = 5.0
+
+
+def run_record(backbone: Backbone, *, seed: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a result file must carry beyond the method protocol, JSON-serialisable.
+
+    Extends `longctx.perplexity.environment()` (whose keys are kept as they are) with the model fingerprint,
+    dtype and device, library versions, the git state of the package's checkout, the CPU model, RAM, load
+    averages, the GPU in use, the command line, a UTC timestamp and the seed. `extra` keys are added last.
+    """
+    record = environment()
+    record.update({
+        "model": dict(backbone.fingerprint),
+        "dtype": str(backbone.dtype).removeprefix("torch."),
+        "device": str(backbone.device),
+        "versions": library_versions(),
+        "git": git_state(),
+        "cpu_model": cpu_model(),
+        "load_avg": load_average(),
+        "ram_total_mb": total_ram_mb(),
+        "gpu": gpu_name(backbone.device),
+        "command": list(sys.argv),
+        "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seed": seed,
+    })
+    record.update(extra or {})
+    return record
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries a result depends on (None: not installed), plus longctx and python."""
+    versions: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["torch"] = torch.__version__  # the build tag (+cpu, +cu128) says more than the distribution's
+    return {**versions, "longctx": __version__, "python": platform.python_version()}
+
+
+def git_state(directory: Path = PACKAGE_DIR) -> dict[str, Any] | None:
+    """`{"commit", "dirty"}` of the git checkout the package is imported from; None when it is not a checkout
+    (an installed wheel), git is missing or fails. `dirty`: uncommitted changes, untracked files included."""
+    root = _git(directory, "rev-parse", "--show-toplevel")
+    # a wheel installed into a venv inside some other repository must not report that repository's commit
+    if root is None or not _git(Path(root), "ls-files", "--", str(directory / "__init__.py")):
+        return None
+    commit = _git(Path(root), "rev-parse", "HEAD")
+    if commit is None:  # a repository without commits
+        return None
+    status = _git(Path(root), "status", "--porcelain")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def _git(directory: Path, *args: str) -> str | None:
+    """stdout of one git command (stripped), or None on any failure: a record must never fail on git."""
+    try:
+        out = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True,
+                             timeout=GIT_TIMEOUT_S, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform.processor()` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (runnable processes), where the OS reports them."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def total_ram_mb() -> float | None:
+    """Physical memory in MiB, where the OS reports it."""
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20, 1)
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def gpu_name(device: torch.device) -> str | None:
+    """Name of the CUDA device the model runs on (the current one if it runs on the CPU); None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(device if device.type == "cuda" else None)
