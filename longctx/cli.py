@@ -624,6 +624,55 @@ def _fractions(text: str, what: str) -> list[float]:
         raise UsageError(f"{what} must be comma-separated fractions (got {text!r})") from None
 
 
+@bench_app.callback(invoke_without_command=True)
+@_errors_to_exit
+def bench_suite(
+    ctx: typer.Context,
+    suite: Annotated[str | None, typer.Option(help="Run a whole suite: cpu-small (about 15 min on a 2-core CPU) or gpu.")] = None,
+    book: Annotated[str | None, typer.Option(help="With --suite: the public-domain book to score and to cut haystacks from.")] = None,
+    method: Annotated[list[str] | None, typer.Option("--method", "-m", help="With --suite: only these methods (repeatable; sinks, the reference, is always run).")] = None,
+    part: Annotated[list[str] | None, typer.Option("--part", help="With --suite: only these parts (ppl, passkey, needle, retention, babi, throughput).")] = None,
+    out: Annotated[str, typer.Option(help="With --suite: directory for suite-NAME.json, suite-NAME.md and the plots.")] = "bench-results",
+    json_out: Annotated[bool, typer.Option("--json", help="With --suite: print the JSON result instead of the markdown.")] = False,
+    model: ModelOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Benchmarks: every named method on the same items, in one process. --suite runs them all."""
+    if ctx.invoked_subcommand is not None:
+        if suite:
+            raise UsageError("--suite runs on its own; leave out the subcommand")
+        return
+    if not suite:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
+    if not book:
+        raise UsageError("--suite needs --book PATH (a public-domain text, e.g. from scripts/fetch_book.py)")
+    import json
+    from pathlib import Path
+
+    from .bench.report import suite_markdown, suite_plots
+    from .bench.suite import run_suite
+    from .render import print_json, stderr_console
+
+    err = stderr_console()
+    result = run_suite(suite, book, methods=method, parts=part, model=model, dtype=dtype, device=device,
+                       threads=threads, on_part=lambda p, s: err.print(f"suite part {p}: {s:.0f} s", highlight=False))
+    data = result.to_dict()
+    outdir = Path(out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / f"suite-{suite}.json").write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+    markdown = suite_markdown(data, " ".join(["longctx", *sys.argv[1:]]))
+    plots = suite_plots(data, outdir / f"plots-{suite}")
+    if plots:
+        markdown += "\n" + "\n".join(f"![{p.stem}]({p.relative_to(outdir)})" for p in plots) + "\n"
+    else:
+        err.print("no plots: install the plot extra (pip install -e '.[plot]') for PNGs", highlight=False)
+    (outdir / f"suite-{suite}.md").write_text(markdown, encoding="utf-8")
+    print_json(data) if json_out else sys.stdout.write(markdown + "\n")
+
+
 @bench_app.command("passkey")
 @_errors_to_exit
 def bench_passkey(

@@ -133,13 +133,18 @@ class NeedleDocument:
 
 
 def make_document(tokenizer, filler: Filler, length: int, facts: list[Fact], absent: Fact,
-                  rng: random.Random) -> NeedleDocument:
+                  rng: random.Random, depths: Sequence[float] | None = None) -> NeedleDocument:
     """About `length` tokens in all: book text from a random offset with the facts at depths spread over
-    10-90 % (each at the nearest sentence end before its depth)."""
+    10-90 % (each at the nearest sentence end before its depth), or at the given `depths`, one per fact
+    (retention: one fact at the start, the question `length` tokens later)."""
     fact_tokens = sum(len(tokenizer(" " + f.sentence, add_special_tokens=False)["input_ids"]) for f in facts)
     length = max(length - fact_tokens, 16)
     hay, ends = filler.take(rng.randrange(len(filler.ids)), length)
-    depths = [0.1 + 0.8 * (i + 0.5) / len(facts) for i in range(len(facts))]
+    if depths is None:
+        depths = [0.1 + 0.8 * (i + 0.5) / len(facts) for i in range(len(facts))]
+    elif len(depths) != len(facts):
+        raise UsageError(f"{len(facts)} facts need {len(facts)} depths (got {len(depths)})")
+    depths = sorted(depths)
     order = rng.sample(range(len(facts)), len(facts))  # which fact goes at which depth
     cuts = []
     for d in depths:
@@ -163,12 +168,15 @@ class NeedleConfig:
     seed: int = 0
     max_new_tokens: int = 48
     instruction: str | None = None  # None = ask's default
+    depths: Sequence[float] | None = None  # one per needle; None = spread over 10-90 %
 
     def __post_init__(self):
         if self.trials < 1 or self.needles < 1 or not self.lengths:
             raise UsageError("needle QA needs >= 1 trial, >= 1 needle and a length")
         if any(n < 512 for n in self.lengths):
             raise UsageError("needle QA lengths must be >= 512 tokens")
+        if self.depths is not None and (len(self.depths) != self.needles or any(not 0 <= d <= 1 for d in self.depths)):
+            raise UsageError("needle depths: one fraction in 0..1 per needle")
 
 
 @dataclass
@@ -238,7 +246,7 @@ def needle_qa(backbone: Backbone, methods: Sequence[str], filler_path: str, conf
         for length in config.lengths:
             for trial in range(config.trials):
                 facts, absent = make_facts(rng, config.needles)
-                doc = make_document(backbone.tokenizer, filler, length, facts, absent, rng)
+                doc = make_document(backbone.tokenizer, filler, length, facts, absent, rng, config.depths)
                 path = Path(tmp) / f"needle-{length}-{trial}.txt"
                 path.write_text(doc.text, encoding="utf-8")
                 questions = [f.question for f in doc.facts] + [absent.question]
