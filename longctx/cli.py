@@ -259,6 +259,7 @@ def _ppl_many(docs: list[str], method: str | None, overrides: dict[str, dict[str
         print_corpus(report, stdout_console())
 
 
+DEFAULT_ASK_METHOD = "memorizing-fast"  # = longctx.qa.DEFAULT_METHOD (not imported here: the CLI starts fast)
 SAMPLING_HELP = "0 = greedy (default, reproducible); > 0 samples from softmax(logits / T)."
 # Options that ask and generate share, declared once.
 ModelOpt = Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded model). [env: LONGCTX_MODEL]")]
@@ -333,7 +334,7 @@ def ask(
     file: Annotated[str, typer.Argument(help="The document (a text file; '-' reads standard input, which is not reused).")],
     question: Annotated[str | None, typer.Argument(help="The question (or use --questions FILE).")] = None,
     questions_file: Annotated[str | None, typer.Option("--questions", metavar="FILE", help="Questions, one per line ('#' lines skipped), all answered over one reading.")] = None,
-    method: Annotated[str | None, typer.Option("--method", "-m", help="Memory method or preset, or rag (the retrieval-augmented baseline). Default: memorizing.")] = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Memory method or preset, or rag (the retrieval-augmented baseline). Default: memorizing-fast.")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override key=value (repeatable); for rag: topk, chunk_tokens, embedder.")] = None,
     cite: Annotated[bool, typer.Option("--cite", help="Print the source spans (byte offsets, excerpts) the memory retrieved for each answer.")] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 128,
@@ -363,7 +364,7 @@ def ask(
     from .render import print_json, stderr_console
 
     qs = _read_questions(question, questions_file)
-    name = method or "memorizing"
+    name = method or DEFAULT_ASK_METHOD
     err, out = stderr_console(), sys.stdout
     view, on_segment = _reading_view(file, progress and not json_out)
     shown = [-1]
@@ -725,7 +726,7 @@ def bench_passkey(
 @_errors_to_exit
 def bench_needle(
     filler: Annotated[str, typer.Argument(help="Book to cut haystacks from (public-domain text, UTF-8).")],
-    method: Annotated[list[str] | None, typer.Option("--method", "-m", help="Method, preset or rag (repeatable). Default: memorizing, sinks, rag.")] = None,
+    method: Annotated[list[str] | None, typer.Option("--method", "-m", help="Method, preset or rag (repeatable). Default: memorizing-fast, sinks, rag.")] = None,
     lengths: Annotated[str, typer.Option(help="Document lengths in tokens, comma-separated (8k = 8192).")] = "8k,32k",
     trials: Annotated[int, typer.Option(help="Documents per length (the same for every method).")] = 2,
     needles: Annotated[int, typer.Option(help="Facts per document, one question each (1 = single needle); plus one absent-fact question.")] = 4,
@@ -749,7 +750,7 @@ def bench_needle(
     from .bench.needle import NeedleConfig, needle_bench
     from .render import print_json, print_needle, stderr_console, stdout_console
 
-    names = method or ["memorizing", "sinks", "rag"]
+    names = method or ["memorizing-fast", "sinks", "rag"]
     config = NeedleConfig(lengths=_counts(lengths, "--lengths"), trials=trials, needles=needles, seed=seed,
                           max_new_tokens=max_new_tokens, instruction=instruction)
     err = stderr_console()

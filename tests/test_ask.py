@@ -472,7 +472,7 @@ def test_cli_ask_json_questions_file_and_streaming(model_dir, doc, tmp_path):
     r = runner.invoke(app, [*base[:2], Q1, *base[2:], "--json", "--cite"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)  # one JSON object, nothing else
-    assert out["schema_version"] == 1 and out["task"] == "ask" and out["method"] == "memorizing"
+    assert out["schema_version"] == 1 and out["task"] == "ask" and out["method"] == "memorizing-fast"
     assert out["protocol"].startswith("memorizing(") and "window=32" in out["protocol"] and out["chat"] is True
     assert out["segment"] == 32 and not out["memory"]["reused"] and out["memory"]["snapshot"]
     [answer] = out["answers"]
@@ -616,3 +616,10 @@ def test_the_default_model_answers_from_memory_and_from_rag(tmp_path, monkeypatc
     assert "Tobias Wren" in answer.text, answer.text
     assert answer.citations and answer.citations[0].kind == "retrieved"
     assert "Tobias Wren" in answer.citations[0].excerpt
+
+
+def test_the_cli_default_method_is_the_library_default():
+    import longctx.cli
+    import longctx.qa
+
+    assert longctx.cli.DEFAULT_ASK_METHOD == longctx.qa.DEFAULT_METHOD
