@@ -141,7 +141,52 @@ def trained(d: dict) -> list[str]:
     return out
 
 
+def needle(d: dict) -> list[str]:
+    """`longctx bench needle --json`: accuracy per method and length, the absent fact, reading speed."""
+    c = d["config"]
+    lengths = c["lengths"]
+    out = [f"{c['trials']} document(s) per length, {c['needles']} facts each at depths 10-90 % + 1 absent-fact "
+           f"question, seed {c['seed']}, greedy, at most {c['max_new_tokens']} tokens, filler "
+           f"`{Path(d['filler']).name}`, model `{d['model']['model']}` ({d['model']['dtype']}), "
+           f"{d['environment']['threads']} thread(s), load average at the end {d['environment']['load_avg_1m']:.1f}.",
+           "", "| method | " + " | ".join(f"{n:,} tok" for n in lengths) + " | absent fact | read tok/s | question → 1st token s |",
+           "|---|" + "---|" * (len(lengths) + 3)]
+    for m in d["methods"]:
+        cells = [x for x in d["cells"] if x["method"] == m]
+        row = []
+        for n in lengths:
+            x = next((x for x in cells if x["length"] == n and x["kind"] == "needle"), None)
+            row.append(f"{x['correct']}/{x['items']}" if x else "—")
+        ab = [x for x in cells if x["kind"] == "absent"]
+        rates = [x["ingest_tokens_per_s"] for x in cells if x["kind"] == "needle" and x["ingest_tokens_per_s"]]
+        firsts = [x["first_token_s"] for x in cells if x["kind"] == "needle" and x["first_token_s"] is not None]
+        out.append(f"| {m} | " + " | ".join(row) + f" | {sum(x['correct'] for x in ab)}/{sum(x['items'] for x in ab)} "
+                   f"| {_f(sum(rates) / len(rates) if rates else None, ',.0f')} "
+                   f"| {_f(sum(firsts) / len(firsts) if firsts else None)} |")
+    out += ["", "Protocols: " + "; ".join(f"`{m}`: `{p}`" for m, p in d["methods"].items()), ""]
+    return out
+
+
+def ask_latency(d: dict) -> list[str]:
+    """benchmarks/ask_latency.py: first answer token, first reading vs reused memory."""
+    rec = d["record"]
+    out = [f"{d['tokens']:,}-token excerpt of `{Path(d['book']).name}`, question {d['question']!r}, commit "
+           f"`{(rec.get('git') or {}).get('commit', '?')[:10]}`, {rec['dtype']}, {rec['threads']} threads, load "
+           f"average {rec.get('load_avg')}.", "",
+           "| method | first run: to first output (process) | library first token | reused: to first output (process) "
+           "| library first token | memory |", "|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        f, g = r["first"], r["reused"]
+        out.append(f"| {r['method']} | {f['process_first_output_s']:.1f} s | {_f(f['first_token_s'])} s "
+                   f"| {g['process_first_output_s']:.1f} s | {_f(g['first_token_s'])} s | {g['memory_line'] or ''} |")
+    return out + [""]
+
+
 def render(d: dict) -> list[str]:
+    if d.get("benchmark") == "needle":
+        return needle(d)
+    if d.get("benchmark") == "ask_latency":
+        return ask_latency(d)
     if "adapters" in d and "ppl" in d:
         return trained(d)
     if "exactness" in d:
