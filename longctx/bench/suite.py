@@ -90,7 +90,11 @@ def run_suite(name: str | Suite, book: str, *, methods: Sequence[str] | None = N
     from ..models import load_backbone
     from .record import run_record
 
+    from ..textio import open_source
+
     suite = name if isinstance(name, Suite) else get_suite(name)
+    with open_source(book):  # a missing or unreadable book fails now, not after the model has loaded
+        pass
     names = list(methods or ALL_METHODS)
     if REFERENCE not in names:
         names.insert(0, REFERENCE)
