@@ -97,8 +97,8 @@ def extend(backbone: Backbone, method: Method, done: Ingested, ids: torch.Tensor
 def fork(method: Method, done: Ingested) -> Ingested:
     """An independent copy of `done`: reading a question into it leaves the original memory untouched (some
     methods update their stores in place)."""
-    state = method.state_from_tensors({k: v.clone() for k, v in method.state_tensors(done.state).items()})
-    return Ingested(state, done.tokens, done.last_hidden, done.last_plan, done.pending.clone(), done.segment)
+    return Ingested(method.fork_state(done.state), done.tokens, done.last_hidden, done.last_plan,
+                    done.pending.clone(), done.segment)
 
 
 @dataclass

@@ -8,7 +8,7 @@ at read time) and may be kept in a narrower dtype than the model's: each scored 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -27,6 +27,7 @@ class KNNStore:
     byte_start: torch.Tensor
     written: int = 0  # entries ever added (slot of the next one: written % capacity)
     _centroids: dict[int, torch.Tensor] | None = None  # block means per layer, dropped on every add
+    _shared: bool = False  # buffers shared with a fork: copied before the first write (copy on write)
 
     @classmethod
     def empty(cls, capacity: int, layers: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype,
@@ -42,12 +43,25 @@ class KNNStore:
     def allocated(self) -> int:
         return int(self.token_index.numel())
 
+    def fork(self) -> KNNStore:
+        """A store with the same entries whose writes never reach this one (nor this one's writes it): the
+        buffers are shared until either side adds, and that side copies them first."""
+        self._shared = True
+        return replace(self, _centroids=dict(self._centroids) if self._centroids else None, _shared=True)
+
+    def _own(self) -> None:
+        for name in ("keys", "values", "token_index", "token_ids", "byte_start"):
+            setattr(self, name, getattr(self, name).clone())
+        self._shared = False
+
     def add(self, keys: torch.Tensor, values: torch.Tensor, token_index: torch.Tensor, token_ids: torch.Tensor,
             byte_start: torch.Tensor) -> None:
         """Append entries (newest last), overwriting the oldest once full. Mutates the store in place."""
         e = int(token_index.numel())
         if self.capacity == 0 or e == 0:
             return
+        if self._shared:
+            self._own()
         if e > self.capacity:  # only the newest `capacity` of a huge batch could survive anyway
             skip = e - self.capacity
             keys, values = keys[:, :, skip:], values[:, :, skip:]

@@ -248,3 +248,25 @@ def test_unimix_rmt_tokens_stay_out_of_the_kv_memory_and_zero_tokens_change_noth
     assert state.tokens.memory.shape == (3, tiny_backbone.config.hidden_size) and state.tokens.segments == 4
     plain = build(tiny_backbone, "unimix", window=8, memory=40, topk=2)
     assert plain.init_state().tokens is None and not plain.trainable
+
+
+def test_a_forked_store_and_its_origin_never_see_each_others_writes():
+    from longctx.knnstore import KNNStore
+
+    def entries(n: int, start: int):
+        kv = torch.arange(start, start + n, dtype=torch.float32).view(1, 1, n, 1).expand(2, 1, n, 4).contiguous()
+        idx = torch.arange(start, start + n)
+        return kv, kv.clone(), idx, idx.clone(), idx.clone()
+
+    store = KNNStore.empty(8, 2, 1, 4, dtype=torch.float32, device=torch.device("cpu"))
+    store.add(*entries(6, 0))
+    fork = store.fork()
+    assert fork.keys.data_ptr() == store.keys.data_ptr()  # shared until a write
+    fork.add(*entries(4, 100))  # wraps around: overwrites the two oldest slots
+    def held(s):
+        return s.token_index[s.order()].tolist()
+
+    assert held(store) == list(range(6)) and store.written == 6
+    assert held(fork) == [2, 3, 4, 5, 100, 101, 102, 103]
+    store.add(*entries(1, 50))
+    assert held(store) == [*range(6), 50] and held(fork) == [2, 3, 4, 5, 100, 101, 102, 103]

@@ -88,9 +88,8 @@ def run_suite(name: str | Suite, book: str, *, methods: Sequence[str] | None = N
     the question-answering parts also run the `rag` baseline unless `rag` is False."""
     from ..config import resolve
     from ..models import load_backbone
-    from .record import run_record
-
     from ..textio import open_source
+    from .record import run_record
 
     suite = name if isinstance(name, Suite) else get_suite(name)
     with open_source(book):  # a missing or unreadable book fails now, not after the model has loaded

@@ -158,6 +158,11 @@ class Method(ABC):
         """Entries currently held (tokens, slots), for progress and results."""
         return 0
 
+    def fork_state(self, state: Any) -> Any:
+        """An independent copy of `state`: writing to one never changes the other (each question of `ask`
+        continues its own copy of a document's memory). Default: an exact copy through the tensors."""
+        return self.state_from_tensors({k: v.clone() for k, v in self.state_tensors(state).items()})
+
     @abstractmethod
     def state_tensors(self, state: Any) -> dict[str, torch.Tensor]:
         """The state as named tensors (snapshots); exact, so a reload continues bit-identically."""

@@ -76,6 +76,10 @@ class KVCacheMethod(Method):
         state.keys, state.values = state.keys.to(self.backbone.dtype), state.values.to(self.backbone.dtype)
         return state
 
+    def fork_state(self, state: KVState) -> KVState:
+        """KVState is never changed in place (appends and evictions build new tensors), so sharing it is a copy."""
+        return state
+
     def dump(self, state: KVState) -> list[dict[str, Any]]:
         """Contiguous runs of document tokens held in memory (sinks, then the recent window)."""
         sinks = self.policy().sinks

@@ -10,7 +10,7 @@ The store is searched before the current segment is added, so a token never retr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, Literal
 
@@ -211,6 +211,11 @@ class Memorizing(KVCacheMethod):
         local = super().state_from_tensors(part["local"])
         store = KNNStore.from_tensors(self.options.memory, part["store"])
         return MemorizingState(local, store)
+
+    def fork_state(self, state: MemorizingState) -> MemorizingState:
+        """The window is shared (never changed in place); the store is copied only if one side writes to it
+        (a question and its answer usually stay within the window, so asking about a large store is cheap)."""
+        return replace(state, store=state.store.fork())
 
     def dump(self, state: MemorizingState) -> list[dict[str, Any]]:
         """Sinks and window (every layer), then the store's runs of tokens, oldest first."""
