@@ -20,6 +20,7 @@ from typing import Any
 
 from ..backbone import Backbone
 from ..errors import UsageError
+from ..resources import release_memory
 from .needle import MethodCost, normalize
 from .passkey import Filler
 
@@ -210,6 +211,7 @@ def babi_qa(backbone: Backbone, methods: Sequence[str], filler_path: str, config
                             instruction=config.instruction, reuse=False, save=False)
                     report.methods[m] = r.protocol
                     _score(report, m, length, trial, doc, r, on_item)
+                    release_memory()
     return report
 
 

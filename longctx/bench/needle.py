@@ -23,6 +23,7 @@ from typing import Any
 
 from ..backbone import Backbone
 from ..errors import UsageError
+from ..resources import release_memory
 from .passkey import Filler
 
 SURNAMES = ["Hollis", "Pemberton", "Ashcombe", "Thorne", "Wexley", "Marlowe", "Kestrel", "Ravensworth", "Dunmore",
@@ -256,6 +257,7 @@ def needle_qa(backbone: Backbone, methods: Sequence[str], filler_path: str, conf
                             instruction=config.instruction, reuse=False, save=False)
                     report.methods[m] = r.protocol
                     _score(report, m, length, trial, doc, r, on_item)
+                    release_memory()
     return report
 
 

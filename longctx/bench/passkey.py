@@ -24,6 +24,7 @@ from ..decode import greedy, ingest, plain_segments
 from ..errors import InputError, UsageError
 from ..methods.base import Method
 from ..prompts import chat_halves
+from ..resources import release_memory
 from ..textio import open_source
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -219,6 +220,7 @@ def passkey(backbone: Backbone, methods: Sequence[Method], filler_path: str, con
             trial = make_trial(backbone.tokenizer, filler, length, config.depths[t % len(config.depths)], rng, frame)
             for m in methods:
                 result = run_trial(backbone, m, trial, config.segment, config.max_new_tokens)
+                release_memory()
                 report.results.append(result)
                 if on_result is not None:
                     on_result(result)

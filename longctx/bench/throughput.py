@@ -23,7 +23,7 @@ from ..backbone import Backbone
 from ..decode import continue_text, ingest, plain_segments
 from ..errors import InputError
 from ..methods.base import Method
-from ..resources import peak_gpu_mb, peak_rss_mb, reset_peak_rss
+from ..resources import peak_gpu_mb, peak_rss_mb, release_memory, reset_peak_rss
 from .roofline import attended_keys, forward_flops, linear_params, roofline_ratio
 
 
@@ -146,6 +146,7 @@ def throughput_vs_length(backbone: Backbone, methods: Mapping[str, Method], book
                                                            decode_tokens=decode_tokens,
                                                            machine_flops_per_s=machine_flops_per_s)}
             rows.append(row)
+            release_memory()  # the next method's peak RSS must not include this one's freed heap
             if on_row is not None:
                 on_row(row)
     return rows
