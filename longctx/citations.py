@@ -4,8 +4,9 @@ While an answer is generated, every forward's plan records, per retrieval layer,
 head's top-k picked for each query (`ForwardPlan.retrieved`). `RetrievalTally` counts, for the query that
 chooses the next token (the last prompt token, then each generated token), how often every document token
 was picked over layers, heads and steps. The most-picked tokens seed spans (seeds close together join),
-ranked by their share of all picks; each span carries its byte offsets and an excerpt of the source. Methods that read memory
-by position (windows, sinks, memory tokens) retrieve nothing: their citation is what memory held.
+ranked by their share of all picks; each span carries its byte offsets and an excerpt of the source.
+Methods that read memory by position (windows, sinks, memory tokens) retrieve nothing: their citation is
+what memory held.
 """
 
 from __future__ import annotations

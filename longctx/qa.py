@@ -121,17 +121,17 @@ def ask(path: str, questions: Sequence[str], *, method: str | None = None, model
         dtype: str | None = None, device: str | None = None, threads: int | None = None,
         segment: int | None = None, options: dict[str, Any] | None = None, adapter: str | None = None,
         allow_untrained: bool = False, chat: bool | None = None, instruction: str | None = None,
-        max_new_tokens: int = 128,
-        sampling: Sampling | None = None, cite: bool = False, reuse: bool = True, save: bool = True,
-        backbone: Backbone | None = None,
-        on_text: Callable[[int, str], None] | None = None, on_segment: Callable[[Segment], None] | None = None,
+        max_new_tokens: int = 128, sampling: Sampling | None = None, cite: bool = False, reuse: bool = True,
+        save: bool = True, backbone: Backbone | None = None, on_text: Callable[[int, str], None] | None = None,
+        on_segment: Callable[[Segment], None] | None = None,
         on_memory: Callable[[dict[str, Any]], None] | None = None) -> AskReport:
     """Answer `questions` about the document at `path` ("-" = stdin).
 
     `method`: a memory method or preset (default: `DEFAULT_METHOD`), or "rag". `chat` None = the chat template
-    when the model has one; `instruction` replaces the default line read before each question. `on_text(i, piece)` streams answer i as it is generated. With `cite`, each answer
-    lists the source spans its memory retrieved (or, for position-reading methods, held). `reuse`/`save`: load
-    the document's stored memory when there is one / store it after reading (benchmarks turn saving off)."""
+    when the model has one; `instruction` replaces the default line read before each question. `on_text(i,
+    piece)` streams answer i as it is generated. With `cite`, each answer lists the source spans its memory
+    retrieved (or, for position-reading methods, held). `reuse`/`save`: load the document's stored memory when
+    there is one / store it after reading (benchmarks turn saving off)."""
     qs = [check_question(q) for q in questions]
     if not qs:
         raise UsageError("give a question (an argument, or --questions FILE)")
@@ -146,8 +146,8 @@ def ask(path: str, questions: Sequence[str], *, method: str | None = None, model
     backbone, spec, load_s = prepare_run(run_name, model=model, dtype=dtype, device=device, threads=threads,
                                          segment=segment, options=None if rag_opts else options, adapter=adapter,
                                          allow_untrained=allow_untrained, backbone=backbone)
-    session = _Session(backbone, qa_frame(backbone.tokenizer, chat, instruction), sampling or Sampling(), max_new_tokens, cite,
-                       stop_ids(backbone.tokenizer, backbone.model), on_text)
+    session = _Session(backbone, qa_frame(backbone.tokenizer, chat, instruction), sampling or Sampling(),
+                       max_new_tokens, cite, stop_ids(backbone.tokenizer, backbone.model), on_text)
     if rag_opts is not None:
         return _ask_rag(path, qs, session, spec.method, rag_opts, reuse, save, load_s, t0, on_memory)
     mem = read_document(backbone, spec, path, session.encode(session.frame.head, head=True), kind="ask",
@@ -158,9 +158,8 @@ def ask(path: str, questions: Sequence[str], *, method: str | None = None, model
     start = time.perf_counter() - t0
     answers = [_answer(session, spec.method, mem, q, i) for i, q in enumerate(qs)]
     return AskReport(mem.document, spec.preset, spec.method.describe(), spec.segment, session.frame.chat,
-                     session.frame.instruction, memory,
-                     answers, session.sampling, max_new_tokens, dict(backbone.fingerprint), load_s,
-                     start + answers[0].first_token_s)
+                     session.frame.instruction, memory, answers, session.sampling, max_new_tokens,
+                     dict(backbone.fingerprint), load_s, start + answers[0].first_token_s)
 
 
 def _generate(session: _Session, method: Method, done: Ingested, index: int,
@@ -221,7 +220,8 @@ def _ask_rag(path: str, questions: list[str], session: _Session, full: Method, o
     from . import rag
 
     if path == "-" or not Path(path).is_file():
-        raise UsageError("--method rag needs a file (its chunk index is stored under the file's sha256); save standard input to a file first")
+        raise UsageError("--method rag needs a file (its chunk index is stored under the file's sha256); "
+                         "save standard input to a file first")
     embedder = rag.Embedder.load(opts.embedder)
     index, memory = _rag_index(path, session.backbone, embedder, opts.chunk_tokens, reuse, save)
     if on_memory is not None:
@@ -232,8 +232,7 @@ def _ask_rag(path: str, questions: list[str], session: _Session, full: Method, o
     protocol = (f"rag(topk={opts.topk}, chunk_tokens={opts.chunk_tokens}, embedder={embedder.fingerprint['model']}, "
                 f"reader={full.describe()})")
     return AskReport(doc, "rag", protocol, None, session.frame.chat, session.frame.instruction, memory, answers,
-                     session.sampling,
-                     session.max_new_tokens, dict(session.backbone.fingerprint), load_s,
+                     session.sampling, session.max_new_tokens, dict(session.backbone.fingerprint), load_s,
                      start + answers[0].first_token_s)
 
 
@@ -277,8 +276,8 @@ def _rag_index(path: str, backbone: Backbone, embedder, chunk_tokens: int, reuse
         try:
             snap = store.load(name)
             index = rag.ChunkIndex.from_tensors(snap.tensors, embedder=embedder.fingerprint, chunk_tokens=chunk_tokens)
-            return index, {**info, "reused": True, "chunks": len(index.chunks), "load_seconds": time.perf_counter() - t0,
-                           "ingest_seconds": 0.0}
+            return index, {**info, "reused": True, "chunks": len(index.chunks), "ingest_seconds": 0.0,
+                           "load_seconds": time.perf_counter() - t0}
         except SnapshotError:
             pass  # damaged: rebuild below (a new version replaces it)
     index = rag.build_index(path, backbone.tokenizer, embedder, chunk_tokens=chunk_tokens)

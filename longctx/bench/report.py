@@ -83,7 +83,7 @@ def _acc_part(name: str, part: dict[str, Any]) -> list[str]:
         for kind in kinds:
             row = [m + (f" ({kind})" if kind and kind != "needle" else "")]
             for n in lengths:
-                c = next((c for c in cells if c["method"] == m and c["length"] == n and c.get("kind", "") == kind), None)
+                c = next((c for c in cells if (c["method"], c["length"], c.get("kind", "")) == (m, n, kind)), None)
                 count = c and c.get("trials", c.get("items", c.get("samples")))
                 row.append(f"{_pct(c['accuracy'])} ({c['correct']}/{count})" if c else "—")
             rows.append(row)

@@ -232,8 +232,8 @@ def leaders(parts: dict[str, Any], methods: list[str]) -> list[dict[str, Any]]:
         ppl = {r["method"]: r["ppl"] for r in parts["ppl"]["runs"]}
         best = min(ppl, key=ppl.get)
         delta = next((d for d in parts["ppl"]["deltas"] if d["method"] == best), None)
-        rows.append({"axis": "PPL (lower is better)", "leader": best, "value": ppl[best], "reference": ppl.get(REFERENCE),
-                     "vs_reference": delta})
+        rows.append({"axis": "PPL (lower is better)", "leader": best, "value": ppl[best],
+                     "reference": ppl.get(REFERENCE), "vs_reference": delta})
     for part, kind in (("passkey", None), ("needle", "needle"), ("needle", "absent"), ("retention", "needle"),
                        ("babi", None)):
         if part not in parts:
