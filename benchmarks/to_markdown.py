@@ -183,6 +183,10 @@ def ask_latency(d: dict) -> list[str]:
 
 
 def render(d: dict) -> list[str]:
+    if d.get("benchmark") == "suite":
+        from longctx.bench.report import suite_markdown
+
+        return suite_markdown(d, " ".join(["longctx", *d["record"]["command"][1:]])).splitlines()
     if d.get("benchmark") == "needle":
         return needle(d)
     if d.get("benchmark") == "ask_latency":

@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .suite import leaders
+
 
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.0f}%"
@@ -28,19 +30,23 @@ def suite_markdown(result: dict[str, Any], command: str) -> str:
              f"Suite `{result['suite']['name']}`, commit `{(rec.get('git') or {}).get('commit', '?')[:10]}`"
              f"{' (dirty)' if (rec.get('git') or {}).get('dirty') else ''}, model `{rec['model']['model']}`, "
              f"dtype {rec['dtype']}, device {rec['device']}, {rec['threads']} threads, CPU {rec.get('cpu_model')}, "
-             f"load average {rec.get('load_avg')} at start, {rec.get('load_avg_end')} at end; torch "
+             f"load average {_loads(rec.get('load_avg'))} at start, {_loads(rec.get('load_avg_end'))} at end; torch "
              f"{rec['versions'].get('torch')}, transformers {rec['versions'].get('transformers')}. Reference for "
              f"paired comparisons: `{result['reference']}`. Seconds per part: "
              + ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items()) + ".", ""]
     lines += ["### Leaders", ""] + _table(
         ["axis", "leader", "value", f"{result['reference']}", "paired difference vs reference"],
         [[r["axis"], r["leader"], _value(r["axis"], r["value"]), _value(r["axis"], r["reference"]), _vs(r)]
-         for r in result["leaders"]]) + [""]
+         for r in leaders(parts, result["methods"])]) + [""]
     for name, render in (("ppl", _ppl), ("passkey", _acc_part), ("needle", _acc_part), ("retention", _acc_part),
                          ("babi", _acc_part), ("throughput", _throughput)):
         if name in parts:
             lines += [f"### {name}", "", *render(name, parts[name]), ""]
     return "\n".join(lines)
+
+
+def _loads(values) -> str:
+    return "/".join(f"{v:.2f}" for v in values) if values else "—"
 
 
 def _value(axis: str, v: float | None) -> str:
@@ -94,7 +100,7 @@ def _acc_part(name: str, part: dict[str, Any]) -> list[str]:
 
 def _throughput(_: str, part: dict[str, Any]) -> list[str]:
     m = part["machine"]
-    rows = [[r["method"], f"{r['prefill_tokens']:,}", _num(r["prefill_tok_s"], ",.0f"), _num(r["decode_tok_s"], ".1f"),
+    rows = [[r.get("name", r["method"]), f"{r['prefill_tokens']:,}", _num(r["prefill_tok_s"], ",.0f"), _num(r["decode_tok_s"], ".1f"),
              _num(r["first_token_s"], ".2f"), _num(r["prefill_flops_per_token"] / 1e9, ".3f"),
              _pct(r.get("prefill_roofline")), f"{r['peak_rss_mb']:,.0f}", f"{r['memory_entries']:,}"]
             for r in part["rows"]]
@@ -144,8 +150,9 @@ def suite_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
     if "throughput" in parts:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
         rows = parts["throughput"]["rows"]
-        for m in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r["prefill_tokens"], r["prefill_tok_s"], r["peak_rss_mb"]) for r in rows if r["method"] == m)
+        for m in dict.fromkeys(r.get("name", r["method"]) for r in rows):
+            pts = sorted((r["prefill_tokens"], r["prefill_tok_s"], r["peak_rss_mb"]) for r in rows
+                         if r.get("name", r["method"]) == m)
             a1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
             a2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=m)
         a1.set_title("prefill tok/s vs length")

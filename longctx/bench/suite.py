@@ -245,11 +245,11 @@ def leaders(parts: dict[str, Any], methods: list[str]) -> list[dict[str, Any]]:
         items = parts[part].get("trials") or parts[part].get("items") or []
         items = [r for r in items if kind is None or r.get("kind") == kind]
         label = part if kind in (None, "needle") else f"{part} ({kind} fact)"
-        rows.append({"axis": f"{label} accuracy", "leader": best, "value": acc[best], "reference": acc.get(REFERENCE),
-                     "vs_reference": paired_accuracy(items, best, REFERENCE)})
+        rows.append({"axis": f"{label} accuracy", "leader": _tied(acc, best), "value": acc[best],
+                     "reference": acc.get(REFERENCE), "vs_reference": paired_accuracy(items, best, REFERENCE)})
     if "throughput" in parts:
         longest = max(r["prefill_tokens"] for r in parts["throughput"]["rows"])
-        at = {r["method"]: r for r in parts["throughput"]["rows"] if r["prefill_tokens"] == longest}
+        at = {r.get("name", r["method"]): r for r in parts["throughput"]["rows"] if r["prefill_tokens"] == longest}
         for metric, label, better in (("prefill_tok_s", "prefill tok/s", max), ("decode_tok_s", "decode tok/s", max),
                                       ("peak_rss_mb", "peak RSS MiB (lower is better)", min)):
             vals = {m: r[metric] for m, r in at.items() if r.get(metric) is not None}
@@ -258,6 +258,14 @@ def leaders(parts: dict[str, Any], methods: list[str]) -> list[dict[str, Any]]:
                 rows.append({"axis": f"{label} at {longest:,} tokens", "leader": best, "value": vals[best],
                              "reference": vals.get(REFERENCE), "vs_reference": None})
     return rows
+
+
+def _tied(values: dict[str, float], best: str) -> str:
+    """The leader's name, or every method sharing its value ("none" when that value is 0: nobody leads)."""
+    tied = [m for m, v in values.items() if v == values[best]]
+    if values[best] == 0:
+        return "none (all 0)"
+    return best if len(tied) == 1 else ", ".join(tied) + " (tie)"
 
 
 def with_overrides(suite: Suite, **sizes: Any) -> Suite:
