@@ -88,3 +88,14 @@ def test_needle_config_refuses_nonsense():
         NeedleConfig(lengths=[100])
     with pytest.raises(UsageError):
         NeedleConfig(lengths=[1024], needles=0)
+
+
+def test_needle_bench_describes_the_run(tiny_backbone, tmp_path):
+    from longctx.bench.needle import needle_bench
+
+    out = needle_bench(_book(tmp_path), ["xl"], NeedleConfig(lengths=[600], trials=1, needles=1, max_new_tokens=2),
+                       backbone=tiny_backbone, options={"xl": {"memory": 64}})
+    assert out["schema_version"] == 1 and out["benchmark"] == "needle" and out["model"]["model"] == "tiny-llama"
+    assert out["filler"].endswith("book.txt") and "torch" in out["environment"] and len(out["items"]) == 2
+    with pytest.raises(UsageError):
+        needle_bench(_book(tmp_path), ["xl", "xl"], NeedleConfig(lengths=[600]), backbone=tiny_backbone)

@@ -233,17 +233,11 @@ def babi_bench(filler_path: str, methods: Sequence[str], config: BabiConfig, *, 
                options: dict[str, dict[str, Any]] | None = None, backbone: Backbone | None = None,
                allow_untrained: bool = False, on_item: Callable[[BabiItem], None] | None = None) -> dict[str, Any]:
     """BABILong-style qa1 as a library call: load the model, run every method, describe the run."""
-    from ..config import resolve
-    from ..models import load_backbone
-    from ..perplexity import environment
+    from .record import bench_backbone, described
 
     if len(set(methods)) < len(methods):
         raise UsageError("name each method once")
-    settings = resolve({"model": model, "dtype": dtype, "device": device, "threads": threads})
-    if backbone is None:
-        backbone = load_backbone(settings["model"], dtype=settings["dtype"], device=settings["device"],
-                                 threads=settings["threads"])
+    backbone = bench_backbone(backbone, model=model, dtype=dtype, device=device, threads=threads)
     report = babi_qa(backbone, methods, filler_path, config, options=options, allow_untrained=allow_untrained,
                      on_item=on_item)
-    return {"schema_version": 1, **report.to_dict(), "filler": filler_path, "model": backbone.fingerprint,
-            "environment": environment()}
+    return described(report.to_dict(), filler_path, backbone)

@@ -120,3 +120,21 @@ def gpu_name(device: torch.device) -> str | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_name(device if device.type == "cuda" else None)
+
+
+def bench_backbone(backbone: Backbone | None = None, *, model: str | None = None, dtype: str | None = None,
+                   device: str | None = None, threads: int | None = None) -> Backbone:
+    """The given backbone, else the model the settings name (flag > env > user config > default), loaded."""
+    if backbone is not None:
+        return backbone
+    from ..config import resolve
+    from ..models import load_backbone
+
+    settings = resolve({"model": model, "dtype": dtype, "device": device, "threads": threads})
+    return load_backbone(settings["model"], dtype=settings["dtype"], device=settings["device"],
+                         threads=settings["threads"])
+
+
+def described(result: dict[str, Any], filler: str, backbone: Backbone) -> dict[str, Any]:
+    """A benchmark's result with what every result file carries: schema, filler, model, environment."""
+    return {"schema_version": 1, **result, "filler": filler, "model": backbone.fingerprint, "environment": environment()}

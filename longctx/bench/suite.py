@@ -86,10 +86,8 @@ def run_suite(name: str | Suite, book: str, *, methods: Sequence[str] | None = N
               backbone: Backbone | None = None, on_part: Callable[[str, float], None] | None = None) -> SuiteResult:
     """Run the suite's parts over `book` (text for PPL, filler for the synthetic tasks) with every method;
     the question-answering parts also run the `rag` baseline unless `rag` is False."""
-    from ..config import resolve
-    from ..models import load_backbone
     from ..textio import open_source
-    from .record import run_record
+    from .record import bench_backbone, run_record
 
     suite = name if isinstance(name, Suite) else get_suite(name)
     with open_source(book):  # a missing or unreadable book fails now, not after the model has loaded
@@ -102,10 +100,7 @@ def run_suite(name: str | Suite, book: str, *, methods: Sequence[str] | None = N
     unknown = sorted(set(chosen) - set(PARTS))
     if unknown:
         raise UsageError(f"unknown suite part(s) {', '.join(unknown)}; parts: {', '.join(PARTS)}")
-    if backbone is None:
-        settings = resolve({"model": model, "dtype": dtype, "device": device, "threads": threads})
-        backbone = load_backbone(settings["model"], dtype=settings["dtype"], device=settings["device"],
-                                 threads=settings["threads"])
+    backbone = bench_backbone(backbone, model=model, dtype=dtype, device=device, threads=threads)
     result = SuiteResult(suite, names, record=run_record(backbone, seed=suite.seed, extra={"suite": suite.name}))
     qa = [*names, "rag"] if rag else names
     for part in chosen:
