@@ -30,7 +30,7 @@ def book(tmp_path) -> str:
 
 def test_every_part_runs_every_method_with_the_reference_first(tiny_backbone, book):
     result = run_suite(TINY, book, methods=METHODS, rag=False, backbone=tiny_backbone,
-                       parts=["ppl", "passkey", "needle", "retention", "throughput"])
+                       parts=["ppl", "passkey", "needle", "retention", "babi", "throughput"])
     data = json.loads(json.dumps(result.to_dict(), default=str))
     names = data["methods"]
     assert names[0] == REFERENCE and set(names) == {REFERENCE, *METHODS}
@@ -38,7 +38,7 @@ def test_every_part_runs_every_method_with_the_reference_first(tiny_backbone, bo
     assert [r["method"] for r in ppl["runs"]] == names
     assert len({r["token_sha256"] for r in ppl["runs"]}) == 1  # the same tokens for everyone
     assert [d["method"] for d in ppl["deltas"]] == names[1:] and all(d["reference"] == REFERENCE for d in ppl["deltas"])
-    for part in ("passkey", "needle", "retention"):
+    for part in ("passkey", "needle", "retention", "babi"):
         assert set(data["parts"][part]["methods"]) == set(names)
     retention = data["parts"]["retention"]["items"]
     assert {r["depth"] for r in retention if r["kind"] == "needle"} == {0.0}
@@ -46,7 +46,7 @@ def test_every_part_runs_every_method_with_the_reference_first(tiny_backbone, bo
     assert [(r["method"], r["prefill_tokens"]) for r in rows] == [(m, n) for n in (128, 256) for m in names]
     assert data["parts"]["throughput"]["machine"]["flops_per_s"] > 0
     assert data["record"]["suite"] == "tiny" and set(data["seconds"]) == {"ppl", "passkey", "needle", "retention",
-                                                                           "throughput"}
+                                                                           "babi", "throughput"}
     axes = {r["axis"] for r in data["leaders"]}
     assert "PPL (lower is better)" in axes and "passkey accuracy" in axes
     md = suite_markdown(data, "longctx bench --suite tiny")
