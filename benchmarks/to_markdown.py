@@ -149,8 +149,9 @@ def needle(d: dict) -> list[str]:
            f"question, seed {c['seed']}, greedy, at most {c['max_new_tokens']} tokens, filler "
            f"`{Path(d['filler']).name}`, model `{d['model']['model']}` ({d['model']['dtype']}), "
            f"{d['environment']['threads']} thread(s), load average at the end {d['environment']['load_avg_1m']:.1f}.",
-           "", "| method | " + " | ".join(f"{n:,} tok" for n in lengths) + " | absent fact | read tok/s | question → 1st token s |",
-           "|---|" + "---|" * (len(lengths) + 3)]
+           "", "| method | " + " | ".join(f"{n:,} tok" for n in lengths)
+           + " | absent fact | misses: not retrieved / read, not answered | read tok/s | question → 1st token s |",
+           "|---|" + "---|" * (len(lengths) + 4)]
     for m in d["methods"]:
         cells = [x for x in d["cells"] if x["method"] == m]
         row = []
@@ -160,8 +161,11 @@ def needle(d: dict) -> list[str]:
         ab = [x for x in cells if x["kind"] == "absent"]
         rates = [x["ingest_tokens_per_s"] for x in cells if x["kind"] == "needle" and x["ingest_tokens_per_s"]]
         firsts = [x["first_token_s"] for x in cells if x["kind"] == "needle" and x["first_token_s"] is not None]
+        fails = [x.get("failures") for x in cells if x["kind"] == "needle"]
+        split = ("—" if not any(fails) or not all(f is not None for f in fails) else
+                 f"{sum(f.get('not retrieved', 0) for f in fails)} / {sum(f.get('read, not answered', 0) for f in fails)}")
         out.append(f"| {m} | " + " | ".join(row) + f" | {sum(x['correct'] for x in ab)}/{sum(x['items'] for x in ab)} "
-                   f"| {_f(sum(rates) / len(rates) if rates else None, ',.0f')} "
+                   f"| {split} | {_f(sum(rates) / len(rates) if rates else None, ',.0f')} "
                    f"| {_f(sum(firsts) / len(firsts) if firsts else None)} |")
     out += ["", "Protocols: " + "; ".join(f"`{m}`: `{p}`" for m, p in d["methods"].items()), ""]
     return out

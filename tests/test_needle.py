@@ -99,3 +99,17 @@ def test_needle_bench_describes_the_run(tiny_backbone, tmp_path):
     assert out["filler"].endswith("book.txt") and "torch" in out["environment"] and len(out["items"]) == 2
     with pytest.raises(UsageError):
         needle_bench(_book(tmp_path), ["xl", "xl"], NeedleConfig(lengths=[600]), backbone=tiny_backbone)
+
+
+def test_needle_items_say_whether_the_fact_was_retrieved(tiny_backbone, tmp_path):
+    config = NeedleConfig(lengths=[900], trials=1, needles=2, max_new_tokens=2)
+    report = needle_qa(tiny_backbone, ["xl", "memorizing"], _book(tmp_path), config,
+                       options={"xl": {"memory": 64}, "memorizing": {"memory": 1024, "window": 64, "topk": 4}})
+    xl = [r for r in report.items if r.method == "xl" and r.kind == "needle"]
+    mem = [r for r in report.items if r.method == "memorizing" and r.kind == "needle"]
+    assert all(r.retrieved is None and r.failure is None for r in xl)  # reads by position: nothing to split
+    assert all(isinstance(r.retrieved, bool) for r in mem)
+    for r in mem:
+        assert r.failure == (None if r.correct else ("read, not answered" if r.retrieved else "not retrieved"))
+    cell = next(c for c in report.cells() if c["method"] == "memorizing" and c["kind"] == "needle")
+    assert sum(cell["failures"].values()) == cell["items"] - cell["correct"]

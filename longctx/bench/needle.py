@@ -192,6 +192,17 @@ class ItemResult:
     expected: str | None
     answer: str
     correct: bool
+    # the fact's sentence was among the spans the answer's memory retrieved (`ask --cite`); None: nothing
+    # was retrieved (position-reading methods, or an empty store), so misses cannot be split
+    retrieved: bool | None = None
+
+    @property
+    def failure(self) -> str | None:
+        """Why a wrong answer about a present fact was wrong: the fact was not retrieved, or it was and the
+        model did not answer from it."""
+        if self.correct or self.kind != "needle" or self.retrieved is None:
+            return None
+        return "read, not answered" if self.retrieved else "not retrieved"
 
 
 @dataclass
@@ -225,13 +236,19 @@ class NeedleReport:
                     secs = sum(c.ingest_seconds for c in costs)
                     out.append({"method": m, "length": n, "kind": kind, "items": len(rs),
                                 "correct": sum(r.correct for r in rs), "accuracy": sum(r.correct for r in rs) / len(rs),
-                                "ingest_tokens_per_s": tok / secs if secs else None,
+                                "failures": _failures(rs), "ingest_tokens_per_s": tok / secs if secs else None,
                                 "first_token_s": sum(c.first_token_s for c in costs) / len(costs) if costs else None})
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"benchmark": "needle", "config": asdict(self.config), "methods": self.methods, "cells": self.cells(),
-                "items": [asdict(r) for r in self.items], "costs": [asdict(c) for c in self.costs]}
+                "items": [{**asdict(r), "failure": r.failure} for r in self.items],
+                "costs": [asdict(c) for c in self.costs]}
+
+
+def _failures(items: list[ItemResult]) -> dict[str, int]:
+    fails = [r.failure for r in items if r.failure]
+    return {k: fails.count(k) for k in sorted(set(fails))}
 
 
 def needle_qa(backbone: Backbone, methods: Sequence[str], filler_path: str, config: NeedleConfig, *,
@@ -254,7 +271,7 @@ def needle_qa(backbone: Backbone, methods: Sequence[str], filler_path: str, conf
                 for m in methods:
                     r = ask(str(path), questions, method=m, backbone=backbone, options=(options or {}).get(m),
                             allow_untrained=allow_untrained, max_new_tokens=config.max_new_tokens,
-                            instruction=config.instruction, reuse=False, save=False)
+                            instruction=config.instruction, reuse=False, save=False, cite=True)
                     report.methods[m] = r.protocol
                     _score(report, m, length, trial, doc, r, on_item)
                     release_memory()
@@ -263,9 +280,10 @@ def needle_qa(backbone: Backbone, methods: Sequence[str], filler_path: str, conf
 
 def _score(report: NeedleReport, method: str, length: int, trial: int, doc: NeedleDocument, r,
            on_item: Callable[[ItemResult], None] | None) -> None:
+    data = doc.text.encode("utf-8")
     for fact, depth, a in zip(doc.facts, doc.depths, r.answers):
         report.items.append(ItemResult(method, length, trial, "needle", fact.kind, depth, fact.question, fact.answer,
-                                       a.text, answered(a.text, fact.answer)))
+                                       a.text, answered(a.text, fact.answer), _cited(a, data, fact.sentence)))
         if on_item is not None:
             on_item(report.items[-1])
     last = r.answers[-1]
@@ -277,6 +295,16 @@ def _score(report: NeedleReport, method: str, length: int, trial: int, doc: Need
     report.costs.append(MethodCost(method, length, trial, mem.get("ingest_seconds", 0.0),
                                    mem.get("document_tokens", doc.tokens),
                                    sum(a.first_token_s for a in r.answers) / len(r.answers)))
+
+
+def _cited(answer, data: bytes, sentence: str) -> bool | None:
+    """Whether a retrieved citation of the answer overlaps the fact's sentence (None: nothing retrieved)."""
+    spans = [c for c in answer.citations if c.kind == "retrieved"]
+    if not spans:
+        return None
+    lo = data.index(sentence.encode("utf-8"))
+    hi = lo + len(sentence.encode("utf-8"))
+    return any(c.byte_start < hi and c.byte_end > lo for c in spans)
 
 
 def needle_bench(filler_path: str, methods: Sequence[str], config: NeedleConfig, *, model: str | None = None,
