@@ -111,6 +111,12 @@ def method_from_snapshot(snap: Snapshot, backbone: Backbone) -> RunSpec:
 
 def check_resume(snap: Snapshot, backbone: Backbone, spec: RunSpec, path: str, requested: dict[str, Any]) -> None:
     """Refuse a resume whose model, method, options, segment or document differ, naming each difference."""
+    check_setup(snap, backbone, requested)
+    check_document(snap, path)
+
+
+def check_setup(snap: Snapshot, backbone: Backbone, requested: dict[str, Any]) -> None:
+    """Refuse a snapshot whose model, method, options or segment differ from `requested`, naming each."""
     diffs = fingerprint_differences(snap.manifest, backbone)
     meta = snap.manifest["method"]
     for key, value in requested.items():
@@ -121,7 +127,6 @@ def check_resume(snap: Snapshot, backbone: Backbone, spec: RunSpec, path: str, r
             diffs.append(f"{key}: snapshot has {saved!r}, this run asks for {value!r}")
     if diffs:
         raise SnapshotError(f"snapshot '{snap.name}' was made with a different setup:\n  " + "\n  ".join(diffs))
-    check_document(snap, path)
 
 
 def check_document(snap: Snapshot, path: str) -> None:

@@ -11,6 +11,7 @@ document again (ingest once, ask many); any change gives another name, so a stal
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import time
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from .backbone import Backbone
-from .checkpoint import FINGERPRINT_KEYS, RunSpec, check_resume, restore, save_run
+from .checkpoint import FINGERPRINT_KEYS, RunSpec, check_setup, restore, save_run
 from .decode import Ingested, ingest
 from .errors import InputError
 from .hashing import file_sha256
@@ -109,13 +110,7 @@ def _segments(backbone: Backbone, src, head_ids: list[int], segment: int, stats:
     """The head's tokens (zero bytes at the document's start), then the document's, cut into segments."""
     head = TokenChunk(np.asarray(head_ids, dtype=np.int64), np.zeros(len(head_ids), dtype=np.int64), 0, 0)
     doc = iter_tokens(backbone.tokenizer, src.blocks(), add_bos=False if head_ids else None)
-    chunks = doc if not head_ids else _chain(head, doc)
-    return iter_segments(chunks, segment, stats=stats)
-
-
-def _chain(first: TokenChunk, rest: Iterator[TokenChunk]) -> Iterator[TokenChunk]:
-    yield first
-    yield from rest
+    return iter_segments(itertools.chain([head], doc) if head_ids else doc, segment, stats=stats)
 
 
 def _read(backbone: Backbone, spec: RunSpec, path: str, head_ids: list[int], identity: dict[str, Any],
@@ -156,8 +151,8 @@ def _load(store: SnapshotStore, name: str, backbone: Backbone, spec: RunSpec, pa
     """Load and check a stored reading: same model, method, options, segment, head and whole document."""
     t0 = time.perf_counter()
     snap = store.load(name)
-    check_resume(snap, backbone, spec, path, {"segment": spec.segment, "options": spec.method.options.to_dict()})
-    meta = snap.manifest.get("ingest") or {}
+    check_setup(snap, backbone, {"segment": spec.segment, "options": spec.method.options.to_dict()})
+    meta = snap.manifest.get("ingest") or {}  # the whole document's sha256 was just computed: no second read
     if meta.get("head_sha256") != _ids_sha(head_ids) or meta.get("document_sha256") != identity["sha256"]:
         raise SnapshotError(f"snapshot '{name}' holds another prompt or document version")
     state, _, tokens = restore(snap, spec)
