@@ -26,7 +26,7 @@ from .attention import ForwardPlan
 from .backbone import Backbone
 from .errors import InputError
 from .methods.base import Method
-from .sampling import Sampling
+from .sampling import Sampling, TextStream
 from .segments import Segment
 from .stream import forward_segment as step
 from .stream import read_forward
@@ -136,6 +136,27 @@ def continue_text(backbone: Backbone, method: Method, done: Ingested, max_new_to
             if on_plan is not None:
                 on_plan(done.last_plan)
     return Continuation(out, "length", done, first or 0.0, time.perf_counter() - t0)
+
+
+def continue_streamed(backbone: Backbone, method: Method, done: Ingested, max_new_tokens: int, *,
+                      sampling: Sampling | None = None, stop: Collection[int] = (),
+                      on_text: Callable[[str], None] | None = None,
+                      on_plan: Callable[[ForwardPlan], None] | None = None) -> tuple[str, Continuation]:
+    """`continue_text` with the tokens turned into text as they come: `on_text` gets each new piece (never
+    half a UTF-8 character). Returns the whole text and the continuation."""
+    stream = TextStream(backbone.tokenizer)
+
+    def on_token(token: int) -> None:
+        piece = stream.push(token)
+        if piece and on_text is not None:
+            on_text(piece)
+
+    cont = continue_text(backbone, method, done, max_new_tokens, sampling=sampling, stop=stop, on_token=on_token,
+                         on_plan=on_plan)
+    rest = stream.flush()
+    if rest and on_text is not None:
+        on_text(rest)
+    return stream.text(), cont
 
 
 def greedy(backbone: Backbone, method: Method, done: Ingested, max_new_tokens: int) -> tuple[list[int], Ingested]:

@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .decode import continue_text
+from .decode import continue_streamed
 from .errors import UsageError
 from .ingestion import DocumentMemory, read_document
 from .perplexity import environment, prepare_run
-from .sampling import Sampling, TextStream, stop_ids
+from .sampling import Sampling, stop_ids
 from .segments import Segment
 
 DEFAULT_METHOD = "xl"  # training-free, works with any model; see docs/generate.md for the others
@@ -69,21 +69,11 @@ def generate(path: str, *, method: str | None = None, max_new_tokens: int = 200,
     mem = read_document(backbone, spec, path, [], kind="generate", reuse=reuse, on_segment=on_segment)
     if on_memory is not None:
         on_memory(mem)
-    stream = TextStream(backbone.tokenizer)
     start = time.perf_counter() - t0
-
-    def on_token(token: int) -> None:
-        piece = stream.push(token)
-        if piece and on_text is not None:
-            on_text(piece)
-
     stops = stop_ids(backbone.tokenizer, backbone.model) if stop_at_eos else set()
-    cont = continue_text(backbone, spec.method, mem.done, max_new_tokens, sampling=sampling, stop=stops,
-                         on_token=on_token)
-    rest = stream.flush()
-    if rest and on_text is not None:
-        on_text(rest)
+    text, cont = continue_streamed(backbone, spec.method, mem.done, max_new_tokens, sampling=sampling, stop=stops,
+                                   on_text=on_text)
     m = spec.method
-    return GenerateReport(mem.document, spec.preset, m.describe(), spec.segment, stream.text(), len(cont.tokens),
+    return GenerateReport(mem.document, spec.preset, m.describe(), spec.segment, text, len(cont.tokens),
                           cont.stopped, start + cont.first_token_s, cont.seconds, mem,
                           m.memory_size(cont.done.state), sampling, dict(backbone.fingerprint))

@@ -12,6 +12,7 @@ the model answers with full attention over that short prompt.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -24,14 +25,14 @@ import torch
 
 from .backbone import Backbone
 from .citations import Citation, RetrievalTally, held_citations, retrieved_citations
-from .decode import Ingested, continue_text, extend, fork, ingest, plain_segments
+from .decode import Ingested, continue_streamed, extend, fork, ingest, plain_segments
 from .errors import UsageError
 from .ingestion import DocumentMemory, read_document
 from .methods.base import Method, MethodOptions, option
 from .paths import longctx_home
 from .perplexity import environment, prepare_run
 from .prompts import QAFrame, check_question, qa_frame
-from .sampling import Sampling, TextStream, stop_ids
+from .sampling import Sampling, stop_ids
 from .segments import Segment
 from .snapshot import SnapshotError, SnapshotStore
 
@@ -165,21 +166,13 @@ def ask(path: str, questions: Sequence[str], *, method: str | None = None, model
 def _generate(session: _Session, method: Method, done: Ingested, index: int,
               tally: RetrievalTally | None) -> tuple[str, Any]:
     """The answer's text (streamed through `on_text`) and the continuation."""
-    stream = TextStream(session.backbone.tokenizer)
+    on_text = None
     if session.on_text is not None:
         session.on_text(index, "")  # the answer starts (even one that turns out empty)
-
-    def on_token(token: int) -> None:
-        piece = stream.push(token)
-        if piece and session.on_text is not None:
-            session.on_text(index, piece)
-
-    cont = continue_text(session.backbone, method, done, session.max_new_tokens, sampling=session.sampling,
-                         stop=session.stops, on_token=on_token, on_plan=tally.add if tally is not None else None)
-    rest = stream.flush()
-    if rest and session.on_text is not None:
-        session.on_text(index, rest)
-    return stream.text().strip(), cont
+        on_text = functools.partial(session.on_text, index)
+    text, cont = continue_streamed(session.backbone, method, done, session.max_new_tokens, sampling=session.sampling,
+                                   stop=session.stops, on_text=on_text, on_plan=tally.add if tally is not None else None)
+    return text.strip(), cont
 
 
 def _answer(session: _Session, method: Method, mem: DocumentMemory, question: str, index: int) -> Answer:
