@@ -98,3 +98,12 @@ def test_cli_bench_passkey_json(model_dir, filler_file):
 def test_cli_bench_passkey_bad_arguments(model_dir, filler_file, args, message):
     res = CliRunner().invoke(app, ["bench", "passkey", filler_file, "--model", model_dir, *args])
     assert res.exit_code == 2 and message in res.output
+
+
+def test_labels_keep_two_configurations_of_one_method_apart(tiny_backbone, filler_file):
+    methods = [build(tiny_backbone, "memorizing", window=64, memory=512, topk=4),
+               build(tiny_backbone, "memorizing", window=64, memory=512, topk=2)]
+    cfg = PasskeyConfig(lengths=[300], depths=(0.5,), trials=1, segment=64, max_new_tokens=2)
+    report = passkey(tiny_backbone, methods, filler_file, cfg, labels=["top4", "top2"])
+    assert list(report.methods) == ["top4", "top2"] and [r.method for r in report.results] == ["top4", "top2"]
+    assert "topk=4" in report.methods["top4"] and report.methods["top2"].startswith("memorizing(")

@@ -151,15 +151,16 @@ def first_integer(text: str) -> str:
 
 
 def run_trial(backbone: Backbone, method: Method, trial: PasskeyTrial, segment: int,
-              max_new_tokens: int) -> TrialResult:
-    """Ingest the prompt into a fresh memory, then answer greedily."""
+              max_new_tokens: int, label: str | None = None) -> TrialResult:
+    """Ingest the prompt into a fresh memory, then answer greedily; the result is named `label` (default:
+    the method's name)."""
     t0 = time.perf_counter()
     done = ingest(backbone, method, plain_segments(trial.ids, segment))
     held = where_held(method, done.state, trial.needle)
     hits = retrieval_hits(done.last_plan.retrieved, trial.needle)
     tokens, _ = greedy(backbone, method, done, max_new_tokens)
     answer = backbone.tokenizer.decode(tokens, skip_special_tokens=True)
-    return TrialResult(method.name, trial.length, trial.depth, trial.key, answer.strip(),
+    return TrialResult(label or method.name, trial.length, trial.depth, trial.key, answer.strip(),
                        first_integer(answer) == str(trial.key), held, hits, time.perf_counter() - t0)
 
 
@@ -207,19 +208,22 @@ class PasskeyReport:
 
 
 def passkey(backbone: Backbone, methods: Sequence[Method], filler_path: str, config: PasskeyConfig,
-            on_result: Callable[[TrialResult], None] | None = None) -> PasskeyReport:
-    """Every method on the same prompts: for each length, `trials` prompts cycling through the depths."""
+            on_result: Callable[[TrialResult], None] | None = None,
+            labels: Sequence[str] | None = None) -> PasskeyReport:
+    """Every method on the same prompts: for each length, `trials` prompts cycling through the depths.
+    `labels` name the methods in the results (e.g. preset names, so two presets of one method stay apart)."""
     for m in methods:
         m.check_segment(config.segment)
+    labels = list(labels) if labels is not None else [m.name for m in methods]
     filler = Filler.from_file(filler_path, backbone.tokenizer)
-    report = PasskeyReport(config, {m.name: m.describe() for m in methods})
+    report = PasskeyReport(config, {label: m.describe() for label, m in zip(labels, methods)})
     rng = random.Random(config.seed)
     frame = prompt_frame(backbone.tokenizer, config.chat)
     for length in config.lengths:
         for t in range(config.trials):
             trial = make_trial(backbone.tokenizer, filler, length, config.depths[t % len(config.depths)], rng, frame)
-            for m in methods:
-                result = run_trial(backbone, m, trial, config.segment, config.max_new_tokens)
+            for label, m in zip(labels, methods):
+                result = run_trial(backbone, m, trial, config.segment, config.max_new_tokens, label)
                 release_memory()
                 report.results.append(result)
                 if on_result is not None:
@@ -234,19 +238,13 @@ def passkey_bench(filler_path: str, methods: Sequence[str], config: PasskeyConfi
                   on_result: Callable[[TrialResult], None] | None = None) -> dict[str, Any]:
     """`longctx bench passkey` as a library call: load the model, build the methods, run, describe the run.
     Trainable methods load their presets' adapters (or refuse, unless `allow_untrained`)."""
-    from ..config import resolve
-    from ..models import load_backbone
-    from ..perplexity import build_method, environment
+    from ..perplexity import build_method
+    from .record import bench_backbone, described
 
-    settings = resolve({"model": model, "dtype": dtype, "device": device, "threads": threads, "segment": config.segment},
-                       {"segment": config.segment})
-    if backbone is None:
-        backbone = load_backbone(settings["model"], dtype=settings["dtype"], device=settings["device"],
-                                 threads=settings["threads"])
+    backbone = bench_backbone(backbone, model=model, dtype=dtype, device=device, threads=threads)
     built = [build_method(name, backbone, (options or {}).get(name), allow_untrained=allow_untrained)[0]
              for name in methods]
     if len({m.name for m in built}) < len(built):
         raise UsageError("name each method once (presets of one method are not told apart in the results)")
     report = passkey(backbone, built, filler_path, config, on_result=on_result)
-    return {"schema_version": 1, **report.to_dict(), "filler": filler_path, "model": backbone.fingerprint,
-            "environment": environment()}
+    return described(report.to_dict(), filler_path, backbone)

@@ -140,10 +140,7 @@ def _passkey(backbone: Backbone, suite: Suite, names: list[str], book: str) -> d
 
     config = PasskeyConfig(lengths=suite.passkey_lengths, depths=(0.25, 0.5, 0.75), trials=suite.passkey_trials,
                            seed=suite.seed, segment=suite.segment)
-    methods = _built(backbone, names)
-    for m, n in zip(methods, names):
-        m.name = n  # presets of one method (memorizing, memorizing-fast) must stay apart in the results
-    return passkey(backbone, methods, book, config).to_dict()
+    return passkey(backbone, _built(backbone, names), book, config, labels=names).to_dict()
 
 
 def _needle(backbone: Backbone, suite: Suite, names: list[str], book: str) -> dict[str, Any]:
