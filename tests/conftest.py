@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from hypothesis import settings
@@ -55,6 +57,18 @@ def reference_model() -> LlamaForCausalLM:
     model = tiny_model()
     model.set_attn_implementation("eager")
     return model
+
+
+@pytest.fixture
+def synthetic_book(tmp_path) -> str:
+    """A 400-sentence text of random common words ending in full stops (book filler for the synthetic tasks)."""
+    rng = random.Random(1)
+    words = ["the", "letter", "was", "written", "in", "haste", "and", "she", "read", "it", "twice", "before", "noon"]
+    text = " ".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 14))).capitalize() + "."
+                    for _ in range(400))
+    path = tmp_path / "book.txt"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -22,16 +22,6 @@ from longctx.bench.passkey import Filler
 from longctx.errors import UsageError
 
 
-def _book(tmp_path, sentences: int = 400) -> str:
-    rng = random.Random(1)
-    words = ["the", "letter", "was", "written", "in", "haste", "and", "she", "read", "it", "twice", "before", "noon"]
-    text = " ".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 14))).capitalize() + "."
-                    for _ in range(sentences))
-    path = tmp_path / "book.txt"
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
 def _mover(sentence: str) -> tuple[str, str]:
     words = sentence.rstrip(".").split()
     return words[0], words[-1]
@@ -70,9 +60,9 @@ def test_label_set_metric():
 
 
 @pytest.mark.parametrize("length", [0, 600, 1500])
-def test_documents_keep_the_facts_in_order_after_sentence_ends(tiny_backbone, tmp_path, length):
+def test_documents_keep_the_facts_in_order_after_sentence_ends(tiny_backbone, length, synthetic_book):
     tok = tiny_backbone.tokenizer
-    filler = Filler.from_file(_book(tmp_path), tok)
+    filler = Filler.from_file(synthetic_book, tok)
     stories = (make_story(random.Random(seed), 5) for seed in range(100))
     story = next(s for s in stories if len(set(s.facts)) == 5)  # counting each fact once needs distinct sentences
     doc = make_document(tok, filler, length, story, random.Random(0))
@@ -88,11 +78,11 @@ def test_documents_keep_the_facts_in_order_after_sentence_ends(tiny_backbone, tm
     assert make_document(tok, filler, length, story, random.Random(0)) == doc
 
 
-def test_babi_qa_runs_every_method_on_the_same_items(tiny_backbone, tmp_path):
+def test_babi_qa_runs_every_method_on_the_same_items(tiny_backbone, synthetic_book):
     config = BabiConfig(lengths=[0, 600], samples=2, facts=3, max_new_tokens=3)
     torch.manual_seed(0)
     seen = []
-    report = babi_qa(tiny_backbone, ["xl", "sinks"], _book(tmp_path), config,
+    report = babi_qa(tiny_backbone, ["xl", "sinks"], synthetic_book, config,
                      options={"xl": {"memory": 64}, "sinks": {"window": 64}}, on_item=seen.append)
     assert len(report.items) == len(seen) == 2 * 2 * 2  # methods x lengths x samples, one question each
     by_method = {m: [(r.length, r.trial, r.question, r.expected, r.depth) for r in report.items if r.method == m]

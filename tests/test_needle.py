@@ -20,16 +20,6 @@ from longctx.bench.passkey import Filler
 from longctx.errors import UsageError
 
 
-def _book(tmp_path, sentences: int = 400) -> str:
-    rng = random.Random(1)
-    words = ["the", "letter", "was", "written", "in", "haste", "and", "she", "read", "it", "twice", "before", "noon"]
-    text = " ".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 14))).capitalize() + "."
-                    for _ in range(sentences))
-    path = tmp_path / "book.txt"
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
 def test_facts_are_deterministic_distinct_and_the_absent_one_is_new():
     a, absent_a = make_facts(random.Random(5), 4)
     b, absent_b = make_facts(random.Random(5), 4)
@@ -51,9 +41,9 @@ def test_normalized_match_and_absent_phrases():
     assert not says_absent("The horse is called Marigold.")
 
 
-def test_document_holds_each_fact_once_at_a_sentence_start_in_depth_order(tiny_backbone, tmp_path):
+def test_document_holds_each_fact_once_at_a_sentence_start_in_depth_order(tiny_backbone, synthetic_book):
     tok = tiny_backbone.tokenizer
-    filler = Filler.from_file(_book(tmp_path), tok)
+    filler = Filler.from_file(synthetic_book, tok)
     facts, absent = make_facts(random.Random(0), 3)
     doc = make_document(tok, filler, 1500, facts, absent, random.Random(0))
     assert sorted(f.sentence for f in doc.facts) == sorted(f.sentence for f in facts)
@@ -67,10 +57,10 @@ def test_document_holds_each_fact_once_at_a_sentence_start_in_depth_order(tiny_b
     assert abs(doc.tokens - 1500) < 100
 
 
-def test_needle_qa_runs_every_method_on_the_same_items(tiny_backbone, tmp_path):
+def test_needle_qa_runs_every_method_on_the_same_items(tiny_backbone, synthetic_book):
     config = NeedleConfig(lengths=[600], trials=2, needles=2, max_new_tokens=3)
     torch.manual_seed(0)
-    report = needle_qa(tiny_backbone, ["xl", "sinks"], _book(tmp_path), config,
+    report = needle_qa(tiny_backbone, ["xl", "sinks"], synthetic_book, config,
                        options={"xl": {"memory": 64}, "sinks": {"window": 64}})
     assert len(report.items) == 2 * 2 * (2 + 1)  # methods x documents x (facts + absent)
     by_method = {m: [(r.trial, r.question) for r in report.items if r.method == m] for m in ("xl", "sinks")}
@@ -90,20 +80,20 @@ def test_needle_config_refuses_nonsense():
         NeedleConfig(lengths=[1024], needles=0)
 
 
-def test_needle_bench_describes_the_run(tiny_backbone, tmp_path):
+def test_needle_bench_describes_the_run(tiny_backbone, synthetic_book):
     from longctx.bench.needle import needle_bench
 
-    out = needle_bench(_book(tmp_path), ["xl"], NeedleConfig(lengths=[600], trials=1, needles=1, max_new_tokens=2),
+    out = needle_bench(synthetic_book, ["xl"], NeedleConfig(lengths=[600], trials=1, needles=1, max_new_tokens=2),
                        backbone=tiny_backbone, options={"xl": {"memory": 64}})
     assert out["schema_version"] == 1 and out["benchmark"] == "needle" and out["model"]["model"] == "tiny-llama"
     assert out["filler"].endswith("book.txt") and "torch" in out["environment"] and len(out["items"]) == 2
     with pytest.raises(UsageError):
-        needle_bench(_book(tmp_path), ["xl", "xl"], NeedleConfig(lengths=[600]), backbone=tiny_backbone)
+        needle_bench(synthetic_book, ["xl", "xl"], NeedleConfig(lengths=[600]), backbone=tiny_backbone)
 
 
-def test_needle_items_say_whether_the_fact_was_retrieved(tiny_backbone, tmp_path):
+def test_needle_items_say_whether_the_fact_was_retrieved(tiny_backbone, synthetic_book):
     config = NeedleConfig(lengths=[900], trials=1, needles=2, max_new_tokens=2)
-    report = needle_qa(tiny_backbone, ["xl", "memorizing"], _book(tmp_path), config,
+    report = needle_qa(tiny_backbone, ["xl", "memorizing"], synthetic_book, config,
                        options={"xl": {"memory": 64}, "memorizing": {"memory": 1024, "window": 64, "topk": 4}})
     xl = [r for r in report.items if r.method == "xl" and r.kind == "needle"]
     mem = [r for r in report.items if r.method == "memorizing" and r.kind == "needle"]
