@@ -87,7 +87,7 @@ def run_suite(name: str | Suite, book: str, *, methods: Sequence[str] | None = N
     """Run the suite's parts over `book` (text for PPL, filler for the synthetic tasks) with every method;
     the question-answering parts also run the `rag` baseline unless `rag` is False."""
     from ..textio import open_source
-    from .record import bench_backbone, run_record
+    from .record import bench_backbone, load_average, run_record
 
     suite = name if isinstance(name, Suite) else get_suite(name)
     with open_source(book):  # a missing or unreadable book fails now, not after the model has loaded
@@ -109,14 +109,8 @@ def run_suite(name: str | Suite, book: str, *, methods: Sequence[str] | None = N
         result.seconds[part] = time.perf_counter() - t0
         if on_part is not None:
             on_part(part, result.seconds[part])
-    result.record["load_avg_end"] = list(_loadavg())
+    result.record["load_avg_end"] = load_average()
     return result
-
-
-def _loadavg() -> tuple[float, ...]:
-    import os
-
-    return os.getloadavg() if hasattr(os, "getloadavg") else ()
 
 
 # ---- parts --------------------------------------------------------------------------------------------------
