@@ -56,16 +56,36 @@ def save_adapter(out: str, method: TrainableMethod, backbone: Backbone, tune: st
                  training: dict[str, Any]) -> Path:
     """Write `method`'s trained parameters as adapter `out` (a name, or a path with a '/')."""
     tensors = {f"params.{k}": v.detach().float() for k, v in method.params.state_dict().items()}
-    if lora is not None and method.lora is not None:
-        tensors.update({f"lora.{k}": v.float() for k, v in lora_tensors(backbone, method.lora).items()})
+    if lora is not None:
+        for role, name in method.loras.items():
+            tensors.update({f"{lora_prefix(role)}{k}": v.float() for k, v in lora_tensors(backbone, name).items()})
     if tune == "full":
         tensors.update({f"backbone.{k}": v.detach() for k, v in backbone.model.state_dict().items()
                         if "lora_" not in k})
     manifest = {"kind": KIND, "method": {"name": method.name, "options": method.options.to_dict()}, "tune": tune,
-                "lora": lora.to_dict() if lora is not None else None,
+                "lora": lora_manifest(method, lora) if lora is not None else None,
                 "base": {k: backbone.fingerprint[k] for k in BASE_KEYS}, "training": training}
     store, name = _destination(out)
     return store.save(name, tensors, manifest)
+
+
+def lora_prefix(role: str) -> str:
+    """Tensor-name prefix of a LoRA role: plain `lora.` for the one adapter of most methods."""
+    return "lora." if role == "main" else f"lora.{role}."
+
+
+def role_spec(spec: LoraSpec, method: TrainableMethod, role: str) -> LoraSpec:
+    """The LoRA spec of one role: the run's rank and alpha, the role's own targets where it fixes them."""
+    targets = method.lora_roles.get(role)
+    return spec if targets is None else LoraSpec(spec.r, spec.alpha, spec.dropout, tuple(targets))
+
+
+def lora_manifest(method: TrainableMethod, spec: LoraSpec) -> dict[str, Any]:
+    """The manifest's `lora` entry; a method with several adapters also records each role's targets."""
+    out = spec.to_dict()
+    if set(method.lora_roles) != {"main"}:
+        out["roles"] = {r: list(role_spec(spec, method, r).targets) for r in method.lora_roles}
+    return out
 
 
 def _destination(out: str) -> tuple[SnapshotStore, str]:
@@ -104,12 +124,18 @@ def attach_adapter(method: Method, spec: str, backbone: Backbone) -> None:
         method.params.load_state_dict({k: v.to(backbone.device) for k, v in params.items()}, strict=True)
     except RuntimeError as e:
         raise SnapshotError(f"adapter '{snap.name}' does not fit method {method.name}: {e}") from None
-    lora = {k[5:]: v.to(backbone.device, backbone.dtype) for k, v in snap.tensors.items() if k.startswith("lora.")}
-    if lora:
-        method.lora = f"{method.name}-{snap.name}".replace(".", "_")
-        if method.lora not in backbone.lora_names:
-            load_lora(backbone, method.lora, LoraSpec.from_dict(snap.manifest["lora"]), lora)
-            backbone.lora_names.add(method.lora)
+    for role in method.lora_roles:
+        prefix = lora_prefix(role)
+        lora = {k[len(prefix):]: v.to(backbone.device, backbone.dtype) for k, v in snap.tensors.items()
+                if k.startswith(prefix)}
+        if not lora:
+            continue
+        name = f"{method.name}-{snap.name}-{role}".replace(".", "_")
+        if name not in backbone.lora_names:
+            spec = role_spec(LoraSpec.from_dict(snap.manifest["lora"]), method, role)
+            load_lora(backbone, name, spec, lora)
+            backbone.lora_names.add(name)
+        method.loras[role] = name
     full = {k[9:]: v for k, v in snap.tensors.items() if k.startswith("backbone.")}
     if full:
         backbone.model.load_state_dict({k: v.to(backbone.dtype) for k, v in full.items()}, strict=False)

@@ -64,6 +64,13 @@ class ForwardPlan:
     retrieve: Callable[[int, torch.Tensor], Retrieved | None] | None = None
     # Provenance of similarity reading: document token indices each layer retrieved, `[H, Q, k]`.
     retrieved: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Layer taps (hidden-state memories: UIO, MemoryLLM, M+). `on_layer_input(layer, h [n, d])` sees each
+    # layer's attention input (after its input norm) before the attention runs, so it may still set that
+    # layer's `memory_keys`/`memory_values`; `on_layer_output(layer, h [n, d])` sees each layer's output.
+    on_layer_input: Callable[[int, torch.Tensor], None] | None = None
+    on_layer_output: Callable[[int, torch.Tensor], None] | None = None
+    # An auxiliary training loss the forward produced (M+'s retriever BCE), already weighted; training adds it.
+    aux_loss: torch.Tensor | None = None
     # Filled by the backbone before the forward: RoPE tables in the model dtype, and RoPE's attention
     # scaling, which the zero-position pass has already applied once to q and k.
     cos_q: torch.Tensor | None = None

@@ -49,6 +49,29 @@ class Backbone:
         self.rotary = model.model.rotary_emb
         self.active_lora: str | None = None  # peft adapter the forward runs through (longctx.lora.activate)
         self.lora_names: set[str] = set()
+        self._plan: ForwardPlan | None = None  # the plan of the forward running now (for the layer taps)
+        self._add_layer_taps()
+
+    def _add_layer_taps(self) -> None:
+        """Torch hooks (public API, no patched modeling code) that hand each layer's attention input and
+        output to the running plan's `on_layer_input` / `on_layer_output`, when it has them."""
+        for i, layer in enumerate(self.model.model.layers):
+            layer.self_attn.register_forward_pre_hook(self._tap_input(i), with_kwargs=True)
+            layer.register_forward_hook(self._tap_output(i))
+
+    def _tap_input(self, i: int):
+        def hook(module, args, kwargs):
+            plan = self._plan
+            if plan is not None and plan.on_layer_input is not None:
+                plan.on_layer_input(i, kwargs["hidden_states"][0] if "hidden_states" in kwargs else args[0][0])
+        return hook
+
+    def _tap_output(self, i: int):
+        def hook(module, args, output):
+            plan = self._plan
+            if plan is not None and plan.on_layer_output is not None:
+                plan.on_layer_output(i, (output[0] if isinstance(output, tuple) else output)[0])
+        return hook
 
     @property
     def device(self) -> torch.device:
@@ -80,8 +103,27 @@ class Backbone:
         plan.rope_scaling = float(getattr(self.rotary, "attention_scaling", 1.0) or 1.0)
         zeros = torch.zeros(1, q_len, dtype=torch.long, device=self.device)
         kwargs = {"inputs_embeds": embeds.unsqueeze(0)} if embeds is not None else {"input_ids": ids.view(1, -1).to(self.device)}
-        out = self.model.model(position_ids=zeros, use_cache=False, longctx_plan=plan, **kwargs)
+        outer, self._plan = self._plan, plan
+        try:
+            out = self.model.model(position_ids=zeros, use_cache=False, longctx_plan=plan, **kwargs)
+        finally:
+            self._plan = outer
         return out.last_hidden_state[0]
+
+    def layer_norm_input(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s input norm applied to residual-stream states `h [n, d]` (what its attention reads)."""
+        return self.model.model.layers[layer].input_layernorm(h)
+
+    def layer_kv(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-rotation keys and values `[kv_heads, n, head_dim]` of attention inputs `h [n, d]` at `layer`,
+        through that layer's own projections (and whatever LoRA adapter is active): how hidden-state memories
+        (UIO, MemoryLLM, M+) become the extra keys of ForwardPlan.memory_keys."""
+        attn = self.model.model.layers[layer].self_attn
+        shape = (h.shape[0], -1, attn.head_dim)
+        k = attn.k_proj(h).view(shape)
+        if getattr(attn, "k_norm", None) is not None:  # qwen3 normalises keys per head before RoPE
+            k = attn.k_norm(k)
+        return k.transpose(0, 1), attn.v_proj(h).view(shape).transpose(0, 1)
 
     def token_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token negative log-likelihood (fp32) of `targets [q]` given `hidden [q, d]`."""

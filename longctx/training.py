@@ -24,6 +24,7 @@ from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
 from . import __version__
+from .adapters import role_spec
 from .backbone import Backbone
 from .errors import UsageError
 from .hashing import file_sha256
@@ -162,13 +163,15 @@ def unroll(backbone: Backbone, method: Method, segments: Sequence[Segment], *, b
     `on_enter(i, state)` sees the memory entering segment i (tests use it to check the BPTT depth)."""
     n = len(segments)
     state = method.init_state()
-    total, count = None, 0
+    total, count, aux = None, 0, 0.0
     for i, seg in enumerate(segments):
         if i > 0 and bptt is not None and i < n - bptt and hasattr(method, "detach_state"):
             state = method.detach_state(state)
         if on_enter is not None:
             state = on_enter(i, state) or state
-        state, hidden, _ = forward_segment(backbone, method, state, seg)
+        state, hidden, plan = forward_segment(backbone, method, state, seg)
+        if plan.aux_loss is not None:
+            aux = aux + plan.aux_loss
         if loss == "last" and i < n - 1:
             continue
         nll = scored_nll(backbone, hidden, seg)
@@ -176,7 +179,7 @@ def unroll(backbone: Backbone, method: Method, segments: Sequence[Segment], *, b
             total, count = (nll.sum() if total is None else total + nll.sum()), count + nll.numel()
     if total is None:
         raise UsageError("a training sample had no scored token (check --loss and the task)")
-    return total / count, count
+    return total / count + aux, count
 
 
 # ---- the run -------------------------------------------------------------------------------------------------
@@ -239,6 +242,8 @@ class Trainer:
         self.backbone, self.method, self.source, self.cfg = backbone, method, source, config
         self.validation, self.checkpoints, self.checkpoint_name = validation, checkpoints, checkpoint_name
         self.shard = current_shard(backbone.device.type)
+        if self.shard.world > 1 and hasattr(method, "backward_sample"):
+            raise UsageError(f"method '{method.name}' back-propagates during the sample and trains in one process only")
         torch.manual_seed(config.seed)
         self.params = self._trainable()
         self.unroll: nn.Module = _Unroll(self, self.params)
@@ -261,11 +266,12 @@ class Trainer:
             p.requires_grad_(cfg.tune == "full")
         self.backbone_params: list[torch.nn.Parameter] = []
         if cfg.tune == "lora":
-            if self.method.lora is None:  # else: an initial adapter's LoRA, trained on
-                self.method.lora = f"{self.method.name}-train"
-                add_lora(b, self.method.lora, cfg.lora)
-                b.lora_names.add(self.method.lora)
-            self.backbone_params = lora_parameters(b, self.method.lora)
+            for role in self.method.lora_roles:
+                if role not in self.method.loras:  # else: an initial adapter's LoRA, trained on
+                    self.method.loras[role] = f"{self.method.name}-train-{role}"
+                    add_lora(b, self.method.loras[role], role_spec(cfg.lora, self.method, role))
+                    b.lora_names.add(self.method.loras[role])
+                self.backbone_params += lora_parameters(b, self.method.loras[role])
             for p in self.backbone_params:
                 p.requires_grad_(True)
         elif cfg.tune == "full":
@@ -287,10 +293,15 @@ class Trainer:
         losses = []
         for j in range(cfg.accumulate):
             lane = self.shard.rank * cfg.accumulate + j
-            segs = self.source.draw(n, cfg.segment, sample_generator(cfg.seed, self.step, lane))
-            loss = self._sample_loss(segs, last=j == cfg.accumulate - 1)
-            (loss / cfg.accumulate).backward()
-            losses.append(float(loss.detach()))
+            gen = sample_generator(cfg.seed, self.step, lane)
+            segs = self.source.draw(n, cfg.segment, gen)
+            if hasattr(self.method, "backward_sample"):  # the method back-propagates as it goes (UIO)
+                with torch.autocast(self.backbone.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+                    losses.append(self.method.backward_sample(segs, loss=cfg.loss, weight=1 / cfg.accumulate, gen=gen))
+            else:
+                loss = self._sample_loss(segs, last=j == cfg.accumulate - 1)
+                (loss / cfg.accumulate).backward()
+                losses.append(float(loss.detach()))
             self.tokens += sum(len(s) for s in segs) * self.shard.world
         if cfg.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)

@@ -126,13 +126,29 @@ class Method(ABC):
     Options: ClassVar[type[MethodOptions]]
     summary: ClassVar[str] = ""
     trainable: ClassVar[bool] = False
-    lora: str | None = None  # the backbone's LoRA adapter this method runs through (trained methods only)
+    # LoRA adapters by role, with the projections each one targets (None: the training run's --lora targets).
+    # The driver runs every forward through `main_role`'s adapter (None: the base weights); a method with
+    # more roles (UIO's encoder and decoder, MemoryLLM's write and read) switches to the others itself.
+    lora_roles: ClassVar[dict[str, tuple[str, ...] | None]] = {"main": None}
+    main_role: ClassVar[str | None] = "main"
     # memory rewritten once per segment (memory tokens), not per token: generation holds a pending segment
     writes_per_segment: bool = False
 
     def __init__(self, options: MethodOptions, backbone: Backbone):
         self.options = options
         self.backbone = backbone
+        self.loras: dict[str, str] = {}  # role -> name of this method's LoRA adapter in the backbone
+
+    @property
+    def lora(self) -> str | None:
+        """The adapter the driver runs this method's forwards through (None: the base weights)."""
+        return self.loras.get(self.main_role) if self.main_role is not None else None
+
+    def use_lora(self, role: str | None) -> None:
+        """Route the backbone through this method's adapter for `role` (None or untrained: base weights)."""
+        from ..lora import activate  # peft is imported only by methods that switch adapters
+
+        activate(self.backbone, self.loras.get(role) if role is not None else None)
 
     @abstractmethod
     def init_state(self) -> Any:

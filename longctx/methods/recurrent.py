@@ -34,7 +34,6 @@ class TrainableMethod(Method):
         gen = torch.Generator().manual_seed(int(getattr(options, "init_seed", 0)))
         self.params = self.build_params(gen).to(backbone.device)
         self.adapter: dict[str, Any] | None = None  # manifest of the loaded adapter; None = untrained
-        self.lora: str | None = None  # name of this method's LoRA adapter in the backbone, if any
 
     def build_params(self, gen: torch.Generator) -> nn.Module:
         """The method's trainable parameters (fp32), initialised from `gen`."""
