@@ -32,7 +32,9 @@ from longctx.tokens import TokenChunk
 SMALL_OPTIONS = {"xl": {"memory": 24}, "sinks": {"window": 20}, "full": {"context": 48}, "window": {},
                  "longformer": {"window": 24}, "memorizing": {"window": 16, "memory": 40, "topk": 4, "block": 7},
                  "unimix": {"window": 16, "memory": 40, "topk": 2, "block": 7}, "rmt": {"tokens": 3},
-                 "hmt": {"sensory": 4, "cache": 3}}
+                 "hmt": {"sensory": 4, "cache": 3},
+                 "uio": {"memory_tokens": 2, "management": "fifo", "max_memory": 6},
+                 "memoryllm": {"pool": 24, "update": 8}, "mplus": {"pool": 24, "update": 8, "ltm": 40, "retrieve": 8}}
 
 
 def small(method: str) -> dict:
