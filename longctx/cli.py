@@ -768,6 +768,51 @@ def bench_needle(
         print_needle(result, stdout_console())
 
 
+@bench_app.command("retention")
+@_errors_to_exit
+def bench_retention(
+    filler: Annotated[str, typer.Argument(help="Book whose text follows the facts (public-domain text, UTF-8).")],
+    method: Annotated[list[str] | None, typer.Option("--method", "-m", help="Method or preset (repeatable). Default: mplus, memoryllm, memorizing, sinks.")] = None,
+    distances: Annotated[str, typer.Option(help="Tokens of book read between the facts and the questions, comma-separated (8k = 8192).")] = "2k,8k,32k,128k",
+    trials: Annotated[int, typer.Option(help="Streams (fact sets and book offsets) per method.")] = 1,
+    facts: Annotated[int, typer.Option(help="Facts read together at the start of each stream, one question each.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed for facts and book offsets.")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens (greedy).")] = 24,
+    instruction: Annotated[str | None, typer.Option(help="The line read before each question (default: ask's).")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override: key=value or method.key=value (repeatable).")] = None,
+    model: ModelOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the full result (every item) as JSON.")] = False,
+    allow_untrained: UntrainedOpt = False,
+) -> None:
+    """Knowledge retention (MemoryLLM / M+): facts first, then book text, then a question per fact at each distance.
+
+    Each method reads one stream per trial; at every distance each question is answered over its own copy
+    of the memory and reading goes on, so all distances cost one reading of the longest.
+    """
+    from .bench.retention import RetentionConfig, retention_bench
+    from .render import print_json, print_retention, stderr_console, stdout_console
+
+    names = method or ["mplus", "memoryllm", "memorizing", "sinks"]
+    config = RetentionConfig(distances=_counts(distances, "--distances"), trials=trials, facts=facts, seed=seed,
+                             max_new_tokens=max_new_tokens, instruction=instruction)
+    err = stderr_console()
+
+    def on_item(r) -> None:
+        mark = "[green]ok[/]" if r.correct else "[red]wrong[/]"
+        err.print(f"{r.method:>12} {r.distance:>7} {r.fact:>10} -> {r.answer[:48]!r} {mark}", highlight=False)
+
+    result = retention_bench(filler, names, config, model=model, dtype=dtype, device=device, threads=threads,
+                             options=_parse_overrides(option or [], names), allow_untrained=allow_untrained,
+                             on_item=on_item)
+    if json_out:
+        print_json(result)
+    else:
+        print_retention(result, stdout_console())
+
+
 @app.command()
 @_errors_to_exit
 def train(

@@ -267,3 +267,22 @@ def print_needle(result: dict[str, Any], console: Console) -> None:
     console.print(table)
     for name, protocol in result["methods"].items():
         console.print(f"  {name}: {protocol}", highlight=False)
+
+
+def print_retention(result: dict[str, Any], console: Console) -> None:
+    """Retention accuracy per method (rows) and distance (columns), with each method's reading rate."""
+    cfg = result["config"]
+    table = Table(title=f"knowledge retention ({cfg['trials']} stream(s) of {cfg['facts']} facts per method)")
+    table.add_column("method")
+    for d in cfg["distances"]:
+        table.add_column(f"{d:,} tok later", justify="right")
+    table.add_column("read tok/s", justify="right")
+    for name in result["methods"]:
+        cells = {c["distance"]: c for c in result["cells"] if c["method"] == name}
+        rates = [r["tokens_per_s"] for r in result["reading"] if r["method"] == name and r["tokens_per_s"]]
+        table.add_row(name, *[f"{100 * cells[d]['accuracy']:.0f}% ({cells[d]['correct']}/{cells[d]['items']})"
+                              if d in cells else "-" for d in cfg["distances"]],
+                      f"{sum(rates) / len(rates):,.0f}" if rates else "-")
+    console.print(table)
+    for name, protocol in result["methods"].items():
+        console.print(f"  {name}: {protocol}", highlight=False)
