@@ -1,8 +1,12 @@
-"""Trained memories on the held-out novel: PPL of rmt/hmt (with their adapters) vs xl and window on the same
-tokens in one process, recall accuracy on the synthetic task at 2-16 segments, and training throughput.
+"""Trained memories on the held-out novel: PPL of the trained methods (with their adapters) vs xl and window on
+the same tokens in one process, recall accuracy on the synthetic task at 2-16 segments, training throughput,
+and (with --throughput-lengths) prefill tokens/s and peak RSS vs document length.
 
     .venv/bin/python benchmarks/trained.py --heldout ../shared/data/austen_persuasion.txt \
         --ppl-tokens 32768 --recall-samples 10 -o benchmarks/results/trained.json
+    .venv/bin/python benchmarks/trained.py --heldout ../shared/data/austen_persuasion.txt \
+        --ppl-methods xl,uio,memoryllm,mplus --recall-methods '' --throughput-lengths 2048,8192,32768 \
+        --adapters uio=smollm2-uio,memoryllm=smollm2-memoryllm,mplus=smollm2-mplus -o benchmarks/results/compressive.json
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 import longctx
 from longctx.adapters import find_adapter
 from longctx.bench.recall import recall_accuracy
+from longctx.bench.throughput import throughput_vs_length
 from longctx.perplexity import build_method, environment
 from longctx.training import TokenCorpus, recall_task_for
 
@@ -33,6 +38,7 @@ def main() -> None:
     ap.add_argument("--segment", type=int, default=512)
     ap.add_argument("--recall-segments", default="2,4,8,16")
     ap.add_argument("--recall-samples", type=int, default=10)
+    ap.add_argument("--throughput-lengths", default="", help="comma-separated lengths; empty = skip")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("-o", "--out", required=True)
     a = ap.parse_args()
@@ -50,7 +56,7 @@ def main() -> None:
     filler = TokenCorpus.from_files([a.heldout], backbone.tokenizer).docs[0]
     task = recall_task_for(backbone.tokenizer, filler)
     out["recall"] = {"keys": len(task.keys), "samples": a.recall_samples, "cells": []}
-    for name in a.recall_methods.split(","):
+    for name in filter(None, a.recall_methods.split(",")):
         method, _ = build_method(name, backbone)
         for n in (int(x) for x in a.recall_segments.split(",")):
             t = time.perf_counter()
@@ -59,8 +65,19 @@ def main() -> None:
             out["recall"]["cells"].append(cell)
             print(f"recall {name} {n} segments: {cell['correct']}/{cell['samples']}", file=sys.stderr)
             _save(a.out, out)
+    if a.throughput_lengths:
+        out["throughput"] = _throughput(backbone, a, filler)
+        _save(a.out, out)
     out["environment_end"] = environment()
     _save(a.out, out)
+
+
+def _throughput(backbone, a: argparse.Namespace, ids: torch.Tensor) -> list[dict]:
+    """Prefill tok/s and peak RSS of each PPL method vs length, interleaved per length (bench/throughput.py)."""
+    methods = {name: build_method(name, backbone)[0] for name in a.ppl_methods.split(",")}
+    lengths = [int(x) for x in a.throughput_lengths.split(",")]
+    return throughput_vs_length(backbone, methods, ids, lengths, segment=a.segment, decode_tokens=4,
+                                on_row=lambda r: print(f"throughput {r['name']} {r['length']}: {r}", file=sys.stderr))
 
 
 def _adapter_summary(name: str) -> dict:

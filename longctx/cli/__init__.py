@@ -1,0 +1,54 @@
+"""The `longctx` command line: each command parses, calls one library function, renders.
+
+stdout carries results only (tables, --json, --jsonl); progress, warnings and errors go to stderr.
+Exit codes: 0 ok, 1 runtime failure, 2 usage or bad input, 130 interrupted (docs/errors.md).
+
+One module per command group; this one creates the apps, and importing the group modules registers their
+commands (in the order `--help` lists them): reading (ppl, ask, generate), catalog (methods, presets),
+training (train, adapters), memory, bench. Shared option declarations live in options.py, the mapping of
+library errors to exit codes in exits.py.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+
+app = typer.Typer(name="longctx", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_show_locals=False, rich_markup_mode="rich",
+                  help="Stream text of any length through a causal LM, segment by segment, with a memory method.")
+presets_app = typer.Typer(no_args_is_help=True, help="List and show the YAML presets (a method, segment and options).")
+app.add_typer(presets_app, name="presets")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: every named method on the same items, in one process.")
+app.add_typer(bench_app, name="bench")
+memory_app = typer.Typer(no_args_is_help=True, help="Inspect and manage saved memory snapshots (LONGCTX_HOME/snapshots).")
+app.add_typer(memory_app, name="memory")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"longctx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """longctx: perplexity, memory and long-document tools over pretrained causal LMs."""
+
+
+# The command modules register on the apps above, so they are imported after them, in the order the
+# top-level commands are listed by `--help` (sub-apps keep the order of add_typer above).
+# isort: off
+from . import reading, catalog, training, memory, bench  # noqa: E402, F401
+# isort: on
+from .reading import DEFAULT_ASK_METHOD  # noqa: E402, F401
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

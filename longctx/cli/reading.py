@@ -1,0 +1,383 @@
+"""Reading a document through a method: `ppl` (perplexity), `ask` (questions over its memory), `generate`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import UsageError
+from . import app
+from .exits import _errors_to_exit
+from .options import (
+    AdapterOpt,
+    DeviceOpt,
+    DtypeOpt,
+    MethodsOptionOpt,
+    ModelOpt,
+    OptionOpt,
+    ProgressOpt,
+    SegmentOpt,
+    ThreadsOpt,
+    UntrainedOpt,
+    _method_list,
+    _parse_overrides,
+    _preset_key,
+)
+
+
+@app.command()
+@_errors_to_exit
+def ppl(
+    files: Annotated[list[str] | None, typer.Argument(help="Text file(s) to score ('-' reads standard input, alone). Several files: per-file results and micro/macro averages.", show_default=False)] = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Method or preset name, or a preset .yaml path. Default: xl.")] = None,
+    compare: Annotated[str | None, typer.Option(help="Comma-separated methods to run on the same tokens in this process; deltas are against the first.")] = None,
+    segment: Annotated[int | None, typer.Option(help="Tokens per forward (default: the preset's). [env: LONGCTX_SEGMENT]")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Read only the first N tokens of the document (of each document).")] = None,
+    option: MethodsOptionOpt = None,
+    model: Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded SmolLM2-135M-Instruct). [env: LONGCTX_MODEL]")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto (default: bf16 on GPUs and CPUs with AMX/AVX512-BF16, else fp32), bf16, fp32 or fp16. [env: LONGCTX_DTYPE]")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu (default), cuda, cuda:N or auto. [env: LONGCTX_DEVICE]")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads; on a busy 2-core machine 1 beats 2. [env: LONGCTX_THREADS]")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object with all results (schema_version 1).")] = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON line per segment (and per file), then the result object.")] = False,
+    progress: ProgressOpt = True,
+    save_memory: Annotated[str | None, typer.Option(help="Save the memory as snapshot NAME at the end (with --compare: NAME-METHOD).")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Also checkpoint the snapshot every N segments (needs --save-memory).")] = None,
+    resume: Annotated[str | None, typer.Option(help="Continue the run saved in snapshot NAME (same file, model, method, options).")] = None,
+    files_from: Annotated[str | None, typer.Option("--files", metavar="LIST", help="Also score the files listed in LIST: one path per line, '#' comment lines, no '-'.")] = None,
+    log: Annotated[str | None, typer.Option("--run-log", metavar="FILE", help="Many documents: append each finished file to this JSON-lines run log; the same command with the same log skips files already done (same sha256 and setup).")] = None,
+    adapter: Annotated[str | None, typer.Option(help="Trained parameters (adapter name or directory) for the --method; default: the preset's.")] = None,
+    allow_untrained: Annotated[bool, typer.Option("--allow-untrained", help="Run a trainable method without an adapter (its memory is noise; every output says UNTRAINED).")] = False,
+) -> None:
+    """Perplexity of whole documents, streamed segment by segment through one or more memory methods.
+
+    Prints PPL ± standard error (over 1024-token blocks), bits per byte, PPL by position, tokens/s and
+    peak RSS, with the protocol of every number. With --compare, every method reads the same tokens.
+    Ctrl-C stops after the current segment, saves the memory and prints the resume command (exit 130).
+    Several documents (arguments and/or --files LIST) are scored one by one, each with fresh memory:
+    a row per file, the micro average (all tokens pooled) and the macro average (mean over files).
+    --run-log makes such a run resumable file by file.
+    """
+    from ..corpus import read_file_list
+
+    docs = [*(files or []), *(read_file_list(files_from) if files_from else [])]
+    if not docs:
+        raise UsageError("give a document to score (a file, or '-' for standard input), several files, or --files LIST")
+    common = {"model": model, "dtype": dtype, "device": device, "threads": threads, "segment": segment,
+              "max_tokens": max_tokens, "adapter": adapter, "allow_untrained": allow_untrained}
+    if len(docs) == 1 and not files_from and not log:
+        _ppl_one(docs[0], method, compare, option or [], common, json_out, jsonl, progress, save_memory, save_every,
+                 resume)
+        return
+    if compare or save_memory or save_every or resume:
+        raise UsageError("--compare, --save-memory, --save-every and --resume work on one document; "
+                         "score several documents with one --method")
+    _warn_untrained_start(common)
+    _ppl_many(docs, method, _parse_overrides(option or [], [method or "xl"]), common, json_out, jsonl, progress, log)
+
+
+def _ppl_one(file: str, method: str | None, compare: str | None, option: list[str], common: dict[str, Any],
+             json_out: bool, jsonl: bool, progress: bool, save_memory: str | None, save_every: int | None,
+             resume: str | None) -> None:
+    """One document: the `perplexity()` report, with snapshots, --compare and graceful Ctrl-C."""
+    from ..interrupts import GracefulInterrupt
+    from ..perplexity import perplexity
+    from ..render import ProgressView, event_json, print_json, print_ppl, stderr_console, stdout_console
+
+    names = _method_list(method, compare) if (method or compare or not resume) else []
+    overrides = _parse_overrides(option, names)
+    size = os.path.getsize(file) if file != "-" and os.path.isfile(file) else None
+    max_tokens = common["max_tokens"]
+    view = ProgressView(stderr_console(), total=max_tokens or size, unit="tokens" if max_tokens else "bytes",
+                        enabled=progress and not json_out)
+
+    def on_segment(ev):
+        view.update(ev)
+        if jsonl:
+            print_json(event_json(ev))
+
+    try:
+        _warn_untrained_start(common)
+        with GracefulInterrupt() as stop:
+            report = perplexity(file, names, **common, options=overrides, save_memory=save_memory,
+                                save_every=save_every, resume=resume, stop=stop, on_segment=on_segment,
+                                on_method=lambda name, m, info: view.start_method(name, f"{m.describe()}, segment {info['segment']}"))
+    finally:
+        view.close()
+    if json_out or jsonl:
+        print_json({"event": "result", **report.to_dict()} if jsonl else report.to_dict())
+    else:
+        print_ppl(report, stdout_console())
+    _warn_untrained(report.runs)
+
+
+def _warn_untrained_start(common: dict[str, Any]) -> None:
+    from ..render import stderr_console
+
+    if common.get("allow_untrained"):
+        stderr_console().print("[yellow]warning:[/] --allow-untrained: trainable methods without an adapter run "
+                               "with random memory parameters; their numbers say nothing about the method")
+
+
+def _warn_untrained(runs) -> None:
+    from ..render import stderr_console
+
+    for r in runs:
+        if "UNTRAINED" in r.protocol:
+            stderr_console().print(f"[yellow]warning:[/] {r.method} ran UNTRAINED (no adapter): its result is "
+                                   "not the method's")
+
+
+def _ppl_many(docs: list[str], method: str | None, overrides: dict[str, dict[str, Any]], common: dict[str, Any],
+              json_out: bool, jsonl: bool, progress: bool, log: str | None) -> None:
+    """Several documents through `perplexity_many()`; Ctrl-C stops at once (--run-log keeps finished files)."""
+    from ..corpus import perplexity_many
+    from ..render import ProgressView, event_json, print_corpus, print_json, stderr_console, stdout_console
+    from ..sharding import is_main_process
+
+    main = is_main_process()  # under accelerate launch / torchrun only rank 0 shows progress and prints
+    jsonl = jsonl and main
+    err, show = stderr_console(), progress and not json_out and main
+    views: list[ProgressView] = []
+
+    def on_start(i: int, path: str) -> None:
+        for v in views:
+            v.close()
+        views[:] = [ProgressView(err, total=os.path.getsize(path), unit="bytes", enabled=show)]
+        views[0].start_method(f"[{i + 1}/{len(docs)}] {path}", method or "xl")
+
+    def on_segment(ev) -> None:
+        views[0].update(ev)
+        if jsonl:
+            print_json(event_json(ev))
+
+    def on_file(i: int, result) -> None:
+        if result.from_log and show:
+            err.print(f"[{i + 1}/{len(docs)}] {result.path}: done in run log {log}, skipped", highlight=False)
+        if jsonl:
+            print_json({"schema_version": 1, "event": "file", **result.to_dict()})
+
+    try:
+        report = perplexity_many(docs, method, **common, options=overrides, log=log, on_start=on_start,
+                                 on_file=on_file, on_segment=on_segment)
+    finally:
+        for v in views:
+            v.close()
+    if not main:
+        return
+    if json_out or jsonl:
+        print_json({"event": "result", **report.to_dict()} if jsonl else report.to_dict())
+    else:
+        print_corpus(report, stdout_console())
+
+
+DEFAULT_ASK_METHOD = "memorizing-fast"  # = longctx.qa.DEFAULT_METHOD (not imported here: the CLI starts fast)
+SAMPLING_HELP = "0 = greedy (default, reproducible); > 0 samples from softmax(logits / T)."
+# Options that ask and generate share, declared once.
+TemperatureOpt = Annotated[float, typer.Option(help=SAMPLING_HELP)]
+TopKOpt = Annotated[int, typer.Option(help="Sample among the K most likely tokens (0 = all).")]
+TopPOpt = Annotated[float, typer.Option(help="Sample from the smallest set holding this much probability.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of sampling.")]
+ReuseOpt = Annotated[bool, typer.Option("--reuse/--no-reuse", help="Reuse the stored memory of this document, model and method (ingest once).")]
+
+
+def _sampling(temperature: float, top_k: int, top_p: float, seed: int):
+    from ..sampling import Sampling
+
+    return Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+
+def _read_questions(question: str | None, questions_file: str | None) -> list[str]:
+    """The positional question, then one per line of --questions FILE ('#' lines and blank lines skipped)."""
+    qs = [question] if question is not None else []
+    if questions_file:
+        from ..textio import open_source
+
+        with open_source(questions_file) as src:
+            text = "".join(b.text for b in src.blocks())
+        qs += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return qs
+
+
+def _reading_view(file: str, enabled: bool):
+    """A progress view for reading a document into memory, and the on_segment callback feeding it."""
+    import time as _time
+
+    from ..render import ProgressView, stderr_console
+
+    size = os.path.getsize(file) if file != "-" and os.path.isfile(file) else None
+    view = ProgressView(stderr_console(), total=size, unit="bytes", enabled=enabled)
+    t0 = [None]
+
+    def on_segment(seg) -> None:
+        if t0[0] is None:
+            t0[0] = _time.perf_counter()
+            view.start_method("reading", file)
+        view.reading(seg.start + len(seg), int(seg.next_byte), _time.perf_counter() - t0[0])
+
+    return view, on_segment
+
+
+def _memory_line(memory: dict[str, Any]) -> str:
+    if memory.get("note"):
+        from ..render import stderr_console
+
+        stderr_console().print(f"[yellow]warning:[/] {memory['note']}", highlight=False)
+    if memory.get("reused"):
+        return f"memory: reused {memory['snapshot']} (loaded in {memory['load_seconds']:.2f} s)"
+    rate = memory.get("ingest_tokens_per_s")
+    where = f", saved as {memory['snapshot']}" if memory.get("snapshot") else ""
+    what = f"{memory.get('document_tokens', memory.get('chunks', 0)):,} {'tokens' if 'document_tokens' in memory else 'chunks'}"
+    return f"memory: read {what} in {memory['ingest_seconds']:.1f} s" + (f" ({rate:,.0f} tok/s)" if rate else "") + where
+
+
+@app.command()
+@_errors_to_exit
+def ask(
+    file: Annotated[str, typer.Argument(help="The document (a text file; '-' reads standard input, which is not reused).")],
+    question: Annotated[str | None, typer.Argument(help="The question (or use --questions FILE).")] = None,
+    questions_file: Annotated[str | None, typer.Option("--questions", metavar="FILE", help="Questions, one per line ('#' lines skipped), all answered over one reading.")] = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Memory method or preset, or rag (the retrieval-augmented baseline). Default: memorizing-fast.")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override key=value (repeatable); for rag: topk, chunk_tokens, embedder.")] = None,
+    cite: Annotated[bool, typer.Option("--cite", help="Print the source spans (byte offsets, excerpts) the memory retrieved for each answer.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 128,
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
+    chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="Use the model's chat template (default: when it has one).", show_default=False)] = None,
+    instruction: Annotated[str | None, typer.Option(help="The line read before each question (default: answer in a few words).")] = None,
+    reuse: ReuseOpt = True,
+    segment: SegmentOpt = None,
+    adapter: AdapterOpt = None,
+    allow_untrained: UntrainedOpt = False,
+    model: ModelOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (answers, citations, timings, protocol) at the end.")] = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Answer questions about a long document from its memory, streaming each answer to stdout.
+
+    The document is read into the method's memory once and saved; asking again (same document, model,
+    method, options) reuses that memory. Each question continues its own copy of it.
+    """
+    from ..qa import ask as ask_fn
+    from ..render import print_json, stderr_console
+
+    qs = _read_questions(question, questions_file)
+    name = method or DEFAULT_ASK_METHOD
+    err, out = stderr_console(), sys.stdout
+    view, on_segment = _reading_view(file, progress and not json_out)
+    shown = [-1]
+
+    def on_text(i: int, piece: str) -> None:
+        if json_out:
+            return
+        if i != shown[0]:
+            if len(qs) > 1:
+                out.write(("\n" if i else "") + f"Q{i + 1}: {qs[i]}\nA{i + 1}: ")
+            shown[0] = i
+        out.write(piece)
+        out.flush()
+
+    def on_memory(memory: dict[str, Any]) -> None:
+        view.close()
+        if progress and not json_out:
+            err.print(_memory_line(memory), highlight=False)
+
+    try:
+        report = ask_fn(file, qs, method=name, model=model, dtype=dtype, device=device, threads=threads, segment=segment,
+                        options=_parse_overrides(option or [], [name]).get(_preset_key(name)), adapter=adapter,
+                        allow_untrained=allow_untrained, chat=chat, instruction=instruction,
+                        max_new_tokens=max_new_tokens,
+                        sampling=_sampling(temperature, top_k, top_p, seed), cite=cite, reuse=reuse,
+                        on_text=on_text, on_segment=on_segment, on_memory=on_memory)
+    finally:
+        view.close()
+    if json_out:
+        print_json(report.to_dict())
+        return
+    out.write("\n")
+    if cite:
+        _print_citations(report.answers)
+    if progress:
+        err.print(f"{report.protocol}; first answer token {report.first_token_s:.2f} s after start", highlight=False)
+
+
+def _print_citations(answers) -> None:
+    for i, a in enumerate(answers):
+        label = f" (Q{i + 1})" if len(answers) > 1 else ""
+        if a.cite_note:
+            print(f"[note{label}] {a.cite_note}")
+        for c in a.citations[:8]:
+            share = f" {100 * c.weight:.0f}% of reads" if c.weight is not None else ""
+            print(f"[{c.kind}{label}] bytes {c.byte_start}-{c.byte_end}{share}: {c.excerpt or ''}")
+
+
+@app.command()
+@_errors_to_exit
+def generate(
+    file: Annotated[str, typer.Argument(help="The text to continue ('-' reads standard input, which is not reused).")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 200,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Memory method or preset. Default: xl.")] = None,
+    option: OptionOpt = None,
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
+    stop: Annotated[bool, typer.Option("--stop/--no-stop", help="Stop at the model's end-of-text token.")] = True,
+    reuse: ReuseOpt = True,
+    segment: SegmentOpt = None,
+    adapter: AdapterOpt = None,
+    allow_untrained: UntrainedOpt = False,
+    model: ModelOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, timings, protocol) at the end.")] = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Continue a long text after its end with the whole document in memory, streaming the tokens.
+
+    The generated text is read into memory as it grows, so memory-token methods write it to memory at
+    every segment boundary, exactly as if it had been part of the document.
+    """
+    from ..generation import generate as generate_fn
+    from ..render import print_json, stderr_console
+
+    name = method or "xl"
+    err = stderr_console()
+    view, on_segment = _reading_view(file, progress and not json_out)
+
+    def on_text(piece: str) -> None:
+        if not json_out:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    def on_memory(mem) -> None:
+        view.close()
+        if progress and not json_out:
+            err.print(_memory_line(mem.to_dict()), highlight=False)
+
+    try:
+        report = generate_fn(file, method=name, max_new_tokens=max_new_tokens,
+                             sampling=_sampling(temperature, top_k, top_p, seed), stop_at_eos=stop, model=model,
+                             dtype=dtype, device=device, threads=threads, segment=segment,
+                             options=_parse_overrides(option or [], [name]).get(_preset_key(name)), adapter=adapter,
+                             allow_untrained=allow_untrained, reuse=reuse, on_text=on_text, on_segment=on_segment,
+                             on_memory=on_memory)
+    finally:
+        view.close()
+    if json_out:
+        print_json(report.to_dict())
+        return
+    sys.stdout.write("\n")
+    if progress:
+        rate = report.tokens / report.decode_seconds if report.decode_seconds else 0.0
+        err.print(f"{report.protocol}: {report.tokens} tokens ({report.stopped}) at {rate:.1f} tok/s", highlight=False)
+
