@@ -11,11 +11,11 @@ from ..errors import UsageError
 
 # The settings resolve flag > LONGCTX_* env > user config > default (longctx.config.resolve), for the
 # reading commands and the benchmarks alike (longctx.bench.record.bench_backbone).
-ModelOpt = Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded model). [env: LONGCTX_MODEL]")]
-DtypeOpt = Annotated[str | None, typer.Option(help="auto, bf16, fp32 or fp16. [env: LONGCTX_DTYPE]")]
-DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto. [env: LONGCTX_DEVICE]")]
-ThreadsOpt = Annotated[int | None, typer.Option(help="torch threads. [env: LONGCTX_THREADS]")]
-SegmentOpt = Annotated[int | None, typer.Option(help="Tokens per forward (default: the preset's). [env: LONGCTX_SEGMENT]")]
+ModelOpt = Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded model). \\[env: LONGCTX_MODEL]")]
+DtypeOpt = Annotated[str | None, typer.Option(help="auto, bf16, fp32 or fp16. \\[env: LONGCTX_DTYPE]")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto. \\[env: LONGCTX_DEVICE]")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="torch threads. \\[env: LONGCTX_THREADS]")]
+SegmentOpt = Annotated[int | None, typer.Option(help="Tokens per forward (default: the preset's). \\[env: LONGCTX_SEGMENT]")]
 # One method: `-o key=value`. Several methods (--compare, the benchmarks): `-o method.key=value` picks one.
 OptionOpt = Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override key=value (repeatable).")]
 MethodsOptionOpt = Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override: key=value or method.key=value (repeatable).")]
