@@ -74,9 +74,14 @@ def activate(backbone: Backbone, name: str | None, *, force: bool = False) -> No
         return
     for module in backbone.model.modules():
         if isinstance(module, BaseTunerLayer):
+            # peft's switches also freeze/unfreeze weights; which weights train is the trainer's choice, and a
+            # method with two adapters (UIO, MemoryLLM) trains the one it has just switched away from
+            trains = [(p, p.requires_grad) for p in module.parameters()]
             if name is None or name not in module.lora_A:
                 module.enable_adapters(False)
             else:
                 module.enable_adapters(True)
                 module.set_adapter(name)
+            for p, flag in trains:
+                p.requires_grad_(flag)
     backbone.active_lora = name

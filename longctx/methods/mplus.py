@@ -1,0 +1,266 @@
+"""`mplus`: M+ (Wang et al., ICML 2025; methods.md §8.2), MemoryLLM with a long-term store and a retriever.
+
+Slots the random drop takes out of the pool move to a long-term store (LTM) on the CPU instead of being
+forgotten: each keeps its hidden states `[layers, d]`, its retrieval keys f_k(h) per layer (computed once,
+at insertion), its age (the update it was written at) and a recall frequency per layer (starts at
+`recall_init`, -1 per LTM update, +1 whenever that layer retrieves it). Past `ltm` slots, those with the
+lowest frequency summed over layers are pruned.
+
+Reading: at every layer, before its attention runs (a layer tap), each LTM slot is scored by the mean over
+the current tokens of σ(f_q(h_x)·f_k(h_slot)); the top K0 (all if fewer), sorted oldest first, join the keys
+as [bos; retrieved; pool; x] (positions 0, 1..K0', K0'+1..). f_q and f_k are small per-layer MLPs
+(RMSNorm, d -> 2r -> r, no bias). The retriever trains with a BCE on detached states (it never changes the
+LM), against labels taken from the layer's own attention (see docs/methods/mplus.md for why).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import ForwardPlan
+from ..segments import Segment
+from .base import UniMem, option, register
+from .memoryllm import UPDATE, MemoryLLM, MemoryLLMOptions, PoolState, slot_groups, summary_row
+from .recurrent import gaussian
+
+AGE_BUCKETS = 8  # `memory dump`'s age histogram of the long-term store
+
+
+@dataclass(frozen=True)
+class MPlusOptions(MemoryLLMOptions):
+    ltm: int = option(8192, "long-term store capacity in slots (CPU); past it the least recalled slots are pruned")
+    retrieve: int = option(256, "K0: long-term slots each layer retrieves per forward (paper: 2,560)")
+    retriever_dim: int = option(64, "r: width of the retriever's f_q/f_k projections (paper: 256)")
+    recall_init: int = option(10, "recall frequency of a slot entering the long-term store (paper: 10)")
+    retriever_loss: float = option(1.0, "weight of the retriever's BCE in training (0 = retriever not trained)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(self.ltm >= 1, "ltm", "must be >= 1")
+        self.check(self.retrieve >= 1, "retrieve", "must be >= 1")
+        self.check(self.retriever_dim >= 1, "retriever_dim", "must be >= 1")
+        self.check(self.retriever_loss >= 0.0, "retriever_loss", "must be >= 0")
+
+
+@dataclass
+class LongTerm:
+    """The long-term store (CPU), one row per slot in insertion order: `hidden [m, layers, d]`, `keys
+    [m, layers, r]` (f_k at insertion, fp32), `origin [m, 6]` (as the pool's; column UPDATE is the age) and
+    `freq [m, layers]` recall frequencies; counters: LTM updates (merges) and slots pruned."""
+
+    hidden: torch.Tensor
+    keys: torch.Tensor
+    origin: torch.Tensor
+    freq: torch.Tensor
+    merges: int = 0
+    pruned: int = 0
+
+    def __len__(self) -> int:
+        return int(self.hidden.shape[0])
+
+    def select(self, rows: torch.Tensor) -> LongTerm:
+        return replace(self, hidden=self.hidden[rows], keys=self.keys[rows], origin=self.origin[rows],
+                       freq=self.freq[rows])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"ltm.hidden": self.hidden, "ltm.keys": self.keys, "ltm.origin": self.origin, "ltm.freq": self.freq,
+                "ltm.counters": torch.tensor([self.merges, self.pruned])}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> LongTerm:
+        c = [int(x) for x in t["ltm.counters"].tolist()]
+        return cls(t["ltm.hidden"].cpu(), t["ltm.keys"].cpu(), t["ltm.origin"].cpu(), t["ltm.freq"].cpu(), *c)
+
+
+@dataclass
+class MPlusState(PoolState):
+    """MemoryLLM's pool state plus the long-term store (carried along by every pool update)."""
+
+    ltm: LongTerm | None = None
+
+
+@dataclass
+class MPlusPlan(ForwardPlan):
+    """A forward plan that also records which long-term slots each layer retrieved (rows of the store)."""
+
+    ltm_picked: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@register
+class MPlus(MemoryLLM):
+    name = "mplus"
+    Options = MPlusOptions
+    summary = "M+: MemoryLLM + a CPU long-term store of dropped slots, read through a co-trained retriever (trainable)"
+    param_options = ("update", "retriever_dim")
+
+    # ---- parameters: MemoryLLM's + the retriever -----------------------------------------------------------
+    def build_params(self, gen: torch.Generator) -> nn.Module:
+        p = super().build_params(gen)
+        layers, d, r = self.backbone.num_layers, self.backbone.config.hidden_size, self.options.retriever_dim
+        for side in ("q", "k"):
+            setattr(p, f"f{side}_norm", nn.Parameter(torch.ones(layers, d)))
+            setattr(p, f"f{side}_in", gaussian(gen, (layers, d, 2 * r), d**-0.5))
+            setattr(p, f"f{side}_out", gaussian(gen, (layers, 2 * r, r), (2 * r) ** -0.5))
+        return p
+
+    def project(self, side: str, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """f_q or f_k (`side` "q"/"k") of layer `layer`: RMSNorm(h) -> 2r -> r, SiLU between, fp32 `[n, r]`."""
+        p = self.params
+        x = h.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * getattr(p, f"f{side}_norm")[layer]
+        return F.silu(x @ getattr(p, f"f{side}_in")[layer]) @ getattr(p, f"f{side}_out")[layer]
+
+    def relevance(self, layer: int, h_x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """`[m]`: each slot's mean over the current tokens of σ(f_q(h_x)·key), keys `[m, r]` = f_k(h_slot)."""
+        return torch.sigmoid(self.project("q", layer, h_x.detach()) @ keys.T).mean(0)
+
+    # ---- the UniMem point and sizes ------------------------------------------------------------------------
+    def unimem(self) -> UniMem:
+        o, base = self.options, super().unimem()
+        return replace(base, management=f"{base.management}; dropped slots move to a CPU long-term store of {o.ltm} "
+                                        "(least recalled pruned)",
+                       reading=f"position: every pool slot + similarity: learned retriever, top {o.retrieve} "
+                               "long-term slots per layer (oldest first)")
+
+    def memory_span(self) -> int:
+        return super().memory_span() + self.options.retrieve
+
+    def memory_size(self, state: MPlusState) -> int:
+        return len(state) + len(state.ltm)
+
+    # ---- state ---------------------------------------------------------------------------------------------
+    def init_state(self) -> MPlusState:
+        b, r = self.backbone, self.options.retriever_dim
+        layers, d = b.num_layers, b.config.hidden_size
+        ltm = LongTerm(torch.zeros(0, layers, d, dtype=b.dtype), torch.zeros(0, layers, r),
+                       torch.zeros(0, 6, dtype=torch.long), torch.zeros(0, layers, dtype=torch.long))
+        return MPlusState(**vars(super().init_state()), ltm=ltm)
+
+    def state_tensors(self, state: MPlusState) -> dict[str, torch.Tensor]:
+        return {**super().state_tensors(state), **state.ltm.tensors()}
+
+    def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> MPlusState:
+        return MPlusState(**vars(super().state_from_tensors(tensors)), ltm=LongTerm.from_tensors(tensors))
+
+    # ---- read: retrieval at every layer's input ------------------------------------------------------------
+    def read(self, state: MPlusState, seg: Segment) -> tuple[MPlusState, ForwardPlan]:
+        count = min(self.options.retrieve, len(state.ltm))
+        plan = self.pool_plan(state.pool, len(seg), reserved=count)
+        if count == 0:
+            return state, plan
+        plan = MPlusPlan(**vars(plan))
+        plan.on_layer_input = lambda layer, h: self.retrieve_into(plan, state.ltm, count, layer, h)
+        return state, plan
+
+    def retrieve_into(self, plan: MPlusPlan, ltm: LongTerm, count: int, layer: int, h_x: torch.Tensor) -> None:
+        """Layer tap: pick this layer's `count` slots for the current tokens' attention inputs `h_x [q, d]` and
+        put their keys/values between BOS and the pool; in training, add the retriever's BCE."""
+        picked = self.pick(ltm, layer, h_x, count)
+        plan.ltm_picked[layer] = picked
+        b = self.backbone
+        k, v = b.layer_kv(layer, b.layer_norm_input(layer, ltm.hidden[picked, layer].to(b.device, b.dtype)))
+        keys, values = plan.memory_keys[layer], plan.memory_values[layer]
+        plan.memory_keys[layer] = torch.cat((keys[:, :1], k, keys[:, 1:]), dim=1)
+        plan.memory_values[layer] = torch.cat((values[:, :1], v, values[:, 1:]), dim=1)
+        if torch.is_grad_enabled() and self.options.retriever_loss > 0 and len(ltm) > count:
+            loss = self.retriever_bce(ltm, layer, h_x, count) * (self.options.retriever_loss / b.num_layers)
+            plan.aux_loss = loss if plan.aux_loss is None else plan.aux_loss + loss
+
+    def pick(self, ltm: LongTerm, layer: int, h_x: torch.Tensor, count: int) -> torch.Tensor:
+        """Rows of the store: the `count` most relevant slots for this layer, oldest first (CPU long)."""
+        with torch.no_grad():
+            score = self.relevance(layer, h_x, ltm.keys[:, layer].to(h_x.device))
+        top = torch.topk(score, count).indices.cpu().sort().values
+        return top[torch.sort(ltm.origin[top, UPDATE], stable=True).indices]
+
+    # ---- retriever training --------------------------------------------------------------------------------
+    def retriever_bce(self, ltm: LongTerm, layer: int, h_x: torch.Tensor, count: int) -> torch.Tensor:
+        """BCE of every slot's relevance against `attention_labels`, on detached states: only f_q/f_k learn."""
+        slots = ltm.hidden[:, layer].to(h_x.device).detach()
+        h = h_x.detach()
+        labels = self.attention_labels(layer, h, slots, count)
+        score = torch.sigmoid(self.project("q", layer, h) @ self.project("k", layer, slots).T).mean(0)
+        score = score.clamp(1e-6, 1 - 1e-6)  # by hand: F.binary_cross_entropy refuses autocast
+        return -(labels * score.log() + (1 - labels) * (1 - score).log()).mean()
+
+    def attention_labels(self, layer: int, h_x: torch.Tensor, slots: torch.Tensor, count: int) -> torch.Tensor:
+        """`[m]` 1.0 for the `count` slots with the highest mean pre-rotation attention logit the current queries
+        give them (the layer's own q_proj/k_proj), else 0.0: the stand-in for M+'s relevance labels."""
+        b = self.backbone
+        attn = b.model.model.layers[layer].self_attn
+        with torch.no_grad():
+            q = attn.q_proj(h_x.to(b.dtype)).view(h_x.shape[0], -1, attn.head_dim)
+            if getattr(attn, "q_norm", None) is not None:  # qwen3 normalises queries per head
+                q = attn.q_norm(q)
+            k, _ = b.layer_kv(layer, b.layer_norm_input(layer, slots.to(b.dtype)))  # [kv_heads, m, head_dim]
+            # the mean over heads and tokens of q·k is the mean query of each KV group dotted with its keys
+            mean_q = q.float().mean(0).view(k.shape[0], -1, attn.head_dim).mean(1)  # [kv_heads, head_dim]
+            logits = torch.einsum("gd,gmd->m", mean_q, k.float()) / (k.shape[0] * math.sqrt(attn.head_dim))
+            labels = torch.zeros(slots.shape[0], device=slots.device)
+            labels[torch.topk(logits, count).indices] = 1.0
+        return labels
+
+    # ---- write: recall counts, self-update, dropped slots into the store -----------------------------------
+    def write(self, state: MPlusState, seg: Segment, plan: ForwardPlan) -> MPlusState:
+        picked = getattr(plan, "ltm_picked", {})
+        if picked:
+            freq = state.ltm.freq.clone()
+            for layer, rows in picked.items():
+                freq[rows, layer] += 1
+            state = replace(state, ltm=replace(state.ltm, freq=freq))
+        return super().write(state, seg, plan)
+
+    def on_dropped(self, state: MPlusState, hidden: torch.Tensor, origin: torch.Tensor) -> MPlusState:
+        return replace(state, ltm=self.merge(state.ltm, hidden, origin))
+
+    def merge(self, ltm: LongTerm, hidden: torch.Tensor, origin: torch.Tensor) -> LongTerm:
+        """One LTM update: every frequency -1, the dropped slots (`hidden [layers, j, d]`) appended with f_k
+        keys and `recall_init`, then the lowest summed frequencies pruned down to `ltm` slots (ties: the
+        newer slot stays); the rest keep their order."""
+        with torch.no_grad():
+            keys = torch.stack([self.project("k", i, hidden[i].detach()) for i in range(hidden.shape[0])], dim=1)
+        j = hidden.shape[1]
+        grown = LongTerm(torch.cat((ltm.hidden, hidden.detach().transpose(0, 1).to(ltm.hidden.dtype).cpu())),
+                         torch.cat((ltm.keys, keys.cpu())), torch.cat((ltm.origin, origin.cpu())),
+                         torch.cat((ltm.freq - 1, torch.full((j, ltm.freq.shape[1]), self.options.recall_init))),
+                         ltm.merges + 1, ltm.pruned)
+        over = len(grown) - self.options.ltm
+        if over <= 0:
+            return grown
+        m = len(grown)
+        rank = grown.freq.sum(1) * m + torch.arange(m)  # frequency first, then insertion order
+        keep = torch.topk(rank, self.options.ltm).indices.sort().values
+        return replace(grown.select(keep), pruned=grown.pruned + over)
+
+    # ---- memory dump ---------------------------------------------------------------------------------------
+    def dump(self, state: MPlusState) -> list[dict[str, Any]]:
+        """MemoryLLM's pool rows, then the long-term store: size, ages, frequencies, and a row per segment."""
+        ltm = state.ltm
+        if not len(ltm):
+            summary = f"long-term store 0/{self.options.ltm} slots ({ltm.merges} updates)"
+            return [*super().dump(state), summary_row(summary, 0, ltm.origin)]
+        ages, freq = ltm.origin[:, UPDATE], ltm.freq.sum(1)
+        summary = (f"long-term store {len(ltm)}/{self.options.ltm} slots; written at updates {int(ages.min())}.."
+                   f"{int(ages.max())}; recall frequency (sum over layers) {int(freq.min())}..{int(freq.max())}; "
+                   f"{ltm.merges} updates, {ltm.pruned} pruned")
+        row = summary_row(summary, len(ltm), ltm.origin, age_histogram=age_histogram(ages),
+                          frequency=[int(freq.min()), int(freq.max())])
+        return [*super().dump(state), row, *slot_groups(ltm.origin, "long-term slots")]
+
+
+def age_histogram(ages: torch.Tensor, buckets: int = AGE_BUCKETS) -> list[dict[str, Any]]:
+    """Slots per range of write-time update index, in up to `buckets` equal ranges."""
+    lo, hi = int(ages.min()), int(ages.max())
+    width = max(1, math.ceil((hi - lo + 1) / buckets))
+    out = []
+    for a in range(lo, hi + 1, width):
+        n = int(((ages >= a) & (ages < a + width)).sum())
+        if n:
+            out.append({"updates": [a, a + width - 1], "slots": n})
+    return out
