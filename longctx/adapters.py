@@ -95,19 +95,24 @@ def _destination(out: str) -> tuple[SnapshotStore, str]:
     return user_store(), out
 
 
-def check_adapter(snap: Snapshot, method: Method, backbone: Backbone) -> None:
-    """Refuse an adapter for another kind of file, method, parameter shape or model, naming what differs."""
+def check_adapter(snap: Snapshot, method: Method, backbone: Backbone, *, start: bool = False) -> None:
+    """Refuse an adapter for another kind of file, method, parameter shape or model, naming what differs.
+    With `start` (training on from it), an adapter of a method this one extends (`mplus` from `memoryllm`,
+    M+'s first training stage) fits too: its parameters are a subset of this method's."""
     man = snap.manifest
     if man.get("kind") != KIND:
         raise SnapshotError(f"{snap.path} is not a longctx adapter (kind {man.get('kind')!r})")
     if not isinstance(method, TrainableMethod):
         raise UsageError(f"method '{method.name}' has no trainable parameters; an adapter cannot be attached")
     diffs = []
-    if man["method"]["name"] != method.name:
-        diffs.append(f"method: adapter is for {man['method']['name']!r}, this run is {method.name!r}")
+    trained_for = man["method"]["name"]
+    if trained_for != method.name and not (start and trained_for in method.starts_from):
+        hint = f" (it can start training of {method.name}: --init-adapter)" if trained_for in method.starts_from else ""
+        diffs.append(f"method: adapter is for {trained_for!r}, this run is {method.name!r}{hint}")
     opts, now = man["method"]["options"], method.options.to_dict()
+    shaping = [k for k in method.param_options if k in opts or trained_for == method.name]  # a base method's own
     diffs += [f"option {k}: adapter was trained with {opts.get(k)!r}, this run has {now[k]!r}"
-              for k in method.param_options if opts.get(k) != now[k]]
+              for k in shaping if opts.get(k) != now[k]]
     fp, base = backbone.fingerprint, man["base"]
     diffs += [f"{k}: adapter was trained on {base.get(k)!r}, this model has {fp[k]!r}" for k in BASE_KEYS
               if base.get(k) != fp[k]]
@@ -115,15 +120,19 @@ def check_adapter(snap: Snapshot, method: Method, backbone: Backbone) -> None:
         raise SnapshotError(f"adapter '{snap.name}' does not fit this run:\n  " + "\n  ".join(diffs))
 
 
-def attach_adapter(method: Method, spec: str, backbone: Backbone) -> None:
-    """Load adapter `spec` into `method` (and its LoRA into the backbone); `method.adapter` records which."""
+def attach_adapter(method: Method, spec: str, backbone: Backbone, *, start: bool = False) -> None:
+    """Load adapter `spec` into `method` (and its LoRA into the backbone); `method.adapter` records which.
+    `start`: the adapter starts a training run, so one of a method this one extends fits (check_adapter)."""
     snap = find_adapter(spec)
-    check_adapter(snap, method, backbone)
+    check_adapter(snap, method, backbone, start=start)
     params = {k[7:]: v for k, v in snap.tensors.items() if k.startswith("params.")}
+    partial = snap.manifest["method"]["name"] != method.name  # a base method's: this one's own parameters stay
     try:
-        method.params.load_state_dict({k: v.to(backbone.device) for k, v in params.items()}, strict=True)
+        result = method.params.load_state_dict({k: v.to(backbone.device) for k, v in params.items()}, strict=not partial)
     except RuntimeError as e:
         raise SnapshotError(f"adapter '{snap.name}' does not fit method {method.name}: {e}") from None
+    if partial and result.unexpected_keys:
+        raise SnapshotError(f"adapter '{snap.name}' has parameters {method.name} lacks: {result.unexpected_keys[:3]}")
     for role in method.lora_roles:
         prefix = lora_prefix(role)
         lora = {k[len(prefix):]: v.to(backbone.device, backbone.dtype) for k, v in snap.tensors.items()

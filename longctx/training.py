@@ -429,7 +429,7 @@ def train(files: Sequence[str], method: str, out: str, config: TrainConfig, *, v
     if not isinstance(m, TrainableMethod):
         raise UsageError(f"method '{m.name}' has no memory parameters to train (trainable: rmt, hmt, unimix with rmt_tokens > 0)")
     if init_adapter:
-        attach_adapter(m, init_adapter, backbone)
+        attach_adapter(m, init_adapter, backbone, start=True)
         m.adapter = None  # it trains on from there: the result is a new adapter
     m.check_segment(config.segment)
     corpus = TokenCorpus.from_files(files, backbone.tokenizer)

@@ -360,3 +360,25 @@ def test_training_changes_both_adapters_and_the_positional_vectors_and_the_adapt
     untrained, _ = build_method(name, fresh_backbone(), options, allow_untrained=True)
     assert "UNTRAINED" in untrained.describe()
     assert len(lora_parameters(other, loaded.loras["write"])) > 0
+
+
+def test_a_memoryllm_adapter_starts_mplus_training_but_never_runs_it_as_trained(tmp_path):
+    """M+'s stages: the MemoryLLM stage's adapter starts M+'s training (BOS, positional vectors and both LoRA
+    roles load; the retriever keeps its initial values); attached to run, it is refused."""
+    from longctx.adapters import attach_adapter
+    from longctx.snapshot import SnapshotError
+
+    backbone = fresh_backbone()
+    m = make("memoryllm", backbone, pool=12, update=8)
+    Trainer(backbone, m, TokenCorpus([ids(400, seed=6)], []),
+            TrainConfig(segment=16, curriculum=((2, 1),), tune="lora", lora=LoraSpec(r=2, alpha=4), warmup=0)).run()
+    out = str(tmp_path / "adapters" / "stage1")
+    save_adapter(out, m, backbone, "lora", LoraSpec(r=2, alpha=4), {"steps": 1})
+    plus = make("mplus", fresh_backbone(), pool=12, update=8, ltm=20, retrieve=4)
+    with pytest.raises(SnapshotError, match="it can start training of mplus"):
+        attach_adapter(plus, out, plus.backbone)
+    retriever = {k: v.clone() for k, v in plus.params.state_dict().items() if k.startswith("f")}
+    attach_adapter(plus, out, plus.backbone, start=True)
+    assert torch.equal(plus.params.bos, m.params.bos) and torch.equal(plus.params.new_memory_pos, m.params.new_memory_pos)
+    assert set(plus.loras) == {"write", "read"}
+    assert all(torch.equal(plus.params.state_dict()[k], v) for k, v in retriever.items())

@@ -98,6 +98,7 @@ class MPlus(MemoryLLM):
     Options = MPlusOptions
     summary = "M+: MemoryLLM + a CPU long-term store of dropped slots, read through a co-trained retriever (trainable)"
     param_options = ("update", "retriever_dim")
+    starts_from = ("memoryllm",)  # M+ trains in stages: MemoryLLM's first, then the long-term store's
 
     # ---- parameters: MemoryLLM's + the retriever -----------------------------------------------------------
     def build_params(self, gen: torch.Generator) -> nn.Module:

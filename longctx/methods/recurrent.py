@@ -28,6 +28,8 @@ class TrainableMethod(Method):
     writes_per_segment = True
     # option names that change parameter shapes: an adapter only fits a method built with the same values
     param_options: ClassVar[tuple[str, ...]] = ()
+    # methods whose adapters can start this one's training (their parameters are a subset of this one's)
+    starts_from: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options, backbone):
         super().__init__(options, backbone)
