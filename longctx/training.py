@@ -29,7 +29,7 @@ from .backbone import Backbone
 from .errors import UsageError
 from .hashing import file_sha256
 from .lora import LoraSpec, add_lora, lora_parameters
-from .methods.base import Method
+from .methods.base import METHODS, Method
 from .methods.recurrent import TrainableMethod
 from .paths import longctx_home
 from .segments import Segment
@@ -427,7 +427,9 @@ def train(files: Sequence[str], method: str, out: str, config: TrainConfig, *, v
         backbone = load_backbone(model, dtype=dtype or "auto", device=device or "cpu", threads=threads)
     m, preset = build_method(method, backbone, options, allow_untrained=True)
     if not isinstance(m, TrainableMethod):
-        raise UsageError(f"method '{m.name}' has no memory parameters to train (trainable: rmt, hmt, unimix with rmt_tokens > 0)")
+        trainable = ", ".join(sorted(n for n, c in METHODS.items() if c.trainable))
+        raise UsageError(f"method '{m.name}' has no memory parameters to train (trainable: {trainable}; "
+                         "unimix with rmt_tokens > 0)")
     if init_adapter:
         attach_adapter(m, init_adapter, backbone, start=True)
         m.adapter = None  # it trains on from there: the result is a new adapter

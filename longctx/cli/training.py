@@ -17,7 +17,7 @@ from .options import OptionOpt, ProgressOpt, _parse_overrides
 @_errors_to_exit
 def train(
     files: Annotated[list[str], typer.Argument(help="Training text file(s).", show_default=False)],
-    method: Annotated[str, typer.Option("--method", "-m", help="Trainable method or preset (rmt, hmt).")],
+    method: Annotated[str, typer.Option("--method", "-m", help="Trainable method or preset (rmt, hmt, unimix-rmt, uio, memoryllm, mplus).")],
     out: Annotated[str, typer.Option(help="Adapter name (saved under LONGCTX_HOME/adapters) or a directory path with '/'.")],
     validation: Annotated[str | None, typer.Option(help="Held-out file: validation PPL before, during and after training.")] = None,
     task: Annotated[str, typer.Option(help="lm = next-token loss on the files; recall = the synthetic recall task with the files as filler.")] = "lm",
