@@ -138,6 +138,19 @@ def trained(d: dict) -> list[str]:
             out.append(f"| {m} | " + " | ".join(f"{row[n]['correct']}/{row[n]['samples']} ({row[n]['chosen']})"
                                                if n in row else "—" for n in lengths) + " |")
         out.append("")
+    if d.get("throughput"):
+        rows = d["throughput"]
+        lengths = sorted({r["length"] for r in rows})
+        out += [f"Prefill tokens/s and peak RSS vs document length (segment {d['segment']}, each method from a fresh "
+                "memory, methods interleaved per length; `bench/throughput.py`):", "",
+                "| method | " + " | ".join(f"{n:,} tok: tok/s, RSS MiB, entries" for n in lengths) + " |",
+                "|---|" + "---|" * len(lengths)]
+        for m in dict.fromkeys(r["name"] for r in rows):
+            by = {r["length"]: r for r in rows if r["name"] == m}
+            out.append(f"| {m} | " + " | ".join(
+                f"{_f(by[n]['prefill_tok_s'], ',.0f')}, {by[n]['peak_rss_mb']:,.0f}, {by[n]['memory_entries']:,}"
+                if n in by else "—" for n in lengths) + " |")
+        out.append("")
     return out
 
 
@@ -171,6 +184,27 @@ def needle(d: dict) -> list[str]:
     return out
 
 
+def retention(d: dict) -> list[str]:
+    """`longctx bench retention --json`: accuracy per method and distance, reading speed."""
+    c = d["config"]
+    out = [f"{c['trials']} stream(s) per method, {c['facts']} facts read first, then book text; each question asked "
+           f"over its own copy of the memory; seed {c['seed']}, greedy, at most {c['max_new_tokens']} tokens, book "
+           f"`{Path(d['filler']).name}`, model `{d['model']['model']}` ({d['model']['dtype']}), "
+           f"{d['environment']['threads']} thread(s), load average at the end {d['environment']['load_avg_1m']:.1f}.",
+           "", "| method | " + " | ".join(f"{n:,} tok later" for n in c["distances"]) + " | read tok/s | entries held |",
+           "|---|" + "---|" * (len(c["distances"]) + 2)]
+    for m in d["methods"]:
+        cells = {x["distance"]: x for x in d["cells"] if x["method"] == m}
+        reads = [r for r in d["reading"] if r["method"] == m]
+        rate = sum(r["tokens_per_s"] for r in reads) / len(reads) if reads else None
+        held = ", ".join(f"{r['memory_entries']:,}" for r in reads)
+        out.append(f"| {m} | " + " | ".join(f"{cells[n]['correct']}/{cells[n]['items']}" if n in cells else "—"
+                                           for n in c["distances"])
+                   + f" | {_f(rate, ',.0f')} | {held} |")
+    out += ["", "Protocols: " + "; ".join(f"`{m}`: `{p}`" for m, p in d["methods"].items()), ""]
+    return out
+
+
 def ask_latency(d: dict) -> list[str]:
     """benchmarks/ask_latency.py: first answer token, first reading vs reused memory."""
     rec = d["record"]
@@ -193,6 +227,8 @@ def render(d: dict) -> list[str]:
         return suite_markdown(d, " ".join(["longctx", *d["record"]["command"][1:]])).splitlines()
     if d.get("benchmark") == "needle":
         return needle(d)
+    if d.get("benchmark") == "retention":
+        return retention(d)
     if d.get("benchmark") == "ask_latency":
         return ask_latency(d)
     if "adapters" in d and "ppl" in d:
