@@ -317,3 +317,18 @@ def test_many_documents_and_passkey_take_the_adapter_flags(model_dir, tmp_path):
     ok = runner.invoke(app, [*pk, "--allow-untrained"])
     assert ok.exit_code == 0, ok.output
     assert "UNTRAINED" in json.loads(ok.stdout)["methods"]["rmt"]
+
+
+def test_switching_adapters_never_changes_which_weights_train(tiny_backbone):
+    """peft's adapter switch freezes the adapters it turns off; a method with two adapters (UIO, MemoryLLM)
+    trains the one it has just switched away from, so `activate` must leave requires_grad as it was."""
+    from longctx.lora import activate, add_lora, lora_parameters
+
+    for name in ("a", "b"):
+        for p in add_lora(tiny_backbone, name, LoraSpec(r=2, alpha=4)):
+            p.requires_grad_(True)
+    frozen = next(p for n, p in tiny_backbone.model.named_parameters() if "base_layer" in n)
+    for name in ("a", None, "b", "a"):
+        activate(tiny_backbone, name)
+        assert all(p.requires_grad for n in ("a", "b") for p in lora_parameters(tiny_backbone, n))
+        assert not frozen.requires_grad
