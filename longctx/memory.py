@@ -36,7 +36,9 @@ def dump_snapshot(name: str | None = None, store: SnapshotStore | None = None) -
     snap = (store or SnapshotStore()).load(name)
     m = snap.manifest
     source = _readable_source(m["document"])
-    groups = [{**g, "excerpt": _excerpt(source, g["byte_start"], g["byte_last_token"])} for g in m["memory"]["groups"]]
+    # a group with an empty token span describes a store as a whole (M+'s occupancy rows): no text of its own
+    groups = [{**g, "excerpt": "" if g["tokens"][0] == g["tokens"][1] else
+               _excerpt(source, g["byte_start"], g["byte_last_token"])} for g in m["memory"]["groups"]]
     return {"name": snap.name, "method": m["method"]["protocol"], "segment": m["method"]["segment"],
             "model": m["fingerprint"]["model"], "document": m["document"]["path"],
             "source_available": source is not None, "tokens_consumed": m["progress"]["tokens_consumed"],
