@@ -10,6 +10,7 @@ The store is searched before the current segment is added, so a token never retr
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, Literal
@@ -115,7 +116,8 @@ class Memorizing(KVCacheMethod):
         plan.capture = True
         if len(state.store) and self.retrieval_layers:
             slot = {layer: i for i, layer in enumerate(self.retrieval_layers)}
-            plan.retrieve = lambda layer, q: self._retrieve(state.store, slot.get(layer), layer, q, plan)
+            ref = weakref.ref(plan)  # the plan holds this callback: a strong reference back would be a cycle
+            plan.retrieve = lambda layer, q: self._retrieve(state.store, slot.get(layer), layer, q, ref())
         return MemorizingState(local, state.store), plan
 
     def _retrieve(self, store: KNNStore, slot: int | None, layer: int, q: torch.Tensor,

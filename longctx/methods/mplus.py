@@ -16,6 +16,7 @@ LM), against labels taken from the layer's own attention (see docs/methods/mplus
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -156,7 +157,10 @@ class MPlus(MemoryLLM):
         if count == 0:
             return state, plan
         plan = MPlusPlan(**vars(plan))
-        plan.on_layer_input = lambda layer, h: self.retrieve_into(plan, state.ltm, count, layer, h)
+        # a weak reference: the plan holds its tap, and a tap holding the plan would be a reference cycle that
+        # keeps every forward's keys/values (~0.5 MB per layer) alive until the garbage collector runs
+        ref = weakref.ref(plan)
+        plan.on_layer_input = lambda layer, h: self.retrieve_into(ref(), state.ltm, count, layer, h)
         return state, plan
 
     def retrieve_into(self, plan: MPlusPlan, ltm: LongTerm, count: int, layer: int, h_x: torch.Tensor) -> None:
