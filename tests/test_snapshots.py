@@ -73,6 +73,30 @@ def test_state_round_trip_gives_identical_logits(tiny_backbone, method):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_forward_plan_is_freed_by_reference_counting_alone(tiny_backbone, method):
+    """A plan holds a segment's keys/values (and captured ones): a callback on it that refers back to it would
+    be a reference cycle, keeping every forward's tensors alive until the garbage collector runs."""
+    import gc
+    import weakref
+
+    cls = get_method(method)
+    m = cls(cls.Options.from_mapping(small(method)), tiny_backbone)
+    ids = torch.randint(3, 400, (120,), generator=torch.Generator().manual_seed(3))
+    segs = list(iter_segments([TokenChunk(ids.numpy(), np.arange(120), 120, 0)], 16))
+    state = run_stream(tiny_backbone, m, segs[:6]).state  # stores, pools and long-term stores hold entries now
+    gc.disable()
+    try:
+        with torch.inference_mode():
+            state, plan = m.read(state, segs[6])
+            tiny_backbone.forward(segs[6].ids, plan, embeds=plan.embeds)
+        ref = weakref.ref(plan)
+        del plan
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_interrupt_then_resume_equals_uninterrupted(tiny_backbone, book, method):
     opts = {method: small(method)}
     whole = longctx.perplexity(book, [method], backbone=tiny_backbone, segment=16, options=opts,
