@@ -99,7 +99,7 @@ def bench_passkey(
     (the key left memory), "not retrieved" (stored, but no head read it) and "copy error".
     """
     from ..bench.passkey import PasskeyConfig, passkey_bench
-    from ..render import print_json, print_passkey, stderr_console, stdout_console
+    from ..render import print_passkey, stderr_console
 
     names = method or ["memorizing", "sinks", "window"]
     config = PasskeyConfig(lengths=_counts(lengths, "--lengths"), depths=_fractions(depths, "--depths"), trials=trials,
@@ -114,10 +114,36 @@ def bench_passkey(
     result = passkey_bench(filler, names, config, model=model, dtype=dtype, device=device, threads=threads,
                            options=_parse_overrides(option or [], names), allow_untrained=allow_untrained,
                            on_result=on_result)
-    if json_out:
-        print_json(result)
-    else:
-        print_passkey(result, stdout_console())
+    _emit(result, json_out, print_passkey)
+
+
+JsonItemsOpt = Annotated[bool, typer.Option("--json", help="Print the full result (every item) as JSON.")]
+InstructionOpt = Annotated[str | None, typer.Option(help="The line read before each question (default: ask's).")]
+AnswerTokensOpt = Annotated[int, typer.Option(help="Longest answer, in tokens (greedy).")]
+
+
+WIDTHS = {"method": 12, "length": 7, "distance": 7, "kind": 6}  # columns of the per-item progress lines
+
+
+def _answer_printer(*fields: str):
+    """The stderr line each answered item gets: its `fields`, the answer's start and ok/wrong."""
+    from ..render import stderr_console
+
+    err = stderr_console()
+
+    def on_item(r) -> None:
+        mark = "[green]ok[/]" if r.correct else "[red]wrong[/]"
+        head = " ".join(f"{getattr(r, f)!s:>{WIDTHS.get(f, 10)}}" for f in fields)
+        err.print(f"{head} -> {r.answer[:48]!r} {mark}", highlight=False)
+
+    return on_item
+
+
+def _emit(result: dict, json_out: bool, printer) -> None:
+    """A benchmark's result: JSON on request, else its table."""
+    from ..render import print_json, stdout_console
+
+    print_json(result) if json_out else printer(result, stdout_console())
 
 
 @bench_app.command("needle")
@@ -129,14 +155,14 @@ def bench_needle(
     trials: Annotated[int, typer.Option(help="Documents per length (the same for every method).")] = 2,
     needles: Annotated[int, typer.Option(help="Facts per document, one question each (1 = single needle); plus one absent-fact question.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed for facts, depths and haystack offsets.")] = 0,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens (greedy).")] = 48,
-    instruction: Annotated[str | None, typer.Option(help="The line read before each question (default: ask's).")] = None,
+    max_new_tokens: AnswerTokensOpt = 48,
+    instruction: InstructionOpt = None,
     option: MethodsOptionOpt = None,
     model: ModelOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the full result (every item) as JSON.")] = False,
+    json_out: JsonItemsOpt = False,
     allow_untrained: UntrainedOpt = False,
 ) -> None:
     """Needle QA past the window: invented facts in book filler, questions in natural words, via `ask`.
@@ -146,24 +172,15 @@ def bench_needle(
     answer says it is not there).
     """
     from ..bench.needle import NeedleConfig, needle_bench
-    from ..render import print_json, print_needle, stderr_console, stdout_console
+    from ..render import print_needle
 
     names = method or ["memorizing-fast", "sinks", "rag"]
     config = NeedleConfig(lengths=_counts(lengths, "--lengths"), trials=trials, needles=needles, seed=seed,
                           max_new_tokens=max_new_tokens, instruction=instruction)
-    err = stderr_console()
-
-    def on_item(r) -> None:
-        mark = "[green]ok[/]" if r.correct else "[red]wrong[/]"
-        err.print(f"{r.method:>12} {r.length:>7} {r.kind:>6} {r.fact:>10} -> {r.answer[:48]!r} {mark}", highlight=False)
-
     result = needle_bench(filler, names, config, model=model, dtype=dtype, device=device, threads=threads,
                           options=_parse_overrides(option or [], names), allow_untrained=allow_untrained,
-                          on_item=on_item)
-    if json_out:
-        print_json(result)
-    else:
-        print_needle(result, stdout_console())
+                          on_item=_answer_printer("method", "length", "kind", "fact"))
+    _emit(result, json_out, print_needle)
 
 
 @bench_app.command("retention")
@@ -175,14 +192,14 @@ def bench_retention(
     trials: Annotated[int, typer.Option(help="Streams (fact sets and book offsets) per method.")] = 1,
     facts: Annotated[int, typer.Option(help="Facts read together at the start of each stream, one question each.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed for facts and book offsets.")] = 0,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens (greedy).")] = 24,
-    instruction: Annotated[str | None, typer.Option(help="The line read before each question (default: ask's).")] = None,
+    max_new_tokens: AnswerTokensOpt = 24,
+    instruction: InstructionOpt = None,
     option: MethodsOptionOpt = None,
     model: ModelOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the full result (every item) as JSON.")] = False,
+    json_out: JsonItemsOpt = False,
     allow_untrained: UntrainedOpt = False,
 ) -> None:
     """Knowledge retention (MemoryLLM / M+): facts first, then book text, then a question per fact at each distance.
@@ -191,22 +208,13 @@ def bench_retention(
     of the memory and reading goes on, so all distances cost one reading of the longest.
     """
     from ..bench.retention import RetentionConfig, retention_bench
-    from ..render import print_json, print_retention, stderr_console, stdout_console
+    from ..render import print_retention
 
     names = method or ["mplus", "memoryllm", "memorizing", "sinks"]
     config = RetentionConfig(distances=_counts(distances, "--distances"), trials=trials, facts=facts, seed=seed,
                              max_new_tokens=max_new_tokens, instruction=instruction)
-    err = stderr_console()
-
-    def on_item(r) -> None:
-        mark = "[green]ok[/]" if r.correct else "[red]wrong[/]"
-        err.print(f"{r.method:>12} {r.distance:>7} {r.fact:>10} -> {r.answer[:48]!r} {mark}", highlight=False)
-
     result = retention_bench(filler, names, config, model=model, dtype=dtype, device=device, threads=threads,
                              options=_parse_overrides(option or [], names), allow_untrained=allow_untrained,
-                             on_item=on_item)
-    if json_out:
-        print_json(result)
-    else:
-        print_retention(result, stdout_console())
+                             on_item=_answer_printer("method", "distance", "fact"))
+    _emit(result, json_out, print_retention)
 
