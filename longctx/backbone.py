@@ -86,6 +86,12 @@ class Backbone:
         return int(self.config.num_hidden_layers)
 
     @property
+    def head_dim(self) -> int:
+        """Width of one attention head (the config's `head_dim`, else hidden size over heads)."""
+        cfg = self.config
+        return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+    @property
     def max_positions(self) -> int:
         return int(self.config.max_position_embeddings)
 

@@ -225,7 +225,7 @@ class _Unroll(nn.Module):
 
     def forward(self, segments: list[Segment]) -> torch.Tensor:
         t = self.trainer[0]
-        with torch.autocast(t.backbone.device.type, dtype=torch.bfloat16, enabled=t.cfg.autocast):
+        with t.autocast():
             return unroll(t.backbone, t.method, segments, bptt=t.cfg.bptt, loss=t.cfg.loss)[0]
 
 
@@ -280,6 +280,10 @@ class Trainer:
             p.requires_grad_(True)
         return list(self.own_params()) + self.backbone_params
 
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast around a sample's forwards when the run asks for it (`--autocast`), else a no-op."""
+        return torch.autocast(self.backbone.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast)
+
     def own_params(self) -> list[torch.nn.Parameter]:
         """The method's parameters (none for a training-free method fine-tuned as a no-memory baseline)."""
         params = getattr(self.method, "params", None)
@@ -296,7 +300,7 @@ class Trainer:
             gen = sample_generator(cfg.seed, self.step, lane)
             segs = self.source.draw(n, cfg.segment, gen)
             if hasattr(self.method, "backward_sample"):  # the method back-propagates as it goes (UIO)
-                with torch.autocast(self.backbone.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+                with self.autocast():
                     losses.append(self.method.backward_sample(segs, loss=cfg.loss, weight=1 / cfg.accumulate, gen=gen))
             else:
                 loss = self._sample_loss(segs, last=j == cfg.accumulate - 1)

@@ -312,11 +312,7 @@ def needle_bench(filler_path: str, methods: Sequence[str], config: NeedleConfig,
                  options: dict[str, dict[str, Any]] | None = None, backbone: Backbone | None = None,
                  allow_untrained: bool = False, on_item: Callable[[ItemResult], None] | None = None) -> dict[str, Any]:
     """`longctx bench needle` as a library call: load the model, run every method, describe the run."""
-    from .record import bench_backbone, described
+    from .record import named_bench
 
-    if len(set(methods)) < len(methods):
-        raise UsageError("name each method once")
-    backbone = bench_backbone(backbone, model=model, dtype=dtype, device=device, threads=threads)
-    report = needle_qa(backbone, methods, filler_path, config, options=options, allow_untrained=allow_untrained,
-                       on_item=on_item)
-    return described(report.to_dict(), filler_path, backbone)
+    return named_bench(needle_qa, filler_path, methods, config, model=model, dtype=dtype, device=device, threads=threads,
+                       backbone=backbone, options=options, allow_untrained=allow_untrained, on_item=on_item)

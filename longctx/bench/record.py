@@ -10,6 +10,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 
 from .. import __version__
 from ..backbone import Backbone
+from ..errors import UsageError
 from ..perplexity import environment
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "safetensors", "numpy")
@@ -138,3 +140,14 @@ def bench_backbone(backbone: Backbone | None = None, *, model: str | None = None
 def described(result: dict[str, Any], filler: str, backbone: Backbone) -> dict[str, Any]:
     """A benchmark's result with what every result file carries: schema, filler, model, environment."""
     return {"schema_version": 1, **result, "filler": filler, "model": backbone.fingerprint, "environment": environment()}
+
+
+def named_bench(run: Callable[..., Any], filler: str, methods: Sequence[str], config: Any, *,
+                model: str | None = None, dtype: str | None = None, device: str | None = None,
+                threads: int | None = None, backbone: Backbone | None = None, **kwargs: Any) -> dict[str, Any]:
+    """A benchmark over named methods as a library call: each method named once, the model loaded unless
+    given, `run(backbone, methods, filler, config, **kwargs)` run, and its report described."""
+    if len(set(methods)) < len(methods):
+        raise UsageError("name each method once")
+    backbone = bench_backbone(backbone, model=model, dtype=dtype, device=device, threads=threads)
+    return described(run(backbone, methods, filler, config, **kwargs).to_dict(), filler, backbone)

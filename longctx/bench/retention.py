@@ -183,11 +183,7 @@ def retention_bench(filler_path: str, methods: Sequence[str], config: RetentionC
                     allow_untrained: bool = False,
                     on_item: Callable[[RetentionItem], None] | None = None) -> dict[str, Any]:
     """`longctx bench retention` as a library call: load the model, run every method, describe the run."""
-    from .record import bench_backbone, described
+    from .record import named_bench
 
-    if len(set(methods)) < len(methods):
-        raise UsageError("name each method once")
-    backbone = bench_backbone(backbone, model=model, dtype=dtype, device=device, threads=threads)
-    report = retention(backbone, methods, filler_path, config, options=options, allow_untrained=allow_untrained,
-                       on_item=on_item)
-    return described(report.to_dict(), filler_path, backbone)
+    return named_bench(retention, filler_path, methods, config, model=model, dtype=dtype, device=device, threads=threads,
+                       backbone=backbone, options=options, allow_untrained=allow_untrained, on_item=on_item)

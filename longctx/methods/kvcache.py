@@ -60,9 +60,8 @@ class KVCacheMethod(Method):
         raise NotImplementedError
 
     def init_state(self) -> KVState:
-        cfg, b = self.backbone.config, self.backbone
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return KVState.empty(b.num_layers, cfg.num_key_value_heads, head_dim, dtype=b.dtype, device=b.device)
+        b = self.backbone
+        return KVState.empty(b.num_layers, b.config.num_key_value_heads, b.head_dim, dtype=b.dtype, device=b.device)
 
     def memory_size(self, state: KVState) -> int:
         return len(state)

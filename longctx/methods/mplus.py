@@ -190,7 +190,8 @@ class MPlus(MemoryLLM):
         slots = ltm.hidden[:, layer].to(h_x.device).detach()
         h = h_x.detach()
         labels = self.attention_labels(layer, h, slots, count)
-        score = torch.sigmoid(self.project("q", layer, h) @ self.project("k", layer, slots).T).mean(0)
+        # f_k from the slots themselves (not the keys stored at insertion), so that f_k trains too
+        score = self.relevance(layer, h, self.project("k", layer, slots))
         score = score.clamp(1e-6, 1 - 1e-6)  # by hand: F.binary_cross_entropy refuses autocast
         return -(labels * score.log() + (1 - labels) * (1 - score).log()).mean()
 

@@ -143,9 +143,8 @@ class UIO(TrainableMethod):
         return UIOState(hidden, keys, values, torch.zeros(0, 4, dtype=torch.long, device=b.device))
 
     def _empty_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        b, cfg = self.backbone, self.backbone.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv = torch.zeros(b.num_layers, cfg.num_key_value_heads, 0, head_dim, dtype=b.dtype, device=b.device)
+        b = self.backbone
+        kv = torch.zeros(b.num_layers, b.config.num_key_value_heads, 0, b.head_dim, dtype=b.dtype, device=b.device)
         return kv, kv.clone()
 
     def memory_size(self, state: UIOState) -> int:
