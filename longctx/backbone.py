@@ -120,6 +120,15 @@ class Backbone:
         """Layer `layer`'s input norm applied to residual-stream states `h [n, d]` (what its attention reads)."""
         return self.model.model.layers[layer].input_layernorm(h)
 
+    def layer_queries(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """Pre-rotation queries `[heads, n, head_dim]` of attention inputs `h [n, d]` at `layer` (what the
+        attention will compute for them): how a method chooses memory for a layer before it runs (InfLLM)."""
+        attn = self.model.model.layers[layer].self_attn
+        q = attn.q_proj(h).view(h.shape[0], -1, attn.head_dim)
+        if getattr(attn, "q_norm", None) is not None:  # qwen3
+            q = attn.q_norm(q)
+        return q.transpose(0, 1)
+
     def layer_kv(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-rotation keys and values `[kv_heads, n, head_dim]` of attention inputs `h [n, d]` at `layer`,
         through that layer's own projections (and whatever LoRA adapter is active): how hidden-state memories

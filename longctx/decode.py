@@ -47,16 +47,18 @@ class Ingested:
     segment: int = 0
 
 
-def plain_segments(ids: torch.Tensor, segment: int, start: int = 0) -> Iterator[Segment]:
-    """Segments of `ids` with no targets (nothing is scored) and byte offsets unknown (-1)."""
+def plain_segments(ids: torch.Tensor, segment: int, start: int = 0, *, prompt: bool = False) -> Iterator[Segment]:
+    """Segments of `ids` with no targets (nothing is scored) and byte offsets unknown (-1); `prompt` marks
+    them as the prompt the model answers next (methods that choose what to read may use its own queries)."""
     for s in range(0, len(ids), segment):
         part = ids[s : s + segment]
-        yield _segment(start + s, part)
+        yield _segment(start + s, part, prompt)
 
 
-def _segment(start: int, ids: torch.Tensor) -> Segment:
+def _segment(start: int, ids: torch.Tensor, prompt: bool = False) -> Segment:
     n = len(ids)
-    return Segment(start, ids, torch.full((n,), -1), torch.full((n,), -1), torch.zeros(n, dtype=torch.long))
+    return Segment(start, ids, torch.full((n,), -1), torch.full((n,), -1), torch.zeros(n, dtype=torch.long),
+                   prompt=prompt)
 
 
 def ingest(backbone: Backbone, method: Method, segments: Iterable[Segment], state: Any = None, *,
@@ -83,14 +85,14 @@ def ingest(backbone: Backbone, method: Method, segments: Iterable[Segment], stat
 
 
 def extend(backbone: Backbone, method: Method, done: Ingested, ids: torch.Tensor) -> Ingested:
-    """Read `ids` after what `done` holds (a question after its document). A memory-token method continues
+    """Read the prompt `ids` after what `done` holds (a question after its document). A memory-token method continues
     its pending segment, so this equals reading them as part of the text; a key/value method starts a new
     segment at the end of what it read, so with a bounded memory (what a segment evicts depends on where
     segments start) it equals reading the text with a segment boundary there."""
     if len(ids) == 0:
         return done
     ids = torch.cat((done.pending, ids))
-    segments = plain_segments(ids, done.segment or len(ids), start=done.tokens - len(done.pending))
+    segments = plain_segments(ids, done.segment or len(ids), start=done.tokens - len(done.pending), prompt=True)
     return ingest(backbone, method, segments, done.state, segment=done.segment or len(ids))
 
 

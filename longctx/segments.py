@@ -21,6 +21,7 @@ class Segment:
     targets: torch.Tensor  # [q] int64
     target_bytes: torch.Tensor  # [q] int64, source bytes of each target token (0 where there is none)
     next_byte: int = -1  # byte offset where the token after this segment starts (the stream's end if none)
+    prompt: bool = False  # part of a prompt the model answers next (a question), not text read into memory
 
     def __len__(self) -> int:
         return int(self.ids.numel())

@@ -34,7 +34,8 @@ SMALL_OPTIONS = {"xl": {"memory": 24}, "sinks": {"window": 20}, "full": {"contex
                  "unimix": {"window": 16, "memory": 40, "topk": 2, "block": 7}, "rmt": {"tokens": 3},
                  "hmt": {"sensory": 4, "cache": 3},
                  "uio": {"memory_tokens": 2, "management": "fifo", "max_memory": 6},
-                 "memoryllm": {"pool": 24, "update": 8}, "mplus": {"pool": 24, "update": 8, "ltm": 40, "retrieve": 8}}
+                 "memoryllm": {"pool": 24, "update": 8},
+                 "infllm": {"window": 16, "sinks": 2, "block": 8, "memory": 64, "topk": 2, "queries": 4}, "mplus": {"pool": 24, "update": 8, "ltm": 40, "retrieve": 8}}
 
 
 def small(method: str) -> dict:

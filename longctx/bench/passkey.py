@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..backbone import Backbone
-from ..decode import greedy, ingest, plain_segments
+from ..decode import extend, greedy, ingest, plain_segments
 from ..errors import InputError, UsageError
 from ..methods.base import Method
 from ..prompts import chat_halves
@@ -42,6 +42,7 @@ class PasskeyTrial:
     key: int
     ids: torch.Tensor
     needle: tuple[int, int]  # token span of the information line
+    question: int = 0  # tokens of the question at the end (read as the prompt, after the haystack)
 
 
 @dataclass
@@ -92,7 +93,7 @@ def make_trial(tokenizer, filler: Filler, length: int, depth: float, rng: random
     cut = int(before[-1]) + 1 if len(before) else cut  # the needle starts a sentence
     ids = torch.cat((head, hay[:cut], info, hay[cut:], question))
     start = len(head) + cut
-    return PasskeyTrial(length, depth, key, ids, (start, start + len(info)))
+    return PasskeyTrial(length, depth, key, ids, (start, start + len(info)), len(question))
 
 
 @dataclass
@@ -152,10 +153,11 @@ def first_integer(text: str) -> str:
 
 def run_trial(backbone: Backbone, method: Method, trial: PasskeyTrial, segment: int,
               max_new_tokens: int, label: str | None = None) -> TrialResult:
-    """Ingest the prompt into a fresh memory, then answer greedily; the result is named `label` (default:
-    the method's name)."""
+    """Read the haystack into a fresh memory, then the question as the prompt (as `ask` does), then answer
+    greedily; the result is named `label` (default: the method's name)."""
     t0 = time.perf_counter()
-    done = ingest(backbone, method, plain_segments(trial.ids, segment))
+    cut = len(trial.ids) - trial.question
+    done = extend(backbone, method, ingest(backbone, method, plain_segments(trial.ids[:cut], segment)), trial.ids[cut:])
     held = where_held(method, done.state, trial.needle)
     hits = retrieval_hits(done.last_plan.retrieved, trial.needle)
     tokens, _ = greedy(backbone, method, done, max_new_tokens)

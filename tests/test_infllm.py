@@ -1,0 +1,115 @@
+"""`infllm`: block memory read whole at every layer, on a tiny random Llama in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_equivalence import doc, reference_nll, stream_nll
+
+from longctx.errors import UsageError
+from longctx.knnstore import KNNStore
+from longctx.methods import get_method
+from longctx.segments import Segment
+from longctx.stream import forward_segment
+
+
+def build(backbone, **options):
+    cls = get_method("infllm")
+    return cls(cls.Options.from_mapping(options), backbone)
+
+
+def segment(ids: torch.Tensor, start: int, *, prompt: bool = False) -> Segment:
+    n = len(ids)
+    return Segment(start, ids, torch.arange(start, start + n), torch.randint(3, 400, (n,)),
+                   torch.ones(n, dtype=torch.long), prompt=prompt)
+
+
+def feed(backbone, method, ids: torch.Tensor, seg: int, state=None, *, start: int = 0, prompt: bool = False):
+    state = method.init_state() if state is None else state
+    with torch.inference_mode():
+        for s in range(0, len(ids), seg):
+            state, hidden, plan = forward_segment(backbone, method, state, segment(ids[s : s + seg], start + s, prompt=prompt))
+    return state, plan, hidden
+
+
+def test_without_block_memory_is_exactly_xl(tiny_backbone):
+    ids = doc()
+    assert stream_nll(tiny_backbone, "infllm", ids, 16, memory=0, block=1, window=24, sinks=2) == \
+        stream_nll(tiny_backbone, "xl", ids, 16, memory=24, sinks=2)
+
+
+def test_reading_every_block_equals_full_attention(tiny_backbone, reference_model):
+    """When top-k covers the whole memory, sinks + blocks (in document order) + window is the whole prefix
+    at its own positions: the method must score exactly what full attention scores."""
+    ids = doc(160)
+    nll, tokens = stream_nll(tiny_backbone, "infllm", ids, 16, window=16, sinks=2, block=8, memory=160, topk=20)
+    assert tokens == 159
+    assert nll == pytest.approx(reference_nll(reference_model, ids), rel=1e-5)
+    # and with fewer blocks than the prefix it is a different (bounded) reading
+    fewer, _ = stream_nll(tiny_backbone, "infllm", ids, 16, window=16, sinks=2, block=8, memory=160, topk=2)
+    assert fewer != pytest.approx(nll, rel=1e-5)
+
+
+def test_blocks_leave_the_window_whole_and_dump_shows_them(tiny_backbone):
+    m = build(tiny_backbone, window=16, sinks=2, block=8, memory=64, topk=2)
+    state, _, _ = feed(tiny_backbone, m, doc(75), 5)  # 5-token segments: evictions are not block-aligned
+    stored = sorted(state.store.tensors()["token_index"].tolist())
+    assert len(stored) % 8 == 0 and stored == list(range(2, 2 + len(stored)))
+    window = state.local.token_index[2:].tolist()
+    assert 16 <= len(window) < 16 + 8 and window == list(range(2 + len(stored), 75))
+    assert [g["kind"] for g in m.dump(state)] == ["sinks", "window", "store"]
+
+
+def test_a_token_of_the_text_never_sees_the_tokens_after_it(tiny_backbone):
+    """Text chooses its blocks with the queries read before it, so changing a segment's last token changes
+    nothing before that token (perplexity stays causal); a prompt (a question) chooses with its own."""
+    m = build(tiny_backbone, window=8, sinks=1, block=4, memory=64, topk=1, queries=1)
+    state, _, _ = feed(tiny_backbone, m, doc(64), 8)
+    base = doc(8, seed=5)
+    outs, chosen = [], set()
+    for last in range(3, 60):
+        ids = base.clone()
+        ids[-1] = last
+        with torch.inference_mode():
+            _, hidden, _ = forward_segment(tiny_backbone, m, m.fork_state(state), segment(ids, 64))
+            question, _, _ = forward_segment(tiny_backbone, m, m.fork_state(state), segment(ids, 64, prompt=True))
+        outs.append(hidden[:-1])
+        chosen.add(tuple(question.recalled.token_index.tolist()))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert len(chosen) > 1  # the question's own last token moved its choice
+
+
+def test_the_sharpest_head_chooses_a_planted_block(tiny_backbone):
+    """One head of one layer gives a block most of its attention (another repels it): that block is
+    chosen, and read at every layer."""
+    m = build(tiny_backbone, block=8, memory=128, topk=1)
+    gen = torch.Generator().manual_seed(0)
+    layers, kv_heads, dim = 2, 2, 16
+    store = KNNStore.empty(128, layers, kv_heads, dim, dtype=torch.float32, device=torch.device("cpu"))
+    keys = torch.randn(layers, kv_heads, 128, dim, generator=gen)
+    queries = torch.randn(layers, 4, 3, dim, generator=gen)
+    keys[1, 0, 40:48] = 4 * queries[1, 1].mean(0)  # block 5 answers head 1 (KV head 0) of layer 1
+    keys[1, 1, 40:48] = -4 * queries[1, 2].mean(0)  # ... and repels the other KV head's queries
+    idx = torch.arange(128)
+    store.add(keys, keys.clone(), idx, idx, idx)
+    rec = m.recall(store, queries)
+    assert rec.token_index.tolist() == list(range(40, 48))
+    assert rec.keys.shape == (layers, kv_heads, 8, dim) and torch.equal(rec.keys, keys[:, :, 40:48])
+
+
+def test_generation_keeps_its_blocks_until_refresh_and_cites_them(tiny_backbone):
+    m = build(tiny_backbone, window=8, sinks=1, block=4, memory=64, topk=2, refresh=3)
+    state, plan, _ = feed(tiny_backbone, m, doc(64), 8)
+    assert set(plan.retrieved) == {0, 1}
+    assert set(plan.retrieved[0].flatten().tolist()) == set(state.recalled.token_index.tolist())
+    first = state.recalled
+    for step in range(3):
+        state, plan, _ = feed(tiny_backbone, m, torch.tensor([7]), 1, state, start=64 + step)
+        assert (state.recalled is first) == (step < 2), step  # chosen again on the third one-token forward
+    assert state.since == 0
+
+
+def test_blocks_past_the_trained_positions_are_refused(tiny_backbone):
+    m = build(tiny_backbone, block=128, topk=64, window=2048)
+    with pytest.raises(UsageError, match="trained 8192"):
+        m.check_segment(512)
