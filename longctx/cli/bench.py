@@ -76,7 +76,7 @@ def bench_suite(
 @_errors_to_exit
 def bench_passkey(
     filler: Annotated[str, typer.Argument(help="Book to cut haystacks from (public-domain text, UTF-8).")],
-    method: Annotated[list[str] | None, typer.Option("--method", "-m", help="Method or preset (repeatable). Default: memorizing, sinks, window.")] = None,
+    method: Annotated[list[str] | None, typer.Option("--method", "-m", help="Method or preset (repeatable). Default: infllm, memorizing, sinks, window.")] = None,
     lengths: Annotated[str, typer.Option(help="Prompt lengths in tokens, comma-separated (16k = 16384).")] = "16k,32k",
     depths: Annotated[str, typer.Option(help="Depths of the key in the haystack, cycled over the trials.")] = "0.1,0.3,0.5,0.7,0.9",
     trials: Annotated[int, typer.Option(help="Prompts per length (the same for every method).")] = 20,
@@ -101,7 +101,7 @@ def bench_passkey(
     from ..bench.passkey import PasskeyConfig, passkey_bench
     from ..render import print_passkey, stderr_console
 
-    names = method or ["memorizing", "sinks", "window"]
+    names = method or ["infllm", "memorizing", "sinks", "window"]
     config = PasskeyConfig(lengths=_counts(lengths, "--lengths"), depths=_fractions(depths, "--depths"), trials=trials,
                            seed=seed, segment=segment, max_new_tokens=max_new_tokens, chat=chat)
     err = stderr_console()
