@@ -25,7 +25,7 @@ tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -35,7 +35,7 @@ from ..knnstore import KNNStore
 from ..kvstate import KVState
 from ..segments import Segment
 from .base import MethodOptions, UniMem, option, register
-from .kvcache import KVCacheMethod, KVPolicy, token_runs
+from .kvcache import KVPolicy, StoreMethod
 from .memorizing import STORE_DTYPES
 
 
@@ -95,7 +95,7 @@ class _QueryTap:
 
 
 @register
-class InfLLM(KVCacheMethod):
+class InfLLM(StoreMethod):
     name = "infllm"
     Options = InfLLMOptions
     summary = "InfLLM block memory: sinks + window + the top-k past blocks (whole, in order) at every layer"
@@ -209,36 +209,16 @@ class InfLLM(KVCacheMethod):
         keep, evicted = local.fifo_split(o.sinks, local.non_sinks(o.sinks) - over // o.block * o.block)
         return local.select(keep), local.select(evicted)
 
-    def memory_size(self, state: InfLLMState) -> int:
-        return len(state.local) + len(state.store)
-
     def state_tensors(self, state: InfLLMState) -> dict[str, torch.Tensor]:
-        out = {f"local.{k}": v for k, v in state.local.tensors().items()}
-        out.update({f"store.{k}": v for k, v in state.store.tensors().items()})
         r = state.recalled
-        out.update({"recent": state.recent, "recalled.keys": r.keys, "recalled.values": r.values,
-                    "recalled.token_index": r.token_index, "since": torch.tensor([state.since])})
-        return out
+        return {**super().state_tensors(state), "recent": state.recent, "recalled.keys": r.keys,
+                "recalled.values": r.values, "recalled.token_index": r.token_index, "since": torch.tensor([state.since])}
 
     def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> InfLLMState:
-        dev = self.backbone.device
-        t = {k: v.to(dev) for k, v in tensors.items()}
-        part = {p: {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith(p + ".")} for p in ("local", "store", "recalled")}
-        local = super().state_from_tensors(part["local"])
-        store = KNNStore.from_tensors(self.options.memory, part["store"])
-        r = part["recalled"]
-        recalled = Recalled(r["keys"].to(self.backbone.dtype), r["values"].to(self.backbone.dtype), r["token_index"])
-        return InfLLMState(local, store, t["recent"].to(self.backbone.dtype), recalled, int(t["since"][0]))
-
-    def fork_state(self, state: InfLLMState) -> InfLLMState:
-        """Everything but the store is never changed in place; the store is copied only if one side writes."""
-        return replace(state, store=state.store.fork())
-
-    def dump(self, state: InfLLMState) -> list[dict[str, Any]]:
-        """Sinks and window, then the block memory's runs of tokens, oldest first."""
-        order = state.store.order()
-        stored = token_runs(state.store.token_index[order], state.store.byte_start[order], lambda _: "store")
-        return super().dump(state.local) + stored
+        local, store, part = self.split_tensors(tensors, "recalled")
+        r, dtype = part["recalled"], self.backbone.dtype
+        recalled = Recalled(r["keys"].to(dtype), r["values"].to(dtype), r["token_index"])
+        return InfLLMState(local, store, tensors["recent"].to(self.backbone.device, dtype), recalled, int(tensors["since"][0]))
 
     def unimem(self) -> UniMem:
         o = self.options

@@ -9,13 +9,14 @@ position-based, injection is at every layer.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 
 from ..attention import ForwardPlan
 from ..errors import UsageError
+from ..knnstore import KNNStore
 from ..kvstate import KVState
 from ..segments import Segment
 from .base import Method
@@ -160,6 +161,39 @@ class KVCacheMethod(Method):
         kept.keys = torch.stack([plan.captured[i][0] for i in layers])
         kept.values = torch.stack([plan.captured[i][1] for i in layers])
         return kept
+
+
+class StoreMethod(KVCacheMethod):
+    """A key/value method whose state has a window (`state.local`, a KVState) and a `KNNStore` of what left
+    it (`state.store`): `memorizing`, `unimix`, `infllm`. Snapshots name their tensors `local.*`/`store.*`."""
+
+    def memory_size(self, state: Any) -> int:
+        return len(state.local) + len(state.store)
+
+    def state_tensors(self, state: Any) -> dict[str, torch.Tensor]:
+        out = {f"local.{k}": v for k, v in state.local.tensors().items()}
+        out.update({f"store.{k}": v for k, v in state.store.tensors().items()})
+        return out
+
+    def split_tensors(self, tensors: dict[str, torch.Tensor], *extra: str) -> tuple[KVState, KNNStore, dict[str, dict[str, torch.Tensor]]]:
+        """The window and the store from snapshot tensors (on the model's device), and the tensors of the
+        `extra` prefixes, each without its prefix."""
+        dev = self.backbone.device
+        part = {p: {k.split(".", 1)[1]: v.to(dev) for k, v in tensors.items() if k.startswith(p + ".")}
+                for p in ("local", "store", *extra)}
+        local = KVCacheMethod.state_from_tensors(self, part["local"])
+        return local, KNNStore.from_tensors(self.options.memory, part["store"]), part
+
+    def fork_state(self, state: Any) -> Any:
+        """The window is shared (never changed in place); the store is copied only if one side writes to it
+        (a question and its answer usually stay within the window, so asking about a large store is cheap)."""
+        return replace(state, store=state.store.fork())
+
+    def dump(self, state: Any) -> list[dict[str, Any]]:
+        """Sinks and window (every layer), then the store's runs of tokens, oldest first."""
+        order = state.store.order()
+        stored = token_runs(state.store.token_index[order], state.store.byte_start[order], lambda _: "store")
+        return super().dump(state.local) + stored
 
 
 def token_runs(token_index: torch.Tensor, byte_start: torch.Tensor, kind: Callable[[int], str]) -> list[dict[str, Any]]:

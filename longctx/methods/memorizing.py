@@ -11,7 +11,7 @@ The store is searched before the current segment is added, so a token never retr
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
 
@@ -24,7 +24,7 @@ from ..kvstate import KVState
 from ..layersets import resolve_layers
 from ..segments import Segment
 from .base import Method, MethodOptions, UniMem, option, register
-from .kvcache import KVCacheMethod, KVPolicy, token_runs
+from .kvcache import KVPolicy, StoreMethod
 from .recurrent import Scale, TrainableMethod, gaussian, scale_param
 from .rmt import TokenMemory
 
@@ -70,7 +70,7 @@ class MemorizingState:
 
 
 @register
-class Memorizing(KVCacheMethod):
+class Memorizing(StoreMethod):
     name = "memorizing"
     Options = MemorizingOptions
     summary = "kNN memory: top-k per query over a large FIFO store of past K/V at upper layers, joint softmax"
@@ -199,31 +199,9 @@ class Memorizing(KVCacheMethod):
             state.store.add(gone.keys[layers], gone.values[layers], gone.token_index, gone.token_ids, gone.byte_start)
         return MemorizingState(local.select(keep) if evicted.numel() else local, state.store)
 
-    def memory_size(self, state: MemorizingState) -> int:
-        return len(state.local) + len(state.store)
-
-    def state_tensors(self, state: MemorizingState) -> dict[str, torch.Tensor]:
-        out = {f"local.{k}": v for k, v in state.local.tensors().items()}
-        out.update({f"store.{k}": v for k, v in state.store.tensors().items()})
-        return out
-
     def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> MemorizingState:
-        part = {p: {k.split(".", 1)[1]: v.to(self.backbone.device) for k, v in tensors.items() if k.startswith(p + ".")}
-                for p in ("local", "store")}
-        local = super().state_from_tensors(part["local"])
-        store = KNNStore.from_tensors(self.options.memory, part["store"])
+        local, store, _ = self.split_tensors(tensors)
         return MemorizingState(local, store)
-
-    def fork_state(self, state: MemorizingState) -> MemorizingState:
-        """The window is shared (never changed in place); the store is copied only if one side writes to it
-        (a question and its answer usually stay within the window, so asking about a large store is cheap)."""
-        return replace(state, store=state.store.fork())
-
-    def dump(self, state: MemorizingState) -> list[dict[str, Any]]:
-        """Sinks and window (every layer), then the store's runs of tokens, oldest first."""
-        order = state.store.order()
-        stored = token_runs(state.store.token_index[order], state.store.byte_start[order], lambda _: "store")
-        return super().dump(state.local) + stored
 
     def unimem(self) -> UniMem:
         o = self.options
