@@ -85,3 +85,21 @@ def test_shipped_adapters_load_and_beat_the_memoryless_window(default_backbone, 
     ppl = {r.method: r.to_dict()["ppl"] for r in report.runs}
     assert [r.protocol.split("adapter=")[1][:11] for r in report.runs[1:]] == ["smollm2-rmt", "smollm2-hmt"]
     assert ppl["rmt"] < ppl["window"] and ppl["hmt"] < ppl["window"], ppl
+
+
+@pytest.mark.model
+def test_infllm_copies_a_pass_key_from_its_block_memory(default_backbone, book):
+    """The key's line is well past infllm's 256-token window, in its block memory: the sharpest heads must
+    find that block, and the model copy the key from it (bf16 benchmarks: docs/benchmarks.md)."""
+    import random
+
+    from longctx.bench.passkey import Filler, make_trial, run_trial
+    from longctx.perplexity import build_method
+
+    method, _ = build_method("infllm", default_backbone)
+    filler, rng = Filler.from_file(book, default_backbone.tokenizer), random.Random(0)
+    for depth in (0.2, 0.5):
+        trial = make_trial(default_backbone.tokenizer, filler, 3072, depth, rng)
+        result = run_trial(default_backbone, method, trial, 512, 8)
+        assert result.held == "store" and result.retrieved == 1.0
+        assert result.correct, result.answer

@@ -180,7 +180,9 @@ class InfLLM(StoreMethod):
         n = len(store) // o.block * o.block  # whole blocks only (the store is filled block by block)
         kv_heads, scale = store.keys.shape[1], self.backbone.head_dim**-0.5
         best = torch.zeros(n // o.block, device=store.keys.device)
-        for layer in range(store.keys.shape[0]):
+        if queries.shape[2] == 0:  # nothing read yet to choose with (a store restored without queries): the newest
+            best = store.token_index[: n : o.block].float()
+        for layer in range(store.keys.shape[0] if queries.shape[2] else 0):
             q = queries[layer].float()
             heads, s, dim = q.shape
             logits = (q.reshape(kv_heads, -1, dim) @ store.keys[layer, :, :n].float().transpose(1, 2)) * scale
@@ -197,7 +199,8 @@ class InfLLM(StoreMethod):
         local, evicted = self._evict_blocks(local)
         if evicted is not None and state.store.capacity:
             state.store.add(evicted.keys, evicted.values, evicted.token_index, evicted.token_ids, evicted.byte_start)
-        return replace(state, local=local, recent=plan.on_layer_input.stacked())
+        tap = plan.on_layer_input  # absent when the K/V came from another forward (benchmarks/retrieval.py fills so)
+        return replace(state, local=local, recent=tap.stacked() if isinstance(tap, _QueryTap) else state.recent)
 
     def _evict_blocks(self, local: KVState) -> tuple[KVState, KVState | None]:
         """Move the oldest window tokens to the block memory, whole blocks at a time (the window keeps up
