@@ -472,8 +472,8 @@ def test_cli_ask_json_questions_file_and_streaming(model_dir, doc, tmp_path):
     r = runner.invoke(app, [*base[:2], Q1, *base[2:], "--json", "--cite"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)  # one JSON object, nothing else
-    assert out["schema_version"] == 1 and out["task"] == "ask" and out["method"] == "memorizing-fast"
-    assert out["protocol"].startswith("memorizing(") and "window=32" in out["protocol"] and out["chat"] is True
+    assert out["schema_version"] == 1 and out["task"] == "ask" and out["method"] == "infllm-qa"
+    assert out["protocol"].startswith("infllm(") and "window=32" in out["protocol"] and out["chat"] is True
     assert out["segment"] == 32 and not out["memory"]["reused"] and out["memory"]["snapshot"]
     [answer] = out["answers"]
     assert answer["question"] == Q1 and answer["tokens"] <= 6 and isinstance(answer["citations"], list)

@@ -150,7 +150,7 @@ def _emit(result: dict, json_out: bool, printer) -> None:
 @_errors_to_exit
 def bench_needle(
     filler: Annotated[str, typer.Argument(help="Book to cut haystacks from (public-domain text, UTF-8).")],
-    method: Annotated[list[str] | None, typer.Option("--method", "-m", help="Method, preset or rag (repeatable). Default: memorizing-fast, sinks, rag.")] = None,
+    method: Annotated[list[str] | None, typer.Option("--method", "-m", help="Method, preset or rag (repeatable). Default: infllm-qa, memorizing-fast, sinks, rag.")] = None,
     lengths: Annotated[str, typer.Option(help="Document lengths in tokens, comma-separated (8k = 8192).")] = "8k,32k",
     trials: Annotated[int, typer.Option(help="Documents per length (the same for every method).")] = 2,
     needles: Annotated[int, typer.Option(help="Facts per document, one question each (1 = single needle); plus one absent-fact question.")] = 4,
@@ -174,7 +174,7 @@ def bench_needle(
     from ..bench.needle import NeedleConfig, needle_bench
     from ..render import print_needle
 
-    names = method or ["memorizing-fast", "sinks", "rag"]
+    names = method or ["infllm-qa", "memorizing-fast", "sinks", "rag"]
     config = NeedleConfig(lengths=_counts(lengths, "--lengths"), trials=trials, needles=needles, seed=seed,
                           max_new_tokens=max_new_tokens, instruction=instruction)
     result = needle_bench(filler, names, config, model=model, dtype=dtype, device=device, threads=threads,

@@ -174,7 +174,7 @@ def _ppl_many(docs: list[str], method: str | None, overrides: dict[str, dict[str
         print_corpus(report, stdout_console())
 
 
-DEFAULT_ASK_METHOD = "memorizing-fast"  # = longctx.qa.DEFAULT_METHOD (not imported here: the CLI starts fast)
+DEFAULT_ASK_METHOD = "infllm-qa"  # = longctx.qa.DEFAULT_METHOD (not imported here: the CLI starts fast)
 SAMPLING_HELP = "0 = greedy (default, reproducible); > 0 samples from softmax(logits / T)."
 # Options that ask and generate share, declared once.
 TemperatureOpt = Annotated[float, typer.Option(help=SAMPLING_HELP)]
@@ -240,7 +240,7 @@ def ask(
     file: Annotated[str, typer.Argument(help="The document (a text file; '-' reads standard input, which is not reused).")],
     question: Annotated[str | None, typer.Argument(help="The question (or use --questions FILE).")] = None,
     questions_file: Annotated[str | None, typer.Option("--questions", metavar="FILE", help="Questions, one per line ('#' lines skipped), all answered over one reading.")] = None,
-    method: Annotated[str | None, typer.Option("--method", "-m", help="Memory method or preset, or rag (the retrieval-augmented baseline). Default: memorizing-fast.")] = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Memory method or preset, or rag (the retrieval-augmented baseline). Default: infllm-qa.")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override key=value (repeatable); for rag: topk, chunk_tokens, embedder.")] = None,
     cite: Annotated[bool, typer.Option("--cite", help="Print the source spans (byte offsets, excerpts) the memory retrieved for each answer.")] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 128,
