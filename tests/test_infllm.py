@@ -95,13 +95,15 @@ def test_the_sharpest_head_chooses_a_planted_block(tiny_backbone):
     rec = m.recall(store, queries)
     assert rec.token_index.tolist() == list(range(40, 48))
     assert rec.keys.shape == (layers, kv_heads, 8, dim) and torch.equal(rec.keys, keys[:, :, 40:48])
+    assert sorted(rec.focus.tolist()) == list(range(40, 48))  # citations: the block's tokens
 
 
 def test_generation_keeps_its_blocks_until_refresh_and_cites_them(tiny_backbone):
     m = build(tiny_backbone, window=8, sinks=1, block=4, memory=64, topk=2, refresh=3)
     state, plan, _ = feed(tiny_backbone, m, doc(64), 8)
     assert set(plan.retrieved) == {0, 1}
-    assert set(plan.retrieved[0].flatten().tolist()) == set(state.recalled.token_index.tolist())
+    cited = set(plan.retrieved[0].flatten().tolist())  # the most-attended of the tokens read
+    assert cited == set(state.recalled.focus.tolist()) and cited <= set(state.recalled.token_index.tolist())
     first = state.recalled
     for step in range(3):
         state, plan, _ = feed(tiny_backbone, m, torch.tensor([7]), 1, state, start=64 + step)

@@ -38,6 +38,8 @@ from .base import MethodOptions, UniMem, option, register
 from .kvcache import KVPolicy, StoreMethod
 from .memorizing import STORE_DTYPES
 
+FOCUS = 32  # read tokens named as retrieved (citations): those the choosing heads attended to most
+
 
 @dataclass(frozen=True)
 class InfLLMOptions(MethodOptions):
@@ -65,6 +67,7 @@ class Recalled:
     keys: torch.Tensor
     values: torch.Tensor
     token_index: torch.Tensor
+    focus: torch.Tensor  # doc indices of the read tokens the choosing heads attended to most (citations)
 
     def __len__(self) -> int:
         return int(self.token_index.numel())
@@ -124,7 +127,8 @@ class InfLLM(StoreMethod):
     def _no_recall(self, local: KVState) -> Recalled:
         L, H, _, D = local.keys.shape
         kv = local.keys.new_zeros(L, H, 0, D)
-        return Recalled(kv, kv.clone(), local.token_index.new_zeros(0))
+        none = local.token_index.new_zeros(0)
+        return Recalled(kv, kv.clone(), none, none.clone())
 
     def sink_count(self, local: KVState) -> int:
         return int((local.token_index < self.options.sinks).sum())
@@ -144,9 +148,9 @@ class InfLLM(StoreMethod):
         if m:
             ns = self.sink_count(local)
             plan.memory_keys, plan.memory_values = self._layout(local.keys, rec.keys, ns), self._layout(local.values, rec.values, ns)
-        if len(rec):  # provenance: every query of every layer read these tokens ([heads, queries, r], views)
+        if len(rec):  # provenance: the most-attended of the tokens every layer read ([heads, queries, f], views)
             heads = int(self.backbone.config.num_attention_heads)
-            plan.retrieved = {i: rec.token_index.view(1, 1, -1).expand(heads, len(seg), -1)
+            plan.retrieved = {i: rec.focus.view(1, 1, -1).expand(heads, len(seg), -1)
                               for i in range(self.backbone.num_layers)}
         plan.on_layer_input = _QueryTap(self.backbone, state.recent, o.queries)
         return state, plan
@@ -180,19 +184,23 @@ class InfLLM(StoreMethod):
         n = len(store) // o.block * o.block  # whole blocks only (the store is filled block by block)
         kv_heads, scale = store.keys.shape[1], self.backbone.head_dim**-0.5
         best = torch.zeros(n // o.block, device=store.keys.device)
+        token_best = torch.zeros(n, device=store.keys.device)
         if queries.shape[2] == 0:  # nothing read yet to choose with (a store restored without queries): the newest
             best = store.token_index[: n : o.block].float()
         for layer in range(store.keys.shape[0] if queries.shape[2] else 0):
             q = queries[layer].float()
             heads, s, dim = q.shape
             logits = (q.reshape(kv_heads, -1, dim) @ store.keys[layer, :, :n].float().transpose(1, 2)) * scale
-            mass = logits.view(heads, s, n).softmax(-1).mean(1).view(heads, -1, o.block).sum(-1)
-            best = torch.maximum(best, mass.amax(0))
+            mass = logits.view(heads, s, n).softmax(-1).mean(1)  # [heads, n]
+            best = torch.maximum(best, mass.view(heads, -1, o.block).sum(-1).amax(0))
+            token_best = torch.maximum(token_best, mass.amax(0))
         top = best.topk(min(o.topk, best.numel())).indices
         top = top[store.token_index[top * o.block].argsort()]  # document order
         slots = (top.unsqueeze(-1) * o.block + torch.arange(o.block, device=top.device)).flatten()
+        focus = slots[token_best[slots].topk(min(FOCUS, len(slots))).indices]
         dtype = self.backbone.dtype
-        return Recalled(store.keys[:, :, slots].to(dtype), store.values[:, :, slots].to(dtype), store.token_index[slots])
+        return Recalled(store.keys[:, :, slots].to(dtype), store.values[:, :, slots].to(dtype), store.token_index[slots],
+                        store.token_index[focus])
 
     def write(self, state: InfLLMState, seg: Segment, plan: ForwardPlan) -> InfLLMState:
         local = self.append_captured(state.local, seg, plan)
@@ -215,12 +223,12 @@ class InfLLM(StoreMethod):
     def state_tensors(self, state: InfLLMState) -> dict[str, torch.Tensor]:
         r = state.recalled
         return {**super().state_tensors(state), "recent": state.recent, "recalled.keys": r.keys,
-                "recalled.values": r.values, "recalled.token_index": r.token_index, "since": torch.tensor([state.since])}
+                "recalled.values": r.values, "recalled.token_index": r.token_index, "recalled.focus": r.focus, "since": torch.tensor([state.since])}
 
     def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> InfLLMState:
         local, store, part = self.split_tensors(tensors, "recalled")
         r, dtype = part["recalled"], self.backbone.dtype
-        recalled = Recalled(r["keys"].to(dtype), r["values"].to(dtype), r["token_index"])
+        recalled = Recalled(r["keys"].to(dtype), r["values"].to(dtype), r["token_index"], r["focus"])
         return InfLLMState(local, store, tensors["recent"].to(self.backbone.device, dtype), recalled, int(tensors["since"][0]))
 
     def unimem(self) -> UniMem:
