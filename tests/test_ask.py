@@ -33,7 +33,7 @@ runner = CliRunner()
 
 SEGMENT = 16
 OPTIONS = {"xl": {"memory": 64, "sinks": 2}, "memorizing": {"memory": 256, "window": 32, "topk": 4},
-           "rmt": {"tokens": 2}}
+           "rmt": {"tokens": 2}, "infllm": {"memory": 256, "window": 32, "block": 16, "topk": 2, "sinks": 2, "queries": 4}}
 Q1 = "Which word comes right after the rocket?"
 Q2 = "What is said about the old house near the sea, and who lives there now?"
 
@@ -121,7 +121,7 @@ def test_a_second_ask_reuses_the_stored_memory_and_any_change_reads_again(tiny_b
 
 # ---- 2. questions are independent --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["xl", "memorizing", "rmt"])
+@pytest.mark.parametrize("method", ["xl", "memorizing", "rmt", "infllm"])
 def test_each_question_reads_its_own_copy_of_the_memory(tiny_backbone, doc, method):
     if method == "rmt":  # the question is read through at least one segment write
         pending = (len(head_ids(tiny_backbone)) + asking(tiny_backbone, doc, [Q1], method).memory["document_tokens"]) % SEGMENT
@@ -220,6 +220,20 @@ def test_a_reused_memory_equals_the_fresh_one_with_a_pending_segment(tiny_backbo
 
 
 # ---- 5. citations come from provenance ---------------------------------------------------------------------
+
+def test_infllm_cites_tokens_of_the_blocks_its_question_chose(tiny_backbone, doc):
+    report = asking(tiny_backbone, doc, [Q1], "infllm", cite=True, max_new_tokens=6)
+    [answer] = report.answers
+    assert answer.citations and all(c.kind == "retrieved" for c in answer.citations)
+    spec = spec_for(tiny_backbone, "infllm")
+    m, n_head = spec.method, report.memory["head_tokens"]
+    mem = read_document(tiny_backbone, spec, doc, head_ids(tiny_backbone), kind="ask")
+    asked = extend(tiny_backbone, m, fork(m, mem.done), torch.tensor(tail_ids(tiny_backbone, Q1)))
+    read = set(asked.state.recalled.token_index.tolist())  # chosen by the question (no refresh in 6 tokens)
+    assert len(read) == 2 * 16
+    for c in answer.citations:
+        assert {c.tokens[0] + n_head, c.tokens[1] - 1 + n_head} <= read, c
+
 
 def test_memorizing_cites_the_store_entries_it_retrieved(tiny_backbone, doc):
     size = Path(doc).stat().st_size
