@@ -109,13 +109,14 @@ def main() -> None:
     ap.add_argument("--segment", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS (xl first)")
+    ap.add_argument("--variant", action="append", choices=list(VARIANTS),
+                    help="a name from VARIANTS (repeatable, xl first); default: all")
     ap.add_argument("--skip-million", action="store_true", help="skip the synthetic 10^6-entry search")
     ap.add_argument("--out", default="benchmarks/results/retrieval_cost.json")
     args = ap.parse_args()
     backbone = load_backbone(None, dtype=args.dtype, threads=args.threads)
     ids = book_ids(backbone, args.book, args.fill + args.measure)
-    chosen = {name: VARIANTS[name] for name in args.variants.split(",")}
+    chosen = {name: VARIANTS[name] for name in args.variant or VARIANTS}
     methods = {name: build_method(method, backbone, opts)[0] for name, (method, opts) in chosen.items()}
     states = fill(backbone, methods, ids[: args.fill], args.segment)
     print(f"filled: RSS {peak_rss_mb():.0f} MiB, entries {[m.memory_size(states[n]) for n, m in methods.items()]}",
