@@ -36,7 +36,6 @@ from ..kvstate import KVState
 from ..segments import Segment
 from .base import MethodOptions, UniMem, option, register
 from .kvcache import KVPolicy, StoreMethod
-from .memorizing import STORE_DTYPES
 
 FOCUS = 32  # read tokens named as retrieved (citations): those the choosing heads attended to most
 
@@ -115,23 +114,16 @@ class InfLLM(StoreMethod):
                              f"trained {self.backbone.max_positions}; use fewer or smaller blocks, or a smaller window")
 
     def init_state(self) -> InfLLMState:
-        local = super().init_state()
-        b = self.backbone
-        layers, kv_heads, _, dim = local.keys.shape
-        dtype = STORE_DTYPES.get(self.options.store_dtype, b.dtype)
-        store = KNNStore.empty(self.options.memory, layers, kv_heads, dim, dtype=dtype, device=b.device)
-        heads = int(b.config.num_attention_heads)
-        recent = torch.zeros(layers, heads, 0, dim, dtype=b.dtype, device=b.device)
-        return InfLLMState(local, store, recent, self._no_recall(local))
+        local, b = super().init_state(), self.backbone
+        layers, _, _, dim = local.keys.shape
+        recent = torch.zeros(layers, int(b.config.num_attention_heads), 0, dim, dtype=b.dtype, device=b.device)
+        return InfLLMState(local, self.new_store(layers), recent, self._no_recall(local))
 
     def _no_recall(self, local: KVState) -> Recalled:
         L, H, _, D = local.keys.shape
         kv = local.keys.new_zeros(L, H, 0, D)
         none = local.token_index.new_zeros(0)
         return Recalled(kv, kv.clone(), none, none.clone())
-
-    def sink_count(self, local: KVState) -> int:
-        return int((local.token_index < self.options.sinks).sum())
 
     def read(self, state: InfLLMState, seg: Segment) -> tuple[InfLLMState, ForwardPlan]:
         o = self.options
@@ -146,10 +138,10 @@ class InfLLM(StoreMethod):
         key_pos = torch.arange(m + len(seg), device=local.token_index.device)
         plan = ForwardPlan(query_pos=key_pos[m:], key_pos=key_pos, capture=True)
         if m:
-            ns = self.sink_count(local)
+            ns = len(local) - local.non_sinks(o.sinks)
             plan.memory_keys, plan.memory_values = self._layout(local.keys, rec.keys, ns), self._layout(local.values, rec.values, ns)
         if len(rec):  # provenance: the most-attended of the tokens every layer read ([heads, queries, f], views)
-            heads = int(self.backbone.config.num_attention_heads)
+            heads = state.recent.shape[1]
             plan.retrieved = {i: rec.focus.view(1, 1, -1).expand(heads, len(seg), -1)
                               for i in range(self.backbone.num_layers)}
         plan.on_layer_input = _QueryTap(self.backbone, state.recent, o.queries)
@@ -164,12 +156,8 @@ class InfLLM(StoreMethod):
     def _probe(self, state: InfLLMState, seg: Segment) -> torch.Tensor:
         """The queries of a prompt segment (a question) as it reads sinks + window only: what chooses the
         blocks it then reads. One extra forward of the segment."""
-        local = state.local
-        m = len(local)
-        key_pos = torch.arange(m + len(seg), device=local.token_index.device)
-        plan = ForwardPlan(query_pos=key_pos[m:], key_pos=key_pos)
-        if m:
-            plan.memory_keys, plan.memory_values = list(local.keys), list(local.values)
+        _, plan = super().read(state.local, seg)  # the xl-style plan over sinks + window
+        plan.capture = False
         tap = plan.on_layer_input = _QueryTap(self.backbone, state.recent, self.options.queries)
         self.backbone.forward(seg.ids, plan)
         return tap.stacked()
@@ -214,10 +202,11 @@ class InfLLM(StoreMethod):
         """Move the oldest window tokens to the block memory, whole blocks at a time (the window keeps up
         to a block more than `window`), so every stored block is consecutive text."""
         o = self.options
-        over = local.non_sinks(o.sinks) - o.window
+        held = local.non_sinks(o.sinks)
+        over = held - o.window
         if over < o.block:
             return local, None
-        keep, evicted = local.fifo_split(o.sinks, local.non_sinks(o.sinks) - over // o.block * o.block)
+        keep, evicted = local.fifo_split(o.sinks, held - over // o.block * o.block)
         return local.select(keep), local.select(evicted)
 
     def state_tensors(self, state: InfLLMState) -> dict[str, torch.Tensor]:

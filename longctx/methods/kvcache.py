@@ -21,6 +21,7 @@ from ..kvstate import KVState
 from ..segments import Segment
 from .base import Method
 
+STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # option store_dtype; "model" = the model's own
 Positions = Literal["relative", "absolute"]
 Overflow = Literal["fifo", "clear"]
 
@@ -166,6 +167,13 @@ class KVCacheMethod(Method):
 class StoreMethod(KVCacheMethod):
     """A key/value method whose state has a window (`state.local`, a KVState) and a `KNNStore` of what left
     it (`state.store`): `memorizing`, `unimix`, `infllm`. Snapshots name their tensors `local.*`/`store.*`."""
+
+    def new_store(self, layers: int) -> KNNStore:
+        """An empty store of `options.memory` entries at `layers` layers, in `options.store_dtype`."""
+        b = self.backbone
+        dtype = STORE_DTYPES.get(self.options.store_dtype, b.dtype)
+        return KNNStore.empty(self.options.memory, layers, int(b.config.num_key_value_heads), b.head_dim,
+                              dtype=dtype, device=b.device)
 
     def memory_size(self, state: Any) -> int:
         return len(state.local) + len(state.store)

@@ -28,8 +28,6 @@ from .kvcache import KVPolicy, StoreMethod
 from .recurrent import Scale, TrainableMethod, gaussian, scale_param
 from .rmt import TokenMemory
 
-STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass(frozen=True)
 class MemorizingOptions(MethodOptions):
@@ -101,12 +99,7 @@ class Memorizing(StoreMethod):
             raise UsageError(f"option 'distance' {self.distance} is past the model's trained {self.backbone.max_positions} positions")
 
     def init_state(self) -> MemorizingState:
-        local = super().init_state()
-        _, kv_heads, _, head_dim = local.keys.shape
-        dtype = STORE_DTYPES.get(self.options.store_dtype, self.backbone.dtype)
-        store = KNNStore.empty(self.options.memory, len(self.retrieval_layers), kv_heads, head_dim, dtype=dtype,
-                               device=self.backbone.device)
-        return MemorizingState(local, store)
+        return MemorizingState(super().init_state(), self.new_store(len(self.retrieval_layers)))
 
     def read(self, state: MemorizingState, seg: Segment) -> tuple[MemorizingState, ForwardPlan]:
         local, plan = super().read(state.local, seg)
