@@ -14,6 +14,7 @@ from typing import Any
 
 from .backbone import Backbone
 from .errors import UsageError
+from .identity import MODEL_KEYS, differences, is_legacy
 from .lora import LoraSpec, activate, load_lora, lora_tensors
 from .methods.base import Method
 from .methods.recurrent import TrainableMethod
@@ -21,7 +22,7 @@ from .paths import longctx_home
 from .snapshot import Snapshot, SnapshotError, SnapshotStore, read_snapshot_dir
 
 KIND = "longctx-adapter"
-BASE_KEYS = ("model", "arch_sha256", "tokenizer_sha256", "vocab_size")  # not the dtype: adapters are fp32
+BASE_KEYS = ("model", "source", *MODEL_KEYS)  # not the dtype: adapters are fp32, and fit any load dtype
 
 
 def user_store() -> SnapshotStore:
@@ -64,9 +65,14 @@ def save_adapter(out: str, method: TrainableMethod, backbone: Backbone, tune: st
                         if "lora_" not in k})
     manifest = {"kind": KIND, "method": {"name": method.name, "options": method.options.to_dict()}, "tune": tune,
                 "lora": lora_manifest(method, lora) if lora is not None else None,
-                "base": {k: backbone.fingerprint[k] for k in BASE_KEYS}, "training": training}
+                "base": base_identity(backbone), "versions": backbone.fingerprint["versions"], "training": training}
     store, name = _destination(out)
     return store.save(name, tensors, manifest)
+
+
+def base_identity(backbone: Backbone) -> dict[str, Any]:
+    """The model an adapter is trained on, as its manifest records it (`MODEL_KEYS` are compared)."""
+    return {k: backbone.fingerprint[k] for k in BASE_KEYS}
 
 
 def lora_prefix(role: str) -> str:
@@ -113,9 +119,11 @@ def check_adapter(snap: Snapshot, method: Method, backbone: Backbone, *, start: 
     shaping = [k for k in method.param_options if k in opts or trained_for == method.name]  # a base method's own
     diffs += [f"option {k}: adapter was trained with {opts.get(k)!r}, this run has {now[k]!r}"
               for k in shaping if opts.get(k) != now[k]]
-    fp, base = backbone.fingerprint, man["base"]
-    diffs += [f"{k}: adapter was trained on {base.get(k)!r}, this model has {fp[k]!r}" for k in BASE_KEYS
-              if base.get(k) != fp[k]]
+    if is_legacy(man["base"]):
+        raise SnapshotError(f"adapter '{snap.name}' records its model with the old fingerprint (a hash of the "
+                            "whole config, transformers' version included), which no longer identifies it",
+                            hint=f"verify and convert it once with `longctx adapters migrate {snap.name}`")
+    diffs += differences(man["base"], backbone.fingerprint, MODEL_KEYS, "adapter was trained on", "this model has")
     if diffs:
         raise SnapshotError(f"adapter '{snap.name}' does not fit this run:\n  " + "\n  ".join(diffs))
 
@@ -125,6 +133,12 @@ def attach_adapter(method: Method, spec: str, backbone: Backbone, *, start: bool
     `start`: the adapter starts a training run, so one of a method this one extends fits (check_adapter)."""
     snap = find_adapter(spec)
     check_adapter(snap, method, backbone, start=start)
+    load_adapter_tensors(method, snap, backbone)
+
+
+def load_adapter_tensors(method: Method, snap: Snapshot, backbone: Backbone) -> None:
+    """Load a (checked) adapter's parameters into `method` and its LoRA into the backbone; raises when a
+    tensor does not fit. `method.adapter` records which adapter it was."""
     params = {k[7:]: v for k, v in snap.tensors.items() if k.startswith("params.")}
     partial = snap.manifest["method"]["name"] != method.name  # a base method's: this one's own parameters stay
     try:

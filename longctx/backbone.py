@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 
-from . import attention
+from . import attention, identity
 from .attention import ForwardPlan
 from .errors import ModelError
 
@@ -18,7 +16,6 @@ from .errors import ModelError
 # rotate-half RoPE; others (partial rotary, soft-capping, alibi) would need their own handling.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-ARCH_IGNORED = ("dtype", "torch_dtype", "_name_or_path")  # config keys that say how a model was loaded, not what it is
 NLL_CHUNK = 1024  # tokens per lm_head/cross-entropy chunk: bounds the fp32 logits buffer
 
 
@@ -29,6 +26,7 @@ class ModelInfo:
     model_id: str
     source: str  # e.g. the GGUF file and its sha256, or the local directory / hub id
     revision: str | None = None
+    weights_sha256: str | None = None  # identity.weights_sha256, when known without hashing again
 
 
 class Backbone:
@@ -46,6 +44,8 @@ class Backbone:
         self.tokenizer = tokenizer
         self.info = info
         self.config = model.config
+        # before any LoRA is attached: an in-memory model (tests, library use) is hashed here, once
+        self.weights_sha256 = info.weights_sha256 or identity.weights_sha256(model)
         self.rotary = model.model.rotary_emb
         self.active_lora: str | None = None  # peft adapter the forward runs through (longctx.lora.activate)
         self.lora_names: set[str] = set()
@@ -149,24 +149,24 @@ class Backbone:
         return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
     @cached_property
-    def fingerprint(self) -> dict[str, str | int]:
-        """Identity of weights, config and tokenizer, used in result files and snapshots."""
-        raw = {k: v for k, v in self.config.to_dict().items() if k != "_name_or_path"}  # where it was loaded from
-        cfg = json.dumps(raw, sort_keys=True, default=str)
-        # the architecture alone: the same model loaded in another dtype or from another directory (the
-        # converted cache lives under LONGCTX_HOME) is still the same model for an adapter
-        arch = json.dumps({k: v for k, v in raw.items() if k not in ARCH_IGNORED}, sort_keys=True, default=str)
-        tok = self.tokenizer.backend_tokenizer.to_str() if hasattr(self.tokenizer, "backend_tokenizer") else repr(self.tokenizer.get_vocab())
+    def fingerprint(self) -> dict[str, object]:
+        """Identity of architecture, weights and tokenizer (compared by adapters and snapshots, see
+        `longctx.identity`), plus where the model came from and the library versions (information only)."""
         return {
             "model": self.info.model_id,
             "source": self.info.source,
-            "config_sha256": hashlib.sha256(cfg.encode()).hexdigest()[:16],
-            "arch_sha256": hashlib.sha256(arch.encode()).hexdigest()[:16],
-            "tokenizer_sha256": hashlib.sha256(tok.encode()).hexdigest()[:16],
+            "arch": identity.architecture(self.config),
+            "weights_sha256": self.weights_sha256,
+            "tokenizer_sha256": identity.tokenizer_sha256(self.tokenizer),
             "vocab_size": len(self.tokenizer),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "versions": identity.library_versions(),
         }
 
+    @property
+    def identity(self) -> dict[str, object]:
+        """The compared part of the fingerprint (`identity.RUN_KEYS`): equal exactly when stored memory fits."""
+        return {k: self.fingerprint[k] for k in identity.RUN_KEYS}
 
 def check_supported(config) -> None:
     """Refuse architectures whose attention the "longctx" function would compute wrongly."""

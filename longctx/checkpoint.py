@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,15 +12,16 @@ import torch
 
 from . import __version__
 from .backbone import Backbone
-from .errors import LongctxError, UsageError
+from .errors import LongctxError, LongctxWarning, UsageError
 from .hashing import file_sha256
+from .identity import RUN_KEYS, differences, is_legacy, version_changes
 from .methods import get_method
 from .methods.base import Method
 from .metrics import NllSums
 from .snapshot import Snapshot, SnapshotError, SnapshotStore
 from .stream import StreamResult
 
-FINGERPRINT_KEYS = ("model", "source", "config_sha256", "tokenizer_sha256", "vocab_size", "dtype")
+FINGERPRINT_KEYS = ("model", "source", *RUN_KEYS, "versions")  # RUN_KEYS are compared; the rest is information
 
 
 class Interrupted(LongctxError):
@@ -81,11 +83,20 @@ def save_run(store: SnapshotStore, name: str, backbone: Backbone, spec: RunSpec,
     return store.save(name, tensors, manifest)
 
 
-def fingerprint_differences(manifest: dict[str, Any], backbone: Backbone) -> list[str]:
-    """Each way the snapshot's model/tokenizer/dtype differs from the loaded backbone."""
+def fingerprint_differences(manifest: dict[str, Any], backbone: Backbone, name: str = "NAME") -> list[str]:
+    """Each way the snapshot's model/tokenizer/dtype differs from the loaded backbone; warns (and goes on)
+    when only library versions differ."""
     saved, now = manifest.get("fingerprint", {}), backbone.fingerprint
-    return [f"{k}: snapshot has {saved.get(k)!r}, this run has {now[k]!r}" for k in FINGERPRINT_KEYS
-            if saved.get(k) != now[k]]
+    if is_legacy(saved):
+        raise SnapshotError(f"snapshot '{name}' records its model with the old fingerprint (a hash of the whole "
+                            "config, transformers' version included), which no longer identifies it",
+                            hint=f"verify and convert it once with `longctx memory migrate {name}`")
+    changed = version_changes(saved.get("versions"), now["versions"])
+    if changed:
+        warnings.warn(f"snapshot '{name}' was written under other library versions ({', '.join(changed)}); "
+                      "it is continued, but results are bit-identical only under identical versions",
+                      LongctxWarning, stacklevel=2)
+    return differences(saved, now, RUN_KEYS, "snapshot has", "this run has")
 
 
 def _adapter_ref(method: Method) -> dict[str, str] | None:
@@ -117,7 +128,7 @@ def check_resume(snap: Snapshot, backbone: Backbone, spec: RunSpec, path: str, r
 
 def check_setup(snap: Snapshot, backbone: Backbone, requested: dict[str, Any]) -> None:
     """Refuse a snapshot whose model, method, options or segment differ from `requested`, naming each."""
-    diffs = fingerprint_differences(snap.manifest, backbone)
+    diffs = fingerprint_differences(snap.manifest, backbone, snap.name)
     meta = snap.manifest["method"]
     for key, value in requested.items():
         saved = {"method": meta["name"], "segment": meta["segment"], "max_tokens": meta.get("max_tokens")}.get(key)

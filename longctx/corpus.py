@@ -229,7 +229,8 @@ def perplexity_many(paths: Sequence[str], method: str | None = None, *, model: s
     built, _ = build_method(preset, backbone, overrides, adapter=adapter, allow_untrained=allow_untrained)
     built.check_segment(settings["segment"])
     setup = {"method": preset.name, "protocol": built.describe(), "segment": settings["segment"],
-             "max_tokens": max_tokens, "model": dict(backbone.fingerprint)}
+             "max_tokens": max_tokens,
+             "model": {k: v for k, v in backbone.fingerprint.items() if k != "versions"}}  # versions may change
     run_log = RunLog(log, setup) if log else None
     mine: list[list[Any]] = []  # [index in paths, result dict]: this process's share
     for i in shard.split(len(paths)):

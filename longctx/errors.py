@@ -39,6 +39,10 @@ class ModelError(LongctxError):
     exit_code = EXIT_USAGE
 
 
+class LongctxWarning(UserWarning):
+    """Something the user should know that does not stop the run; the CLI prints it as `warning: ...`."""
+
+
 def os_reason(e: OSError) -> str:
     """An OSError in plain words ("the disk is full" rather than "[Errno 28] ...")."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .backbone import Backbone
-from .checkpoint import FINGERPRINT_KEYS, RunSpec, check_setup, restore, save_run
+from .checkpoint import RunSpec, check_setup, restore, save_run
 from .decode import Ingested, ingest
 from .errors import InputError
 from .hashing import file_sha256
@@ -97,7 +97,7 @@ def snapshot_name(kind: str, identity: dict[str, Any], backbone: Backbone, spec:
     m = spec.method
     adapter = getattr(m, "adapter", None)
     key = {"kind": kind, "document": [identity["sha256"], identity["size"]],
-           "model": {k: backbone.fingerprint[k] for k in FINGERPRINT_KEYS}, "method": m.name,
+           "model": backbone.identity, "method": m.name,
            "options": m.options.to_dict(), "adapter": adapter["sha256"] if adapter else None,
            "segment": spec.segment, "head": head_ids}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]

@@ -21,6 +21,7 @@ import torch
 from .backbone import Backbone, ModelInfo
 from .errors import ModelError, UsageError, os_reason
 from .hashing import file_sha256
+from .identity import cached_for_files, weights_sha256
 from .paths import longctx_home
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -89,11 +90,33 @@ def load_backbone(model: str | None = None, *, dtype: str = "auto", device: str 
     torch_dtype = parse_dtype(dtype, dev)
     if model in (None, DEFAULT_MODEL):
         path, info = default_model_cache(torch_dtype)
+        hf_model, tokenizer = _load_hf(path, torch_dtype)
     else:
-        model_id = str(Path(model).resolve()) if Path(model).is_dir() else model  # resumable from any cwd
-        path, info = model, ModelInfo(model_id=model_id, source=_describe_source(model))
-    hf_model, tokenizer = _load_hf(path, torch_dtype)
+        hf_model, tokenizer = _load_hf(model, torch_dtype)
+        info = _hf_info(model, hf_model)
     return Backbone(hf_model.to(dev), tokenizer, info)
+
+
+def _hf_info(model: str, hf_model) -> ModelInfo:
+    """Identity of an HF model id or directory; its weights are hashed once per directory and load dtype
+    (a hub model's directory is its snapshot in the local HF cache)."""
+    model_id = str(Path(model).resolve()) if Path(model).is_dir() else model  # resumable from any cwd
+    directory = _local_directory(model)
+    sha = None if directory is None else cached_for_files(directory, str(hf_model.dtype),
+                                                          lambda: weights_sha256(hf_model))
+    return ModelInfo(model_id=model_id, source=_describe_source(model), weights_sha256=sha)
+
+
+def _local_directory(model: str) -> Path | None:
+    """The directory holding a model's files: itself, or a hub id's snapshot in the local HF cache."""
+    if Path(model).is_dir():
+        return Path(model)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception:  # not found locally in a form we can name: Backbone hashes the loaded weights
+        return None
 
 
 def _describe_source(model: str) -> str:
@@ -143,11 +166,11 @@ def default_model_cache(dtype: torch.dtype) -> tuple[Path, ModelInfo]:
     tag = str(dtype).removeprefix("torch.")
     cache = longctx_home() / "models" / f"smollm2-135m-instruct-q4_1-{version}-{tag}"
     manifest = cache / "longctx-model.json"
-    if not manifest.is_file():
-        _convert_gguf(gguf, cache, dtype, version)
+    if not manifest.is_file() or "weights_sha256" not in json.loads(manifest.read_text()):
+        _convert_gguf(gguf, cache, dtype, version)  # (a cache from before weight hashes is converted again)
     meta = json.loads(manifest.read_text())
     info = ModelInfo(model_id=DEFAULT_MODEL, source=f"{GGUF_DIST}=={version}:{GGUF_FILE}",
-                     revision=f"sha256:{meta['gguf_sha256'][:16]}")
+                     revision=f"sha256:{meta['gguf_sha256'][:16]}", weights_sha256=meta["weights_sha256"])
     return cache, info
 
 
@@ -162,8 +185,9 @@ def _convert_gguf(gguf: Path, cache: Path, dtype: torch.dtype, version: str) -> 
     model.hf_quantizer = None  # de-quantised already; else save_pretrained refuses a "gguf-quantized" model
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    # the weights' identity (bf16-rounded values): the same for every dtype's cache, computed once
     meta = {"gguf": str(gguf), "gguf_sha256": file_sha256(gguf), "package": f"{GGUF_DIST}=={version}",
-            "dtype": str(dtype).removeprefix("torch.")}
+            "dtype": str(dtype).removeprefix("torch."), "weights_sha256": weights_sha256(model)}
     _write_cache(model.to(dtype), tok, meta, cache)
 
 

@@ -71,15 +71,18 @@ class SnapshotStore:
         self.what = what  # the word in messages: the same store layout also holds trained adapters
 
     # ---- writing -------------------------------------------------------------------------------------------
-    def save(self, name: str, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> Path:
-        """Write a new version of `name` atomically and point LATEST at it; returns the version directory."""
+    def save(self, name: str, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], *,
+             state_file: Path | None = None) -> Path:
+        """Write a new version of `name` atomically and point LATEST at it; returns the version directory.
+        With `state_file`, that file is copied byte for byte instead of writing `tensors` (a new manifest for
+        the same state: its sha256, and every reference to it, still hold)."""
         check_name(name)
         snap_dir = self.root / name
         snap_dir.mkdir(parents=True, exist_ok=True)
         with self._lock(snap_dir):
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=snap_dir))
             try:
-                self._write_version(tmp, tensors, manifest, name)
+                self._write_version(tmp, tensors, manifest, name, state_file)
                 final = snap_dir / f"v{self._next_seq(snap_dir):06d}"
                 os.rename(tmp, final)
                 _fsync_path(snap_dir)
@@ -95,10 +98,14 @@ class SnapshotStore:
             self._prune(snap_dir, keep=final.name)
         return final
 
-    def _write_version(self, tmp: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], name: str) -> None:
+    def _write_version(self, tmp: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], name: str,
+                       state_file: Path | None) -> None:
         state = tmp / STATE_FILE
-        flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(flat, str(state), metadata={"format": "longctx-snapshot", "format_version": str(FORMAT_VERSION)})
+        if state_file is not None:
+            shutil.copyfile(state_file, state)
+        else:
+            flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+            save_file(flat, str(state), metadata={"format": "longctx-snapshot", "format_version": str(FORMAT_VERSION)})
         _fsync_path(state)
         full = {**manifest, "format_version": FORMAT_VERSION, "name": name, "created": time.time(),
                 "files": {STATE_FILE: {"size": state.stat().st_size, "sha256": file_sha256(state)}}}

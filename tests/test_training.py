@@ -167,7 +167,7 @@ def test_untrained_method_refuses_unless_allowed(tiny_backbone):
 def test_adapter_that_does_not_fit_is_refused_naming_the_difference(tmp_path):
     _, _, path = trained_adapter(tmp_path)
     other = Backbone(tiny_model(hidden_size=32, intermediate_size=64), byte_bpe_tokenizer(), ModelInfo("tiny-llama", "test"))
-    with pytest.raises(SnapshotError, match="arch_sha256"):
+    with pytest.raises(SnapshotError, match="hidden_size: adapter was trained on 64, this model has 32"):
         build_method("rmt", other, {"tokens": 2}, adapter=path)
     with pytest.raises(SnapshotError, match="option tokens"):
         build_method("rmt", Backbone(tiny_model(), byte_bpe_tokenizer(), ModelInfo("tiny-llama", "test")),

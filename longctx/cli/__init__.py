@@ -24,6 +24,8 @@ presets_app = typer.Typer(no_args_is_help=True, help="List and show the YAML pre
 app.add_typer(presets_app, name="presets")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: every named method on the same items, in one process.")
 app.add_typer(bench_app, name="bench")
+adapters_app = typer.Typer(help="List trained adapters (the default) and migrate old ones.")
+app.add_typer(adapters_app, name="adapters")
 memory_app = typer.Typer(no_args_is_help=True, help="Inspect and manage saved memory snapshots (LONGCTX_HOME/snapshots).")
 app.add_typer(memory_app, name="memory")
 

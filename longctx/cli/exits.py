@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import typer
 
-from ..errors import EXIT_INTERRUPTED, EXIT_RUNTIME, LongctxError
+from ..errors import EXIT_INTERRUPTED, EXIT_RUNTIME, LongctxError, LongctxWarning
 
 
 def _errors_to_exit(fn):
@@ -17,7 +18,9 @@ def _errors_to_exit(fn):
         from ..render import stderr_console
 
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning(warnings.showwarning)
+                return fn(*args, **kwargs)
         except LongctxError as e:
             console = stderr_console()
             label = "[bold yellow]interrupted:[/]" if e.exit_code == EXIT_INTERRUPTED else "[bold red]error:[/]"
@@ -36,6 +39,17 @@ def _errors_to_exit(fn):
             raise typer.Exit(EXIT_RUNTIME) from None
 
     return wrapper
+
+
+def _show_warning(default):
+    """longctx's own warnings as `warning: message` lines on stderr; others as Python prints them."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, LongctxWarning):
+            return default(message, category, filename, lineno, file, line)
+        from ..render import stderr_console
+
+        stderr_console().print(f"[yellow]warning:[/] {message}", highlight=False)
+    return show
 
 
 def _smaller_segment_hint(segment: int | None) -> str:

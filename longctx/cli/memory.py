@@ -1,4 +1,4 @@
-"""`memory ls/dump/show/rm/export/import`: the saved memory snapshots (LONGCTX_HOME/snapshots)."""
+"""`memory ls/dump/show/rm/export/import/migrate`: the saved memory snapshots (LONGCTX_HOME/snapshots)."""
 
 from __future__ import annotations
 
@@ -93,3 +93,25 @@ def memory_import(directory: Annotated[str, typer.Argument(help="An exported sna
 
     typer.echo(import_snapshot(directory, name))
 
+
+
+@memory_app.command("migrate")
+@_errors_to_exit
+def memory_migrate(
+    name: Annotated[str, typer.Argument(help="Snapshot name.")],
+    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+) -> None:
+    """Re-record an old snapshot's model by the semantic fingerprint, after proving it fits.
+
+    Snapshots from before the semantic fingerprint recorded a hash of the whole config, transformers' version
+    included. The proof: the config equals the model's but for that version, the tokenizer is the same, the
+    state restores into its method. A new version is written; the old one is kept.
+    """
+    from ..migration import migrate_snapshot
+    from ..models import load_backbone
+    from ..snapshot import SnapshotStore
+    from .training import _report_migration
+
+    saved = SnapshotStore().load(name, tensors=False).manifest["fingerprint"]
+    backbone = load_backbone(saved["model"], dtype=saved["dtype"], threads=threads)
+    _report_migration(migrate_snapshot(name, backbone), "snapshot")

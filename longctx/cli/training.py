@@ -1,4 +1,4 @@
-"""`train` (a method's memory parameters, saved as an adapter) and `adapters` (list them)."""
+"""`train` (a method's memory parameters, saved as an adapter) and `adapters` (list them, migrate them)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError
-from . import app
+from . import adapters_app, app
 from .exits import _errors_to_exit
 from .options import OptionOpt, ProgressOpt, _parse_overrides
 
@@ -93,10 +93,12 @@ def train(
           f"{result['seconds']:.0f} s{val}")
 
 
-@app.command()
+@adapters_app.callback(invoke_without_command=True)
 @_errors_to_exit
-def adapters(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def adapters(ctx: typer.Context, json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List trained adapters: yours (LONGCTX_HOME/adapters) and those shipped with longctx."""
+    if ctx.invoked_subcommand is not None:
+        return
     from ..adapters import available, find_adapter
     from ..render import print_json
 
@@ -118,3 +120,35 @@ def adapters(json_out: Annotated[bool, typer.Option("--json", help="Print JSON."
     if not rows:
         print("no adapters yet: train one with `longctx train CORPUS --method hmt --out NAME`")
 
+
+
+@adapters_app.command("migrate")
+@_errors_to_exit
+def adapters_migrate(
+    name: Annotated[str, typer.Argument(help="Adapter name or directory.")],
+    model: Annotated[str | None, typer.Option(help="The model it was trained on (default: the one its manifest names).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+) -> None:
+    """Re-record an old adapter's model by the semantic fingerprint, after proving it fits.
+
+    Adapters from before the semantic fingerprint recorded a hash of the whole config, transformers' version
+    included. The proof: the config equals the model's but for that version, the tokenizer is the same, the
+    tensors load. A new version is written; the old one is kept.
+    """
+    from ..adapters import find_adapter
+    from ..migration import migrate_adapter
+    from ..models import load_backbone
+
+    base = find_adapter(name, tensors=False).manifest["base"]
+    backbone = load_backbone(model or base["model"], threads=threads)
+    _report_migration(migrate_adapter(name, backbone), "adapter")
+
+
+def _report_migration(result: dict, what: str) -> None:
+    if not result["migrated"]:
+        print(f"{what} {result['name']} already records its model by the semantic fingerprint; nothing to do")
+        return
+    proof = result["proof"]
+    print(f"{what} {result['name']} migrated: config equal but for transformers_version "
+          f"{proof['config_matched_with_transformers_version']}, same tokenizer, {proof['tensors']}; "
+          f"new version at {result['path']}")
