@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from longctx.bench.record import run_record
-from longctx.models import load_backbone
+from longctx.model.models import load_backbone
 
 QUESTION = "Who is the story about?"
 

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 import longctx
-from longctx.backbone import Backbone
-from longctx.perplexity import build_method, environment
-from longctx.textio import open_source
-from longctx.tokens import iter_tokens
+from longctx.model.backbone import Backbone
+from longctx.tasks.perplexity import build_method, environment
+from longctx.text.textio import open_source
+from longctx.text.tokens import iter_tokens
 
 
 def quality(backbone: Backbone, book: str, tokens: int) -> dict:
@@ -90,9 +90,9 @@ def bare_hf(backbone: Backbone, ids: torch.Tensor, span: int, segment: int) -> f
 
 def xl_rate(backbone: Backbone, ids: torch.Tensor, memory: int, sinks: int, segment: int, skip: int) -> float:
     """tok/s of `xl` over the segments after its memory is full (the first `skip` tokens untimed)."""
-    from longctx.segments import iter_segments
     from longctx.stream import run_stream
-    from longctx.tokens import TokenChunk
+    from longctx.text.segments import iter_segments
+    from longctx.text.tokens import TokenChunk
 
     chunk = TokenChunk(ids=ids.numpy(), byte_starts=torch.arange(len(ids)).numpy(), byte_end=len(ids), words=0)  # bytes unused
     method, _ = build_method("xl", backbone, {"memory": memory, "sinks": sinks})

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 import longctx
-from longctx.perplexity import build_method, environment
-from longctx.segments import iter_segments
 from longctx.stream import run_stream
-from longctx.textio import open_source
-from longctx.tokens import iter_tokens
+from longctx.tasks.perplexity import build_method, environment
+from longctx.text.segments import iter_segments
+from longctx.text.textio import open_source
+from longctx.text.tokens import iter_tokens
 
 
 class Forgetful:

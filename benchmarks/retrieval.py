@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from longctx.attention import ForwardPlan
-from longctx.decode import plain_segments
-from longctx.knnstore import KNNStore
-from longctx.models import load_backbone
-from longctx.perplexity import build_method, environment
+from longctx.methods.knnstore import KNNStore
+from longctx.model.attention import ForwardPlan
+from longctx.model.models import load_backbone
 from longctx.resources import peak_rss_mb
-from longctx.textio import open_source
-from longctx.tokens import iter_tokens
+from longctx.tasks.decode import plain_segments
+from longctx.tasks.perplexity import build_method, environment
+from longctx.text.textio import open_source
+from longctx.text.tokens import iter_tokens
 
 VARIANTS = {
     "xl": ("xl", {}),

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import longctx
-from longctx.checkpoint import Interrupted
 from longctx.interrupts import stop_after
-from longctx.snapshot import SnapshotStore
+from longctx.storage.checkpoint import Interrupted
+from longctx.storage.snapshot import SnapshotStore
 
 
 def size_and_timing(backbone, book: str, tokens: int) -> dict:

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 import longctx
-from longctx.adapters import find_adapter
-from longctx.bench.recall import recall_accuracy
 from longctx.bench.throughput import throughput_vs_length
-from longctx.perplexity import build_method, environment
-from longctx.training import TokenCorpus, recall_task_for
+from longctx.storage.adapters import find_adapter
+from longctx.tasks.perplexity import build_method, environment
+from longctx.tasks.recall import recall_accuracy
+from longctx.tasks.training import TokenCorpus, recall_task_for
 
 
 def main() -> None:

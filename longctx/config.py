@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from .errors import UsageError
-from .paths import longctx_home
+from .storage.paths import longctx_home
 
 DEFAULTS: dict[str, Any] = {"model": None, "dtype": "auto", "device": "cpu", "threads": None, "segment": 512}
 INT_KEYS = {"threads", "segment"}

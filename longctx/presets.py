@@ -11,7 +11,7 @@ import yaml
 
 from .errors import UsageError
 from .methods import get_method
-from .paths import longctx_home
+from .storage.paths import longctx_home
 
 FORMAT = 1
 KEYS = {"format", "method", "description", "segment", "options", "adapter"}

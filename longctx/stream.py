@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from . import lora
-from .attention import ForwardPlan
-from .backbone import Backbone
 from .methods.base import Method
 from .metrics import NllSums
-from .segments import Segment
+from .model import lora
+from .model.attention import ForwardPlan
+from .model.backbone import Backbone
+from .text.segments import Segment
 
 
 @dataclass

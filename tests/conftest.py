@@ -11,7 +11,7 @@ from hypothesis import settings
 from tiny_tokenizers import byte_bpe_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longctx.backbone import Backbone, ModelInfo
+from longctx.model.backbone import Backbone, ModelInfo
 
 torch.set_num_threads(1)  # tests share a 2-core machine with other work: 1 thread is faster and steadier
 

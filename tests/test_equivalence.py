@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longctx.attention import ForwardPlan, apply_rope
 from longctx.methods import get_method
-from longctx.segments import iter_segments
+from longctx.model.attention import ForwardPlan, apply_rope
 from longctx.stream import run_stream
-from longctx.tokens import TokenChunk
+from longctx.text.segments import iter_segments
+from longctx.text.tokens import TokenChunk
 
 N = 96  # document length in tokens
 TOL = 2e-4  # fp32; summed over ~100 tokens

@@ -22,15 +22,15 @@ from tiny_tokenizers import byte_bpe_tokenizer, sample_text, sentencepiece_token
 from typer.testing import CliRunner
 
 import longctx
-from longctx import textio
-from longctx.backbone import Backbone, ModelInfo
-from longctx.checkpoint import Interrupted
 from longctx.cli import app
 from longctx.errors import InputError, ModelError
 from longctx.interrupts import stop_after
-from longctx.snapshot import SnapshotError, SnapshotStore
-from longctx.textio import open_source
-from longctx.tokens import concat_chunks, iter_tokens
+from longctx.model.backbone import Backbone, ModelInfo
+from longctx.storage.checkpoint import Interrupted
+from longctx.storage.snapshot import SnapshotError, SnapshotStore
+from longctx.text import textio
+from longctx.text.textio import open_source
+from longctx.text.tokens import concat_chunks, iter_tokens
 
 runner = CliRunner()
 
@@ -238,9 +238,9 @@ def test_adapter_for_another_model_is_refused(model_dir, book, tmp_path):
     from conftest import tiny_model
     from tiny_tokenizers import byte_bpe_tokenizer
 
-    from longctx.adapters import save_adapter
-    from longctx.backbone import Backbone, ModelInfo
     from longctx.methods import get_method
+    from longctx.model.backbone import Backbone, ModelInfo
+    from longctx.storage.adapters import save_adapter
 
     other = Backbone(tiny_model(hidden_size=32, intermediate_size=64), byte_bpe_tokenizer(), ModelInfo("tiny-llama", "test"))
     cls = get_method("rmt")
@@ -305,7 +305,7 @@ def test_out_of_memory_suggests_a_smaller_segment(model_dir, book, isolated_home
 
 
 def test_disk_full_writing_the_model_cache(tmp_path):
-    from longctx import models
+    from longctx.model import models
 
     model = tiny_model()
 
@@ -321,7 +321,7 @@ def test_disk_full_writing_the_model_cache(tmp_path):
 
 # -- Ctrl-C at each phase ------------------------------------------------------------------------------
 def test_ctrl_c_while_loading_the_model(book, isolated_home, monkeypatch):
-    ppl_module = sys.modules["longctx.perplexity"]  # the package attribute is the function
+    ppl_module = sys.modules["longctx.tasks.perplexity"]  # the package attribute is the function
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -342,7 +342,7 @@ def test_ctrl_c_while_scoring_saves_and_prints_resume(model_dir, book, isolated_
 
 
 def test_second_ctrl_c_aborts_without_saving(model_dir, book, isolated_home, monkeypatch):
-    ppl_module = sys.modules["longctx.perplexity"]  # the package attribute is the function
+    ppl_module = sys.modules["longctx.tasks.perplexity"]  # the package attribute is the function
 
     def aborted(*args, **kwargs):  # GracefulInterrupt raises KeyboardInterrupt on the second SIGINT
         raise KeyboardInterrupt
@@ -352,7 +352,7 @@ def test_second_ctrl_c_aborts_without_saving(model_dir, book, isolated_home, mon
 
 
 def test_ctrl_c_while_writing_a_snapshot_keeps_the_previous_version(monkeypatch):
-    from longctx import snapshot
+    from longctx.storage import snapshot
 
     store = SnapshotStore()
     store.save("c", {"x": torch.ones(3)}, {"n": 1})

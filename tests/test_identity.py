@@ -14,16 +14,16 @@ from conftest import tiny_model
 from tiny_tokenizers import byte_bpe_tokenizer, sentencepiece_tokenizer
 
 import longctx
-from longctx.adapters import save_adapter
-from longctx.backbone import Backbone, ModelInfo
-from longctx.checkpoint import Interrupted
 from longctx.errors import LongctxWarning
-from longctx.identity import architecture, tokenizer_sha256, weights_sha256
 from longctx.interrupts import stop_after
 from longctx.methods import get_method
-from longctx.migration import migrate_adapter, migrate_snapshot
-from longctx.perplexity import build_method
-from longctx.snapshot import SnapshotError, SnapshotStore
+from longctx.model.backbone import Backbone, ModelInfo
+from longctx.model.identity import architecture, tokenizer_sha256, weights_sha256
+from longctx.storage.adapters import save_adapter
+from longctx.storage.checkpoint import Interrupted
+from longctx.storage.migration import migrate_adapter, migrate_snapshot
+from longctx.storage.snapshot import SnapshotError, SnapshotStore
+from longctx.tasks.perplexity import build_method
 
 
 def backbone(model=None, tokenizer=None, **config) -> Backbone:

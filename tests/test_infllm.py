@@ -7,10 +7,10 @@ import torch
 from test_equivalence import doc, reference_nll, stream_nll
 
 from longctx.errors import UsageError
-from longctx.knnstore import KNNStore
 from longctx.methods import get_method
-from longctx.segments import Segment
+from longctx.methods.knnstore import KNNStore
 from longctx.stream import forward_segment
+from longctx.text.segments import Segment
 
 
 def build(backbone, **options):

@@ -10,18 +10,18 @@ import torch
 from conftest import tiny_model
 from tiny_tokenizers import byte_bpe_tokenizer
 
-from longctx.adapters import role_spec, save_adapter
-from longctx.attention import ForwardPlan
-from longctx.backbone import Backbone, ModelInfo
 from longctx.errors import UsageError
-from longctx.lora import LoraSpec, add_lora, lora_parameters
 from longctx.methods import get_method
 from longctx.methods.memoryllm import SEGMENT, UPDATE
 from longctx.methods.mplus import LongTerm
-from longctx.perplexity import build_method
-from longctx.snapshot import SnapshotStore
+from longctx.model.attention import ForwardPlan
+from longctx.model.backbone import Backbone, ModelInfo
+from longctx.model.lora import LoraSpec, add_lora, lora_parameters
+from longctx.storage.adapters import role_spec, save_adapter
+from longctx.storage.snapshot import SnapshotStore
 from longctx.stream import forward_segment, run_stream, scored_nll
-from longctx.training import TokenCorpus, TrainConfig, Trainer, window_segments
+from longctx.tasks.perplexity import build_method
+from longctx.tasks.training import TokenCorpus, TrainConfig, Trainer, window_segments
 
 SMALL = {"pool": 6, "update": 4}
 PLUS = {**SMALL, "ltm": 100, "retrieve": 5}
@@ -311,7 +311,7 @@ def test_state_round_trip_with_a_long_term_store_continues_identically(tiny_back
 
 @pytest.mark.parametrize("name", ["memoryllm", "mplus"])
 def test_generation_past_a_segment_writes_memory_as_ingesting_the_text_would(tiny_backbone, name):
-    from longctx.decode import greedy, ingest, plain_segments
+    from longctx.tasks.decode import greedy, ingest, plain_segments
 
     m = make(name, tiny_backbone, **(PLUS if name == "mplus" else SMALL), min_context=4)
     prompt = ids(36, seed=5)
@@ -365,8 +365,8 @@ def test_training_changes_both_adapters_and_the_positional_vectors_and_the_adapt
 def test_a_memoryllm_adapter_starts_mplus_training_but_never_runs_it_as_trained(tmp_path):
     """M+'s stages: the MemoryLLM stage's adapter starts M+'s training (BOS, positional vectors and both LoRA
     roles load; the retriever keeps its initial values); attached to run, it is refused."""
-    from longctx.adapters import attach_adapter
-    from longctx.snapshot import SnapshotError
+    from longctx.storage.adapters import attach_adapter
+    from longctx.storage.snapshot import SnapshotError
 
     backbone = fresh_backbone()
     m = make("memoryllm", backbone, pool=12, update=8)

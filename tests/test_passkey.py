@@ -22,7 +22,7 @@ from longctx.bench.passkey import (
     where_held,
 )
 from longctx.cli import app
-from longctx.decode import ingest, plain_segments
+from longctx.tasks.decode import ingest, plain_segments
 
 
 @pytest.fixture

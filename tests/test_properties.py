@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from tiny_tokenizers import byte_bpe_tokenizer, sentencepiece_tokenizer
 
 from longctx.errors import InputError
-from longctx.kvstate import KVState
+from longctx.methods.kvstate import KVState
 from longctx.metrics import NllSums
-from longctx.textio import SNIFF_BYTES, open_source
-from longctx.tokens import concat_chunks, iter_tokens
+from longctx.text.textio import SNIFF_BYTES, open_source
+from longctx.text.tokens import concat_chunks, iter_tokens
 
 TOKENIZERS = {"bpe": byte_bpe_tokenizer(), "spm": sentencepiece_tokenizer()}
 # Any Unicode scalar value (no lone surrogates: they cannot be UTF-8), weighted towards tricky ones.

@@ -1,4 +1,4 @@
-"""RAG retrieval (longctx.rag): exact chunk tiling, mean-pooled unit embeddings, search, index round trip.
+"""RAG retrieval (longctx.tasks.rag): exact chunk tiling, mean-pooled unit embeddings, search, index round trip.
 
 A tiny random BERT with a WordPiece tokenizer trained in-process stands in for the sentence encoder; one
 `model` test checks the real packaged all-MiniLM-L6-v2 against the similarities measured in runtime.md §6.
@@ -17,10 +17,10 @@ from tiny_tokenizers import byte_bpe_tokenizer, sample_text, training_corpus
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
-from longctx import rag
 from longctx.errors import InputError, UsageError
-from longctx.textio import open_source
-from longctx.tokens import tokenize_text
+from longctx.tasks import rag
+from longctx.text.textio import open_source
+from longctx.text.tokens import tokenize_text
 
 BOM = b"\xef\xbb\xbf"
 

@@ -10,9 +10,9 @@ import torch
 from longctx.bench.needle import make_facts
 from longctx.bench.passkey import Filler
 from longctx.bench.retention import RetentionConfig, checkpoints, make_stream, retention
-from longctx.decode import extend, ingest, plain_segments
 from longctx.errors import UsageError
 from longctx.methods import get_method
+from longctx.tasks.decode import extend, ingest, plain_segments
 
 
 def _stream(tiny_backbone, synthetic_book, length=300):

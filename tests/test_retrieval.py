@@ -6,13 +6,13 @@ import pytest
 import torch
 from test_equivalence import doc, reference_nll, stream_nll
 
-from longctx.attention import ForwardPlan
 from longctx.errors import UsageError
-from longctx.knnstore import KNNStore
-from longctx.layersets import resolve_layers
 from longctx.methods import get_method
-from longctx.segments import Segment
+from longctx.methods.knnstore import KNNStore
+from longctx.methods.layersets import resolve_layers
+from longctx.model.attention import ForwardPlan
 from longctx.stream import forward_segment
+from longctx.text.segments import Segment
 
 TOL = 2e-4
 
@@ -165,7 +165,7 @@ def test_memorizing_store_holds_the_evicted_tokens_and_dump_shows_them(tiny_back
 
 
 def test_unimix_refuses_untrained_tokens_and_has_memory_only_upstairs(tiny_backbone):
-    from longctx.perplexity import build_method
+    from longctx.tasks.perplexity import build_method
 
     with pytest.raises(UsageError, match="--allow-untrained"):
         build_method("unimix", tiny_backbone, {"rmt_tokens": 16})
@@ -251,7 +251,7 @@ def test_unimix_rmt_tokens_stay_out_of_the_kv_memory_and_zero_tokens_change_noth
 
 
 def test_a_forked_store_and_its_origin_never_see_each_others_writes():
-    from longctx.knnstore import KNNStore
+    from longctx.methods.knnstore import KNNStore
 
     def entries(n: int, start: int):
         kv = torch.arange(start, start + n, dtype=torch.float32).view(1, 1, n, 1).expand(2, 1, n, 4).contiguous()

@@ -20,14 +20,14 @@ from tiny_tokenizers import byte_bpe_tokenizer, sample_text
 from typer.testing import CliRunner
 
 import longctx
-from longctx.checkpoint import Interrupted
 from longctx.cli import app
 from longctx.interrupts import stop_after
 from longctx.methods import METHODS, get_method
-from longctx.segments import iter_segments
-from longctx.snapshot import SnapshotError, SnapshotStore
+from longctx.storage.checkpoint import Interrupted
+from longctx.storage.snapshot import SnapshotError, SnapshotStore
 from longctx.stream import forward_segment, run_stream
-from longctx.tokens import TokenChunk
+from longctx.text.segments import iter_segments
+from longctx.text.tokens import TokenChunk
 
 SMALL_OPTIONS = {"xl": {"memory": 24}, "sinks": {"window": 20}, "full": {"context": 48}, "window": {},
                  "longformer": {"window": 24}, "memorizing": {"window": 16, "memory": 40, "topk": 4, "block": 7},
@@ -137,7 +137,7 @@ def test_resume_refuses_changed_or_shorter_document(tiny_backbone, book, tmp_pat
 
 
 def test_resume_refuses_other_setup_naming_each_difference(tiny_backbone, book):
-    from longctx.backbone import Backbone, ModelInfo
+    from longctx.model.backbone import Backbone, ModelInfo
 
     with pytest.raises(Interrupted):
         longctx.perplexity(book, ["xl"], backbone=tiny_backbone, segment=16, save_memory="o", stop=stop_after(2))
@@ -183,7 +183,7 @@ def test_damaged_snapshots_are_named_and_left_alone(tiny_backbone):
 def test_full_disk_fails_cleanly_and_keeps_previous(monkeypatch):
     import errno
 
-    from longctx import snapshot
+    from longctx.storage import snapshot
 
     store = SnapshotStore()
     store.save("fd", {"x": torch.ones(3)}, {"n": 1})
@@ -212,7 +212,7 @@ def test_second_writer_is_refused_not_corrupting():
 
 WRITER = """
 import sys, torch
-from longctx.snapshot import SnapshotStore
+from longctx.storage.snapshot import SnapshotStore
 store = SnapshotStore(sys.argv[1])
 i = 0
 while True:

@@ -1,4 +1,4 @@
-"""longctx.textio: strict, streaming UTF-8 input with exact byte offsets."""
+"""longctx.text.textio: strict, streaming UTF-8 input with exact byte offsets."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import types
 
 import pytest
 
-from longctx import textio
 from longctx.errors import InputError, UsageError
-from longctx.textio import TextBlock, open_source
+from longctx.text import textio
+from longctx.text.textio import TextBlock, open_source
 
 BLOCK_SIZES = [1, 2, 3, 7, 4096]
 AWKWARD = "ab\r\ncd\n\ref\tg  h café e\u0301 漢字 😀👩\u200d💻 end\r\n"

@@ -1,4 +1,4 @@
-"""longctx.tokens: chunked tokenization equals whole-text tokenization; exact byte and word accounting."""
+"""longctx.text.tokens: chunked tokenization equals whole-text tokenization; exact byte and word accounting."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from tiny_tokenizers import byte_bpe_tokenizer, sample_text, sentencepiece_tokenizer
 
 from longctx.errors import UsageError
-from longctx.textio import TextBlock, open_source
-from longctx.tokens import TokenChunk, concat_chunks, iter_tokens, special_prefix, tokenize_text
+from longctx.text.textio import TextBlock, open_source
+from longctx.text.tokens import TokenChunk, concat_chunks, iter_tokens, special_prefix, tokenize_text
 
 TOKENIZERS = {"bpe": byte_bpe_tokenizer, "spm": sentencepiece_tokenizer}
 BLOCK_SIZES = [1, 2, 3, 5, 17, 64, 1000]

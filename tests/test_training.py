@@ -18,17 +18,17 @@ from transformers import LlamaForCausalLM
 from typer.testing import CliRunner
 
 import longctx
-from longctx.adapters import attach_adapter, save_adapter
-from longctx.backbone import Backbone, ModelInfo
-from longctx.bench.recall import RecallTask, recall_accuracy
 from longctx.cli import app
 from longctx.errors import UsageError
-from longctx.lora import LoraSpec
 from longctx.methods import get_method
-from longctx.perplexity import build_method
-from longctx.snapshot import SnapshotError, SnapshotStore
+from longctx.model.backbone import Backbone, ModelInfo
+from longctx.model.lora import LoraSpec
+from longctx.storage.adapters import attach_adapter, save_adapter
+from longctx.storage.snapshot import SnapshotError, SnapshotStore
 from longctx.stream import run_stream
-from longctx.training import TrainConfig, Trainer, parse_curriculum, unroll, window_segments
+from longctx.tasks.perplexity import build_method
+from longctx.tasks.recall import RecallTask, recall_accuracy
+from longctx.tasks.training import TrainConfig, Trainer, parse_curriculum, unroll, window_segments
 
 runner = CliRunner()
 ROOT = Path(__file__).parents[1]
@@ -216,8 +216,8 @@ def test_resume_of_an_adapter_run_reattaches_the_same_adapter(tmp_path):
     doc.write_text(sample_text(1500), encoding="utf-8")
     opts = {"rmt": {"tokens": 2}}
     whole = longctx.perplexity(str(doc), ["rmt"], backbone=backbone, segment=16, options=opts, adapter=path)
-    from longctx.checkpoint import Interrupted
     from longctx.interrupts import stop_after
+    from longctx.storage.checkpoint import Interrupted
 
     with pytest.raises(Interrupted):
         longctx.perplexity(str(doc), ["rmt"], backbone=backbone, segment=16, options=opts, adapter=path,
@@ -271,7 +271,7 @@ def test_memory_dump_of_hmt_lists_each_cached_segment_with_its_text(tiny_backbon
 def test_generation_past_a_segment_writes_memory_as_ingesting_the_text_would(tiny_backbone, name, options):
     """Memory-token methods hold a pending segment while generating: each token equals what re-reading the
     whole text so far predicts, and crossing the segment length writes exactly the memory ingestion writes."""
-    from longctx.decode import greedy, ingest, plain_segments
+    from longctx.tasks.decode import greedy, ingest, plain_segments
 
     m = make(name, tiny_backbone, **options)
     prompt = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(2))
@@ -322,7 +322,7 @@ def test_many_documents_and_passkey_take_the_adapter_flags(model_dir, tmp_path):
 def test_switching_adapters_never_changes_which_weights_train(tiny_backbone):
     """peft's adapter switch freezes the adapters it turns off; a method with two adapters (UIO, MemoryLLM)
     trains the one it has just switched away from, so `activate` must leave requires_grad as it was."""
-    from longctx.lora import activate, add_lora, lora_parameters
+    from longctx.model.lora import activate, add_lora, lora_parameters
 
     for name in ("a", "b"):
         for p in add_lora(tiny_backbone, name, LoraSpec(r=2, alpha=4)):

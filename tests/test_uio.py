@@ -1,7 +1,7 @@
 """`uio` (UIO-LLMs) on tiny random Llamas: the decoder without memory is the base model, the encoder's mask and
 positions are the paper's, incremental optimisation equals full BPTT when the reservoir holds every chunk,
 the reservoir keeps each past chunk with probability W/t, importance weighting, memory management, exact
-state round trips, and training through `longctx.training.Trainer` with adapters that round-trip."""
+state round trips, and training through `longctx.tasks.training.Trainer` with adapters that round-trip."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ import torch
 from conftest import tiny_model
 from tiny_tokenizers import byte_bpe_tokenizer
 
-from longctx.adapters import attach_adapter, role_spec, save_adapter
-from longctx.attention import ForwardPlan
-from longctx.backbone import Backbone, ModelInfo
 from longctx.errors import UsageError
-from longctx.lora import LoraSpec, add_lora, lora_parameters
 from longctx.methods import get_method
 from longctx.methods.uio import UIO, ChunkGraph, UIOOptions
-from longctx.reservoir import Reservoir
-from longctx.snapshot import SnapshotStore
+from longctx.model.attention import ForwardPlan
+from longctx.model.backbone import Backbone, ModelInfo
+from longctx.model.lora import LoraSpec, add_lora, lora_parameters
+from longctx.storage.adapters import attach_adapter, role_spec, save_adapter
+from longctx.storage.snapshot import SnapshotStore
 from longctx.stream import forward_segment, run_stream
-from longctx.training import TokenCorpus, TrainConfig, Trainer, unroll, window_segments
+from longctx.tasks.reservoir import Reservoir
+from longctx.tasks.training import TokenCorpus, TrainConfig, Trainer, unroll, window_segments
 
 
 def make(backbone: Backbone, **options) -> UIO:
@@ -307,7 +307,7 @@ def test_state_round_trip_recomputes_memory_kv_exactly_with_a_trained_adapter(ti
 
 
 def test_generation_past_a_segment_writes_memory_as_ingesting_the_text_would(tiny_backbone):
-    from longctx.decode import greedy, ingest, plain_segments
+    from longctx.tasks.decode import greedy, ingest, plain_segments
 
     m = make(tiny_backbone, memory_tokens=2)
     with_adapters(m)

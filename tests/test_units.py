@@ -10,12 +10,12 @@ import torch
 import yaml
 
 from longctx.errors import UsageError
-from longctx.kvstate import KVState
 from longctx.methods import METHODS, get_method
+from longctx.methods.kvstate import KVState
 from longctx.metrics import BLOCK, NllSums, paired_delta, summarize
 from longctx.presets import available, load_preset, parse_preset
-from longctx.segments import iter_segments
-from longctx.tokens import TokenChunk
+from longctx.text.segments import iter_segments
+from longctx.text.tokens import TokenChunk
 
 
 def kv(indices: list[int]) -> KVState:

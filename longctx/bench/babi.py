@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backbone import Backbone
 from ..errors import UsageError
+from ..model.backbone import Backbone
 from ..resources import release_memory
 from .needle import MethodCost, normalize
 from .passkey import Filler
@@ -194,7 +194,7 @@ def babi_qa(backbone: Backbone, methods: Sequence[str], filler_path: str, config
             options: dict[str, dict[str, Any]] | None = None, allow_untrained: bool = False,
             on_item: Callable[[BabiItem], None] | None = None) -> BabiReport:
     """Every method on the same qa1 documents, one question per document, each document read once per method."""
-    from ..qa import ask
+    from ..tasks.qa import ask
 
     filler = Filler.from_file(filler_path, backbone.tokenizer)
     rng = random.Random(config.seed)

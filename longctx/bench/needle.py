@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backbone import Backbone
 from ..errors import UsageError
+from ..model.backbone import Backbone
 from ..resources import release_memory
 from .passkey import Filler
 
@@ -255,7 +255,7 @@ def needle_qa(backbone: Backbone, methods: Sequence[str], filler_path: str, conf
               options: dict[str, dict[str, Any]] | None = None, allow_untrained: bool = False,
               on_item: Callable[[ItemResult], None] | None = None) -> NeedleReport:
     """Every method on the same documents and questions, each document read once per method."""
-    from ..qa import ask
+    from ..tasks.qa import ask
 
     filler = Filler.from_file(filler_path, backbone.tokenizer)
     rng = random.Random(config.seed)

@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
-from ..backbone import Backbone
-from ..decode import extend, greedy, ingest, plain_segments
 from ..errors import InputError, UsageError
 from ..methods.base import Method
-from ..prompts import chat_halves
+from ..model.backbone import Backbone
 from ..resources import release_memory
-from ..textio import open_source
+from ..tasks.decode import extend, greedy, ingest, plain_segments
+from ..text.prompts import chat_halves
+from ..text.textio import open_source
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.\n")
@@ -240,7 +240,7 @@ def passkey_bench(filler_path: str, methods: Sequence[str], config: PasskeyConfi
                   on_result: Callable[[TrialResult], None] | None = None) -> dict[str, Any]:
     """`longctx bench passkey` as a library call: load the model, build the methods, run, describe the run.
     Trainable methods load their presets' adapters (or refuse, unless `allow_untrained`)."""
-    from ..perplexity import build_method
+    from ..tasks.perplexity import build_method
     from .record import bench_backbone, described
 
     backbone = bench_backbone(backbone, model=model, dtype=dtype, device=device, threads=threads)

@@ -12,18 +12,16 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import __version__
-from ..backbone import Backbone
 from ..errors import UsageError
-from ..perplexity import environment
+from ..model.backbone import Backbone
+from ..model.identity import library_versions
+from ..tasks.perplexity import environment
 
-LIBRARIES = ("torch", "transformers", "peft", "accelerate", "safetensors", "numpy")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../longctx
 GIT_TIMEOUT_S = 5.0
 
@@ -31,7 +29,7 @@ GIT_TIMEOUT_S = 5.0
 def run_record(backbone: Backbone, *, seed: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything a result file must carry beyond the method protocol, JSON-serialisable.
 
-    Extends `longctx.perplexity.environment()` (whose keys are kept as they are) with the model fingerprint,
+    Extends `longctx.tasks.perplexity.environment()` (whose keys are kept as they are) with the model fingerprint,
     dtype and device, library versions, the git state of the package's checkout, the CPU model, RAM, load
     averages, the GPU in use, the command line, a UTC timestamp and the seed. `extra` keys are added last.
     """
@@ -52,18 +50,6 @@ def run_record(backbone: Backbone, *, seed: int | None = None, extra: dict[str, 
     })
     record.update(extra or {})
     return record
-
-
-def library_versions() -> dict[str, str | None]:
-    """Installed versions of the libraries a result depends on (None: not installed), plus longctx and python."""
-    versions: dict[str, str | None] = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    versions["torch"] = torch.__version__  # the build tag (+cpu, +cu128) says more than the distribution's
-    return {**versions, "longctx": __version__, "python": platform.python_version()}
 
 
 def git_state(directory: Path = PACKAGE_DIR) -> dict[str, Any] | None:
@@ -130,7 +116,7 @@ def bench_backbone(backbone: Backbone | None = None, *, model: str | None = None
     if backbone is not None:
         return backbone
     from ..config import resolve
-    from ..models import load_backbone
+    from ..model.models import load_backbone
 
     settings = resolve({"model": model, "dtype": dtype, "device": device, "threads": threads})
     return load_backbone(settings["model"], dtype=settings["dtype"], device=settings["device"],

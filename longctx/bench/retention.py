@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from ..backbone import Backbone
-from ..decode import Ingested, continue_text, extend, fork, ingest, plain_segments
 from ..errors import UsageError
 from ..methods.base import Method
-from ..prompts import qa_frame
+from ..model.backbone import Backbone
 from ..resources import release_memory
-from ..sampling import stop_ids
+from ..tasks.decode import Ingested, continue_text, extend, fork, ingest, plain_segments
+from ..tasks.sampling import stop_ids
+from ..text.prompts import qa_frame
 from .needle import Fact, answered, make_facts
 from .passkey import Filler
 
@@ -115,7 +115,7 @@ def retention(backbone: Backbone, methods: Sequence[str], filler_path: str, conf
               options: dict[str, dict[str, Any]] | None = None, allow_untrained: bool = False,
               on_item: Callable[[RetentionItem], None] | None = None) -> RetentionReport:
     """Every method reads the same streams and answers the same questions at every distance."""
-    from ..perplexity import prepare_run
+    from ..tasks.perplexity import prepare_run
 
     tok = backbone.tokenizer
     frame = qa_frame(tok, None, config.instruction)

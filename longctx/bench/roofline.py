@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ..attention import ForwardPlan
-from ..models import parse_dtype
+from ..model.attention import ForwardPlan
+from ..model.models import parse_dtype
 
 WARMUP_SHARE = 0.2  # of the time budget spent warming up (allocator, oneDNN kernel selection, GPU clocks)
 REPEATS = 3  # timed repeats; the best one counts (the others lost time to something else on the machine)

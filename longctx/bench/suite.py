@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ..backbone import Backbone
 from ..errors import UsageError
+from ..model.backbone import Backbone
 
 ALL_METHODS = ("sinks", "window", "xl", "full", "longformer", "memorizing", "memorizing-fast", "unimix",
                "unimix-rmt", "rmt", "hmt")
@@ -90,7 +90,7 @@ def run_suite(name: str | Suite, book: str, *, methods: Sequence[str] | None = N
               backbone: Backbone | None = None, on_part: Callable[[str, float], None] | None = None) -> SuiteResult:
     """Run the suite's parts over `book` (text for PPL, filler for the synthetic tasks) with every method;
     the question-answering parts also run the `rag` baseline unless `rag` is False."""
-    from ..textio import open_source
+    from ..text.textio import open_source
     from .record import bench_backbone, load_average, run_record
 
     suite = name if isinstance(name, Suite) else get_suite(name)
@@ -120,7 +120,7 @@ def run_suite(name: str | Suite, book: str, *, methods: Sequence[str] | None = N
 # ---- parts --------------------------------------------------------------------------------------------------
 
 def _ppl(backbone: Backbone, suite: Suite, names: list[str], book: str) -> dict[str, Any]:
-    from ..perplexity import perplexity
+    from ..tasks.perplexity import perplexity
 
     report = perplexity(book, names, backbone=backbone, segment=suite.segment, max_tokens=suite.ppl_tokens)
     out = report.to_dict()
@@ -128,7 +128,7 @@ def _ppl(backbone: Backbone, suite: Suite, names: list[str], book: str) -> dict[
 
 
 def _built(backbone: Backbone, names: list[str]):
-    from ..perplexity import build_method
+    from ..tasks.perplexity import build_method
 
     return [build_method(n, backbone)[0] for n in names]
 
@@ -166,7 +166,7 @@ def _babi(backbone: Backbone, suite: Suite, names: list[str], book: str) -> dict
 
 
 def _throughput(backbone: Backbone, suite: Suite, names: list[str], book: str) -> dict[str, Any]:
-    from ..textio import open_source
+    from ..text.textio import open_source
     from .roofline import measure_matmul_flops
     from .throughput import throughput_vs_length
 

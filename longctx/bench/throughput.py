@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from ..attention import ForwardPlan
-from ..backbone import Backbone
-from ..decode import continue_text, ingest, plain_segments
 from ..errors import InputError
 from ..methods.base import Method
+from ..model.attention import ForwardPlan
+from ..model.backbone import Backbone
 from ..resources import peak_gpu_mb, peak_rss_mb, release_memory, reset_peak_rss
+from ..tasks.decode import continue_text, ingest, plain_segments
 from .roofline import attended_keys, forward_flops, linear_params, roofline_ratio
 
 

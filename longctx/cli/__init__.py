@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from .. import __version__
+from ..version import __version__
 
 app = typer.Typer(name="longctx", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_show_locals=False, rich_markup_mode="rich",

@@ -53,7 +53,7 @@ def bench_suite(
 
     from ..bench.report import suite_markdown, suite_plots
     from ..bench.suite import run_suite
-    from ..render import print_json, stderr_console
+    from .render import print_json, stderr_console
 
     err = stderr_console()
     result = run_suite(suite, book, methods=method, parts=part, model=model, dtype=dtype, device=device,
@@ -99,7 +99,7 @@ def bench_passkey(
     (the key left memory), "not retrieved" (stored, but no head read it) and "copy error".
     """
     from ..bench.passkey import PasskeyConfig, passkey_bench
-    from ..render import print_passkey, stderr_console
+    from .render import print_passkey, stderr_console
 
     names = method or ["infllm", "memorizing", "sinks", "window"]
     config = PasskeyConfig(lengths=_counts(lengths, "--lengths"), depths=_fractions(depths, "--depths"), trials=trials,
@@ -127,7 +127,7 @@ WIDTHS = {"method": 12, "length": 7, "distance": 7, "kind": 6}  # columns of the
 
 def _answer_printer(*fields: str):
     """The stderr line each answered item gets: its `fields`, the answer's start and ok/wrong."""
-    from ..render import stderr_console
+    from .render import stderr_console
 
     err = stderr_console()
 
@@ -141,7 +141,7 @@ def _answer_printer(*fields: str):
 
 def _emit(result: dict, json_out: bool, printer) -> None:
     """A benchmark's result: JSON on request, else its table."""
-    from ..render import print_json, stdout_console
+    from .render import print_json, stdout_console
 
     print_json(result) if json_out else printer(result, stdout_console())
 
@@ -172,7 +172,7 @@ def bench_needle(
     answer says it is not there).
     """
     from ..bench.needle import NeedleConfig, needle_bench
-    from ..render import print_needle
+    from .render import print_needle
 
     names = method or ["infllm-qa", "memorizing-fast", "sinks", "rag"]
     config = NeedleConfig(lengths=_counts(lengths, "--lengths"), trials=trials, needles=needles, seed=seed,
@@ -208,7 +208,7 @@ def bench_retention(
     of the memory and reading goes on, so all distances cost one reading of the longest.
     """
     from ..bench.retention import RetentionConfig, retention_bench
-    from ..render import print_retention
+    from .render import print_retention
 
     names = method or ["mplus", "memoryllm", "memorizing", "sinks"]
     config = RetentionConfig(distances=_counts(distances, "--distances"), trials=trials, facts=facts, seed=seed,

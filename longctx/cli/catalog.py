@@ -19,7 +19,7 @@ def methods() -> None:
     from rich.table import Table
 
     from ..methods import METHODS
-    from ..render import stdout_console
+    from .render import stdout_console
 
     table = Table(title="Methods")
     for col in ("method", "what it does", "options (default)"):
@@ -37,7 +37,7 @@ def presets_list() -> None:
     from rich.table import Table
 
     from ..presets import available, load_preset
-    from ..render import stdout_console
+    from .render import stdout_console
 
     table = Table(title="Presets")
     for col in ("name", "method", "segment", "description"):

@@ -15,7 +15,7 @@ def _errors_to_exit(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from ..render import stderr_console
+        from .render import stderr_console
 
         try:
             with warnings.catch_warnings():
@@ -46,7 +46,7 @@ def _show_warning(default):
     def show(message, category, filename, lineno, file=None, line=None):
         if not issubclass(category, LongctxWarning):
             return default(message, category, filename, lineno, file, line)
-        from ..render import stderr_console
+        from .render import stderr_console
 
         stderr_console().print(f"[yellow]warning:[/] {message}", highlight=False)
     return show

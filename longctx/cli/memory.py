@@ -20,8 +20,8 @@ def memory_ls(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.
 
     from rich.table import Table
 
-    from ..memory import list_snapshots
-    from ..render import print_json, stdout_console
+    from ..storage.memory import list_snapshots
+    from .render import print_json, stdout_console
 
     rows = list_snapshots()
     if json_out:
@@ -42,8 +42,8 @@ def memory_ls(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.
 def memory_dump(name: Annotated[str | None, typer.Argument(help="Snapshot name (default: the latest).")] = None,
                 json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """What a memory holds: tensors and shapes, entries in use, and the source span + excerpt of each group."""
-    from ..memory import dump_snapshot
-    from ..render import print_dump, print_json, stdout_console
+    from ..storage.memory import dump_snapshot
+    from .render import print_dump, print_json, stdout_console
 
     info = dump_snapshot(name)
     print_json({"schema_version": 1, **info}) if json_out else print_dump(info, stdout_console())
@@ -54,8 +54,8 @@ def memory_dump(name: Annotated[str | None, typer.Argument(help="Snapshot name (
 def memory_show(name: Annotated[str | None, typer.Argument(help="Snapshot name (default: the latest).")] = None,
                 json_out: Annotated[bool, typer.Option("--json", help="Print JSON (the manifest).")] = False) -> None:
     """The verified manifest of a snapshot (fingerprint, method, document, progress, files)."""
-    from ..memory import show_snapshot
-    from ..render import print_json
+    from ..storage.memory import show_snapshot
+    from .render import print_json
 
     info = show_snapshot(name)
     if json_out:
@@ -68,7 +68,7 @@ def memory_show(name: Annotated[str | None, typer.Argument(help="Snapshot name (
 @_errors_to_exit
 def memory_rm(name: Annotated[str, typer.Argument(help="Snapshot name.")]) -> None:
     """Delete a snapshot (every version)."""
-    from ..memory import remove_snapshot
+    from ..storage.memory import remove_snapshot
 
     remove_snapshot(name)
     typer.echo(f"removed {name}", err=True)
@@ -79,7 +79,7 @@ def memory_rm(name: Annotated[str, typer.Argument(help="Snapshot name.")]) -> No
 def memory_export(name: Annotated[str, typer.Argument(help="Snapshot name.")],
                   directory: Annotated[str, typer.Argument(help="New directory to write (must not exist).")]) -> None:
     """Copy a snapshot's current version to a directory (verified)."""
-    from ..memory import export_snapshot
+    from ..storage.memory import export_snapshot
 
     typer.echo(str(export_snapshot(name, directory)))
 
@@ -89,7 +89,7 @@ def memory_export(name: Annotated[str, typer.Argument(help="Snapshot name.")],
 def memory_import(directory: Annotated[str, typer.Argument(help="An exported snapshot directory.")],
                   name: Annotated[str | None, typer.Option(help="Store under this name (default: its own).")] = None) -> None:
     """Verify an exported snapshot and add it to the store."""
-    from ..memory import import_snapshot
+    from ..storage.memory import import_snapshot
 
     typer.echo(import_snapshot(directory, name))
 
@@ -107,9 +107,9 @@ def memory_migrate(
     included. The proof: the config equals the model's but for that version, the tokenizer is the same, the
     state restores into its method. A new version is written; the old one is kept.
     """
-    from ..migration import migrate_snapshot
-    from ..models import load_backbone
-    from ..snapshot import SnapshotStore
+    from ..model.models import load_backbone
+    from ..storage.migration import migrate_snapshot
+    from ..storage.snapshot import SnapshotStore
     from .training import _report_migration
 
     saved = SnapshotStore().load(name, tensors=False).manifest["fingerprint"]

@@ -61,7 +61,7 @@ def ppl(
     a row per file, the micro average (all tokens pooled) and the macro average (mean over files).
     --run-log makes such a run resumable file by file.
     """
-    from ..corpus import read_file_list
+    from ..tasks.corpus import read_file_list
 
     docs = [*(files or []), *(read_file_list(files_from) if files_from else [])]
     if not docs:
@@ -84,8 +84,8 @@ def _ppl_one(file: str, method: str | None, compare: str | None, option: list[st
              resume: str | None) -> None:
     """One document: the `perplexity()` report, with snapshots, --compare and graceful Ctrl-C."""
     from ..interrupts import GracefulInterrupt
-    from ..perplexity import perplexity
-    from ..render import ProgressView, event_json, print_json, print_ppl, stderr_console, stdout_console
+    from ..tasks.perplexity import perplexity
+    from .render import ProgressView, event_json, print_json, print_ppl, stderr_console, stdout_console
 
     names = _method_list(method, compare) if (method or compare or not resume) else []
     overrides = _parse_overrides(option, names)
@@ -115,7 +115,7 @@ def _ppl_one(file: str, method: str | None, compare: str | None, option: list[st
 
 
 def _warn_untrained_start(common: dict[str, Any]) -> None:
-    from ..render import stderr_console
+    from .render import stderr_console
 
     if common.get("allow_untrained"):
         stderr_console().print("[yellow]warning:[/] --allow-untrained: trainable methods without an adapter run "
@@ -123,7 +123,7 @@ def _warn_untrained_start(common: dict[str, Any]) -> None:
 
 
 def _warn_untrained(runs) -> None:
-    from ..render import stderr_console
+    from .render import stderr_console
 
     for r in runs:
         if "UNTRAINED" in r.protocol:
@@ -134,9 +134,9 @@ def _warn_untrained(runs) -> None:
 def _ppl_many(docs: list[str], method: str | None, overrides: dict[str, dict[str, Any]], common: dict[str, Any],
               json_out: bool, jsonl: bool, progress: bool, log: str | None) -> None:
     """Several documents through `perplexity_many()`; Ctrl-C stops at once (--run-log keeps finished files)."""
-    from ..corpus import perplexity_many
-    from ..render import ProgressView, event_json, print_corpus, print_json, stderr_console, stdout_console
     from ..sharding import is_main_process
+    from ..tasks.corpus import perplexity_many
+    from .render import ProgressView, event_json, print_corpus, print_json, stderr_console, stdout_console
 
     main = is_main_process()  # under accelerate launch / torchrun only rank 0 shows progress and prints
     jsonl = jsonl and main
@@ -185,7 +185,7 @@ ReuseOpt = Annotated[bool, typer.Option("--reuse/--no-reuse", help="Reuse the st
 
 
 def _sampling(temperature: float, top_k: int, top_p: float, seed: int):
-    from ..sampling import Sampling
+    from ..tasks.sampling import Sampling
 
     return Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
@@ -194,7 +194,7 @@ def _read_questions(question: str | None, questions_file: str | None) -> list[st
     """The positional question, then one per line of --questions FILE ('#' lines and blank lines skipped)."""
     qs = [question] if question is not None else []
     if questions_file:
-        from ..textio import open_source
+        from ..text.textio import open_source
 
         with open_source(questions_file) as src:
             text = "".join(b.text for b in src.blocks())
@@ -206,7 +206,7 @@ def _reading_view(file: str, enabled: bool):
     """A progress view for reading a document into memory, and the on_segment callback feeding it."""
     import time as _time
 
-    from ..render import ProgressView, stderr_console
+    from .render import ProgressView, stderr_console
 
     size = os.path.getsize(file) if file != "-" and os.path.isfile(file) else None
     view = ProgressView(stderr_console(), total=size, unit="bytes", enabled=enabled)
@@ -223,7 +223,7 @@ def _reading_view(file: str, enabled: bool):
 
 def _memory_line(memory: dict[str, Any]) -> str:
     if memory.get("note"):
-        from ..render import stderr_console
+        from .render import stderr_console
 
         stderr_console().print(f"[yellow]warning:[/] {memory['note']}", highlight=False)
     if memory.get("reused"):
@@ -266,8 +266,8 @@ def ask(
     The document is read into the method's memory once and saved; asking again (same document, model,
     method, options) reuses that memory. Each question continues its own copy of it.
     """
-    from ..qa import ask as ask_fn
-    from ..render import print_json, stderr_console
+    from ..tasks.qa import ask as ask_fn
+    from .render import print_json, stderr_console
 
     qs = _read_questions(question, questions_file)
     name = method or DEFAULT_ASK_METHOD
@@ -347,8 +347,8 @@ def generate(
     The generated text is read into memory as it grows, so memory-token methods write it to memory at
     every segment boundary, exactly as if it had been part of the document.
     """
-    from ..generation import generate as generate_fn
-    from ..render import print_json, stderr_console
+    from ..tasks.generation import generate as generate_fn
+    from .render import print_json, stderr_console
 
     name = method or "xl"
     err = stderr_console()

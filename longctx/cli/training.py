@@ -54,11 +54,11 @@ def train(
     command continues where an interrupted run stopped. The adapter records the exact command, the data's
     sha256, the steps and the validation PPL.
     """
-    from ..lora import LoraSpec
-    from ..render import stderr_console
+    from ..model.lora import LoraSpec
     from ..sharding import is_main_process
-    from ..training import TrainConfig, parse_curriculum
-    from ..training import train as train_fn
+    from ..tasks.training import TrainConfig, parse_curriculum
+    from ..tasks.training import train as train_fn
+    from .render import stderr_console
 
     for key, value, allowed in (("task", task, ("lm", "recall")), ("loss", loss, ("all", "last", "answer")),
                                 ("tune", tune, ("memory", "lora", "full"))):
@@ -83,7 +83,7 @@ def train(
     if not result:  # not rank 0 of a distributed run: rank 0 reports
         return
     if json_out:
-        from ..render import print_json
+        from .render import print_json
 
         print_json(result)
         return
@@ -99,8 +99,8 @@ def adapters(ctx: typer.Context, json_out: Annotated[bool, typer.Option("--json"
     """List trained adapters: yours (LONGCTX_HOME/adapters) and those shipped with longctx."""
     if ctx.invoked_subcommand is not None:
         return
-    from ..adapters import available, find_adapter
-    from ..render import print_json
+    from ..storage.adapters import available, find_adapter
+    from .render import print_json
 
     rows = []
     for name, where in sorted(available().items()):
@@ -135,9 +135,9 @@ def adapters_migrate(
     included. The proof: the config equals the model's but for that version, the tokenizer is the same, the
     tensors load. A new version is written; the old one is kept.
     """
-    from ..adapters import find_adapter
-    from ..migration import migrate_adapter
-    from ..models import load_backbone
+    from ..model.models import load_backbone
+    from ..storage.adapters import find_adapter
+    from ..storage.migration import migrate_adapter
 
     base = find_adapter(name, tensors=False).manifest["base"]
     backbone = load_backbone(model or base["model"], threads=threads)

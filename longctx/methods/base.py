@@ -21,10 +21,10 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from ..attention import ForwardPlan
-from ..backbone import Backbone
 from ..errors import UsageError
-from ..segments import Segment
+from ..model.attention import ForwardPlan
+from ..model.backbone import Backbone
+from ..text.segments import Segment
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ class Method(ABC):
 
     def use_lora(self, role: str | None) -> None:
         """Route the backbone through this method's adapter for `role` (None or untrained: base weights)."""
-        from ..lora import activate  # peft is imported only by methods that switch adapters
+        from ..model.lora import activate  # peft is imported only by methods that switch adapters
 
         activate(self.backbone, self.loras.get(role) if role is not None else None)
 

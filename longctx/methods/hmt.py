@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attention import ForwardPlan
-from ..segments import Segment
+from ..model.attention import ForwardPlan
+from ..text.segments import Segment
 from .base import MethodOptions, UniMem, option, register
 from .recurrent import Scale, TrainableMethod, gaussian, scale_param
 

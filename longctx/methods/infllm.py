@@ -29,13 +29,13 @@ from typing import Literal
 
 import torch
 
-from ..attention import ForwardPlan
 from ..errors import UsageError
-from ..knnstore import KNNStore
-from ..kvstate import KVState
-from ..segments import Segment
+from ..model.attention import ForwardPlan
+from ..text.segments import Segment
 from .base import MethodOptions, UniMem, option, register
+from .knnstore import KNNStore
 from .kvcache import KVPolicy, StoreMethod
+from .kvstate import KVState
 
 FOCUS = 32  # read tokens named as retrieved (citations): those the choosing heads attended to most
 

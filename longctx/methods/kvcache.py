@@ -14,12 +14,12 @@ from typing import Any, Literal
 
 import torch
 
-from ..attention import ForwardPlan
 from ..errors import UsageError
-from ..knnstore import KNNStore
-from ..kvstate import KVState
-from ..segments import Segment
+from ..model.attention import ForwardPlan
+from ..text.segments import Segment
 from .base import Method
+from .knnstore import KNNStore
+from .kvstate import KVState
 
 STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # option store_dtype; "model" = the model's own
 Positions = Literal["relative", "absolute"]

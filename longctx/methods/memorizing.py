@@ -17,14 +17,14 @@ from typing import Any, Literal
 
 import torch
 
-from ..attention import ForwardPlan, Retrieved, apply_rope
 from ..errors import UsageError
-from ..knnstore import KNNStore
-from ..kvstate import KVState
-from ..layersets import resolve_layers
-from ..segments import Segment
+from ..model.attention import ForwardPlan, Retrieved, apply_rope
+from ..text.segments import Segment
 from .base import Method, MethodOptions, UniMem, option, register
+from .knnstore import KNNStore
 from .kvcache import KVPolicy, StoreMethod
+from .kvstate import KVState
+from .layersets import resolve_layers
 from .recurrent import Scale, TrainableMethod, gaussian, scale_param
 from .rmt import TokenMemory
 

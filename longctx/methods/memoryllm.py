@@ -21,9 +21,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..attention import ForwardPlan
 from ..errors import ModelError, UsageError
-from ..segments import Segment
+from ..model.attention import ForwardPlan
+from ..text.segments import Segment
 from .base import MethodOptions, UniMem, option, register
 from .recurrent import TrainableMethod
 
@@ -82,7 +82,7 @@ class MemoryLLM(TrainableMethod):
 
     def bos_hidden(self) -> torch.Tensor:
         """Each layer's residual-stream input for a BOS token (EOS if none) at position 0, base weights, fp32."""
-        from ..lora import activate
+        from ..model.lora import activate
 
         tok = self.backbone.tokenizer
         bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import ForwardPlan
-from ..segments import Segment
+from ..model.attention import ForwardPlan
+from ..text.segments import Segment
 from .base import UniMem, option, register
 from .memoryllm import UPDATE, MemoryLLM, MemoryLLMOptions, PoolState, slot_groups, summary_row
 from .recurrent import gaussian

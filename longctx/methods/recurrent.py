@@ -14,8 +14,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from ..attention import ForwardPlan
 from ..errors import UsageError
+from ..model.attention import ForwardPlan
 from .base import Method
 
 Scale = Literal["learned", "none"]

@@ -22,10 +22,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..attention import ForwardPlan, causal_mask
 from ..errors import ModelError, UsageError
-from ..reservoir import Reservoir
-from ..segments import Segment
+from ..model.attention import ForwardPlan, causal_mask
+from ..tasks.reservoir import Reservoir
+from ..text.segments import Segment
 from .base import MethodOptions, UniMem, option, register
 from .recurrent import TrainableMethod
 

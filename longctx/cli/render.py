@@ -7,15 +7,16 @@ import math
 import sys
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .corpus import CorpusReport
-from .perplexity import PplReport
-from .stream import SegmentEvent
+if TYPE_CHECKING:  # annotations only: rendering a listing must not import torch
+    from ..stream import SegmentEvent
+    from ..tasks.corpus import CorpusReport
+    from ..tasks.perplexity import PplReport
 
 PLAIN_EVERY_S = 15.0  # non-interactive stderr: one log line at most this often
 

@@ -23,18 +23,18 @@ from typing import Any
 
 import torch
 
-from .backbone import Backbone
+from ..errors import UsageError
+from ..methods.base import Method, MethodOptions, option
+from ..model.backbone import Backbone
+from ..storage.paths import longctx_home
+from ..storage.snapshot import SnapshotError, SnapshotStore
+from ..text.prompts import QAFrame, check_question, qa_frame
+from ..text.segments import Segment
 from .citations import Citation, RetrievalTally, held_citations, retrieved_citations
 from .decode import Ingested, continue_streamed, extend, fork, ingest, plain_segments
-from .errors import UsageError
 from .ingestion import DocumentMemory, read_document
-from .methods.base import Method, MethodOptions, option
-from .paths import longctx_home
 from .perplexity import environment, prepare_run
-from .prompts import QAFrame, check_question, qa_frame
 from .sampling import Sampling, stop_ids
-from .segments import Segment
-from .snapshot import SnapshotError, SnapshotStore
 
 # The memory method that reaches past its window best (passkey 90-95 % at 16k-32k, docs/benchmarks.md), reads
 # 2-3x faster than memorizing-fast, and cites the blocks it read; on needle QA with the 135M default model it
@@ -255,8 +255,8 @@ def _rag_answer(session: _Session, full: Method, embedder, index, opts: RagOptio
 def _rag_index(path: str, backbone: Backbone, embedder, chunk_tokens: int, reuse: bool, save: bool):
     """The document's chunk index: loaded from LONGCTX_HOME/rag when built before for this exact document,
     tokenizer, chunking and embedder, else built and saved there."""
+    from ..storage.hashing import file_sha256
     from . import rag
-    from .hashing import file_sha256
 
     t0 = time.perf_counter()
     sha = file_sha256(path)

@@ -12,12 +12,12 @@ import importlib.resources
 from pathlib import Path
 from typing import Any
 
-from .backbone import Backbone
-from .errors import UsageError
-from .identity import MODEL_KEYS, differences, is_legacy
-from .lora import LoraSpec, activate, load_lora, lora_tensors
-from .methods.base import Method
-from .methods.recurrent import TrainableMethod
+from ..errors import UsageError
+from ..methods.base import Method
+from ..methods.recurrent import TrainableMethod
+from ..model.backbone import Backbone
+from ..model.identity import MODEL_KEYS, differences, is_legacy
+from ..model.lora import LoraSpec, activate, load_lora, lora_tensors
 from .paths import longctx_home
 from .snapshot import Snapshot, SnapshotError, SnapshotStore, read_snapshot_dir
 

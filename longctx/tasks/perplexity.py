@@ -15,10 +15,17 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .adapters import attach_adapter, require_trained
-from .backbone import Backbone
-from .checkpoint import (
+from ..config import Resolved, resolve
+from ..errors import InputError, LongctxError, UsageError
+from ..methods import get_method
+from ..methods.base import Method
+from ..metrics import paired_delta, summarize
+from ..model.backbone import Backbone
+from ..model.models import load_backbone
+from ..presets import Preset, load_preset
+from ..resources import peak_gpu_mb, peak_rss_mb, reset_peak_rss
+from ..storage.adapters import attach_adapter, require_trained
+from ..storage.checkpoint import (
     Interrupted,
     RunSpec,
     check_resume,
@@ -28,19 +35,12 @@ from .checkpoint import (
     resume_command,
     save_run,
 )
-from .config import Resolved, resolve
-from .errors import InputError, LongctxError, UsageError
-from .methods import get_method
-from .methods.base import Method
-from .metrics import paired_delta, summarize
-from .models import load_backbone
-from .presets import Preset, load_preset
-from .resources import peak_gpu_mb, peak_rss_mb, reset_peak_rss
-from .segments import iter_segments
-from .snapshot import Snapshot, SnapshotError, SnapshotStore, check_name
-from .stream import SegmentEvent, StreamResult, run_stream
-from .textio import open_source
-from .tokens import iter_tokens
+from ..storage.snapshot import Snapshot, SnapshotError, SnapshotStore, check_name
+from ..stream import SegmentEvent, StreamResult, run_stream
+from ..text.segments import iter_segments
+from ..text.textio import open_source
+from ..text.tokens import iter_tokens
+from ..version import __version__
 
 SCHEMA_VERSION = 1
 

@@ -23,17 +23,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backbone import Backbone
-from .checkpoint import RunSpec, check_setup, restore, save_run
+from ..errors import InputError
+from ..metrics import NllSums
+from ..model.backbone import Backbone
+from ..storage.checkpoint import RunSpec, check_setup, restore, save_run
+from ..storage.hashing import file_sha256
+from ..storage.snapshot import SnapshotError, SnapshotStore
+from ..stream import StreamResult
+from ..text.segments import Segment, iter_segments
+from ..text.textio import open_source
+from ..text.tokens import TokenChunk, iter_tokens
 from .decode import Ingested, ingest
-from .errors import InputError
-from .hashing import file_sha256
-from .metrics import NllSums
-from .segments import Segment, iter_segments
-from .snapshot import SnapshotError, SnapshotStore
-from .stream import StreamResult
-from .textio import open_source
-from .tokens import TokenChunk, iter_tokens
 
 
 @dataclass

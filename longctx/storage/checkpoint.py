@@ -10,16 +10,16 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .backbone import Backbone
-from .errors import LongctxError, LongctxWarning, UsageError
+from ..errors import LongctxError, LongctxWarning, UsageError
+from ..methods import get_method
+from ..methods.base import Method
+from ..metrics import NllSums
+from ..model.backbone import Backbone
+from ..model.identity import RUN_KEYS, differences, is_legacy, version_changes
+from ..stream import StreamResult
+from ..version import __version__
 from .hashing import file_sha256
-from .identity import RUN_KEYS, differences, is_legacy, version_changes
-from .methods import get_method
-from .methods.base import Method
-from .metrics import NllSums
 from .snapshot import Snapshot, SnapshotError, SnapshotStore
-from .stream import StreamResult
 
 FINGERPRINT_KEYS = ("model", "source", *RUN_KEYS, "versions")  # RUN_KEYS are compared; the rest is information
 

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
-from .errors import InputError, UsageError
+from ..errors import InputError, UsageError
 
 SNIFF_BYTES = 8192  # how far we look for NUL bytes ("looks binary")
 UTF8_BOM = codecs.BOM_UTF8

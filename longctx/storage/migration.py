@@ -1,6 +1,6 @@
 """Adapters and snapshots recorded with the old fingerprint, converted to the semantic one after proof.
 
-Before `longctx.identity`, a model was recorded as hashes of its whole config (`config_sha256`, and
+Before `longctx.model.identity`, a model was recorded as hashes of its whole config (`config_sha256`, and
 `arch_sha256` without dtype and path), which include `transformers_version`: every transformers upgrade
 made every adapter and saved memory look like another model's. A migration proves that the old hash is
 the loaded model's config with nothing but that version field different (trying the version recorded at
@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .backbone import Backbone
-from .identity import is_legacy
+from ..model.backbone import Backbone
+from ..model.identity import is_legacy
+from ..version import __version__
 from .snapshot import Snapshot, SnapshotError, SnapshotStore
 
 OLD_ARCH_IGNORED = ("dtype", "torch_dtype", "_name_or_path")
@@ -90,8 +90,8 @@ def _rewrite(snap: Snapshot, manifest: dict[str, Any], what: str) -> Path:
 def migrate_adapter(spec: str, backbone: Backbone) -> dict[str, Any]:
     """Verify an old-fingerprint adapter against the loaded model and its method, then record the new
     identity. An adapter already in the new form is left alone."""
+    from ..methods import get_method
     from .adapters import base_identity, find_adapter, load_adapter_tensors
-    from .methods import get_method
 
     snap = find_adapter(spec)
     man = snap.manifest

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import prefix_sha256
+from .hashing import file_sha256
 from .snapshot import Snapshot, SnapshotStore
 
 EXCERPT_BYTES = 80
@@ -55,7 +55,7 @@ def _readable_source(doc: dict[str, Any]) -> str | None:
     path, digest = doc.get("path"), doc.get("sha256_prefix")
     if not path or digest is None or not Path(path).is_file():
         return None
-    if Path(path).stat().st_size < doc["bytes_consumed"] or prefix_sha256(path, doc["bytes_consumed"]) != digest:
+    if Path(path).stat().st_size < doc["bytes_consumed"] or file_sha256(path, limit=doc["bytes_consumed"]) != digest:
         return None
     return path
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from ..backbone import Backbone
 from ..methods.base import Method
-from ..segments import Segment
+from ..model.backbone import Backbone
 from ..stream import forward_segment
-from ..training import window_segments
+from ..text.segments import Segment
+from .training import window_segments
 
 
 @dataclass

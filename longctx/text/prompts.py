@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UsageError
+from ..errors import UsageError
 
 MARKER = "\u0000LONGCTX-DOCUMENT\u0000"
 # Measured on SmolLM2-135M-Instruct (docs/ask.md): asking it to say when the document does not contain the

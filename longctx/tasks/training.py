@@ -23,21 +23,21 @@ import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from . import __version__
-from .adapters import role_spec
-from .backbone import Backbone
-from .errors import UsageError
-from .hashing import file_sha256
-from .lora import LoraSpec, add_lora, lora_parameters
-from .methods.base import METHODS, Method
-from .methods.recurrent import TrainableMethod
-from .paths import longctx_home
-from .segments import Segment
-from .sharding import current_shard
-from .snapshot import SnapshotStore
-from .stream import forward_segment, run_stream, scored_nll
-from .textio import open_source
-from .tokens import iter_tokens
+from ..errors import UsageError
+from ..methods.base import METHODS, Method
+from ..methods.recurrent import TrainableMethod
+from ..model.backbone import Backbone
+from ..model.lora import LoraSpec, add_lora, lora_parameters
+from ..sharding import current_shard
+from ..storage.adapters import role_spec
+from ..storage.hashing import file_sha256
+from ..storage.paths import longctx_home
+from ..storage.snapshot import SnapshotStore
+from ..stream import forward_segment, run_stream, scored_nll
+from ..text.segments import Segment
+from ..text.textio import open_source
+from ..text.tokens import iter_tokens
+from ..version import __version__
 
 LossMask = Literal["all", "last", "answer"]
 Tune = Literal["memory", "lora", "full"]
@@ -404,7 +404,7 @@ RECALL_KEYS = (" apple", " river", " candle", " silver", " garden", " window", "
 
 def recall_task_for(tokenizer, filler: torch.Tensor):
     """The synthetic recall task in words, with book filler: "The secret word is X." ... question -> X."""
-    from .bench.recall import RecallTask
+    from .recall import RecallTask
 
     def enc(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -423,8 +423,8 @@ def train(files: Sequence[str], method: str, out: str, config: TrainConfig, *, v
 
     Resumes from `out`'s training checkpoint when one exists (unless `fresh`). `init_adapter` starts from an
     earlier adapter (HMT's stage 2 from stage 1)."""
-    from .adapters import attach_adapter, save_adapter
-    from .models import load_backbone
+    from ..model.models import load_backbone
+    from ..storage.adapters import attach_adapter, save_adapter
     from .perplexity import build_method, environment
 
     if backbone is None:

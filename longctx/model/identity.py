@@ -13,13 +13,14 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import platform
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .paths import longctx_home
+from ..storage.paths import longctx_home
 
 # Config fields that change what the network computes. Absent fields (another family's) are left out.
 ARCH_FIELDS = (
@@ -93,14 +94,17 @@ def tokenizer_sha256(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(key, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def library_versions() -> dict[str, str]:
-    """Installed versions of the libraries a result depends on (information in manifests and results)."""
-    out = {}
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries a result depends on (None: not installed), with torch's build
+    tag (+cpu, +cu128) and Python's version: information in manifests and result files."""
+    out: dict[str, str | None] = {}
     for name in LIBRARIES:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            continue
+            out[name] = None
+    out["torch"] = torch.__version__  # the build tag says more than the distribution's version
+    out["python"] = platform.python_version()
     return out
 
 
@@ -124,7 +128,7 @@ def differences(saved: Mapping[str, Any], now: Mapping[str, Any], keys: Iterable
     return out
 
 
-def version_changes(saved: Mapping[str, str] | None, now: Mapping[str, str]) -> list[str]:
+def version_changes(saved: Mapping[str, str | None] | None, now: Mapping[str, str | None]) -> list[str]:
     """Libraries whose version differs from the one recorded (`name old -> new`)."""
     saved = saved or {}
     return [f"{k} {saved[k]} -> {now.get(k, 'absent')}" for k in sorted(saved) if saved[k] != now.get(k)]

@@ -7,7 +7,7 @@ half; `1` is the last layer; `0.52,1` is UniMem's Memorizing pair {11, 21} of a 
 
 from __future__ import annotations
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def resolve_layers(spec: str, num_layers: int) -> tuple[int, ...]:

@@ -8,9 +8,9 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from ..errors import ModelError
 from . import attention, identity
 from .attention import ForwardPlan
-from .errors import ModelError
 
 # Llama-family decoders whose attention calls the registry with (module, q, k, v, ...) after standard
 # rotate-half RoPE; others (partial rotary, soft-capping, alibi) would need their own handling.
@@ -47,7 +47,7 @@ class Backbone:
         # before any LoRA is attached: an in-memory model (tests, library use) is hashed here, once
         self.weights_sha256 = info.weights_sha256 or identity.weights_sha256(model)
         self.rotary = model.model.rotary_emb
-        self.active_lora: str | None = None  # peft adapter the forward runs through (longctx.lora.activate)
+        self.active_lora: str | None = None  # peft adapter the forward runs through (longctx.model.lora.activate)
         self.lora_names: set[str] = set()
         self._plan: ForwardPlan | None = None  # the plan of the forward running now (for the layer taps)
         self._add_layer_taps()
@@ -151,7 +151,7 @@ class Backbone:
     @cached_property
     def fingerprint(self) -> dict[str, object]:
         """Identity of architecture, weights and tokenizer (compared by adapters and snapshots, see
-        `longctx.identity`), plus where the model came from and the library versions (information only)."""
+        `longctx.model.identity`), plus where the model came from and the library versions (information only)."""
         return {
             "model": self.info.model_id,
             "source": self.info.source,

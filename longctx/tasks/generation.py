@@ -13,12 +13,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..errors import UsageError
+from ..text.segments import Segment
 from .decode import continue_streamed
-from .errors import UsageError
 from .ingestion import DocumentMemory, read_document
 from .perplexity import environment, prepare_run
 from .sampling import Sampling, stop_ids
-from .segments import Segment
 
 DEFAULT_METHOD = "xl"  # training-free, works with any model; see docs/generate.md for the others
 

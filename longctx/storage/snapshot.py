@@ -23,14 +23,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
-
-from .errors import LongctxError, UsageError, os_reason
+from ..errors import LongctxError, UsageError, os_reason
 from .hashing import file_sha256
 from .paths import longctx_home
+
+if TYPE_CHECKING:  # torch is imported only where tensors are read or written: `memory ls` lists without it
+    import torch
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.safetensors"
@@ -104,6 +104,8 @@ class SnapshotStore:
         if state_file is not None:
             shutil.copyfile(state_file, state)
         else:
+            from safetensors.torch import save_file
+
             flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
             save_file(flat, str(state), metadata={"format": "longctx-snapshot", "format_version": str(FORMAT_VERSION)})
         _fsync_path(state)
@@ -218,6 +220,8 @@ def read_snapshot_dir(path: Path, *, name: str, tensors: bool = True) -> Snapsho
             raise SnapshotError(f"{f} is corrupted or was modified: its size/sha256 differ from the manifest")
     if STATE_FILE not in manifest.get("files", {}):
         raise SnapshotError(f"{man_path} does not list {STATE_FILE}")
+    if tensors:
+        from safetensors.torch import load_file
     data = load_file(str(path / STATE_FILE)) if tensors else {}
     return Snapshot(name or manifest.get("name", ""), path, manifest, data)
 

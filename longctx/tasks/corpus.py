@@ -17,16 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .checkpoint import Interrupted
-from .config import Resolved, resolve
-from .errors import InputError, UsageError
-from .hashing import file_sha256
-from .models import load_backbone
+from ..config import Resolved, resolve
+from ..errors import InputError, UsageError
+from ..model.models import load_backbone
+from ..presets import load_preset
+from ..sharding import current_shard, in_order
+from ..storage.checkpoint import Interrupted
+from ..storage.hashing import file_sha256
+from ..stream import SegmentEvent
+from ..version import __version__
 from .perplexity import SCHEMA_VERSION, build_method, environment, perplexity
-from .presets import load_preset
-from .sharding import current_shard, in_order
-from .stream import SegmentEvent
 
 # Per-file numbers kept in the log and the report (the position buckets stay with single-file runs).
 FILE_KEYS = ("ppl", "ppl_se", "nll_sum", "nll_mean", "nll_se", "tokens", "bytes", "bits_per_byte", "segments",

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from .errors import UsageError
+from ..errors import UsageError
 from .textio import TextBlock
 
 _WORD = re.compile(r"\S+")  # same whitespace notion as str.split()

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .attention import ForwardPlan
+from ..model.attention import ForwardPlan
 
 MERGE_GAP = 16  # picked tokens at most this far apart form one span
 FOCUS_TOKENS = 48  # the most-picked tokens that seed spans

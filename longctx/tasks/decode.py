@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 
-from .attention import ForwardPlan
-from .backbone import Backbone
-from .errors import InputError
-from .methods.base import Method
+from ..errors import InputError
+from ..methods.base import Method
+from ..model.attention import ForwardPlan
+from ..model.backbone import Backbone
+from ..stream import forward_segment as step
+from ..stream import read_forward
+from ..text.segments import Segment
 from .sampling import Sampling, TextStream
-from .segments import Segment
-from .stream import forward_segment as step
-from .stream import read_forward
 
 
 @dataclass
