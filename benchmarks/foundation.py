@@ -28,7 +28,7 @@ from transformers import DynamicCache
 
 import longctx
 from longctx.model.backbone import Backbone
-from longctx.tasks.perplexity import build_method, environment
+from longctx.run import build_method, environment
 from longctx.text.textio import open_source
 from longctx.text.tokens import iter_tokens
 

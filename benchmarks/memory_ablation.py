@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 import longctx
+from longctx.run import build_method, environment
 from longctx.stream import run_stream
-from longctx.tasks.perplexity import build_method, environment
 from longctx.text.segments import iter_segments
 from longctx.text.textio import open_source
 from longctx.text.tokens import iter_tokens

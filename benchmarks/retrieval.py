@@ -26,8 +26,8 @@ from longctx.methods.knnstore import KNNStore
 from longctx.model.attention import ForwardPlan
 from longctx.model.models import load_backbone
 from longctx.resources import peak_rss_mb
+from longctx.run import build_method, environment
 from longctx.tasks.decode import plain_segments
-from longctx.tasks.perplexity import build_method, environment
 from longctx.text.textio import open_source
 from longctx.text.tokens import iter_tokens
 

@@ -22,8 +22,8 @@ import torch
 
 import longctx
 from longctx.bench.throughput import throughput_vs_length
+from longctx.run import build_method, environment
 from longctx.storage.adapters import find_adapter
-from longctx.tasks.perplexity import build_method, environment
 from longctx.tasks.recall import recall_accuracy
 from longctx.tasks.training import TokenCorpus, recall_task_for
 

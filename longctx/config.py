@@ -16,7 +16,7 @@ INT_KEYS = {"threads", "segment"}
 
 
 @dataclass(frozen=True)
-class Resolved:
+class RunSettings:
     """Resolved run settings plus the origin of each ("flag", "env", "user config", "preset", "default")."""
 
     values: dict[str, Any]
@@ -40,7 +40,7 @@ def user_config() -> dict[str, Any]:
     return data
 
 
-def resolve(flags: dict[str, Any], preset: dict[str, Any] | None = None) -> Resolved:
+def resolve(flags: dict[str, Any], preset: dict[str, Any] | None = None) -> RunSettings:
     """Merge the layers; `flags` holds None for options the user did not give."""
     layers = [("flag", {k: v for k, v in flags.items() if v is not None}), ("env", _env()),
               ("user config", user_config()), ("preset", preset or {}), ("default", DEFAULTS)]
@@ -50,7 +50,7 @@ def resolve(flags: dict[str, Any], preset: dict[str, Any] | None = None) -> Reso
             if key in layer and (layer[key] is not None or origin == "default"):
                 values[key], origins[key] = _typed(key, layer[key], origin), origin
                 break
-    return Resolved(values, origins)
+    return RunSettings(values, origins)
 
 
 def _env() -> dict[str, Any]:

@@ -19,12 +19,12 @@ from typer.testing import CliRunner
 from longctx.cli import app
 from longctx.errors import UsageError
 from longctx.model.backbone import Backbone, ModelInfo
+from longctx.run import prepare_run
 from longctx.storage.snapshot import SnapshotStore
 from longctx.tasks.citations import MERGE_GAP, RetrievalTally
 from longctx.tasks.decode import continue_text, extend, fork, ingest, plain_segments
 from longctx.tasks.generation import generate
 from longctx.tasks.ingestion import read_document
-from longctx.tasks.perplexity import prepare_run
 from longctx.tasks.qa import ask
 from longctx.tasks.sampling import Sampling, TextStream, _nucleus, stop_ids
 from longctx.text.prompts import chat_halves, qa_frame

@@ -22,7 +22,7 @@ from longctx.bench.roofline import (
 )
 from longctx.bench.throughput import throughput, throughput_vs_length
 from longctx.model.attention import ForwardPlan
-from longctx.tasks.perplexity import build_method, environment
+from longctx.run import build_method, environment
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,13 +11,14 @@ from tiny_tokenizers import sample_text
 from typer.testing import CliRunner
 
 import longctx
+import longctx.run as run_module  # where every task loads its model
+import longctx.tasks.corpus as corpus_module
 from longctx.cli import app
 from longctx.errors import InputError, UsageError
 from longctx.storage.checkpoint import Interrupted
 from longctx.tasks.corpus import perplexity_many, read_file_list
 
 runner = CliRunner()
-corpus_module = sys.modules["longctx.tasks.corpus"]
 STABLE = ("ppl", "nll_sum", "nll_mean", "tokens", "bytes", "bits_per_byte", "segments", "token_sha256")
 
 
@@ -93,7 +93,7 @@ def test_missing_and_unusable_documents_fail_before_any_work(model_dir, docs, tm
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not load when a document is missing")
 
-    monkeypatch.setattr(corpus_module, "load_backbone", no_model)
+    monkeypatch.setattr(run_module, "load_backbone", no_model)
     log = tmp_path / "run.jsonl"
     lst = tmp_path / "list.txt"
     lst.write_text(f"{docs[0]}\n{tmp_path / 'gone.txt'}\n{tmp_path}\n{docs[0]}\n")

@@ -111,7 +111,7 @@ def test_infllm_copies_a_pass_key_from_its_block_memory(default_backbone, book):
     import random
 
     from longctx.bench.passkey import Filler, make_trial, run_trial
-    from longctx.tasks.perplexity import build_method
+    from longctx.run import build_method
 
     method, _ = build_method("infllm", default_backbone)
     filler, rng = Filler.from_file(book, default_backbone.tokenizer), random.Random(0)

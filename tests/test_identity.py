@@ -19,11 +19,11 @@ from longctx.interrupts import stop_after
 from longctx.methods import get_method
 from longctx.model.backbone import Backbone, ModelInfo
 from longctx.model.identity import architecture, tokenizer_sha256, weights_sha256
+from longctx.run import build_method
 from longctx.storage.adapters import save_adapter
 from longctx.storage.checkpoint import Interrupted
 from longctx.storage.migration import migrate_adapter, migrate_snapshot
 from longctx.storage.snapshot import SnapshotError, SnapshotStore
-from longctx.tasks.perplexity import build_method
 
 
 def backbone(model=None, tokenizer=None, **config) -> Backbone:

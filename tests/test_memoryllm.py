@@ -17,10 +17,10 @@ from longctx.methods.mplus import LongTerm
 from longctx.model.attention import ForwardPlan
 from longctx.model.backbone import Backbone, ModelInfo
 from longctx.model.lora import LoraSpec, add_lora, lora_parameters
+from longctx.run import build_method
 from longctx.storage.adapters import role_spec, save_adapter
 from longctx.storage.snapshot import SnapshotStore
 from longctx.stream import forward_segment, run_stream, scored_nll
-from longctx.tasks.perplexity import build_method
 from longctx.tasks.training import TokenCorpus, TrainConfig, Trainer, window_segments
 
 SMALL = {"pool": 6, "update": 4}

@@ -165,7 +165,7 @@ def test_memorizing_store_holds_the_evicted_tokens_and_dump_shows_them(tiny_back
 
 
 def test_unimix_refuses_untrained_tokens_and_has_memory_only_upstairs(tiny_backbone):
-    from longctx.tasks.perplexity import build_method
+    from longctx.run import build_method
 
     with pytest.raises(UsageError, match="--allow-untrained"):
         build_method("unimix", tiny_backbone, {"rmt_tokens": 16})

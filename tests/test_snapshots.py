@@ -183,7 +183,6 @@ def test_damaged_snapshots_are_named_and_left_alone(tiny_backbone):
 def test_full_disk_fails_cleanly_and_keeps_previous(monkeypatch):
     import errno
 
-    from longctx.storage import snapshot
 
     store = SnapshotStore()
     store.save("fd", {"x": torch.ones(3)}, {"n": 1})
@@ -191,7 +190,7 @@ def test_full_disk_fails_cleanly_and_keeps_previous(monkeypatch):
     def no_space(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(snapshot, "save_file", no_space)
+    monkeypatch.setattr("safetensors.torch.save_file", no_space)  # the store imports it when writing
     with pytest.raises(SnapshotError, match="disk is full.*previous version"):
         store.save("fd", {"x": torch.zeros(3)}, {"n": 2})
     monkeypatch.undo()

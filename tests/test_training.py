@@ -23,10 +23,10 @@ from longctx.errors import UsageError
 from longctx.methods import get_method
 from longctx.model.backbone import Backbone, ModelInfo
 from longctx.model.lora import LoraSpec
+from longctx.run import build_method
 from longctx.storage.adapters import attach_adapter, save_adapter
 from longctx.storage.snapshot import SnapshotError, SnapshotStore
 from longctx.stream import run_stream
-from longctx.tasks.perplexity import build_method
 from longctx.tasks.recall import RecallTask, recall_accuracy
 from longctx.tasks.training import TrainConfig, Trainer, parse_curriculum, unroll, window_segments
 
@@ -175,6 +175,29 @@ def test_adapter_that_does_not_fit_is_refused_naming_the_difference(tmp_path):
     with pytest.raises(SnapshotError, match="method"):
         m = make("hmt", Backbone(tiny_model(), byte_bpe_tokenizer(), ModelInfo("tiny-llama", "test")))
         attach_adapter(m, path, m.backbone)
+
+
+def test_train_honours_the_environment_and_the_user_config(model_dir, tmp_path, isolated_home, monkeypatch):
+    """`train` resolves its settings like every command: LONGCTX_* env, then LONGCTX_HOME/config.yaml."""
+    import longctx.run
+
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    (isolated_home / "config.yaml").write_text("threads: 1\ndtype: fp16\n")
+    monkeypatch.setenv("LONGCTX_DTYPE", "bf16")  # env beats the user config
+    monkeypatch.setenv("LONGCTX_MODEL", model_dir)
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def load(model, **kwargs):
+        seen.update(model=model, **kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(longctx.run, "load_backbone", load)
+    with pytest.raises(Loaded):
+        longctx.train([str(tmp_path / "unused.txt")], "rmt", str(tmp_path / "out"), TrainConfig())
+    assert seen == {"model": model_dir, "dtype": "bf16", "device": "cpu", "threads": 1}
 
 
 def test_curriculum_parsing_and_schedule():

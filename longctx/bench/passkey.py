@@ -240,7 +240,7 @@ def passkey_bench(filler_path: str, methods: Sequence[str], config: PasskeyConfi
                   on_result: Callable[[TrialResult], None] | None = None) -> dict[str, Any]:
     """`longctx bench passkey` as a library call: load the model, build the methods, run, describe the run.
     Trainable methods load their presets' adapters (or refuse, unless `allow_untrained`)."""
-    from ..tasks.perplexity import build_method
+    from ..run import build_method
     from .record import bench_backbone, described
 
     backbone = bench_backbone(backbone, model=model, dtype=dtype, device=device, threads=threads)

@@ -20,7 +20,7 @@ import torch
 from ..errors import UsageError
 from ..model.backbone import Backbone
 from ..model.identity import library_versions
-from ..tasks.perplexity import environment
+from ..run import environment
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../longctx
 GIT_TIMEOUT_S = 5.0
@@ -29,7 +29,7 @@ GIT_TIMEOUT_S = 5.0
 def run_record(backbone: Backbone, *, seed: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything a result file must carry beyond the method protocol, JSON-serialisable.
 
-    Extends `longctx.tasks.perplexity.environment()` (whose keys are kept as they are) with the model fingerprint,
+    Extends `longctx.run.environment()` (whose keys are kept as they are) with the model fingerprint,
     dtype and device, library versions, the git state of the package's checkout, the CPU model, RAM, load
     averages, the GPU in use, the command line, a UTC timestamp and the seed. `extra` keys are added last.
     """
@@ -115,12 +115,9 @@ def bench_backbone(backbone: Backbone | None = None, *, model: str | None = None
     """The given backbone, else the model the settings name (flag > env > user config > default), loaded."""
     if backbone is not None:
         return backbone
-    from ..config import resolve
-    from ..model.models import load_backbone
+    from ..run import backbone_for, resolve_settings
 
-    settings = resolve({"model": model, "dtype": dtype, "device": device, "threads": threads})
-    return load_backbone(settings["model"], dtype=settings["dtype"], device=settings["device"],
-                         threads=settings["threads"])
+    return backbone_for(resolve_settings(model=model, dtype=dtype, device=device, threads=threads))
 
 
 def described(result: dict[str, Any], filler: str, backbone: Backbone) -> dict[str, Any]:

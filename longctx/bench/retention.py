@@ -115,7 +115,7 @@ def retention(backbone: Backbone, methods: Sequence[str], filler_path: str, conf
               options: dict[str, dict[str, Any]] | None = None, allow_untrained: bool = False,
               on_item: Callable[[RetentionItem], None] | None = None) -> RetentionReport:
     """Every method reads the same streams and answers the same questions at every distance."""
-    from ..tasks.perplexity import prepare_run
+    from ..run import prepare_run
 
     tok = backbone.tokenizer
     frame = qa_frame(tok, None, config.instruction)

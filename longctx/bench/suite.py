@@ -128,7 +128,7 @@ def _ppl(backbone: Backbone, suite: Suite, names: list[str], book: str) -> dict[
 
 
 def _built(backbone: Backbone, names: list[str]):
-    from ..tasks.perplexity import build_method
+    from ..run import build_method
 
     return [build_method(n, backbone)[0] for n in names]
 

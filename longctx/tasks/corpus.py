@@ -17,16 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import Resolved, resolve
+from ..config import RunSettings
 from ..errors import InputError, UsageError
-from ..model.models import load_backbone
 from ..presets import load_preset
+from ..run import backbone_for, build_method, environment, resolve_settings
 from ..sharding import current_shard, in_order
 from ..storage.checkpoint import Interrupted
 from ..storage.hashing import file_sha256
 from ..stream import SegmentEvent
 from ..version import __version__
-from .perplexity import SCHEMA_VERSION, build_method, environment, perplexity
+from .perplexity import SCHEMA_VERSION, perplexity
 
 # Per-file numbers kept in the log and the report (the position buckets stay with single-file runs).
 FILE_KEYS = ("ppl", "ppl_se", "nll_sum", "nll_mean", "nll_se", "tokens", "bytes", "bits_per_byte", "segments",
@@ -59,7 +59,7 @@ class CorpusReport:
 
     files: list[FileResult]
     setup: dict[str, Any]
-    settings: Resolved
+    settings: RunSettings
     fingerprint: dict[str, Any]
     log: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -219,12 +219,11 @@ def perplexity_many(paths: Sequence[str], method: str | None = None, *, model: s
         raise UsageError("no documents to score")
     check_documents(paths)
     preset = load_preset(method or "xl")
-    flags = {"model": model, "dtype": dtype, "device": device, "threads": threads, "segment": segment}
-    settings = resolve(flags, {"segment": preset.segment})
+    settings = resolve_settings(model=model, dtype=dtype, device=device, threads=threads, segment=segment,
+                                preset=preset)
     shard = current_shard(settings["device"])
     if backbone is None:
-        backbone = load_backbone(settings["model"], dtype=settings["dtype"], device=shard.device(settings["device"]),
-                                 threads=settings["threads"])
+        backbone = backbone_for(settings, shard.device(settings["device"]))
     overrides = {**(options or {}).get(preset.method, {}), **(options or {}).get(preset.name, {})}
     built, _ = build_method(preset, backbone, overrides, adapter=adapter, allow_untrained=allow_untrained)
     built.check_segment(settings["segment"])

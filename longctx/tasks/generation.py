@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import UsageError
+from ..run import environment, prepare_run
 from ..text.segments import Segment
 from .decode import continue_streamed
 from .ingestion import DocumentMemory, read_document
-from .perplexity import environment, prepare_run
 from .sampling import Sampling, stop_ids
 
 DEFAULT_METHOD = "xl"  # training-free, works with any model; see docs/generate.md for the others

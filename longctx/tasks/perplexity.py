@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import stat
 import tempfile
@@ -13,18 +12,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from ..config import Resolved, resolve
-from ..errors import InputError, LongctxError, UsageError
-from ..methods import get_method
+from ..config import RunSettings
+from ..errors import InputError, UsageError
 from ..methods.base import Method
 from ..metrics import paired_delta, summarize
 from ..model.backbone import Backbone
-from ..model.models import load_backbone
 from ..presets import Preset, load_preset
 from ..resources import peak_gpu_mb, peak_rss_mb, reset_peak_rss
-from ..storage.adapters import attach_adapter, require_trained
+from ..run import backbone_for, build_method, environment, resolve_settings
 from ..storage.checkpoint import (
     Interrupted,
     RunSpec,
@@ -73,7 +68,7 @@ class PplReport:
 
     source: dict[str, Any]
     runs: list[MethodRun]
-    settings: Resolved
+    settings: RunSettings
     fingerprint: dict[str, Any]
     deltas: list[dict[str, Any]] = field(default_factory=list)
 
@@ -83,65 +78,8 @@ class PplReport:
                 "runs": [r.to_dict() for r in self.runs], "deltas": self.deltas, "environment": environment()}
 
 
-def environment() -> dict[str, Any]:
-    """Library versions, threads and machine, printed with every result."""
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-
-
 def _memory_entries(state: Any) -> int | None:
     return len(state) if hasattr(state, "__len__") else None
-
-
-def build_method(spec: str | Preset, backbone: Backbone, overrides: dict[str, Any] | None = None, *,
-                 adapter: str | None = None, allow_untrained: bool = False) -> tuple[Method, Preset]:
-    """Instantiate a method from a preset name/path (or Preset), with option overrides. A trainable method
-    loads `adapter` (else the preset's); without one it refuses unless `allow_untrained`."""
-    preset = load_preset(spec) if isinstance(spec, str) else spec
-    cls = get_method(preset.method)
-    options = cls.Options.from_mapping({**preset.options, **(overrides or {})}, where=f"{preset.method} option")
-    method = cls(options, backbone)
-    if adapter:
-        attach_adapter(method, adapter, backbone)
-    elif preset.adapter:
-        _attach_preset_adapter(method, preset, backbone, allow_untrained)
-    else:
-        require_trained(method, allow_untrained)
-    return method, preset
-
-
-def prepare_run(name: str, *, model: str | None = None, dtype: str | None = None, device: str | None = None,
-                threads: int | None = None, segment: int | None = None, options: dict[str, Any] | None = None,
-                adapter: str | None = None, allow_untrained: bool = False,
-                backbone: Backbone | None = None) -> tuple[Backbone, RunSpec, float]:
-    """One method ready to read a document: settings resolved (flag > env > user config > preset > default),
-    the backbone loaded (unless given), the method built and its segment checked. Returns the seconds the
-    backbone took to load (0 when given)."""
-    preset = load_preset(name)
-    flags = {"model": model, "dtype": dtype, "device": device, "threads": threads, "segment": segment}
-    settings = resolve(flags, {"segment": preset.segment})
-    t0 = time.perf_counter()
-    if backbone is None:
-        backbone = load_backbone(settings["model"], dtype=settings["dtype"], device=settings["device"],
-                                 threads=settings["threads"])
-    load_s = time.perf_counter() - t0
-    method, _ = build_method(preset, backbone, options, adapter=adapter, allow_untrained=allow_untrained)
-    method.check_segment(settings["segment"])
-    return backbone, RunSpec(method, preset.name, settings["segment"], None), load_s
-
-
-def _attach_preset_adapter(method: Method, preset: Preset, backbone: Backbone, allow_untrained: bool) -> None:
-    """The preset's adapter fits the model it was trained on; on another model the method runs untrained
-    only when that is allowed, else the refusal says why and what to do."""
-    try:
-        attach_adapter(method, preset.adapter, backbone)
-    except LongctxError as e:
-        if not allow_untrained:
-            raise UsageError(f"preset '{preset.name}' names adapter '{preset.adapter}', which does not fit this run "
-                             f"({e}); pass --adapter NAME, or --allow-untrained to run {method.name} untrained") from None
 
 
 def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | None = None,
@@ -175,10 +113,9 @@ def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | 
         dtype = dtype or snap.manifest["fingerprint"]["dtype"]
     presets = [load_preset(m) for m in names]
     flags = {"model": model, "dtype": dtype, "device": device, "threads": threads, "segment": segment}
-    settings = resolve(flags, {"segment": presets[0].segment})
+    settings = resolve_settings(**flags, preset=presets[0])
     if backbone is None:
-        backbone = load_backbone(settings["model"], dtype=settings["dtype"], device=settings["device"],
-                                 threads=settings["threads"])
+        backbone = backbone_for(settings)
     specs = _specs(presets, backbone, flags, options, max_tokens, snap, path, adapter, allow_untrained)
     runs, source = [], {}
     with _replayable(path, len(specs)) as src_path:
@@ -216,7 +153,7 @@ def _specs(presets: list[Preset], backbone: Backbone, flags: dict[str, Any], opt
         opts = options or {}
         method, _ = build_method(p, backbone, {**opts.get(p.method, {}), **opts.get(p.name, {})},
                                  adapter=adapter if i == 0 else None, allow_untrained=allow_untrained)
-        seg = resolve(flags, {"segment": p.segment})["segment"]
+        seg = resolve_settings(**flags, preset=p)["segment"]
         method.check_segment(seg)
         specs.append(RunSpec(method, p.name, seg, max_tokens))
     return specs

@@ -26,6 +26,7 @@ import torch
 from ..errors import UsageError
 from ..methods.base import Method, MethodOptions, option
 from ..model.backbone import Backbone
+from ..run import environment, prepare_run
 from ..storage.paths import longctx_home
 from ..storage.snapshot import SnapshotError, SnapshotStore
 from ..text.prompts import QAFrame, check_question, qa_frame
@@ -33,7 +34,6 @@ from ..text.segments import Segment
 from .citations import Citation, RetrievalTally, held_citations, retrieved_citations
 from .decode import Ingested, continue_streamed, extend, fork, ingest, plain_segments
 from .ingestion import DocumentMemory, read_document
-from .perplexity import environment, prepare_run
 from .sampling import Sampling, stop_ids
 
 # The memory method that reaches past its window best (passkey 90-95 % at 16k-32k, docs/benchmarks.md), reads

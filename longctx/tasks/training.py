@@ -423,12 +423,11 @@ def train(files: Sequence[str], method: str, out: str, config: TrainConfig, *, v
 
     Resumes from `out`'s training checkpoint when one exists (unless `fresh`). `init_adapter` starts from an
     earlier adapter (HMT's stage 2 from stage 1)."""
-    from ..model.models import load_backbone
+    from ..run import backbone_for, build_method, environment, resolve_settings
     from ..storage.adapters import attach_adapter, save_adapter
-    from .perplexity import build_method, environment
 
-    if backbone is None:
-        backbone = load_backbone(model, dtype=dtype or "auto", device=device or "cpu", threads=threads)
+    if backbone is None:  # flag > LONGCTX_* env > user config > default, as every other command
+        backbone = backbone_for(resolve_settings(model=model, dtype=dtype, device=device, threads=threads))
     m, preset = build_method(method, backbone, options, allow_untrained=True)
     if not isinstance(m, TrainableMethod):
         trainable = ", ".join(sorted(n for n, c in METHODS.items() if c.trainable))
