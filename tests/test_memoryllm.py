@@ -5,6 +5,8 @@ and the adapter round trip."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -230,9 +232,14 @@ def test_retrieval_takes_min_k0_oldest_first_and_is_what_each_layer_attends(tiny
     m = make("mplus", tiny_backbone, **PLUS)
     state = fill(m, m.init_state(), updates)  # store: 2 slots (fewer than K0 = 5) or 18
     count = min(5, len(state.ltm))
-    seg = window_segments(ids(17, seed=2), 16)[0]
+    before, seg = window_segments(ids(33, seed=2), 16)[:2]
     seen = {}
     with torch.inference_mode():
+        _, plan = m.read(state, before)  # the text read before `seg`: it chooses what `seg` retrieves
+        tiny_backbone.forward(before.ids, plan)
+        chooser = torch.stack([plan.queries[i] for i in range(tiny_backbone.num_layers)])
+        assert chooser.shape == (tiny_backbone.num_layers, 16, m.options.retriever_dim)
+        state = replace(state, queries=chooser)  # as writing `before` would leave it, without the pool update
         _, plan = m.read(state, seg)
         tap = plan.on_layer_input
         plan.on_layer_input = lambda layer, h: (seen.__setitem__(layer, h.clone()), tap(layer, h))
@@ -243,8 +250,9 @@ def test_retrieval_takes_min_k0_oldest_first_and_is_what_each_layer_attends(tiny
             picked = plan.ltm_picked[layer]
             assert len(picked) == count
             assert bool((state.ltm.origin[picked, UPDATE].diff() >= 0).all())  # oldest first
-            score = m.relevance(layer, seen[layer], state.ltm.keys[:, layer])
+            score = torch.sigmoid(chooser[layer] @ state.ltm.keys[:, layer].T).mean(0)
             assert set(picked.tolist()) == set(torch.topk(score, count).indices.tolist())
+            assert torch.equal(plan.queries[layer], m.project("q", layer, seen[layer]))  # kept for the next
             h = tiny_backbone.layer_norm_input(layer, state.ltm.hidden[picked, layer])
             k, v = tiny_backbone.layer_kv(layer, h)
             keys[layer] = torch.cat((keys[layer][:, :1], k, keys[layer][:, 1:]), dim=1)
