@@ -390,3 +390,24 @@ def test_a_memoryllm_adapter_starts_mplus_training_but_never_runs_it_as_trained(
     assert torch.equal(plus.params.bos, m.params.bos) and torch.equal(plus.params.new_memory_pos, m.params.new_memory_pos)
     assert set(plus.loras) == {"write", "read"}
     assert all(torch.equal(plus.params.state_dict()[k], v) for k, v in retriever.items())
+
+
+def test_text_chooses_long_term_slots_with_the_segment_before_it_and_a_prompt_with_its_own(tiny_backbone):
+    """Changing a segment's last token never changes what text retrieves (perplexity stays causal); a
+    prompt (a question, `Segment.prompt`) retrieves with its own tokens, so its choice moves with them."""
+    m = make("mplus", tiny_backbone, **PLUS)
+    state = m.init_state()
+    with torch.inference_mode():
+        for seg in window_segments(ids(129, seed=4), 16):
+            state, _, _ = forward_segment(tiny_backbone, m, state, seg)
+        assert len(state.ltm) > m.options.retrieve and state.queries is not None
+        text, prompt = set(), set()
+        for last in range(3, 40):
+            probe = ids(17, seed=5)
+            probe[15] = last
+            seg = window_segments(probe, 16)[0]
+            for chosen, flag in ((text, False), (prompt, True)):
+                seg.prompt = flag
+                _, _, plan = forward_segment(tiny_backbone, m, m.fork_state(state), seg)
+                chosen.add(tuple(torch.cat(list(plan.ltm_picked.values())).tolist()))
+    assert len(text) == 1 and len(prompt) > 1
