@@ -10,8 +10,8 @@ Reading: at every layer, before its attention runs (a layer tap), each LTM slot 
 a segment's tokens of σ(f_q(h)·f_k(h_slot)); the top K0 (all if fewer), sorted oldest first, join the keys
 as [bos; retrieved; pool; x] (positions 0, 1..K0', K0'+1..). M+ scores with the current tokens, so a
 token's keys would depend on the tokens after it; here text is scored with the tokens of the segment read
-before it (their f_q(h) per layer, kept in the state), and only a prompt (a question) with its own. f_q and f_k are small per-layer MLPs
-(RMSNorm, d -> 2r -> r, no bias). The retriever trains with a BCE on detached states (it never changes the
+before it (their f_q(h) per layer, kept in the state), and only a prompt (a question) with its own.
+f_q and f_k are small per-layer MLPs (RMSNorm, d -> 2r -> r, no bias). The retriever trains with a BCE on detached states (it never changes the
 LM), against labels taken from the layer's own attention (see docs/methods/mplus.md for why).
 """
 
@@ -33,6 +33,7 @@ from .memoryllm import UPDATE, MemoryLLM, MemoryLLMOptions, PoolState, slot_grou
 from .recurrent import gaussian
 
 AGE_BUCKETS = 8  # `memory dump`'s age histogram of the long-term store
+OWN = "own"  # a prompt segment chooses its long-term slots with its own tokens
 
 
 @dataclass(frozen=True)
@@ -152,8 +153,8 @@ class MPlus(MemoryLLM):
         return MPlusState(**vars(super().init_state()), ltm=ltm)
 
     def state_tensors(self, state: MPlusState) -> dict[str, torch.Tensor]:
-        b = self.backbone
-        queries = state.queries if state.queries is not None else torch.zeros(b.num_layers, 0, self.options.retriever_dim)
+        layers, r = self.backbone.num_layers, self.options.retriever_dim
+        queries = state.queries if state.queries is not None else torch.zeros(layers, 0, r)  # never None in a file
         return {**super().state_tensors(state), **state.ltm.tensors(), "queries": queries}
 
     def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> MPlusState:
@@ -167,7 +168,7 @@ class MPlus(MemoryLLM):
         count = min(self.options.retrieve, len(state.ltm))
         plan = MPlusPlan(**vars(self.pool_plan(state.pool, len(seg), reserved=count)))
         # text chooses with the segment read before it (causal); a prompt with its own tokens
-        basis = "own" if seg.prompt else state.queries
+        basis = OWN if seg.prompt else state.queries
         # a weak reference: the plan holds its tap, and a tap holding the plan would be a reference cycle that
         # keeps every forward's keys/values (~0.5 MB per layer) alive until the garbage collector runs
         ref = weakref.ref(plan)
@@ -177,13 +178,17 @@ class MPlus(MemoryLLM):
     def layer_tap(self, plan: MPlusPlan, ltm: LongTerm, count: int, basis: torch.Tensor | str | None, layer: int,
                   h_x: torch.Tensor) -> None:
         """Keep f_q of this segment's attention inputs `h_x [q, d]` (the next segment chooses with them), then
-        retrieve with `basis`: earlier f_q projections `[layers, n, r]`, "own" (these) or None (nothing read
+        retrieve with `basis`: earlier f_q projections `[layers, n, r]`, OWN (these) or None (nothing read
         yet to choose with: the newest slots)."""
         with torch.no_grad():
             plan.queries[layer] = self.project("q", layer, h_x.detach())
-        if count:
-            chooser = plan.queries[layer] if isinstance(basis, str) else basis if basis is None else basis[layer]
-            self.retrieve_into(plan, ltm, count, layer, h_x, chooser)
+        if not count:
+            return
+        if isinstance(basis, torch.Tensor):
+            chooser = basis[layer]
+        else:
+            chooser = plan.queries[layer] if basis == OWN else None
+        self.retrieve_into(plan, ltm, count, layer, h_x, chooser)
 
     def retrieve_into(self, plan: MPlusPlan, ltm: LongTerm, count: int, layer: int, h_x: torch.Tensor,
                       chooser: torch.Tensor | None) -> None:
