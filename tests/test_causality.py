@@ -21,7 +21,7 @@ import torch
 
 from longctx.adapters import role_spec
 from longctx.decode import greedy, ingest, plain_segments
-from longctx.lora import LoraSpec, add_lora, lora_parameters
+from longctx.lora import LoraSpec, add_lora
 from longctx.methods import METHODS, get_method
 from longctx.methods.base import Method
 from longctx.methods.recurrent import TrainableMethod

@@ -11,8 +11,9 @@ a segment's tokens of σ(f_q(h)·f_k(h_slot)); the top K0 (all if fewer), sorted
 as [bos; retrieved; pool; x] (positions 0, 1..K0', K0'+1..). M+ scores with the current tokens, so a
 token's keys would depend on the tokens after it; here text is scored with the tokens of the segment read
 before it (their f_q(h) per layer, kept in the state), and only a prompt (a question) with its own.
-f_q and f_k are small per-layer MLPs (RMSNorm, d -> 2r -> r, no bias). The retriever trains with a BCE on detached states (it never changes the
-LM), against labels taken from the layer's own attention (see docs/methods/mplus.md for why).
+f_q and f_k are small per-layer MLPs (RMSNorm, d -> 2r -> r, no bias). The retriever trains with a BCE on
+detached states (it never changes the LM), against labels taken from the layer's own attention (see
+docs/methods/mplus.md for why).
 """
 
 from __future__ import annotations
