@@ -48,6 +48,19 @@ def test_ppl_json_compare_same_tokens(model_dir, book):
     assert runs["xl"]["unimem"]["management"].startswith("FIFO of 48 tokens")
 
 
+def test_ppl_refuses_to_compare_a_non_causal_method_with_causal_ones(model_dir, book):
+    common = ("--model", model_dir, "--segment", "32", "--max-tokens", "200", "--allow-untrained",
+              "-o", "hmt.sensory=4", "-o", "hmt.summary=current")
+    r = ppl(book, "--compare", "xl,hmt", *common)
+    assert r.exit_code == 2 and "non-causal" in r.stderr and "not comparable" in r.stderr
+    alone = ppl(book, "-m", "hmt", "--json", *common)
+    assert alone.exit_code == 0, alone.stderr
+    run = json.loads(alone.stdout)["runs"][0]
+    assert run["causal"] is False and "non-causal" in run["protocol"]
+    causal = ppl(book, "-m", "hmt", "--json", *common[:-2])
+    assert json.loads(causal.stdout)["runs"][0]["causal"] is True
+
+
 def test_ppl_jsonl_events_then_result(model_dir, book):
     r = ppl(book, "--model", model_dir, "--segment", "50", "--max-tokens", "160", "--jsonl", "-m", "window")
     assert r.exit_code == 0, r.stderr

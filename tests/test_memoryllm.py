@@ -5,6 +5,8 @@ and the adapter round trip."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -230,9 +232,14 @@ def test_retrieval_takes_min_k0_oldest_first_and_is_what_each_layer_attends(tiny
     m = make("mplus", tiny_backbone, **PLUS)
     state = fill(m, m.init_state(), updates)  # store: 2 slots (fewer than K0 = 5) or 18
     count = min(5, len(state.ltm))
-    seg = window_segments(ids(17, seed=2), 16)[0]
+    before, seg = window_segments(ids(33, seed=2), 16)[:2]
     seen = {}
     with torch.inference_mode():
+        _, plan = m.read(state, before)  # the text read before `seg`: it chooses what `seg` retrieves
+        tiny_backbone.forward(before.ids, plan)
+        chooser = torch.stack([plan.queries[i] for i in range(tiny_backbone.num_layers)])
+        assert chooser.shape == (tiny_backbone.num_layers, 16, m.options.retriever_dim)
+        state = replace(state, queries=chooser)  # as writing `before` would leave it, without the pool update
         _, plan = m.read(state, seg)
         tap = plan.on_layer_input
         plan.on_layer_input = lambda layer, h: (seen.__setitem__(layer, h.clone()), tap(layer, h))
@@ -243,8 +250,9 @@ def test_retrieval_takes_min_k0_oldest_first_and_is_what_each_layer_attends(tiny
             picked = plan.ltm_picked[layer]
             assert len(picked) == count
             assert bool((state.ltm.origin[picked, UPDATE].diff() >= 0).all())  # oldest first
-            score = m.relevance(layer, seen[layer], state.ltm.keys[:, layer])
+            score = torch.sigmoid(chooser[layer] @ state.ltm.keys[:, layer].T).mean(0)
             assert set(picked.tolist()) == set(torch.topk(score, count).indices.tolist())
+            assert torch.equal(plan.queries[layer], m.project("q", layer, seen[layer]))  # kept for the next
             h = tiny_backbone.layer_norm_input(layer, state.ltm.hidden[picked, layer])
             k, v = tiny_backbone.layer_kv(layer, h)
             keys[layer] = torch.cat((keys[layer][:, :1], k, keys[layer][:, 1:]), dim=1)
@@ -382,3 +390,24 @@ def test_a_memoryllm_adapter_starts_mplus_training_but_never_runs_it_as_trained(
     assert torch.equal(plus.params.bos, m.params.bos) and torch.equal(plus.params.new_memory_pos, m.params.new_memory_pos)
     assert set(plus.loras) == {"write", "read"}
     assert all(torch.equal(plus.params.state_dict()[k], v) for k, v in retriever.items())
+
+
+def test_text_chooses_long_term_slots_with_the_segment_before_it_and_a_prompt_with_its_own(tiny_backbone):
+    """Changing a segment's last token never changes what text retrieves (perplexity stays causal); a
+    prompt (a question, `Segment.prompt`) retrieves with its own tokens, so its choice moves with them."""
+    m = make("mplus", tiny_backbone, **PLUS)
+    state = m.init_state()
+    with torch.inference_mode():
+        for seg in window_segments(ids(129, seed=4), 16):
+            state, _, _ = forward_segment(tiny_backbone, m, state, seg)
+        assert len(state.ltm) > m.options.retrieve and state.queries is not None
+        text, prompt = set(), set()
+        for last in range(3, 40):
+            probe = ids(17, seed=5)
+            probe[15] = last
+            seg = window_segments(probe, 16)[0]
+            for chosen, flag in ((text, False), (prompt, True)):
+                seg.prompt = flag
+                _, _, plan = forward_segment(tiny_backbone, m, m.fork_state(state), seg)
+                chosen.add(tuple(torch.cat(list(plan.ltm_picked.values())).tolist()))
+    assert len(text) == 1 and len(prompt) > 1

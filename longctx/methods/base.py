@@ -191,10 +191,16 @@ class Method(ABC):
         """What the memory holds, as groups of entries with their provenance (for `memory dump`)."""
         return []
 
+    @property
+    def causal(self) -> bool:
+        """Whether every scored token sees only the tokens before it (and memory of them). A non-causal
+        configuration says so in its protocol string and is never compared with causal ones."""
+        return True
+
     def describe(self) -> str:
-        """`name(key=value, ...)`: the protocol string printed with every number."""
-        opts = ", ".join(f"{k}={v}" for k, v in self.options.to_dict().items())
-        return f"{self.name}({opts})"
+        """`name(key=value, ...)`: the protocol string printed with every number (`non-causal` last if so)."""
+        opts = [f"{k}={v}" for k, v in self.options.to_dict().items()] + ([] if self.causal else ["non-causal"])
+        return f"{self.name}({', '.join(opts)})"
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -7,10 +7,13 @@ at insertion), its age (the update it was written at) and a recall frequency per
 lowest frequency summed over layers are pruned.
 
 Reading: at every layer, before its attention runs (a layer tap), each LTM slot is scored by the mean over
-the current tokens of σ(f_q(h_x)·f_k(h_slot)); the top K0 (all if fewer), sorted oldest first, join the keys
-as [bos; retrieved; pool; x] (positions 0, 1..K0', K0'+1..). f_q and f_k are small per-layer MLPs
-(RMSNorm, d -> 2r -> r, no bias). The retriever trains with a BCE on detached states (it never changes the
-LM), against labels taken from the layer's own attention (see docs/methods/mplus.md for why).
+a segment's tokens of σ(f_q(h)·f_k(h_slot)); the top K0 (all if fewer), sorted oldest first, join the keys
+as [bos; retrieved; pool; x] (positions 0, 1..K0', K0'+1..). M+ scores with the current tokens, so a
+token's keys would depend on the tokens after it; here text is scored with the tokens of the segment read
+before it (their f_q(h) per layer, kept in the state), and only a prompt (a question) with its own.
+f_q and f_k are small per-layer MLPs (RMSNorm, d -> 2r -> r, no bias). The retriever trains with a BCE on
+detached states (it never changes the LM), against labels taken from the layer's own attention (see
+docs/methods/mplus.md for why).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .memoryllm import UPDATE, MemoryLLM, MemoryLLMOptions, PoolState, slot_grou
 from .recurrent import gaussian
 
 AGE_BUCKETS = 8  # `memory dump`'s age histogram of the long-term store
+OWN = "own"  # a prompt segment chooses its long-term slots with its own tokens
 
 
 @dataclass(frozen=True)
@@ -84,13 +88,18 @@ class MPlusState(PoolState):
     """MemoryLLM's pool state plus the long-term store (carried along by every pool update)."""
 
     ltm: LongTerm | None = None
+    # [layers, n, r] f_q of the attention inputs of the last segment read: what the next text segment
+    # chooses its long-term slots with (None before any segment)
+    queries: torch.Tensor | None = None
 
 
 @dataclass
 class MPlusPlan(ForwardPlan):
-    """A forward plan that also records which long-term slots each layer retrieved (rows of the store)."""
+    """A forward plan that also records which long-term slots each layer retrieved (rows of the store) and
+    each layer's f_q of this segment's tokens (what the next segment chooses with)."""
 
     ltm_picked: dict[int, torch.Tensor] = field(default_factory=dict)
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @register
@@ -119,8 +128,8 @@ class MPlus(MemoryLLM):
         return F.silu(x @ getattr(p, f"f{side}_in")[layer]) @ getattr(p, f"f{side}_out")[layer]
 
     def relevance(self, layer: int, h_x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """`[m]`: each slot's mean over the current tokens of σ(f_q(h_x)·key), keys `[m, r]` = f_k(h_slot)."""
-        return torch.sigmoid(self.project("q", layer, h_x.detach()) @ keys.T).mean(0)
+        """`[m]`: each slot's mean over the tokens `h_x` of σ(f_q(h_x)·key), keys `[m, r]` = f_k(h_slot)."""
+        return score(self.project("q", layer, h_x.detach()), keys)
 
     # ---- the UniMem point and sizes ------------------------------------------------------------------------
     def unimem(self) -> UniMem:
@@ -128,7 +137,7 @@ class MPlus(MemoryLLM):
         return replace(base, management=f"{base.management}; dropped slots move to a CPU long-term store of {o.ltm} "
                                         "(least recalled pruned)",
                        reading=f"position: every pool slot + similarity: learned retriever, top {o.retrieve} "
-                               "long-term slots per layer (oldest first)")
+                               "long-term slots per layer (oldest first), chosen with the previous segment's tokens")
 
     def memory_span(self) -> int:
         return super().memory_span() + self.options.retrieve
@@ -145,28 +154,48 @@ class MPlus(MemoryLLM):
         return MPlusState(**vars(super().init_state()), ltm=ltm)
 
     def state_tensors(self, state: MPlusState) -> dict[str, torch.Tensor]:
-        return {**super().state_tensors(state), **state.ltm.tensors()}
+        layers, r = self.backbone.num_layers, self.options.retriever_dim
+        queries = state.queries if state.queries is not None else torch.zeros(layers, 0, r)  # never None in a file
+        return {**super().state_tensors(state), **state.ltm.tensors(), "queries": queries}
 
     def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> MPlusState:
-        return MPlusState(**vars(super().state_from_tensors(tensors)), ltm=LongTerm.from_tensors(tensors))
+        q = tensors.get("queries")
+        queries = q.to(self.backbone.device) if q is not None and q.shape[1] else None
+        return MPlusState(**vars(super().state_from_tensors(tensors)), ltm=LongTerm.from_tensors(tensors),
+                          queries=queries)
 
     # ---- read: retrieval at every layer's input ------------------------------------------------------------
     def read(self, state: MPlusState, seg: Segment) -> tuple[MPlusState, ForwardPlan]:
         count = min(self.options.retrieve, len(state.ltm))
-        plan = self.pool_plan(state.pool, len(seg), reserved=count)
-        if count == 0:
-            return state, plan
-        plan = MPlusPlan(**vars(plan))
+        plan = MPlusPlan(**vars(self.pool_plan(state.pool, len(seg), reserved=count)))
+        # text chooses with the segment read before it (causal); a prompt with its own tokens
+        basis = OWN if seg.prompt else state.queries
         # a weak reference: the plan holds its tap, and a tap holding the plan would be a reference cycle that
         # keeps every forward's keys/values (~0.5 MB per layer) alive until the garbage collector runs
         ref = weakref.ref(plan)
-        plan.on_layer_input = lambda layer, h: self.retrieve_into(ref(), state.ltm, count, layer, h)
+        plan.on_layer_input = lambda layer, h: self.layer_tap(ref(), state.ltm, count, basis, layer, h)
         return state, plan
 
-    def retrieve_into(self, plan: MPlusPlan, ltm: LongTerm, count: int, layer: int, h_x: torch.Tensor) -> None:
-        """Layer tap: pick this layer's `count` slots for the current tokens' attention inputs `h_x [q, d]` and
-        put their keys/values between BOS and the pool; in training, add the retriever's BCE."""
-        picked = self.pick(ltm, layer, h_x, count)
+    def layer_tap(self, plan: MPlusPlan, ltm: LongTerm, count: int, basis: torch.Tensor | str | None, layer: int,
+                  h_x: torch.Tensor) -> None:
+        """Keep f_q of this segment's attention inputs `h_x [q, d]` (the next segment chooses with them), then
+        retrieve with `basis`: earlier f_q projections `[layers, n, r]`, OWN (these) or None (nothing read
+        yet to choose with: the newest slots)."""
+        with torch.no_grad():
+            plan.queries[layer] = self.project("q", layer, h_x.detach())
+        if not count:
+            return
+        if isinstance(basis, torch.Tensor):
+            chooser = basis[layer]
+        else:
+            chooser = plan.queries[layer] if basis == OWN else None
+        self.retrieve_into(plan, ltm, count, layer, h_x, chooser)
+
+    def retrieve_into(self, plan: MPlusPlan, ltm: LongTerm, count: int, layer: int, h_x: torch.Tensor,
+                      chooser: torch.Tensor | None) -> None:
+        """Pick this layer's `count` slots with the f_q projections `chooser [n, r]` and put their keys/values
+        between BOS and the pool; in training, add the retriever's BCE (on the current tokens' `h_x`)."""
+        picked = self.pick(ltm, layer, chooser, count)
         plan.ltm_picked[layer] = picked
         b = self.backbone
         k, v = b.layer_kv(layer, b.layer_norm_input(layer, ltm.hidden[picked, layer].to(b.device, b.dtype)))
@@ -177,11 +206,15 @@ class MPlus(MemoryLLM):
             loss = self.retriever_bce(ltm, layer, h_x, count) * (self.options.retriever_loss / b.num_layers)
             plan.aux_loss = loss if plan.aux_loss is None else plan.aux_loss + loss
 
-    def pick(self, ltm: LongTerm, layer: int, h_x: torch.Tensor, count: int) -> torch.Tensor:
-        """Rows of the store: the `count` most relevant slots for this layer, oldest first (CPU long)."""
-        with torch.no_grad():
-            score = self.relevance(layer, h_x, ltm.keys[:, layer].to(h_x.device))
-        top = torch.topk(score, count).indices.cpu().sort().values
+    def pick(self, ltm: LongTerm, layer: int, chooser: torch.Tensor | None, count: int) -> torch.Tensor:
+        """Rows of the store: the `count` slots most relevant to the f_q projections `chooser [n, r]` at this
+        layer (None: the newest), oldest first (CPU long)."""
+        if chooser is None:
+            top = torch.arange(len(ltm) - count, len(ltm))
+        else:
+            with torch.no_grad():
+                relevance = score(chooser, ltm.keys[:, layer].to(chooser.device))
+            top = torch.topk(relevance, count).indices.cpu().sort().values
         return top[torch.sort(ltm.origin[top, UPDATE], stable=True).indices]
 
     # ---- retriever training --------------------------------------------------------------------------------
@@ -214,6 +247,9 @@ class MPlus(MemoryLLM):
 
     # ---- write: recall counts, self-update, dropped slots into the store -----------------------------------
     def write(self, state: MPlusState, seg: Segment, plan: ForwardPlan) -> MPlusState:
+        queries = getattr(plan, "queries", None)
+        if queries:
+            state = replace(state, queries=torch.stack([queries[i] for i in range(len(queries))]))
         picked = getattr(plan, "ltm_picked", {})
         if picked:
             freq = state.ltm.freq.clone()
@@ -258,6 +294,11 @@ class MPlus(MemoryLLM):
         row = summary_row(summary, len(ltm), ltm.origin, age_histogram=age_histogram(ages),
                           frequency=[int(freq.min()), int(freq.max())])
         return [*super().dump(state), row, *slot_groups(ltm.origin, "long-term slots")]
+
+
+def score(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """`[m]`: each key's mean over the queries `[n, r]` of σ(query·key), keys `[m, r]`."""
+    return torch.sigmoid(queries @ keys.T).mean(0)
 
 
 def age_histogram(ages: torch.Tensor, buckets: int = AGE_BUCKETS) -> list[dict[str, Any]]:

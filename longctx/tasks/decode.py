@@ -45,6 +45,7 @@ class Ingested:
     last_plan: ForwardPlan | None
     pending: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     segment: int = 0
+    prompt: bool = False  # the last segment read was a prompt: its re-reads (generation) may choose with it
 
 
 def plain_segments(ids: torch.Tensor, segment: int, start: int = 0, *, prompt: bool = False) -> Iterator[Segment]:
@@ -67,7 +68,7 @@ def ingest(backbone: Backbone, method: Method, segments: Iterable[Segment], stat
     final segment shorter than `segment` (default: the first one's length) is read but left pending."""
     state = method.init_state() if state is None else state
     hidden = plan = None
-    tokens, size, pending = 0, segment or 0, torch.zeros(0, dtype=torch.long)
+    tokens, size, pending, prompt = 0, segment or 0, torch.zeros(0, dtype=torch.long), False
     with torch.inference_mode():
         for seg in segments:
             size = size or len(seg)
@@ -76,12 +77,12 @@ def ingest(backbone: Backbone, method: Method, segments: Iterable[Segment], stat
                 pending = seg.ids
             else:
                 state, hidden, plan = step(backbone, method, state, seg)
-            tokens = seg.start + len(seg)
+            tokens, prompt = seg.start + len(seg), seg.prompt
             if on_segment is not None:
                 on_segment(seg)
     if hidden is None:
         raise InputError("nothing to read: the text has no tokens")
-    return Ingested(state, tokens, hidden[-1], plan, pending, size)
+    return Ingested(state, tokens, hidden[-1], plan, pending, size, prompt)
 
 
 def extend(backbone: Backbone, method: Method, done: Ingested, ids: torch.Tensor) -> Ingested:
@@ -100,7 +101,7 @@ def fork(method: Method, done: Ingested) -> Ingested:
     """An independent copy of `done`: reading a question into it leaves the original memory untouched (some
     methods update their stores in place)."""
     return Ingested(method.fork_state(done.state), done.tokens, done.last_hidden, done.last_plan,
-                    done.pending.clone(), done.segment)
+                    done.pending.clone(), done.segment, done.prompt)
 
 
 @dataclass
@@ -168,14 +169,17 @@ def greedy(backbone: Backbone, method: Method, done: Ingested, max_new_tokens: i
 
 
 def _advance(backbone: Backbone, method: Method, done: Ingested, token: int) -> Ingested:
-    """Read one more token: at once into a key/value memory; into the pending segment of a memory-token one."""
+    """Read one more token: at once into a key/value memory; into the pending segment of a memory-token one
+    (re-read as a prompt after a question: only the next token is predicted from it, so choosing what to
+    read with all of its tokens looks at nothing ahead)."""
     if not method.writes_per_segment:
         state, hidden, plan = step(backbone, method, done.state, _segment(done.tokens, torch.tensor([token])))
-        return Ingested(state, done.tokens + 1, hidden[-1], plan, done.pending, done.segment)
+        return Ingested(state, done.tokens + 1, hidden[-1], plan, done.pending, done.segment, done.prompt)
     pending = torch.cat((done.pending, torch.tensor([token])))
-    seg = _segment(done.tokens + 1 - len(pending), pending)
+    seg = _segment(done.tokens + 1 - len(pending), pending, done.prompt)
     if len(pending) >= (done.segment or len(pending)):
         state, hidden, plan = step(backbone, method, done.state, seg)
-        return Ingested(state, done.tokens + 1, hidden[-1], plan, torch.zeros(0, dtype=torch.long), done.segment)
+        return Ingested(state, done.tokens + 1, hidden[-1], plan, torch.zeros(0, dtype=torch.long), done.segment,
+                        done.prompt)
     _, hidden, plan = read_forward(backbone, method, done.state, seg)
-    return Ingested(done.state, done.tokens + 1, hidden[-1], plan, pending, done.segment)
+    return Ingested(done.state, done.tokens + 1, hidden[-1], plan, pending, done.segment, done.prompt)

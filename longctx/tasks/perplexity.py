@@ -58,7 +58,7 @@ class MethodRun:
                 **summarize(r.sums), "tokens_read": r.tokens, "seconds": r.seconds,
                 "tokens_per_s": r.tokens / r.seconds if r.seconds > 0 else None,
                 "peak_rss_mb": self.peak_rss_mb, "peak_gpu_mb": self.peak_gpu_mb,
-                "untrained": "UNTRAINED" in self.protocol,
+                "untrained": "UNTRAINED" in self.protocol, "causal": "non-causal" not in self.protocol,
                 "memory_entries": _memory_entries(r.state), "token_sha256": r.token_digest}
 
 
@@ -117,6 +117,7 @@ def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | 
     if backbone is None:
         backbone = backbone_for(settings)
     specs = _specs(presets, backbone, flags, options, max_tokens, snap, path, adapter, allow_untrained)
+    _check_comparable(specs)
     runs, source = [], {}
     with _replayable(path, len(specs)) as src_path:
         for spec in specs:
@@ -157,6 +158,14 @@ def _specs(presets: list[Preset], backbone: Backbone, flags: dict[str, Any], opt
         method.check_segment(seg)
         specs.append(RunSpec(method, p.name, seg, max_tokens))
     return specs
+
+
+def _check_comparable(specs: list[RunSpec]) -> None:
+    """Refuse to pair a non-causal configuration (its tokens see text after them) with causal ones."""
+    leaky = [s.method.describe() for s in specs if not s.method.causal]
+    if leaky and len(leaky) < len(specs):
+        raise UsageError(f"{', '.join(leaky)} is non-causal (a scored token sees text after it), so its perplexity "
+                         "is not comparable with causal methods; run it alone or only with other non-causal ones")
 
 
 def _snapshot_name(save_memory: str | None, spec: RunSpec, n: int, stop: Callable | None) -> str | None:
