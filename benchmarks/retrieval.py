@@ -93,7 +93,7 @@ def synthetic_million(threads: int) -> dict:
     q = torch.randn(kv_heads, 3 * 512, dim, generator=g)
     out = {"entries": n, "store_mib": store.nbytes() / 2**20, "rss_growth_mib": peak_rss_mb() - before}
     for name, fn in (("exact", lambda: store.search(0, q, 32, 8192)),
-                     ("blocks", lambda: store.search_blocks(0, q, 32, block=64, probes=4, candidates=64))):
+                     ("blocks", lambda: store.search_blocks(0, q, 32, block=64, probes=4, candidates=64, voters=q))):
         fn()
         t0 = time.perf_counter()
         fn()

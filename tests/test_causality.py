@@ -60,11 +60,7 @@ SIZES: dict[str, dict[str, Any]] = {
 NON_CAUSAL = {("hmt", "summary=current")}
 
 # Known leaks not fixed yet, each with why: a strict xfail, so the fix must remove the entry.
-KNOWN_LEAKS = {
-    "preset:memorizing-fast": "index: blocks lets every query of a segment vote for the candidate blocks that "
-                              "all of them then search, so a token's neighbours depend on the tokens after it "
-                              "(once the store holds more than `candidates` blocks)",
-}
+KNOWN_LEAKS: dict[str, str] = {}
 
 # By design, not a leak: what a prefix read through ingestion sees differs from scoring.
 INGEST_DIFFERS = {

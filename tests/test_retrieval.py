@@ -88,11 +88,26 @@ def test_blocks_index_finds_a_planted_key_and_only_valid_slots():
     q = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(2))
     store.keys[0, :, 613] = q[:, 4] * 50
     store._centroids = None
-    found = store.search_blocks(0, q, 6, block=16, probes=2, candidates=8)
+    found = store.search_blocks(0, q, 6, block=16, probes=2, candidates=8, voters=q)
     assert found.shape == (3, 5, 6) and (found < 1000).all()
     assert (found[:, 4, 0] == 613).all()
-    exact = store.search_blocks(0, q, 6, block=16, probes=2, candidates=1000)  # every block: exact search
+    exact = store.search_blocks(0, q, 6, block=16, probes=2, candidates=1000, voters=q)  # every block: exact
     assert torch.equal(exact, store.search(0, q, 6, 8192))
+
+
+def test_blocks_index_searches_what_the_voters_chose_for_every_query():
+    """The candidates are decided by the voters alone (earlier queries), so a query's result does not depend
+    on the other queries searched with it; without voters the newest blocks are searched."""
+    store, _ = store_with(1000, 4096, 100)
+    q = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(2))
+    store.keys[0, :, 613] = q[:, 4] * 50
+    store._centroids = None
+    voters = q[:, 4:]  # an earlier query that wanted the same block
+    together = store.search_blocks(0, q, 6, block=16, probes=2, candidates=8, voters=voters)
+    alone = store.search_blocks(0, q[:, 4:], 6, block=16, probes=2, candidates=8, voters=voters)
+    assert torch.equal(together[:, 4:], alone) and (alone[:, 0, 0] == 613).all()
+    newest = store.search_blocks(0, q, 6, block=16, probes=2, candidates=8, voters=None)
+    assert ((newest >= 1000 - 8 * 16) & (newest < 1000)).all()  # the last 8 blocks of 16
 
 
 def test_neighbours_are_in_range_and_counted_once():

@@ -203,6 +203,10 @@ class Method(ABC):
         return f"{self.name}({', '.join(opts)})"
 
 
+# A prompt segment (the question of `ask`) may choose memory with its own queries; document text chooses
+# with what was read before it (a choice made by its own tokens would let a token depend on later ones).
+OWN = "own"
+
 METHODS: dict[str, type[Method]] = {}
 
 

@@ -123,19 +123,26 @@ class KNNStore:
         return best_i
 
     def search_blocks(self, layer: int, queries: torch.Tensor, k: int, *, block: int, probes: int,
-                      candidates: int) -> torch.Tensor:
-        """Approximate top-`k` slots: score block centroids, let every query vote for its `probes` best blocks,
-        keep the `candidates` blocks with most votes (per KV head, shared by the segment's queries), then
-        score their keys exactly. Cost: O(r · (n/block + candidates·block)) instead of O(r · n)."""
+                      candidates: int, voters: torch.Tensor | None) -> torch.Tensor:
+        """Approximate top-`k` slots: score block centroids, let every voter (`[h, v, d]` queries) vote for its
+        `probes` best blocks, keep the `candidates` blocks with most votes (per KV head, shared by all
+        `queries`), then score their keys exactly for each query. Without voters the newest blocks are the
+        candidates. Cost: O(v · n/block + r · candidates·block) instead of O(r · n).
+
+        The voters are the caller's choice of what may decide for everyone: queries read before `queries`
+        keep each query's result independent of the queries after it."""
         n = len(self)
         cent = self.centroids(layer, block)  # [kv_heads, nb, d]
         nb = cent.shape[1]
         if nb <= candidates:
             return self.search(layer, queries, k, block=max(n, 1))
-        best = (queries @ cent.to(queries.dtype).transpose(1, 2)).topk(min(probes, nb), dim=-1).indices  # [h, r, probes]
-        votes = torch.zeros(cent.shape[0], nb, device=queries.device)
-        votes.scatter_add_(1, best.flatten(1), torch.ones(best.flatten(1).shape, device=queries.device))
-        chosen = votes.topk(candidates, dim=-1).indices  # [h, c]
+        if voters is None or voters.shape[1] == 0:
+            chosen = self._newest_blocks(block, candidates, cent.shape[0], queries.device)
+        else:
+            best = (voters @ cent.to(voters.dtype).transpose(1, 2)).topk(min(probes, nb), dim=-1).indices
+            votes = torch.zeros(cent.shape[0], nb, device=queries.device)
+            votes.scatter_add_(1, best.flatten(1), torch.ones(best.flatten(1).shape, device=queries.device))
+            chosen = votes.topk(candidates, dim=-1).indices  # [h, c]
         slots = (chosen.unsqueeze(-1) * block + torch.arange(block, device=chosen.device)).flatten(1)
         valid = slots < n
         slots = slots.clamp(max=n - 1)
@@ -144,6 +151,13 @@ class KNNStore:
         scores = (queries @ keys.transpose(1, 2)).masked_fill(~valid.unsqueeze(1), float("-inf"))
         top = scores.topk(min(k, int(valid.sum(-1).min())), dim=-1).indices
         return slots.gather(1, top.flatten(1)).view_as(top)
+
+    def _newest_blocks(self, block: int, count: int, heads: int, device: torch.device) -> torch.Tensor:
+        """`[heads, count]` indices of the blocks holding the most recently added entries."""
+        last = (self.written - 1) % self.capacity // block  # the block of the slot written last
+        nb = -(-len(self) // block)
+        idx = (last - torch.arange(count, device=device)) % nb
+        return idx.view(1, -1).expand(heads, -1)
 
     def with_neighbours(self, slots: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each hit plus the `span` entries on either side (consecutive text, except across the ring's seam),

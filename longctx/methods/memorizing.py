@@ -6,12 +6,17 @@ store entries by q·k (exact, scored block by block) and attends to them togethe
 one softmax, or through the paper's gate. Retrieved keys carry no age: they are placed at one constant
 distance from every query (InfLLM's choice, keeping positions inside the trained range) or left unrotated.
 The store is searched before the current segment is added, so a token never retrieves its own segment.
+
+With `index: blocks` the store's blocks are first voted on, and only the keys of the most-voted blocks are
+scored. Document text votes with the queries of the segment read before it (kept in the state), never with
+its own: a shared vote by the current segment's queries would let a token's neighbours depend on the tokens
+after it. A prompt segment (a question) votes with its own queries.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Literal
 
@@ -20,7 +25,7 @@ import torch
 from ..errors import UsageError
 from ..model.attention import ForwardPlan, Retrieved, apply_rope
 from ..text.segments import Segment
-from .base import Method, MethodOptions, UniMem, option, register
+from .base import OWN, Method, MethodOptions, UniMem, option, register
 from .knnstore import KNNStore
 from .kvcache import KVPolicy, StoreMethod
 from .kvstate import KVState
@@ -65,6 +70,14 @@ class MemorizingOptions(MethodOptions):
 class MemorizingState:
     local: KVState  # sinks + window, every layer
     store: KNNStore  # evicted tokens, retrieval layers only
+    # index: blocks: the positioned queries `[retrieval layers, kv_heads, n, head_dim]` of the last segment read,
+    # which vote for the next text segment's candidate blocks (None: nothing read yet)
+    voters: torch.Tensor | None = None
+
+
+@dataclass
+class MemorizingPlan(ForwardPlan):
+    voters: dict[int, torch.Tensor] = field(default_factory=dict)  # this forward's queries, by store slot
 
 
 @register
@@ -106,16 +119,19 @@ class Memorizing(StoreMethod):
         if plan.memory_keys is not None and len(self.local_layers) < self.backbone.num_layers:
             plan.memory_keys = [k if i in self.local_layers else None for i, k in enumerate(plan.memory_keys)]
             plan.memory_values = [v if i in self.local_layers else None for i, v in enumerate(plan.memory_values)]
+        plan = MemorizingPlan(**vars(plan))
         plan.capture = True
         if len(state.store) and self.retrieval_layers:
             slot = {layer: i for i, layer in enumerate(self.retrieval_layers)}
+            basis = OWN if seg.prompt else state.voters  # text votes with what was read before it
             ref = weakref.ref(plan)  # the plan holds this callback: a strong reference back would be a cycle
-            plan.retrieve = lambda layer, q: self._retrieve(state.store, slot.get(layer), layer, q, ref())
-        return MemorizingState(local, state.store), plan
+            plan.retrieve = lambda layer, q: self._retrieve(state.store, slot.get(layer), layer, q, ref(), basis)
+        return replace(state, local=local), plan
 
     def _retrieve(self, store: KNNStore, slot: int | None, layer: int, q: torch.Tensor,
-                  plan: ForwardPlan) -> Retrieved | None:
-        """Top-k store entries for every query of one layer (q: `[H, Q, D]`, pre-rotation)."""
+                  plan: MemorizingPlan, basis: torch.Tensor | str | None) -> Retrieved | None:
+        """Top-k store entries for every query of one layer (q: `[H, Q, D]`, pre-rotation); with the blocks
+        index, the candidate blocks are voted for by `basis` (earlier queries, OWN, or None: the newest)."""
         if slot is None:
             return None
         heads, q_len, dim = q.shape
@@ -125,8 +141,10 @@ class Memorizing(StoreMethod):
         o = self.options
         grouped = q_ret.reshape(kv_heads, groups * q_len, dim)
         if o.index == "blocks":
+            plan.voters[slot] = grouped.detach()
+            voters = grouped if basis == OWN else basis[slot] if isinstance(basis, torch.Tensor) else None
             slots = store.search_blocks(slot, grouped, o.topk, block=o.index_block, probes=o.probes,
-                                        candidates=o.candidates)
+                                        candidates=o.candidates, voters=voters)
         else:
             slots = store.search(slot, grouped, o.topk, o.block)
         keys, values, doc, valid = self._read_entries(store, slot, slots, q.dtype)
@@ -190,11 +208,19 @@ class Memorizing(StoreMethod):
             gone = local.select(evicted)
             layers = torch.tensor(self.retrieval_layers, device=gone.keys.device)
             state.store.add(gone.keys[layers], gone.values[layers], gone.token_index, gone.token_ids, gone.byte_start)
-        return MemorizingState(local.select(keep) if evicted.numel() else local, state.store)
+        voters = getattr(plan, "voters", None)
+        voters = torch.stack([voters[i] for i in range(len(voters))]) if voters else state.voters
+        return replace(state, local=local.select(keep) if evicted.numel() else local, voters=voters)
+
+    def state_tensors(self, state: MemorizingState) -> dict[str, torch.Tensor]:
+        out = super().state_tensors(state)
+        if state.voters is not None:
+            out["voters.queries"] = state.voters
+        return out
 
     def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> MemorizingState:
-        local, store, _ = self.split_tensors(tensors)
-        return MemorizingState(local, store)
+        local, store, part = self.split_tensors(tensors, "voters")
+        return MemorizingState(local, store, part["voters"].get("queries"))
 
     def unimem(self) -> UniMem:
         o = self.options
@@ -269,18 +295,18 @@ class UniMix(Memorizing, TrainableMethod):
 
     def init_state(self) -> UniMixState:
         s = super().init_state()
-        return UniMixState(s.local, s.store, TokenMemory(self.params.memory) if self.trainable else None)
+        return _with_tokens(s, TokenMemory(self.params.memory) if self.trainable else None)
 
     def read(self, state: UniMixState, seg: Segment) -> tuple[UniMixState, ForwardPlan]:
         s, plan = super().read(state, seg)
         if state.tokens is None:
-            return UniMixState(s.local, s.store, None), plan
+            return _with_tokens(s, None), plan
         m = self.options.rmt_tokens
         mem = self.as_input(state.tokens.memory)
         plan.embeds = torch.cat((mem, self.embed(seg.ids), mem))
         plan.token_rows = slice(m, m + len(seg))
         _widen_for_tokens(plan, m, len(seg))
-        return UniMixState(s.local, s.store, state.tokens), plan
+        return _with_tokens(s, state.tokens), plan
 
     def write(self, state: UniMixState, seg: Segment, plan: ForwardPlan) -> UniMixState:
         if state.tokens is not None:  # the K/V memory keeps the segment's rows, never the memory tokens
@@ -290,10 +316,10 @@ class UniMix(Memorizing, TrainableMethod):
         tokens = state.tokens
         if tokens is not None:
             tokens = tokens.after(self.written(plan.hidden[-self.options.rmt_tokens :]), seg)
-        return UniMixState(s.local, s.store, tokens)
+        return _with_tokens(s, tokens)
 
     def detach_state(self, state: UniMixState) -> UniMixState:
-        return UniMixState(state.local, state.store, state.tokens.detached() if state.tokens else None)
+        return replace(state, tokens=state.tokens.detached() if state.tokens else None)
 
     def state_tensors(self, state: UniMixState) -> dict[str, torch.Tensor]:
         out = super().state_tensors(state)
@@ -304,7 +330,7 @@ class UniMix(Memorizing, TrainableMethod):
     def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> UniMixState:
         s = super().state_from_tensors({k: v for k, v in tensors.items() if not k.startswith("rmt.")})
         rmt = {k[4:]: v for k, v in tensors.items() if k.startswith("rmt.")}
-        return UniMixState(s.local, s.store, TokenMemory.from_tensors(rmt, self.backbone.device) if rmt else None)
+        return _with_tokens(s, TokenMemory.from_tensors(rmt, self.backbone.device) if rmt else None)
 
     def memory_size(self, state: UniMixState) -> int:
         return super().memory_size(state) + (self.options.rmt_tokens if state.tokens is not None else 0)
@@ -321,6 +347,11 @@ class UniMix(Memorizing, TrainableMethod):
                       writing=u.writing + f" + model-forward ({m} RMT write slots)",
                       reading=u.reading + f" + full ({m} RMT read slots)",
                       injection=u.injection + "; RMT tokens at the input embeddings")
+
+
+def _with_tokens(s: MemorizingState, tokens: TokenMemory | None) -> UniMixState:
+    """UniMix's state: the memorizing state `s` (window, store, voters) and the RMT tokens."""
+    return UniMixState(s.local, s.store, s.voters, tokens)
 
 
 def _widen_for_tokens(plan: ForwardPlan, m: int, q: int) -> None:

@@ -29,12 +29,11 @@ from torch import nn
 
 from ..model.attention import ForwardPlan
 from ..text.segments import Segment
-from .base import UniMem, option, register
+from .base import OWN, UniMem, option, register
 from .memoryllm import UPDATE, MemoryLLM, MemoryLLMOptions, PoolState, slot_groups, summary_row
 from .recurrent import gaussian
 
 AGE_BUCKETS = 8  # `memory dump`'s age histogram of the long-term store
-OWN = "own"  # a prompt segment chooses its long-term slots with its own tokens
 
 
 @dataclass(frozen=True)
