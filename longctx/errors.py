@@ -1,4 +1,4 @@
-"""Error types with the exit codes documented in docs/errors.md (DESIGN.md §6)."""
+"""Error types with the exit codes documented in docs/errors.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Documents split across processes started by `accelerate launch` or `torchrun` (DESIGN.md §10).
+"""Documents split across processes started by `accelerate launch` or `torchrun` (docs/architecture.md "Beyond one machine").
 
 One document is sequential, so processes share the work at the level of whole documents: Accelerate's
 `split_between_processes` gives each rank a contiguous run of the document list, each rank scores its

@@ -1,4 +1,4 @@
-"""Equivalence tests that prove the machinery (DESIGN.md §9) on a tiny random Llama in fp32."""
+"""Equivalence tests that prove the machinery (docs/architecture.md "Tests that prove the machinery") on a tiny random Llama in fp32."""
 
 from __future__ import annotations
 

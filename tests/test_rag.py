@@ -1,7 +1,7 @@
 """RAG retrieval (longctx.tasks.rag): exact chunk tiling, mean-pooled unit embeddings, search, index round trip.
 
 A tiny random BERT with a WordPiece tokenizer trained in-process stands in for the sentence encoder; one
-`model` test checks the real packaged all-MiniLM-L6-v2 against the similarities measured in runtime.md §6.
+`model` test checks the real packaged all-MiniLM-L6-v2 against similarities measured once with the reference sentence-transformers pipeline.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The FLOP model is the usual one for decoder-only transformers: 2 FLOPs (a multip
 per token for every linear layer a token passes through, plus attention, which costs 2 x 2 x heads x head_dim
 per (query, attended key) pair (QK^T and AV). Norms, RoPE, activations, softmax and bias adds are left out:
 they are a few percent at most. For SmolLM2-135M this gives 0.269 GFLOP per token with logits, plus
-69,120 FLOPs per attended key (research/evaluation.md section 5.2).
+69,120 FLOPs per attended key.
 """
 
 from __future__ import annotations

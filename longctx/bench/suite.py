@@ -27,7 +27,7 @@ ALL_METHODS = ("sinks", "window", "xl", "full", "longformer", "memorizing", "mem
 # the compressive memories read each segment twice (a write pass): in the GPU suite, not in cpu-small's 15 min
 COMPRESSIVE = ("uio", "memoryllm", "mplus")
 LATER = ("infllm",)  # added after cpu-small's 15-minute budget was measured: GPU suite (or --method) until re-measured
-REFERENCE = "sinks"  # the strongest training-free peer (evaluation.md §7.3)
+REFERENCE = "sinks"  # the strongest training-free peer (StreamingLLM), so deltas say what memory adds
 PARTS = ("ppl", "passkey", "needle", "retention", "babi", "throughput")
 QA_PARTS = ("needle", "retention", "babi")  # answered through `ask`, so `rag` can take part
 

@@ -1,4 +1,4 @@
-"""`hmt`: the Hierarchical Memory Transformer (He et al., 2024), as methods.md §2.1 describes it.
+"""`hmt`: the Hierarchical Memory Transformer (He et al., 2024), as docs/methods/hmt.md describes it.
 
 Per segment x_n (two backbone passes):
 1. summary pass: [T; last `sum_fraction` of x_{n-1}; T] with the learned prompt T; the last final state is S_n.
@@ -10,7 +10,7 @@ Per segment x_n (two backbone passes):
 3. main pass: [P_n; sensory; x_n; P_n], sensory = the previous segment's last k tokens re-embedded;
    x_n's logits are scored, the last final state (rescaled, as in `rmt`) is M_n, appended to C (FIFO N).
 `recall: false` is training stage 1 (P_n = M_{n-1}, no summary pass, as the paper trains first).
-Unlike the reference code, generation past one segment and truncated BPTT work (methods.md §2.6).
+Unlike the reference code, generation past one segment and truncated BPTT work (docs/methods/hmt.md).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 UniMem (Fang et al., 2024) reformulates Longformer for segment-wise LMs as: a memory of 2 segments of
 per-layer K/V, cleared entirely when it overflows, read through a window with stride 2 (dilated), plus the
 first 4 tokens as global tokens, at every layer. `overflow: fifo` is the variant UniMix keeps. Training-free
-on a pretrained model the dilation hurts (methods.md §6); `stride: 1` turns it off.
+on a pretrained model the dilation hurts (docs/methods/longformer.md); `stride: 1` turns it off.
 """
 
 from __future__ import annotations

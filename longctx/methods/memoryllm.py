@@ -1,4 +1,4 @@
-"""`memoryllm`: MemoryLLM's latent memory pool with self-update (Wang et al., ICML 2024; methods.md §8.1).
+"""`memoryllm`: MemoryLLM's latent memory pool with self-update (Wang et al., ICML 2024; docs/methods/memoryllm.md).
 
 Every layer l holds a pool θ_l of up to N residual-stream hidden states, read as extra keys/values:
 - read: layer l attends to [bos_l; θ_l; x] (positions 0, 1..n, n+1..), the memory's keys/values made by

@@ -1,4 +1,4 @@
-"""`mplus`: M+ (Wang et al., ICML 2025; methods.md §8.2), MemoryLLM with a long-term store and a retriever.
+"""`mplus`: M+ (Wang et al., ICML 2025; docs/methods/mplus.md), MemoryLLM with a long-term store and a retriever.
 
 Slots the random drop takes out of the pool move to a long-term store (LTM) on the CPU instead of being
 forgotten: each keeps its hidden states `[layers, d]`, its retrieval keys f_k(h) per layer (computed once,

@@ -60,12 +60,12 @@ class TrainableMethod(Method):
         return x.to(self.backbone.dtype)
 
     def embedding_std(self) -> float:
-        """σ of the input embedding matrix: RMT/HMT initialise memory vectors with it (methods.md §3.1)."""
+        """σ of the input embedding matrix: RMT/HMT initialise memory vectors with it (docs/methods/rmt.md)."""
         return float(self.backbone.model.get_input_embeddings().weight.detach().float().std())
 
     def output_scale_init(self) -> float:
         """Input-embedding RMS over final-norm output RMS: the factor that puts written memory (final-norm
-        states) on the scale of token embeddings (methods.md §11.7; SmolLM2's final states are ~50x larger)."""
+        states) on the scale of token embeddings (docs/methods/rmt.md; SmolLM2's final states are ~50x larger)."""
         emb = self.backbone.model.get_input_embeddings().weight.detach().float()
         norm = getattr(self.backbone.model.model, "norm", None)
         w = norm.weight.detach().float() if norm is not None and hasattr(norm, "weight") else torch.ones(1)

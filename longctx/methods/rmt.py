@@ -1,10 +1,10 @@
-"""`rmt`: the Recurrent Memory Transformer (Bulatov et al., 2022), decoder-only form (methods.md §3).
+"""`rmt`: the Recurrent Memory Transformer (Bulatov et al., 2022), decoder-only form (docs/methods/rmt.md).
 
 Each segment runs as [memory; x; memory]: the tokens read the memory through the read slots before them,
 the write slots after them see the whole segment, and their final hidden states become the next memory.
 Memory is m vectors at the input; the first segment reads a learned initial memory. Final-norm states
 are rescaled by a learned per-channel factor before they are read back as input embeddings, because
-their scale differs from the token embeddings' (methods.md §11.7; `scale: none` feeds them raw).
+their scale differs from the token embeddings' (docs/methods/rmt.md; `scale: none` feeds them raw).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """`uio`: UIO-LLMs (Li et al., 2024): an encoder compresses each segment into per-layer memory that the
-decoder reads as extra keys/values (methods.md §7).
+decoder reads as extra keys/values (docs/methods/uio.md).
 
 One frozen base model plays both parts through two peft LoRA adapters (no deep copies):
 - encoder (in `write`, after the segment's own forward; LoRA on q_proj, v_proj): [segment; M memory tokens],
@@ -255,7 +255,7 @@ class UIO(TrainableMethod):
         return UIOState(state.hidden[:, -n:], state.keys[:, :, -n:], state.values[:, :, -n:], state.spans[-chunks:],
                         state.segments)
 
-    # ---- training: incremental optimisation (methods.md §7.2) ------------------------------------------------
+    # ---- training: incremental optimisation (docs/methods/uio.md) ------------------------------------------------
     def backward_sample(self, segments: Sequence[Segment], *, loss: str, weight: float,
                         gen: torch.Generator) -> float:
         """Back-propagate one sample as UIO-LLMs trains: decoder step t reads leaf copies of the memories of

@@ -2,7 +2,7 @@
 
 The backbone runs with every `position_ids` set to 0, so RoPE is the identity and the attention function
 receives *pre-rotation* queries and keys. It then rotates them itself at the positions a method's
-`ForwardPlan` assigns. That gives exact pre-rotation keys to store (no re-rotation drift, DESIGN.md §2) and
+`ForwardPlan` assigns. That gives exact pre-rotation keys to store (no re-rotation drift, docs/architecture.md "Positions") and
 lets one primitive express every position policy: contiguous, cache-relative, absolute, constant distance.
 No modeling code is patched: this is the public `AttentionInterface` seam.
 """

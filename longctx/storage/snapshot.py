@@ -1,4 +1,4 @@
-"""Snapshot store, format v1 (DESIGN.md §5): `state.safetensors` + `manifest.json`, written atomically.
+"""Snapshot store, format v1 (docs/snapshots.md): `state.safetensors` + `manifest.json`, written atomically.
 
 Layout under `LONGCTX_HOME/snapshots/`:
     NAME/v000007/{state.safetensors, manifest.json}   one complete version per save

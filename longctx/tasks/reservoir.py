@@ -2,7 +2,7 @@
 
 After `n` offers the reservoir holds a uniformly random `min(n, size)`-subset of them: every item offered so
 far is kept with probability `size / n`, however long ago it came. UIO-LLMs uses this to choose which
-chunks' encoder graphs stay alive for back-propagation (methods.md §7.2): unlike a window of the last W
+chunks' encoder graphs stay alive for back-propagation (docs/methods/uio.md): unlike a window of the last W
 chunks, a distant chunk is as likely to be kept as a recent one.
 """
 

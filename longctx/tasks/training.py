@@ -3,7 +3,7 @@
 A sample is `n` consecutive segments (n from the curriculum); the method reads them through the same
 `forward_segment` as every other task, with gradients on. BPTT depth k: the memory entering each of the
 last k segments keeps its gradient, older memory is detached *by returning a detached state* (the
-reference code's truncation is a no-op, methods.md §2.6); the first segment's memory is the learned
+reference code's truncation is a no-op, docs/methods/hmt.md); the first segment's memory is the learned
 initial memory and always trains. Loss masks: all segments, the last one (the HMT paper's protocol), or
 answer spans a task marks. AdamW, cosine schedule with warmup, gradient clipping, seeded sampling, optional
 bf16 autocast; checkpoints (parameters, optimizer, schedule, RNG) resume bit-identically.

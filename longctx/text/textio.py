@@ -1,4 +1,4 @@
-"""Strict, streaming text input: UTF-8 only, exact byte offsets, O(block_size) memory (DESIGN.md §4, §6).
+"""Strict, streaming text input: UTF-8 only, exact byte offsets, O(block_size) memory (docs/architecture.md "Data flow").
 
 `open_source(path)` checks the input eagerly (missing, directory, unreadable, empty, binary, UTF-16/32)
 so a command fails before doing any work; `Source.blocks()` then decodes it block by block with a strict

@@ -1,4 +1,4 @@
-"""Chunked, boundary-safe tokenization with exact token↔byte accounting (DESIGN.md §4).
+"""Chunked, boundary-safe tokenization with exact token↔byte accounting (docs/architecture.md "Data flow").
 
 `iter_tokens` turns a stream of `TextBlock`s into `TokenChunk`s whose concatenated ids equal the ids of
 one whole-text encoding (`tokenizer(text)["input_ids"]`, without any EOS), wherever the blocks split.
