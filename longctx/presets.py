@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from .errors import UsageError
-from .methods import get_method
+from .methods import METHODS, get_method
 from .storage.paths import longctx_home
 
 FORMAT = 1
@@ -53,8 +53,11 @@ def load_preset(name_or_path: str) -> Preset:
             raise UsageError(f"preset file {path} does not exist")
         return parse_preset(path.read_text(encoding="utf-8"), name=path.stem, path=str(path))
     found = available()
+    if name_or_path not in found and name_or_path in METHODS:  # a plugin's method: its own defaults
+        return Preset(name_or_path, name_or_path, None, {}, METHODS[name_or_path].summary)
     if name_or_path not in found:
-        raise UsageError(f"unknown method or preset '{name_or_path}'; available: {', '.join(sorted(found))}")
+        known = sorted(set(found) | set(METHODS))
+        raise UsageError(f"unknown method or preset '{name_or_path}'; available: {', '.join(known)}")
     src = found[name_or_path]
     return parse_preset(src.read_text(encoding="utf-8"), name=name_or_path, path=str(src))
 

@@ -211,7 +211,12 @@ METHODS: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator adding a method to the registry under `cls.name`."""
+    """Class decorator adding a method to the registry under `cls.name`; a second class under a name already
+    taken is refused (a plugin cannot silently replace a built-in, nor two plugins each other)."""
+    taken = METHODS.get(cls.name)
+    if taken is not None and taken is not cls:
+        raise UsageError(f"method name '{cls.name}' is taken by {taken.__module__}.{taken.__qualname__}; "
+                         f"{cls.__module__}.{cls.__qualname__} must register under another name")
     METHODS[cls.name] = cls
     return cls
 
