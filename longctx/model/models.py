@@ -7,8 +7,10 @@ conversion never looks like a cache.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -180,8 +182,9 @@ def _convert_gguf(gguf: Path, cache: Path, dtype: torch.dtype, version: str) -> 
     _quiet_transformers()
     print(f"longctx: converting the default model to a {str(dtype).removeprefix('torch.')} safetensors cache "
           f"in {cache} (once, ~30 s)", file=sys.stderr)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    with contextlib.redirect_stderr(io.StringIO()):  # transformers' own tqdm bar ignores its progress setting
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # de-quantised already; else save_pretrained refuses a "gguf-quantized" model
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
