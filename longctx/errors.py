@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import errno
+from collections.abc import Iterable
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -41,6 +43,12 @@ class ModelError(LongctxError):
 
 class LongctxWarning(UserWarning):
     """Something the user should know that does not stop the run; the CLI prints it as `warning: ...`."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """` (did you mean 'hmt'?)` for a near miss among `choices`, else empty."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def os_reason(e: OSError) -> str:

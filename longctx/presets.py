@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 from .methods import METHODS, get_method
 from .storage.paths import longctx_home
 
@@ -57,7 +57,8 @@ def load_preset(name_or_path: str) -> Preset:
         return Preset(name_or_path, name_or_path, None, {}, METHODS[name_or_path].summary)
     if name_or_path not in found:
         known = sorted(set(found) | set(METHODS))
-        raise UsageError(f"unknown method or preset '{name_or_path}'; available: {', '.join(known)}")
+        raise UsageError(f"unknown method or preset '{name_or_path}'{did_you_mean(name_or_path, known)}; "
+                         f"available: {', '.join(known)}")
     src = found[name_or_path]
     return parse_preset(src.read_text(encoding="utf-8"), name=name_or_path, path=str(src))
 

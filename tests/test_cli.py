@@ -190,3 +190,10 @@ def test_the_cli_starts_without_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_misspelled_method_gets_a_suggestion(tmp_path):
+    doc = tmp_path / "d.txt"
+    doc.write_text("some text", encoding="utf-8")
+    r = runner.invoke(app, ["ppl", str(doc), "--method", "hmtt"])
+    assert r.exit_code == 2 and "unknown method or preset 'hmtt' (did you mean 'hmt'?)" in r.stderr

@@ -285,3 +285,23 @@ def test_memory_commands(tiny_backbone, book, tmp_path):
     names = [s["name"] for s in json.loads(runner.invoke(app, ["memory", "ls", "--json"]).stdout)["snapshots"]]
     assert names == ["m2"]
     assert runner.invoke(app, ["memory", "dump", "m1"]).exit_code == 2
+
+
+def test_memory_ls_lists_the_healthy_snapshots_and_marks_a_damaged_one(tiny_backbone, book):
+    with pytest.raises(Interrupted):
+        longctx.perplexity(book, ["xl"], backbone=tiny_backbone, segment=16, save_memory="good", stop=stop_after(2))
+    store = SnapshotStore()
+    store.save("bad", {"x": torch.ones(8)}, {})
+    (store.version_dir("bad") / "manifest.json").write_text("{not json")
+    r = CliRunner().invoke(app, ["memory", "ls", "--json"])
+    assert r.exit_code == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads(r.stdout)["snapshots"]}
+    assert rows["good"]["tokens"] == 32 and "damaged" not in rows["good"]
+    assert "not valid JSON" in rows["bad"]["damaged"] and "longctx memory rm bad" in rows["bad"]["damaged"]
+    table = CliRunner().invoke(app, ["memory", "ls"])
+    assert table.exit_code == 0 and "DAMAGED" in table.stdout and "good" in table.stdout
+
+
+def test_short_version_flag():
+    r = CliRunner().invoke(app, ["-V"])
+    assert r.exit_code == 0 and r.stdout.startswith("longctx ")

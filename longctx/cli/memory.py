@@ -31,6 +31,9 @@ def memory_ls(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.
     for col in ("name", "method", "model", "document", "tokens", "size", "created"):
         table.add_column(col)
     for r in rows:
+        if r.get("damaged"):
+            table.add_row(r["name"], f"[red]DAMAGED[/]: {r['damaged']}", "", "", "", "", "")
+            continue
         table.add_row(r["name"] + (" *" if r["latest"] else ""), r["method"], r["model"], r["document"],
                       f"{r['tokens']:,}", f"{r['size_bytes'] / 2**20:,.1f} MiB",
                       time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])))

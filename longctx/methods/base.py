@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from ..errors import UsageError
+from ..errors import UsageError, did_you_mean
 from ..model.attention import ForwardPlan
 from ..model.backbone import Backbone
 from ..text.segments import Segment
@@ -226,4 +226,5 @@ def get_method(name: str) -> type[Method]:
     try:
         return METHODS[name]
     except KeyError:
-        raise UsageError(f"unknown method '{name}'; available: {', '.join(sorted(METHODS))}") from None
+        raise UsageError(f"unknown method '{name}'{did_you_mean(name, METHODS)}; available: "
+                         f"{', '.join(sorted(METHODS))}") from None

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .hashing import file_sha256
-from .snapshot import Snapshot, SnapshotStore
+from .snapshot import Snapshot, SnapshotError, SnapshotStore
 
 EXCERPT_BYTES = 80
 
@@ -16,13 +16,24 @@ def list_snapshots(store: SnapshotStore | None = None) -> list[dict[str, Any]]:
     store = store or SnapshotStore()
     rows = []
     for name in store.names():
-        snap = store.load(name, tensors=False)
+        try:
+            snap = store.load(name, tensors=False)
+        except SnapshotError as e:  # one damaged snapshot must not hide the others
+            rows.append(_damaged_row(store, name, e))
+            continue
         m = snap.manifest
         rows.append({"name": name, "method": m["method"]["protocol"], "model": m["fingerprint"]["model"],
                      "document": m["document"]["path"], "tokens": m["progress"]["tokens_consumed"],
                      "size_bytes": sum(f["size"] for f in m["files"].values()), "created": m["created"],
                      "version": snap.path.name, "latest": name == store.latest_name()})
     return rows
+
+
+def _damaged_row(store: SnapshotStore, name: str, error: SnapshotError) -> dict[str, Any]:
+    """A listing row for a snapshot that fails verification: what is wrong, and what to do."""
+    return {"name": name, "method": "?", "model": "?", "document": "?", "tokens": 0, "size_bytes": 0, "created": 0.0,
+            "version": None, "latest": name == store.latest_name(),
+            "damaged": f"{error.message} (remove it with `longctx memory rm {name}`)"}
 
 
 def show_snapshot(name: str | None = None, store: SnapshotStore | None = None) -> dict[str, Any]:
