@@ -68,7 +68,7 @@ class HMTState:
 
 
 @register
-class HMT(TrainableMethod):
+class HMT(TrainableMethod[HMTOptions, HMTState]):
     name = "hmt"
     Options = HMTOptions
     summary = "Hierarchical Memory Transformer: sensory tokens + segment summary + recall over cached memories (trainable)"

@@ -16,7 +16,7 @@ the base model reading after BOS.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -63,8 +63,13 @@ class PoolState:
         return int(self.pool.shape[1])
 
 
+MemoryLLMOptionsT = TypeVar("MemoryLLMOptionsT", bound=MemoryLLMOptions)
+
+
 @register
-class MemoryLLM(TrainableMethod):
+class MemoryLLM(TrainableMethod[MemoryLLMOptionsT, PoolState]):
+    """Generic in its options so that M+ (MPlusOptions) shares every step."""
+
     name = "memoryllm"
     Options = MemoryLLMOptions
     summary = "MemoryLLM: a latent pool of N hidden states per layer, self-updated K at a time with random drops (trainable)"

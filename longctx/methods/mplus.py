@@ -102,7 +102,7 @@ class MPlusPlan(ForwardPlan):
 
 
 @register
-class MPlus(MemoryLLM):
+class MPlus(MemoryLLM[MPlusOptions]):
     name = "mplus"
     Options = MPlusOptions
     summary = "M+: MemoryLLM + a CPU long-term store of dropped slots, read through a co-trained retriever (trainable)"
@@ -141,7 +141,8 @@ class MPlus(MemoryLLM):
     def memory_span(self) -> int:
         return super().memory_span() + self.options.retrieve
 
-    def memory_size(self, state: MPlusState) -> int:
+    def memory_size(self, state: PoolState) -> int:
+        state = _own(state)
         return len(state) + len(state.ltm)
 
     # ---- state ---------------------------------------------------------------------------------------------
@@ -152,7 +153,8 @@ class MPlus(MemoryLLM):
                        torch.zeros(0, 6, dtype=torch.long), torch.zeros(0, layers, dtype=torch.long))
         return MPlusState(**vars(super().init_state()), ltm=ltm)
 
-    def state_tensors(self, state: MPlusState) -> dict[str, torch.Tensor]:
+    def state_tensors(self, state: PoolState) -> dict[str, torch.Tensor]:
+        state = _own(state)
         layers, r = self.backbone.num_layers, self.options.retriever_dim
         queries = state.queries if state.queries is not None else torch.zeros(layers, 0, r)  # never None in a file
         return {**super().state_tensors(state), **state.ltm.tensors(), "queries": queries}
@@ -164,7 +166,8 @@ class MPlus(MemoryLLM):
                           queries=queries)
 
     # ---- read: retrieval at every layer's input ------------------------------------------------------------
-    def read(self, state: MPlusState, seg: Segment) -> tuple[MPlusState, ForwardPlan]:
+    def read(self, state: PoolState, seg: Segment) -> tuple[MPlusState, ForwardPlan]:
+        state = _own(state)
         count = min(self.options.retrieve, len(state.ltm))
         plan = MPlusPlan(**vars(self.pool_plan(state.pool, len(seg), reserved=count)))
         # text chooses with the segment read before it (causal); a prompt with its own tokens
@@ -245,7 +248,8 @@ class MPlus(MemoryLLM):
         return labels
 
     # ---- write: recall counts, self-update, dropped slots into the store -----------------------------------
-    def write(self, state: MPlusState, seg: Segment, plan: ForwardPlan) -> MPlusState:
+    def write(self, state: PoolState, seg: Segment, plan: ForwardPlan) -> MPlusState:
+        state = _own(state)
         queries = getattr(plan, "queries", None)
         if queries:
             state = replace(state, queries=torch.stack([queries[i] for i in range(len(queries))]))
@@ -257,7 +261,8 @@ class MPlus(MemoryLLM):
             state = replace(state, ltm=replace(state.ltm, freq=freq))
         return super().write(state, seg, plan)
 
-    def on_dropped(self, state: MPlusState, hidden: torch.Tensor, origin: torch.Tensor) -> MPlusState:
+    def on_dropped(self, state: PoolState, hidden: torch.Tensor, origin: torch.Tensor) -> MPlusState:
+        state = _own(state)
         return replace(state, ltm=self.merge(state.ltm, hidden, origin))
 
     def merge(self, ltm: LongTerm, hidden: torch.Tensor, origin: torch.Tensor) -> LongTerm:
@@ -280,8 +285,9 @@ class MPlus(MemoryLLM):
         return replace(grown.select(keep), pruned=grown.pruned + over)
 
     # ---- memory dump ---------------------------------------------------------------------------------------
-    def dump(self, state: MPlusState) -> list[dict[str, Any]]:
+    def dump(self, state: PoolState) -> list[dict[str, Any]]:
         """MemoryLLM's pool rows, then the long-term store: size, ages, frequencies, and a row per segment."""
+        state = _own(state)
         ltm = state.ltm
         if not len(ltm):
             summary = f"long-term store 0/{self.options.ltm} slots ({ltm.merges} updates)"
@@ -293,6 +299,14 @@ class MPlus(MemoryLLM):
         row = summary_row(summary, len(ltm), ltm.origin, age_histogram=age_histogram(ages),
                           frequency=[int(freq.min()), int(freq.max())])
         return [*super().dump(state), row, *slot_groups(ltm.origin, "long-term slots")]
+
+
+def _own(state: PoolState) -> MPlusState:
+    """M+'s state. It is always an MPlusState; the steps M+ shares with MemoryLLM are typed with (and hand
+    back) the base, so this narrows."""
+    if not isinstance(state, MPlusState):
+        raise TypeError(f"mplus needs its own state, got {type(state).__name__}")
+    return state
 
 
 def score(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

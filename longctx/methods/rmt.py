@@ -64,7 +64,7 @@ class TokenMemory:
 
 
 @register
-class RMT(TrainableMethod):
+class RMT(TrainableMethod[RMTOptions, TokenMemory]):
     name = "rmt"
     Options = RMTOptions
     summary = "Recurrent Memory Transformer: m memory tokens read and written at the input (trainable)"

@@ -86,8 +86,9 @@ class ChunkGraph:
 
 
 @register
-class UIO(TrainableMethod):
+class UIO(TrainableMethod[UIOOptions, UIOState]):
     name = "uio"
+    backward_in_sample = True  # the trainer calls backward_sample (incremental optimisation)
     Options = UIOOptions
     summary = ("UIO-LLMs: an encoder LoRA compresses each segment into M per-layer memory tokens, read by the "
                "decoder as extra keys/values through LoRA'd k/v projections (trainable)")
