@@ -267,6 +267,13 @@ class UniMixState(MemorizingState):
     tokens: TokenMemory | None = None  # the RMT part (None with rmt_tokens = 0)
 
 
+class UniMixParams(torch.nn.Module):
+    """UniMix's RMT token parameters (None with rmt_tokens 0) (declared for the type checker; `build_params` sets them)."""
+
+    memory: torch.nn.Parameter | None
+    scale: torch.nn.Parameter | None
+
+
 @register
 class UniMix(Memorizing[UniMixOptions], TrainableMethod[UniMixOptions, MemorizingState]):
     """UniMix = the memorizing machinery at the upper half + RMT tokens at the input (UniMem §1.2).
@@ -280,14 +287,15 @@ class UniMix(Memorizing[UniMixOptions], TrainableMethod[UniMixOptions, Memorizin
     Options = UniMixOptions
     summary = "UniMem's UniMix: upper-half K/V memory read by window + top-k + global tokens, + RMT tokens at the input (trainable)"
     param_options = ("rmt_tokens", "scale")
+    params: UniMixParams
 
     def __init__(self, options: UniMixOptions, backbone: Backbone):
         super().__init__(options, backbone)
         self.trainable = options.rmt_tokens > 0  # the K/V part needs no training
         self.writes_per_segment = self.trainable  # the RMT tokens are rewritten once per segment
 
-    def build_params(self, gen: torch.Generator) -> torch.nn.Module:
-        p = torch.nn.Module()
+    def build_params(self, gen: torch.Generator) -> UniMixParams:
+        p = UniMixParams()
         m, d = self.options.rmt_tokens, self.backbone.config.hidden_size
         p.memory = gaussian(gen, (m, d), self.embedding_std()) if m else None
         p.scale = scale_param(self.output_scale_init(), d, self.options.scale) if m else None

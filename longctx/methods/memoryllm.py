@@ -63,12 +63,21 @@ class PoolState:
         return int(self.pool.shape[1])
 
 
+class MemoryLLMParams(nn.Module):
+    """MemoryLLM's trainable parameters (declared for the type checker; `build_params` sets them)."""
+
+    bos: nn.Parameter
+    new_memory_pos: nn.Parameter
+
+
 MemoryLLMOptionsT = TypeVar("MemoryLLMOptionsT", bound=MemoryLLMOptions)
 
 
 @register
 class MemoryLLM(TrainableMethod[MemoryLLMOptionsT, PoolState]):
     """Generic in its options so that M+ (MPlusOptions) shares every step."""
+
+    params: MemoryLLMParams
 
     name = "memoryllm"
     Options = MemoryLLMOptions
@@ -78,9 +87,9 @@ class MemoryLLM(TrainableMethod[MemoryLLMOptionsT, PoolState]):
     main_role = "read"
 
     # ---- parameters ----------------------------------------------------------------------------------------
-    def build_params(self, gen: torch.Generator) -> nn.Module:
+    def build_params(self, gen: torch.Generator) -> MemoryLLMParams:
         d = self.backbone.config.hidden_size
-        p = nn.Module()
+        p = MemoryLLMParams()
         p.bos = nn.Parameter(self.bos_hidden())  # [layers, d]
         p.new_memory_pos = nn.Parameter(torch.zeros(self.options.update, d))  # MemoryLLM's new_memory_positional_emb
         return p

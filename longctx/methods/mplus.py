@@ -30,7 +30,7 @@ from torch import nn
 from ..model.attention import ForwardPlan
 from ..text.segments import Segment
 from .base import OWN, UniMem, option, register
-from .memoryllm import UPDATE, MemoryLLM, MemoryLLMOptions, PoolState, slot_groups, summary_row
+from .memoryllm import UPDATE, MemoryLLM, MemoryLLMOptions, MemoryLLMParams, PoolState, slot_groups, summary_row
 from .recurrent import gaussian
 
 AGE_BUCKETS = 8  # `memory dump`'s age histogram of the long-term store
@@ -86,7 +86,7 @@ class LongTerm:
 class MPlusState(PoolState):
     """MemoryLLM's pool state plus the long-term store (carried along by every pool update)."""
 
-    ltm: LongTerm | None = None
+    ltm: LongTerm = field(kw_only=True)  # always given (by keyword); after the base's defaulted fields
     # [layers, n, r] f_q of the attention inputs of the last segment read: what the next text segment
     # chooses its long-term slots with (None before any segment)
     queries: torch.Tensor | None = None
@@ -110,7 +110,7 @@ class MPlus(MemoryLLM[MPlusOptions]):
     starts_from = ("memoryllm",)  # M+ trains in stages: MemoryLLM's first, then the long-term store's
 
     # ---- parameters: MemoryLLM's + the retriever -----------------------------------------------------------
-    def build_params(self, gen: torch.Generator) -> nn.Module:
+    def build_params(self, gen: torch.Generator) -> MemoryLLMParams:
         p = super().build_params(gen)
         layers, d, r = self.backbone.num_layers, self.backbone.config.hidden_size, self.options.retriever_dim
         for side in ("q", "k"):

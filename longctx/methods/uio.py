@@ -85,8 +85,15 @@ class ChunkGraph:
         self.output = None
 
 
+class UIOParams(nn.Module):
+    """UIO's trainable parameters (declared for the type checker; `build_params` sets them)."""
+
+    memory: nn.Parameter
+
+
 @register
 class UIO(TrainableMethod[UIOOptions, UIOState]):
+    params: UIOParams
     name = "uio"
     backward_in_sample = True  # the trainer calls backward_sample (incremental optimisation)
     Options = UIOOptions
@@ -96,8 +103,8 @@ class UIO(TrainableMethod[UIOOptions, UIOState]):
     main_role = None  # ordinary tokens always run the base weights
     param_options = ()  # W and importance shape training only; M copies of one vector whatever M is
 
-    def build_params(self, gen: torch.Generator) -> nn.Module:
-        p = nn.Module()
+    def build_params(self, gen: torch.Generator) -> UIOParams:
+        p = UIOParams()
         p.memory = nn.Parameter(self.embed(torch.tensor([self.eos_id()])).detach().float().clone())
         return p
 

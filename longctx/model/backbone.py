@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +41,12 @@ class Backbone:
         attention.register()
         model.set_attn_implementation(attention.ATTN_NAME)
         model.eval()
-        self.model = model
+        # A Hugging Face decoder reached through its Llama-family attribute layout (model.model.layers[i]
+        # .self_attn, lm_head, config fields): nn.Module's attribute access is dynamic, so typed as Any.
+        self.model: Any = model
         self.tokenizer = tokenizer
         self.info = info
-        self.config = model.config
+        self.config: Any = model.config
         # before any LoRA is attached: an in-memory model (tests, library use) is hashed here, once
         self.weights_sha256 = info.weights_sha256 or identity.weights_sha256(model)
         self.rotary = model.model.rotary_emb
