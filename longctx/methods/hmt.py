@@ -153,7 +153,7 @@ class HMT(TrainableMethod[HMTOptions, HMTState]):
         return self.backbone.forward(torch.empty(0), ForwardPlan(query_pos=pos, key_pos=pos), embeds=embeds)[-1:]
 
     def write(self, state: HMTState, seg: Segment, plan: ForwardPlan) -> HMTState:
-        new = self.written(plan.hidden[-1:].float())
+        new = self.written(plan.final_hidden[-1:].float())
         n = self.options.cache
         span = torch.tensor([[seg.start, seg.start + len(seg), int(seg.byte_start[0]), int(seg.byte_start[-1])]],
                             device=state.spans.device)

@@ -32,7 +32,7 @@ import torch
 from ..errors import UsageError
 from ..model.attention import ForwardPlan
 from ..text.segments import Segment
-from .base import MethodOptions, UniMem, option, register
+from .base import UniMem, option, register
 from .knnstore import KNNStore
 from .kvcache import KVPolicy, StoreMethod, StoreOptions, StoreState
 from .kvstate import KVState
@@ -148,7 +148,7 @@ class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
         return state, plan
 
     @staticmethod
-    def _layout(local: torch.Tensor, recalled: torch.Tensor, ns: int) -> list[torch.Tensor]:
+    def _layout(local: torch.Tensor, recalled: torch.Tensor, ns: int) -> list[torch.Tensor | None]:
         """Per-layer memory `[sinks; blocks; window]` from `[layers, kv, n, d]` tensors whose first `ns` local
         entries are the sinks. (Blocks after the window, nearest the query, broke copying: 0/10 at 8k.)"""
         return list(torch.cat((local[:, :, :ns], recalled, local[:, :, ns:]), dim=2))

@@ -23,13 +23,12 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from ..errors import UsageError
-from ..model.backbone import Backbone
 from ..model.attention import ForwardPlan, Retrieved, apply_rope
+from ..model.backbone import Backbone
 from ..text.segments import Segment
-from .base import OWN, Method, MethodOptions, UniMem, option, register
+from .base import OWN, Method, UniMem, option, register
 from .knnstore import KNNStore
 from .kvcache import KVPolicy, StoreMethod, StoreOptions, StoreState
-from .kvstate import KVState
 from .layersets import resolve_layers
 from .recurrent import Scale, TrainableMethod, gaussian, scale_param
 from .rmt import TokenMemory
@@ -122,16 +121,21 @@ class Memorizing(StoreMethod[MemorizingOptionsT, MemorizingState]):
 
     def read(self, state: MemorizingState, seg: Segment) -> tuple[MemorizingState, ForwardPlan]:
         local, plan = self.read_kv(state.local, seg)
-        if plan.memory_keys is not None and len(self.local_layers) < self.backbone.num_layers:
-            plan.memory_keys = [k if i in self.local_layers else None for i, k in enumerate(plan.memory_keys)]
-            plan.memory_values = [v if i in self.local_layers else None for i, v in enumerate(plan.memory_values)]
+        mem_k, mem_v = plan.memory_keys, plan.memory_values
+        if mem_k is not None and mem_v is not None and len(self.local_layers) < self.backbone.num_layers:
+            plan.memory_keys = [k if i in self.local_layers else None for i, k in enumerate(mem_k)]
+            plan.memory_values = [v if i in self.local_layers else None for i, v in enumerate(mem_v)]
         plan = MemorizingPlan(**vars(plan))
         plan.capture = True
         if len(state.store) and self.retrieval_layers:
             slot = {layer: i for i, layer in enumerate(self.retrieval_layers)}
             basis = OWN if seg.prompt else state.voters  # text votes with what was read before it
             ref = weakref.ref(plan)  # the plan holds this callback: a strong reference back would be a cycle
-            plan.retrieve = lambda layer, q: self._retrieve(state.store, slot.get(layer), layer, q, ref(), basis)
+
+            def retrieve(layer: int, q: torch.Tensor) -> Retrieved | None:
+                current = ref()  # alive whenever this runs: the plan holds this callback
+                return None if current is None else self._retrieve(state.store, slot.get(layer), layer, q, current, basis)
+            plan.retrieve = retrieve
         return replace(state, local=local), plan
 
     def _retrieve(self, store: KNNStore, slot: int | None, layer: int, q: torch.Tensor,
@@ -309,7 +313,8 @@ class UniMix(Memorizing[UniMixOptions], TrainableMethod[UniMixOptions, Memorizin
 
     def init_state(self) -> UniMixState:
         s = super().init_state()
-        return _with_tokens(s, TokenMemory(self.params.memory) if self.trainable else None)
+        memory = self.params.memory
+        return _with_tokens(s, TokenMemory(memory) if self.trainable and memory is not None else None)
 
     def read(self, state: MemorizingState, seg: Segment) -> tuple[UniMixState, ForwardPlan]:
         s, plan = super().read(state, seg)
@@ -330,7 +335,7 @@ class UniMix(Memorizing[UniMixOptions], TrainableMethod[UniMixOptions, Memorizin
         s = super().write(state, seg, plan)
         tokens = _tokens(state)
         if tokens is not None:
-            tokens = tokens.after(self.written(plan.hidden[-self.options.rmt_tokens :]), seg)
+            tokens = tokens.after(self.written(plan.final_hidden[-self.options.rmt_tokens :]), seg)
         return _with_tokens(s, tokens)
 
     def detach_state(self, state: MemorizingState) -> UniMixState:

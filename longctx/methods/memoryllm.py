@@ -82,7 +82,7 @@ class MemoryLLM(TrainableMethod[MemoryLLMOptionsT, PoolState]):
     name = "memoryllm"
     Options = MemoryLLMOptions
     summary = "MemoryLLM: a latent pool of N hidden states per layer, self-updated K at a time with random drops (trainable)"
-    param_options = ("update",)  # K shapes the positional vectors; N does not
+    param_options: ClassVar[tuple[str, ...]] = ("update",)  # K shapes the positional vectors; N does not
     lora_roles: ClassVar[dict[str, tuple[str, ...] | None]] = {"write": LORA_TARGETS, "read": LORA_TARGETS}
     main_role = "read"
 
@@ -172,10 +172,12 @@ class MemoryLLM(TrainableMethod[MemoryLLMOptionsT, PoolState]):
         """`[layers, 1 + n, d]`: each layer's BOS vector before its slots."""
         return torch.cat((self.params.bos.to(slots.dtype).unsqueeze(1), slots), dim=1)
 
-    def memory_kv(self, hidden: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def memory_kv(self, hidden: torch.Tensor) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         """Per layer, pre-rotation keys and values `[kv_heads, m, head_dim]` of residual states `hidden[layer]`
         (through the adapter active now)."""
-        b, keys, values = self.backbone, [], []
+        b = self.backbone
+        keys: list[torch.Tensor | None] = []
+        values: list[torch.Tensor | None] = []
         for layer in range(b.num_layers):
             k, v = b.layer_kv(layer, b.layer_norm_input(layer, hidden[layer]))
             keys.append(k)

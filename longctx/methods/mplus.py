@@ -175,7 +175,13 @@ class MPlus(MemoryLLM[MPlusOptions]):
         # a weak reference: the plan holds its tap, and a tap holding the plan would be a reference cycle that
         # keeps every forward's keys/values (~0.5 MB per layer) alive until the garbage collector runs
         ref = weakref.ref(plan)
-        plan.on_layer_input = lambda layer, h: self.layer_tap(ref(), state.ltm, count, basis, layer, h)
+        ltm = state.ltm
+
+        def tap(layer: int, h: torch.Tensor) -> None:
+            current = ref()  # alive whenever this runs: the plan holds its tap
+            if current is not None:
+                self.layer_tap(current, ltm, count, basis, layer, h)
+        plan.on_layer_input = tap
         return state, plan
 
     def layer_tap(self, plan: MPlusPlan, ltm: LongTerm, count: int, basis: torch.Tensor | str | None, layer: int,
@@ -187,6 +193,7 @@ class MPlus(MemoryLLM[MPlusOptions]):
             plan.queries[layer] = self.project("q", layer, h_x.detach())
         if not count:
             return
+        chooser: torch.Tensor | None
         if isinstance(basis, torch.Tensor):
             chooser = basis[layer]
         else:
@@ -201,9 +208,12 @@ class MPlus(MemoryLLM[MPlusOptions]):
         plan.ltm_picked[layer] = picked
         b = self.backbone
         k, v = b.layer_kv(layer, b.layer_norm_input(layer, ltm.hidden[picked, layer].to(b.device, b.dtype)))
-        keys, values = plan.memory_keys[layer], plan.memory_values[layer]
-        plan.memory_keys[layer] = torch.cat((keys[:, :1], k, keys[:, 1:]), dim=1)
-        plan.memory_values[layer] = torch.cat((values[:, :1], v, values[:, 1:]), dim=1)
+        all_keys, all_values = plan.memory_keys, plan.memory_values  # pool_plan gives every layer its BOS + pool
+        keys, values = all_keys[layer] if all_keys else None, all_values[layer] if all_values else None
+        if all_keys is None or all_values is None or keys is None or values is None:
+            raise RuntimeError("M+ retrieves into a pool plan, which has memory at every layer")
+        all_keys[layer] = torch.cat((keys[:, :1], k, keys[:, 1:]), dim=1)
+        all_values[layer] = torch.cat((values[:, :1], v, values[:, 1:]), dim=1)
         if torch.is_grad_enabled() and self.options.retriever_loss > 0 and len(ltm) > count:
             loss = self.retriever_bce(ltm, layer, h_x, count) * (self.options.retriever_loss / b.num_layers)
             plan.aux_loss = loss if plan.aux_loss is None else plan.aux_loss + loss
@@ -248,7 +258,7 @@ class MPlus(MemoryLLM[MPlusOptions]):
         return labels
 
     # ---- write: recall counts, self-update, dropped slots into the store -----------------------------------
-    def write(self, state: PoolState, seg: Segment, plan: ForwardPlan) -> MPlusState:
+    def write(self, state: PoolState, seg: Segment, plan: ForwardPlan) -> PoolState:
         state = _own(state)
         queries = getattr(plan, "queries", None)
         if queries:

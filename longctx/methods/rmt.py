@@ -106,7 +106,7 @@ class RMT(TrainableMethod[RMTOptions, TokenMemory]):
         return state, self.memory_plan(embeds, mem.shape[0], len(seg))
 
     def write(self, state: TokenMemory, seg: Segment, plan: ForwardPlan) -> TokenMemory:
-        return state.after(self.written(plan.hidden[-self.options.tokens :]), seg)
+        return state.after(self.written(plan.final_hidden[-self.options.tokens :]), seg)
 
     def detach_state(self, state: TokenMemory) -> TokenMemory:
         return state.detached()

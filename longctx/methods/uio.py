@@ -285,6 +285,7 @@ class UIO(TrainableMethod[UIOOptions, UIOState]):
             if counts[t]:
                 _, hidden, _ = read_forward(self.backbone, self, self._leaf_state(read, t), seg)
                 nll = scored_nll(self.backbone, hidden, seg)
+                assert nll is not None  # counts[t] > 0: the segment has scored targets
                 step_loss = nll.sum() * (weight / total)
                 if step_loss.requires_grad:  # without memory nothing trainable is on the path
                     step_loss.backward()

@@ -36,7 +36,7 @@ class Backbone:
     `forward(ids, plan)` returns final hidden states; `token_nll(hidden, targets)` scores them in chunks.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, info: ModelInfo):
+    def __init__(self, model: Any, tokenizer: Any, info: ModelInfo):
         check_supported(model.config)
         attention.register()
         model.set_attn_implementation(attention.ATTN_NAME)
@@ -49,7 +49,7 @@ class Backbone:
         self.config: Any = model.config
         # before any LoRA is attached: an in-memory model (tests, library use) is hashed here, once
         self.weights_sha256 = info.weights_sha256 or identity.weights_sha256(model)
-        self.rotary = model.model.rotary_emb
+        self.rotary: Any = model.model.rotary_emb
         self.active_lora: str | None = None  # peft adapter the forward runs through (longctx.model.lora.activate)
         self.lora_names: set[str] = set()
         self._plan: ForwardPlan | None = None  # the plan of the forward running now (for the layer taps)
