@@ -15,9 +15,9 @@ import json
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
 
@@ -119,13 +119,19 @@ def _try(value: Any, t: Any) -> tuple[bool, Any]:
     return False, None
 
 
-class Method(ABC):
-    """A memory method: options + the backbone; state passed in and returned."""
+OptionsT = TypeVar("OptionsT", bound=MethodOptions)
+StateT = TypeVar("StateT")
+
+
+class Method(ABC, Generic[OptionsT, StateT]):
+    """A memory method: options + the backbone; state passed in and returned.
+
+    Parameterised by its options class (so `self.options.<field>` is checked) and its state type."""
 
     name: ClassVar[str]
     Options: ClassVar[type[MethodOptions]]
     summary: ClassVar[str] = ""
-    trainable: ClassVar[bool] = False
+    trainable: bool = False  # a class default; UniMix decides per instance (its K/V part needs no training)
     # LoRA adapters by role, with the projections each one targets (None: the training run's --lora targets).
     # The driver runs every forward through `main_role`'s adapter (None: the base weights); a method with
     # more roles (UIO's encoder and decoder, MemoryLLM's write and read) switches to the others itself.
@@ -134,7 +140,7 @@ class Method(ABC):
     # memory rewritten once per segment (memory tokens), not per token: generation holds a pending segment
     writes_per_segment: bool = False
 
-    def __init__(self, options: MethodOptions, backbone: Backbone):
+    def __init__(self, options: OptionsT, backbone: Backbone):
         self.options = options
         self.backbone = backbone
         self.loras: dict[str, str] = {}  # role -> name of this method's LoRA adapter in the backbone
@@ -151,15 +157,15 @@ class Method(ABC):
         activate(self.backbone, self.loras.get(role) if role is not None else None)
 
     @abstractmethod
-    def init_state(self) -> Any:
+    def init_state(self) -> StateT:
         """The memory of a document not yet read."""
 
     @abstractmethod
-    def read(self, state: Any, seg: Segment) -> tuple[Any, ForwardPlan]:
+    def read(self, state: StateT, seg: Segment) -> tuple[StateT, ForwardPlan]:
         """Make room if needed and return the plan the backbone runs this segment with."""
 
     @abstractmethod
-    def write(self, state: Any, seg: Segment, plan: ForwardPlan) -> Any:
+    def write(self, state: StateT, seg: Segment, plan: ForwardPlan) -> StateT:
         """Store what the forward captured and apply the overflow policy."""
 
     @abstractmethod
@@ -170,26 +176,44 @@ class Method(ABC):
         """Refuse a segment length this configuration cannot run (e.g. positions past the trained range)."""
         return None  # default: any segment length works
 
-    def memory_size(self, state: Any) -> int:
+    def memory_size(self, state: StateT) -> int:
         """Entries currently held (tokens, slots), for progress and results."""
         return 0
 
-    def fork_state(self, state: Any) -> Any:
+    def fork_state(self, state: StateT) -> StateT:
         """An independent copy of `state`: writing to one never changes the other (each question of `ask`
         continues its own copy of a document's memory). Default: an exact copy through the tensors."""
         return self.state_from_tensors({k: v.clone() for k, v in self.state_tensors(state).items()})
 
     @abstractmethod
-    def state_tensors(self, state: Any) -> dict[str, torch.Tensor]:
+    def state_tensors(self, state: StateT) -> dict[str, torch.Tensor]:
         """The state as named tensors (snapshots); exact, so a reload continues bit-identically."""
 
     @abstractmethod
-    def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> Any:
+    def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> StateT:
         """Inverse of `state_tensors`, on the backbone's device."""
 
-    def dump(self, state: Any) -> list[dict[str, Any]]:
+    def dump(self, state: StateT) -> list[dict[str, Any]]:
         """What the memory holds, as groups of entries with their provenance (for `memory dump`)."""
         return []
+
+    # ---- training hooks: what the trainer (tasks/training.py) calls; the defaults suit a training-free method
+    # fine-tuned through the backbone (no memory parameters, nothing to detach, ordinary backward).
+    backward_in_sample: ClassVar[bool] = False  # True: `backward_sample` back-propagates as it reads (UIO)
+
+    def memory_params(self) -> torch.nn.Module | None:
+        """The method's own trainable parameters (None: it has none)."""
+        return None
+
+    def detach_state(self, state: StateT) -> StateT:
+        """The same memory with its gradient history cut (truncated BPTT); default: unchanged."""
+        return state
+
+    def backward_sample(self, segments: Sequence[Segment], *, loss: str, weight: float,
+                        gen: torch.Generator) -> float:
+        """Back-propagate one training sample while reading it (only where `backward_in_sample`); returns
+        the mean loss. The trainer otherwise unrolls the sample and calls backward once."""
+        raise NotImplementedError(f"method '{self.name}' back-propagates after the sample, not during it")
 
     @property
     def causal(self) -> bool:
@@ -207,10 +231,12 @@ class Method(ABC):
 # with what was read before it (a choice made by its own tokens would let a token depend on later ones).
 OWN = "own"
 
-METHODS: dict[str, type[Method]] = {}
+AnyMethod = Method[Any, Any]  # a method of any options and state (the registry, the drivers)
+METHODS: dict[str, type[AnyMethod]] = {}
+MethodT = TypeVar("MethodT", bound=type[AnyMethod])
 
 
-def register(cls: type[Method]) -> type[Method]:
+def register(cls: MethodT) -> MethodT:
     """Class decorator adding a method to the registry under `cls.name`; a second class under a name already
     taken is refused (a plugin cannot silently replace a built-in, nor two plugins each other)."""
     taken = METHODS.get(cls.name)
@@ -221,7 +247,7 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def get_method(name: str) -> type[Method]:
+def get_method(name: str) -> type[AnyMethod]:
     """Look a method up by name, listing the known ones when it is not there."""
     try:
         return METHODS[name]

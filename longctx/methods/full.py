@@ -19,7 +19,7 @@ class FullOptions(MethodOptions):
 
 
 @register
-class Full(KVCacheMethod):
+class Full(KVCacheMethod[FullOptions]):
     name = "full"
     Options = FullOptions
     summary = "every previous token within the model's window; re-prefills on overflow (baseline)"

@@ -67,8 +67,19 @@ class HMTState:
     tail: torch.Tensor | None = None  # [<= sum_fraction x segment] ids (empty or None: nothing read yet)
 
 
+class HMTParams(nn.Module):
+    """HMT's trainable parameters (declared for the type checker; `build_params` sets them)."""
+
+    memory: nn.Parameter
+    prompt: nn.Parameter
+    w_q: nn.Parameter
+    w_k: nn.Parameter
+    scale: nn.Parameter | None
+
+
 @register
-class HMT(TrainableMethod):
+class HMT(TrainableMethod[HMTOptions, HMTState]):
+    params: HMTParams
     name = "hmt"
     Options = HMTOptions
     summary = "Hierarchical Memory Transformer: sensory tokens + segment summary + recall over cached memories (trainable)"
@@ -78,10 +89,10 @@ class HMT(TrainableMethod):
     def causal(self) -> bool:
         return self.options.summary == "previous"
 
-    def build_params(self, gen: torch.Generator) -> nn.Module:
+    def build_params(self, gen: torch.Generator) -> HMTParams:
         d = self.backbone.config.hidden_size
         h, std = self.options.recall_dim or d, self.embedding_std()
-        p = nn.Module()
+        p = HMTParams()
         p.memory = gaussian(gen, (1, d), std)  # first segment's memory, before anything was written
         p.prompt = gaussian(gen, (1, d), std)  # T, the summary prompt
         p.w_q = gaussian(gen, (d, h), d**-0.5)
@@ -142,7 +153,7 @@ class HMT(TrainableMethod):
         return self.backbone.forward(torch.empty(0), ForwardPlan(query_pos=pos, key_pos=pos), embeds=embeds)[-1:]
 
     def write(self, state: HMTState, seg: Segment, plan: ForwardPlan) -> HMTState:
-        new = self.written(plan.hidden[-1:].float())
+        new = self.written(plan.final_hidden[-1:].float())
         n = self.options.cache
         span = torch.tensor([[seg.start, seg.start + len(seg), int(seg.byte_start[0]), int(seg.byte_start[-1])]],
                             device=state.spans.device)

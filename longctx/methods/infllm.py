@@ -32,16 +32,16 @@ import torch
 from ..errors import UsageError
 from ..model.attention import ForwardPlan
 from ..text.segments import Segment
-from .base import MethodOptions, UniMem, option, register
+from .base import UniMem, option, register
 from .knnstore import KNNStore
-from .kvcache import KVPolicy, StoreMethod
+from .kvcache import KVPolicy, StoreMethod, StoreOptions, StoreState
 from .kvstate import KVState
 
 FOCUS = 32  # read tokens named as retrieved (citations): those the choosing heads attended to most
 
 
 @dataclass(frozen=True)
-class InfLLMOptions(MethodOptions):
+class InfLLMOptions(StoreOptions):
     memory: int = option(262144, "tokens in the block memory at every layer, FIFO by whole blocks")
     block: int = option(128, "consecutive tokens per memory block (InfLLM: 128)")
     topk: int = option(4, "blocks read, the same at every layer (InfLLM: 16)")
@@ -73,9 +73,9 @@ class Recalled:
 
 
 @dataclass
-class InfLLMState:
-    local: KVState  # sinks + window, every layer
-    store: KNNStore  # evicted tokens in whole blocks, every layer
+class InfLLMState(StoreState):
+    """`local`: sinks + window, every layer; `store`: evicted tokens in whole blocks, every layer."""
+
     recent: torch.Tensor  # [layers, heads, <= queries, head_dim] pre-rotation queries of the last tokens read
     recalled: Recalled
     since: int = 0  # tokens read since the blocks were last chosen
@@ -97,7 +97,7 @@ class _QueryTap:
 
 
 @register
-class InfLLM(StoreMethod):
+class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
     name = "infllm"
     Options = InfLLMOptions
     summary = "InfLLM block memory: sinks + window + the top-k past blocks (whole, in order) at every layer"
@@ -114,7 +114,7 @@ class InfLLM(StoreMethod):
                              f"trained {self.backbone.max_positions}; use fewer or smaller blocks, or a smaller window")
 
     def init_state(self) -> InfLLMState:
-        local, b = super().init_state(), self.backbone
+        local, b = self.empty_kv(), self.backbone
         layers, _, _, dim = local.keys.shape
         recent = torch.zeros(layers, int(b.config.num_attention_heads), 0, dim, dtype=b.dtype, device=b.device)
         return InfLLMState(local, self.new_store(layers), recent, self._no_recall(local))
@@ -148,7 +148,7 @@ class InfLLM(StoreMethod):
         return state, plan
 
     @staticmethod
-    def _layout(local: torch.Tensor, recalled: torch.Tensor, ns: int) -> list[torch.Tensor]:
+    def _layout(local: torch.Tensor, recalled: torch.Tensor, ns: int) -> list[torch.Tensor | None]:
         """Per-layer memory `[sinks; blocks; window]` from `[layers, kv, n, d]` tensors whose first `ns` local
         entries are the sinks. (Blocks after the window, nearest the query, broke copying: 0/10 at 8k.)"""
         return list(torch.cat((local[:, :, :ns], recalled, local[:, :, ns:]), dim=2))
@@ -156,7 +156,7 @@ class InfLLM(StoreMethod):
     def _probe(self, state: InfLLMState, seg: Segment) -> torch.Tensor:
         """The queries of a prompt segment (a question) as it reads sinks + window only: what chooses the
         blocks it then reads. One extra forward of the segment."""
-        _, plan = super().read(state.local, seg)  # the xl-style plan over sinks + window
+        _, plan = self.read_kv(state.local, seg)  # the xl-style plan over sinks + window
         plan.capture = False
         tap = plan.on_layer_input = _QueryTap(self.backbone, state.recent, self.options.queries)
         self.backbone.forward(seg.ids, plan)

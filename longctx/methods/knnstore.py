@@ -110,16 +110,19 @@ class KNNStore:
         """
         n = len(self)
         keys = self.keys[layer, :, :n]  # slots past n are allocated but empty
-        best_s = best_i = None
+        best_s: torch.Tensor | None = None
+        best_i: torch.Tensor | None = None
         for s in range(0, n, block):
             scores = queries @ keys[:, s : s + block].to(queries.dtype).transpose(1, 2)
             v, i = scores.topk(min(k, scores.shape[-1]), dim=-1)
             i += s
-            if best_s is not None:
+            if best_s is not None and best_i is not None:
                 v, i = torch.cat((best_s, v), -1), torch.cat((best_i, i), -1)
                 v, j = v.topk(min(k, v.shape[-1]), dim=-1)
                 i = i.gather(-1, j)
             best_s, best_i = v, i
+        if best_i is None:
+            raise ValueError("search of an empty store (callers search only a store that holds entries)")
         return best_i
 
     def search_blocks(self, layer: int, queries: torch.Tensor, k: int, *, block: int, probes: int,

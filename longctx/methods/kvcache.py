@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
 from ..errors import UsageError
 from ..model.attention import ForwardPlan
 from ..text.segments import Segment
-from .base import Method
+from .base import Method, MethodOptions, OptionsT, StateT
 from .knnstore import KNNStore
 from .kvstate import KVState
 
@@ -55,33 +55,26 @@ class KVPolicy:
         return self.capacity != 0
 
 
-class KVCacheMethod(Method):
-    """A method whose memory is a `KVState` governed by a `KVPolicy`."""
+class KVMachinery(Method[OptionsT, StateT]):
+    """The K/V cache machinery over a `KVState` governed by a `KVPolicy`, whatever the method's own state:
+    `KVCacheMethod` holds just a KVState; `StoreMethod`s hold one as their window (`state.local`)."""
 
     def policy(self) -> KVPolicy:  # pragma: no cover - every subclass overrides
         raise NotImplementedError
 
-    def init_state(self) -> KVState:
+    def empty_kv(self) -> KVState:
+        """An empty K/V cache on the backbone's device, in its dtype."""
         b = self.backbone
         return KVState.empty(b.num_layers, b.config.num_key_value_heads, b.head_dim, dtype=b.dtype, device=b.device)
 
-    def memory_size(self, state: KVState) -> int:
-        return len(state)
-
-    def state_tensors(self, state: KVState) -> dict[str, torch.Tensor]:
-        return state.tensors()
-
-    def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> KVState:
+    def kv_from_tensors(self, tensors: dict[str, torch.Tensor]) -> KVState:
+        """A KVState from its snapshot tensors, on the backbone's device and in its dtype."""
         dev = self.backbone.device
         state = KVState.from_tensors({k: v.to(dev) for k, v in tensors.items()})
         state.keys, state.values = state.keys.to(self.backbone.dtype), state.values.to(self.backbone.dtype)
         return state
 
-    def fork_state(self, state: KVState) -> KVState:
-        """KVState is never changed in place (appends and evictions build new tensors), so sharing it is a copy."""
-        return state
-
-    def dump(self, state: KVState) -> list[dict[str, Any]]:
+    def dump_kv(self, state: KVState) -> list[dict[str, Any]]:
         """Contiguous runs of document tokens held in memory (sinks, then the recent window)."""
         sinks = self.policy().sinks
         return token_runs(state.token_index, state.byte_start, lambda first: "sinks" if first < sinks else "window")
@@ -99,7 +92,8 @@ class KVCacheMethod(Method):
         if p.context is not None and segment > p.context:
             raise UsageError(f"segment {segment} is longer than the context window {p.context}")
 
-    def read(self, state: KVState, seg: Segment) -> tuple[KVState, ForwardPlan]:
+    def read_kv(self, state: KVState, seg: Segment) -> tuple[KVState, ForwardPlan]:
+        """The plan over [cache; segment] under the policy (re-prefilling the window first when it overflows)."""
         p = self.policy()
         if p.context is not None and len(state) + len(seg) > p.context:
             state = self._recompute(state, min(p.keep, p.context - len(seg)))
@@ -110,9 +104,10 @@ class KVCacheMethod(Method):
         else:
             key_pos = torch.arange(m + len(seg), device=q_abs.device)
             query_pos = key_pos[m:]
+        memory_keys: list[torch.Tensor | None] | None = list(state.keys) if m else None
+        memory_values: list[torch.Tensor | None] | None = list(state.values) if m else None
         plan = ForwardPlan(query_pos=query_pos, key_pos=key_pos, mask=self._mask(state, q_abs, p),
-                           memory_keys=list(state.keys) if m else None,
-                           memory_values=list(state.values) if m else None, capture=p.stores)
+                           memory_keys=memory_keys, memory_values=memory_values, capture=p.stores)
         return state, plan
 
     @staticmethod
@@ -131,7 +126,8 @@ class KVCacheMethod(Method):
             visible &= ((q_abs[:, None] - k_abs[None, :]) % p.stride == 0) | dense[None, :]
         return visible
 
-    def write(self, state: KVState, seg: Segment, plan: ForwardPlan) -> KVState:
+    def write_kv(self, state: KVState, seg: Segment, plan: ForwardPlan) -> KVState:
+        """`state` plus what the forward captured, then the policy's overflow rule."""
         p = self.policy()
         if not p.stores:
             return state
@@ -164,7 +160,57 @@ class KVCacheMethod(Method):
         return kept
 
 
-class StoreMethod(KVCacheMethod):
+
+class KVCacheMethod(KVMachinery[OptionsT, KVState]):
+    """A method whose memory is just a `KVState` governed by a `KVPolicy`."""
+
+    def init_state(self) -> KVState:
+        return self.empty_kv()
+
+    def read(self, state: KVState, seg: Segment) -> tuple[KVState, ForwardPlan]:
+        return self.read_kv(state, seg)
+
+    def write(self, state: KVState, seg: Segment, plan: ForwardPlan) -> KVState:
+        return self.write_kv(state, seg, plan)
+
+    def memory_size(self, state: KVState) -> int:
+        return len(state)
+
+    def state_tensors(self, state: KVState) -> dict[str, torch.Tensor]:
+        return state.tensors()
+
+    def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> KVState:
+        return self.kv_from_tensors(tensors)
+
+    def fork_state(self, state: KVState) -> KVState:
+        """KVState is never changed in place (appends and evictions build new tensors), so sharing it is a copy."""
+        return state
+
+    def dump(self, state: KVState) -> list[dict[str, Any]]:
+        return self.dump_kv(state)
+
+
+@dataclass
+class StoreState:
+    """A window (sinks + recent tokens, every layer) and a `KNNStore` of the tokens that left it."""
+
+    local: KVState
+    store: KNNStore
+
+
+class StoreOptions(MethodOptions):
+    """The options every `StoreMethod` declares (in its own dataclass, which fixes their order and help).
+    Not a dataclass itself: annotations only, so it adds no fields."""
+
+    memory: int
+    store_dtype: Literal["model", "bf16", "fp16"]
+
+
+StoreOptionsT = TypeVar("StoreOptionsT", bound=StoreOptions)
+StoreStateT = TypeVar("StoreStateT", bound=StoreState)
+
+
+class StoreMethod(KVMachinery[StoreOptionsT, StoreStateT]):
     """A key/value method whose state has a window (`state.local`, a KVState) and a `KNNStore` of what left
     it (`state.store`): `memorizing`, `unimix`, `infllm`. Snapshots name their tensors `local.*`/`store.*`."""
 
@@ -175,10 +221,10 @@ class StoreMethod(KVCacheMethod):
         return KNNStore.empty(self.options.memory, layers, int(b.config.num_key_value_heads), b.head_dim,
                               dtype=dtype, device=b.device)
 
-    def memory_size(self, state: Any) -> int:
+    def memory_size(self, state: StoreStateT) -> int:
         return len(state.local) + len(state.store)
 
-    def state_tensors(self, state: Any) -> dict[str, torch.Tensor]:
+    def state_tensors(self, state: StoreStateT) -> dict[str, torch.Tensor]:
         out = {f"local.{k}": v for k, v in state.local.tensors().items()}
         out.update({f"store.{k}": v for k, v in state.store.tensors().items()})
         return out
@@ -189,19 +235,19 @@ class StoreMethod(KVCacheMethod):
         dev = self.backbone.device
         part = {p: {k.split(".", 1)[1]: v.to(dev) for k, v in tensors.items() if k.startswith(p + ".")}
                 for p in ("local", "store", *extra)}
-        local = KVCacheMethod.state_from_tensors(self, part["local"])
+        local = self.kv_from_tensors(part["local"])
         return local, KNNStore.from_tensors(self.options.memory, part["store"]), part
 
-    def fork_state(self, state: Any) -> Any:
+    def fork_state(self, state: StoreStateT) -> StoreStateT:
         """The window is shared (never changed in place); the store is copied only if one side writes to it
         (a question and its answer usually stay within the window, so asking about a large store is cheap)."""
         return replace(state, store=state.store.fork())
 
-    def dump(self, state: Any) -> list[dict[str, Any]]:
+    def dump(self, state: StoreStateT) -> list[dict[str, Any]]:
         """Sinks and window (every layer), then the store's runs of tokens, oldest first."""
         order = state.store.order()
         stored = token_runs(state.store.token_index[order], state.store.byte_start[order], lambda _: "store")
-        return super().dump(state.local) + stored
+        return self.dump_kv(state.local) + stored
 
 
 def token_runs(token_index: torch.Tensor, byte_start: torch.Tensor, kind: Callable[[int], str]) -> list[dict[str, Any]]:

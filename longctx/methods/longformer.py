@@ -28,7 +28,7 @@ class LongformerOptions(MethodOptions):
 
 
 @register
-class Longformer(KVCacheMethod):
+class Longformer(KVCacheMethod[LongformerOptions]):
     name = "longformer"
     Options = LongformerOptions
     summary = "UniMem's Longformer: dilated window over past segments + global tokens, clear-all or FIFO"

@@ -18,24 +18,24 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
 from ..errors import UsageError
 from ..model.attention import ForwardPlan, Retrieved, apply_rope
+from ..model.backbone import Backbone
 from ..text.segments import Segment
-from .base import OWN, Method, MethodOptions, UniMem, option, register
+from .base import OWN, Method, UniMem, option, register
 from .knnstore import KNNStore
-from .kvcache import KVPolicy, StoreMethod
-from .kvstate import KVState
+from .kvcache import KVPolicy, StoreMethod, StoreOptions, StoreState
 from .layersets import resolve_layers
 from .recurrent import Scale, TrainableMethod, gaussian, scale_param
 from .rmt import TokenMemory
 
 
 @dataclass(frozen=True)
-class MemorizingOptions(MethodOptions):
+class MemorizingOptions(StoreOptions):
     memory: int = option(65536, "tokens in the kNN store at each retrieval layer, FIFO (0 = no store: exactly xl)")
     topk: int = option(32, "store entries each query reads, per head")
     span: int = option(0, "neighbours read on each side of every hit: the text around it, in order (0 = hits only)")
@@ -67,9 +67,9 @@ class MemorizingOptions(MethodOptions):
 
 
 @dataclass
-class MemorizingState:
-    local: KVState  # sinks + window, every layer
-    store: KNNStore  # evicted tokens, retrieval layers only
+class MemorizingState(StoreState):
+    """`local`: sinks + window, every layer; `store`: evicted tokens, retrieval layers only."""
+
     # index: blocks: the positioned queries `[retrieval layers, kv_heads, n, head_dim]` of the last segment read,
     # which vote for the next text segment's candidate blocks (None: nothing read yet)
     voters: torch.Tensor | None = None
@@ -80,8 +80,13 @@ class MemorizingPlan(ForwardPlan):
     voters: dict[int, torch.Tensor] = field(default_factory=dict)  # this forward's queries, by store slot
 
 
+MemorizingOptionsT = TypeVar("MemorizingOptionsT", bound=MemorizingOptions)
+
+
 @register
-class Memorizing(StoreMethod):
+class Memorizing(StoreMethod[MemorizingOptionsT, MemorizingState]):
+    """Generic in its options so that UniMix (UniMixOptions) shares every step."""
+
     name = "memorizing"
     Options = MemorizingOptions
     summary = "kNN memory: top-k per query over a large FIFO store of past K/V at upper layers, joint softmax"
@@ -112,20 +117,25 @@ class Memorizing(StoreMethod):
             raise UsageError(f"option 'distance' {self.distance} is past the model's trained {self.backbone.max_positions} positions")
 
     def init_state(self) -> MemorizingState:
-        return MemorizingState(super().init_state(), self.new_store(len(self.retrieval_layers)))
+        return MemorizingState(self.empty_kv(), self.new_store(len(self.retrieval_layers)))
 
     def read(self, state: MemorizingState, seg: Segment) -> tuple[MemorizingState, ForwardPlan]:
-        local, plan = super().read(state.local, seg)
-        if plan.memory_keys is not None and len(self.local_layers) < self.backbone.num_layers:
-            plan.memory_keys = [k if i in self.local_layers else None for i, k in enumerate(plan.memory_keys)]
-            plan.memory_values = [v if i in self.local_layers else None for i, v in enumerate(plan.memory_values)]
+        local, plan = self.read_kv(state.local, seg)
+        mem_k, mem_v = plan.memory_keys, plan.memory_values
+        if mem_k is not None and mem_v is not None and len(self.local_layers) < self.backbone.num_layers:
+            plan.memory_keys = [k if i in self.local_layers else None for i, k in enumerate(mem_k)]
+            plan.memory_values = [v if i in self.local_layers else None for i, v in enumerate(mem_v)]
         plan = MemorizingPlan(**vars(plan))
         plan.capture = True
         if len(state.store) and self.retrieval_layers:
             slot = {layer: i for i, layer in enumerate(self.retrieval_layers)}
             basis = OWN if seg.prompt else state.voters  # text votes with what was read before it
             ref = weakref.ref(plan)  # the plan holds this callback: a strong reference back would be a cycle
-            plan.retrieve = lambda layer, q: self._retrieve(state.store, slot.get(layer), layer, q, ref(), basis)
+
+            def retrieve(layer: int, q: torch.Tensor) -> Retrieved | None:
+                current = ref()  # alive whenever this runs: the plan holds this callback
+                return None if current is None else self._retrieve(state.store, slot.get(layer), layer, q, current, basis)
+            plan.retrieve = retrieve
         return replace(state, local=local), plan
 
     def _retrieve(self, store: KNNStore, slot: int | None, layer: int, q: torch.Tensor,
@@ -261,8 +271,15 @@ class UniMixState(MemorizingState):
     tokens: TokenMemory | None = None  # the RMT part (None with rmt_tokens = 0)
 
 
+class UniMixParams(torch.nn.Module):
+    """UniMix's RMT token parameters (None with rmt_tokens 0) (declared for the type checker; `build_params` sets them)."""
+
+    memory: torch.nn.Parameter | None
+    scale: torch.nn.Parameter | None
+
+
 @register
-class UniMix(Memorizing, TrainableMethod):
+class UniMix(Memorizing[UniMixOptions], TrainableMethod[UniMixOptions, MemorizingState]):
     """UniMix = the memorizing machinery at the upper half + RMT tokens at the input (UniMem §1.2).
 
     With `rmt_tokens` m > 0 each segment runs as [mem; x; mem] like `rmt`: the K/V memory is written from
@@ -274,14 +291,15 @@ class UniMix(Memorizing, TrainableMethod):
     Options = UniMixOptions
     summary = "UniMem's UniMix: upper-half K/V memory read by window + top-k + global tokens, + RMT tokens at the input (trainable)"
     param_options = ("rmt_tokens", "scale")
+    params: UniMixParams
 
-    def __init__(self, options, backbone):
+    def __init__(self, options: UniMixOptions, backbone: Backbone):
         super().__init__(options, backbone)
         self.trainable = options.rmt_tokens > 0  # the K/V part needs no training
         self.writes_per_segment = self.trainable  # the RMT tokens are rewritten once per segment
 
-    def build_params(self, gen: torch.Generator) -> torch.nn.Module:
-        p = torch.nn.Module()
+    def build_params(self, gen: torch.Generator) -> UniMixParams:
+        p = UniMixParams()
         m, d = self.options.rmt_tokens, self.backbone.config.hidden_size
         p.memory = gaussian(gen, (m, d), self.embedding_std()) if m else None
         p.scale = scale_param(self.output_scale_init(), d, self.options.scale) if m else None
@@ -295,36 +313,40 @@ class UniMix(Memorizing, TrainableMethod):
 
     def init_state(self) -> UniMixState:
         s = super().init_state()
-        return _with_tokens(s, TokenMemory(self.params.memory) if self.trainable else None)
+        memory = self.params.memory
+        return _with_tokens(s, TokenMemory(memory) if self.trainable and memory is not None else None)
 
-    def read(self, state: UniMixState, seg: Segment) -> tuple[UniMixState, ForwardPlan]:
+    def read(self, state: MemorizingState, seg: Segment) -> tuple[UniMixState, ForwardPlan]:
         s, plan = super().read(state, seg)
-        if state.tokens is None:
+        tokens = _tokens(state)
+        if tokens is None:
             return _with_tokens(s, None), plan
         m = self.options.rmt_tokens
-        mem = self.as_input(state.tokens.memory)
+        mem = self.as_input(tokens.memory)
         plan.embeds = torch.cat((mem, self.embed(seg.ids), mem))
         plan.token_rows = slice(m, m + len(seg))
         _widen_for_tokens(plan, m, len(seg))
-        return _with_tokens(s, state.tokens), plan
+        return _with_tokens(s, tokens), plan
 
-    def write(self, state: UniMixState, seg: Segment, plan: ForwardPlan) -> UniMixState:
-        if state.tokens is not None:  # the K/V memory keeps the segment's rows, never the memory tokens
+    def write(self, state: MemorizingState, seg: Segment, plan: ForwardPlan) -> UniMixState:
+        if _tokens(state) is not None:  # the K/V memory keeps the segment's rows, never the memory tokens
             rows = plan.token_rows
             plan.captured = {layer: (k[:, rows].detach(), v[:, rows].detach()) for layer, (k, v) in plan.captured.items()}
         s = super().write(state, seg, plan)
-        tokens = state.tokens
+        tokens = _tokens(state)
         if tokens is not None:
-            tokens = tokens.after(self.written(plan.hidden[-self.options.rmt_tokens :]), seg)
+            tokens = tokens.after(self.written(plan.final_hidden[-self.options.rmt_tokens :]), seg)
         return _with_tokens(s, tokens)
 
-    def detach_state(self, state: UniMixState) -> UniMixState:
-        return replace(state, tokens=state.tokens.detached() if state.tokens else None)
+    def detach_state(self, state: MemorizingState) -> UniMixState:
+        tokens = _tokens(state)
+        return _with_tokens(state, tokens.detached() if tokens else None)
 
-    def state_tensors(self, state: UniMixState) -> dict[str, torch.Tensor]:
+    def state_tensors(self, state: MemorizingState) -> dict[str, torch.Tensor]:
         out = super().state_tensors(state)
-        if state.tokens is not None:
-            out.update({f"rmt.{k}": v for k, v in state.tokens.tensors().items()})
+        tokens = _tokens(state)
+        if tokens is not None:
+            out.update({f"rmt.{k}": v for k, v in tokens.tensors().items()})
         return out
 
     def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> UniMixState:
@@ -332,11 +354,12 @@ class UniMix(Memorizing, TrainableMethod):
         rmt = {k[4:]: v for k, v in tensors.items() if k.startswith("rmt.")}
         return _with_tokens(s, TokenMemory.from_tensors(rmt, self.backbone.device) if rmt else None)
 
-    def memory_size(self, state: UniMixState) -> int:
-        return super().memory_size(state) + (self.options.rmt_tokens if state.tokens is not None else 0)
+    def memory_size(self, state: MemorizingState) -> int:
+        return super().memory_size(state) + (self.options.rmt_tokens if _tokens(state) is not None else 0)
 
-    def dump(self, state: UniMixState) -> list[dict[str, Any]]:
-        return super().dump(state) + ([state.tokens.group()] if state.tokens is not None else [])
+    def dump(self, state: MemorizingState) -> list[dict[str, Any]]:
+        tokens = _tokens(state)
+        return super().dump(state) + ([tokens.group()] if tokens is not None else [])
 
     def unimem(self) -> UniMem:
         u, m = super().unimem(), self.options.rmt_tokens
@@ -347,6 +370,12 @@ class UniMix(Memorizing, TrainableMethod):
                       writing=u.writing + f" + model-forward ({m} RMT write slots)",
                       reading=u.reading + f" + full ({m} RMT read slots)",
                       injection=u.injection + "; RMT tokens at the input embeddings")
+
+
+def _tokens(state: MemorizingState) -> TokenMemory | None:
+    """UniMix's RMT tokens. Its state is always a UniMixState; the steps it shares with `memorizing` are
+    typed with (and hand back) the base, so this narrows."""
+    return state.tokens if isinstance(state, UniMixState) else None
 
 
 def _with_tokens(s: MemorizingState, tokens: TokenMemory | None) -> UniMixState:

@@ -16,7 +16,7 @@ the base model reading after BOS.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -63,19 +63,33 @@ class PoolState:
         return int(self.pool.shape[1])
 
 
+class MemoryLLMParams(nn.Module):
+    """MemoryLLM's trainable parameters (declared for the type checker; `build_params` sets them)."""
+
+    bos: nn.Parameter
+    new_memory_pos: nn.Parameter
+
+
+MemoryLLMOptionsT = TypeVar("MemoryLLMOptionsT", bound=MemoryLLMOptions)
+
+
 @register
-class MemoryLLM(TrainableMethod):
+class MemoryLLM(TrainableMethod[MemoryLLMOptionsT, PoolState]):
+    """Generic in its options so that M+ (MPlusOptions) shares every step."""
+
+    params: MemoryLLMParams
+
     name = "memoryllm"
     Options = MemoryLLMOptions
     summary = "MemoryLLM: a latent pool of N hidden states per layer, self-updated K at a time with random drops (trainable)"
-    param_options = ("update",)  # K shapes the positional vectors; N does not
+    param_options: ClassVar[tuple[str, ...]] = ("update",)  # K shapes the positional vectors; N does not
     lora_roles: ClassVar[dict[str, tuple[str, ...] | None]] = {"write": LORA_TARGETS, "read": LORA_TARGETS}
     main_role = "read"
 
     # ---- parameters ----------------------------------------------------------------------------------------
-    def build_params(self, gen: torch.Generator) -> nn.Module:
+    def build_params(self, gen: torch.Generator) -> MemoryLLMParams:
         d = self.backbone.config.hidden_size
-        p = nn.Module()
+        p = MemoryLLMParams()
         p.bos = nn.Parameter(self.bos_hidden())  # [layers, d]
         p.new_memory_pos = nn.Parameter(torch.zeros(self.options.update, d))  # MemoryLLM's new_memory_positional_emb
         return p
@@ -158,10 +172,12 @@ class MemoryLLM(TrainableMethod):
         """`[layers, 1 + n, d]`: each layer's BOS vector before its slots."""
         return torch.cat((self.params.bos.to(slots.dtype).unsqueeze(1), slots), dim=1)
 
-    def memory_kv(self, hidden: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def memory_kv(self, hidden: torch.Tensor) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         """Per layer, pre-rotation keys and values `[kv_heads, m, head_dim]` of residual states `hidden[layer]`
         (through the adapter active now)."""
-        b, keys, values = self.backbone, [], []
+        b = self.backbone
+        keys: list[torch.Tensor | None] = []
+        values: list[torch.Tensor | None] = []
         for layer in range(b.num_layers):
             k, v = b.layer_kv(layer, b.layer_norm_input(layer, hidden[layer]))
             keys.append(k)

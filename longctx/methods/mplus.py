@@ -30,7 +30,7 @@ from torch import nn
 from ..model.attention import ForwardPlan
 from ..text.segments import Segment
 from .base import OWN, UniMem, option, register
-from .memoryllm import UPDATE, MemoryLLM, MemoryLLMOptions, PoolState, slot_groups, summary_row
+from .memoryllm import UPDATE, MemoryLLM, MemoryLLMOptions, MemoryLLMParams, PoolState, slot_groups, summary_row
 from .recurrent import gaussian
 
 AGE_BUCKETS = 8  # `memory dump`'s age histogram of the long-term store
@@ -86,7 +86,7 @@ class LongTerm:
 class MPlusState(PoolState):
     """MemoryLLM's pool state plus the long-term store (carried along by every pool update)."""
 
-    ltm: LongTerm | None = None
+    ltm: LongTerm = field(kw_only=True)  # always given (by keyword); after the base's defaulted fields
     # [layers, n, r] f_q of the attention inputs of the last segment read: what the next text segment
     # chooses its long-term slots with (None before any segment)
     queries: torch.Tensor | None = None
@@ -102,7 +102,7 @@ class MPlusPlan(ForwardPlan):
 
 
 @register
-class MPlus(MemoryLLM):
+class MPlus(MemoryLLM[MPlusOptions]):
     name = "mplus"
     Options = MPlusOptions
     summary = "M+: MemoryLLM + a CPU long-term store of dropped slots, read through a co-trained retriever (trainable)"
@@ -110,7 +110,7 @@ class MPlus(MemoryLLM):
     starts_from = ("memoryllm",)  # M+ trains in stages: MemoryLLM's first, then the long-term store's
 
     # ---- parameters: MemoryLLM's + the retriever -----------------------------------------------------------
-    def build_params(self, gen: torch.Generator) -> nn.Module:
+    def build_params(self, gen: torch.Generator) -> MemoryLLMParams:
         p = super().build_params(gen)
         layers, d, r = self.backbone.num_layers, self.backbone.config.hidden_size, self.options.retriever_dim
         for side in ("q", "k"):
@@ -141,7 +141,8 @@ class MPlus(MemoryLLM):
     def memory_span(self) -> int:
         return super().memory_span() + self.options.retrieve
 
-    def memory_size(self, state: MPlusState) -> int:
+    def memory_size(self, state: PoolState) -> int:
+        state = _own(state)
         return len(state) + len(state.ltm)
 
     # ---- state ---------------------------------------------------------------------------------------------
@@ -152,7 +153,8 @@ class MPlus(MemoryLLM):
                        torch.zeros(0, 6, dtype=torch.long), torch.zeros(0, layers, dtype=torch.long))
         return MPlusState(**vars(super().init_state()), ltm=ltm)
 
-    def state_tensors(self, state: MPlusState) -> dict[str, torch.Tensor]:
+    def state_tensors(self, state: PoolState) -> dict[str, torch.Tensor]:
+        state = _own(state)
         layers, r = self.backbone.num_layers, self.options.retriever_dim
         queries = state.queries if state.queries is not None else torch.zeros(layers, 0, r)  # never None in a file
         return {**super().state_tensors(state), **state.ltm.tensors(), "queries": queries}
@@ -164,7 +166,8 @@ class MPlus(MemoryLLM):
                           queries=queries)
 
     # ---- read: retrieval at every layer's input ------------------------------------------------------------
-    def read(self, state: MPlusState, seg: Segment) -> tuple[MPlusState, ForwardPlan]:
+    def read(self, state: PoolState, seg: Segment) -> tuple[MPlusState, ForwardPlan]:
+        state = _own(state)
         count = min(self.options.retrieve, len(state.ltm))
         plan = MPlusPlan(**vars(self.pool_plan(state.pool, len(seg), reserved=count)))
         # text chooses with the segment read before it (causal); a prompt with its own tokens
@@ -172,7 +175,13 @@ class MPlus(MemoryLLM):
         # a weak reference: the plan holds its tap, and a tap holding the plan would be a reference cycle that
         # keeps every forward's keys/values (~0.5 MB per layer) alive until the garbage collector runs
         ref = weakref.ref(plan)
-        plan.on_layer_input = lambda layer, h: self.layer_tap(ref(), state.ltm, count, basis, layer, h)
+        ltm = state.ltm
+
+        def tap(layer: int, h: torch.Tensor) -> None:
+            current = ref()  # alive whenever this runs: the plan holds its tap
+            if current is not None:
+                self.layer_tap(current, ltm, count, basis, layer, h)
+        plan.on_layer_input = tap
         return state, plan
 
     def layer_tap(self, plan: MPlusPlan, ltm: LongTerm, count: int, basis: torch.Tensor | str | None, layer: int,
@@ -184,6 +193,7 @@ class MPlus(MemoryLLM):
             plan.queries[layer] = self.project("q", layer, h_x.detach())
         if not count:
             return
+        chooser: torch.Tensor | None
         if isinstance(basis, torch.Tensor):
             chooser = basis[layer]
         else:
@@ -198,9 +208,12 @@ class MPlus(MemoryLLM):
         plan.ltm_picked[layer] = picked
         b = self.backbone
         k, v = b.layer_kv(layer, b.layer_norm_input(layer, ltm.hidden[picked, layer].to(b.device, b.dtype)))
-        keys, values = plan.memory_keys[layer], plan.memory_values[layer]
-        plan.memory_keys[layer] = torch.cat((keys[:, :1], k, keys[:, 1:]), dim=1)
-        plan.memory_values[layer] = torch.cat((values[:, :1], v, values[:, 1:]), dim=1)
+        all_keys, all_values = plan.memory_keys, plan.memory_values  # pool_plan gives every layer its BOS + pool
+        keys, values = all_keys[layer] if all_keys else None, all_values[layer] if all_values else None
+        if all_keys is None or all_values is None or keys is None or values is None:
+            raise RuntimeError("M+ retrieves into a pool plan, which has memory at every layer")
+        all_keys[layer] = torch.cat((keys[:, :1], k, keys[:, 1:]), dim=1)
+        all_values[layer] = torch.cat((values[:, :1], v, values[:, 1:]), dim=1)
         if torch.is_grad_enabled() and self.options.retriever_loss > 0 and len(ltm) > count:
             loss = self.retriever_bce(ltm, layer, h_x, count) * (self.options.retriever_loss / b.num_layers)
             plan.aux_loss = loss if plan.aux_loss is None else plan.aux_loss + loss
@@ -245,7 +258,8 @@ class MPlus(MemoryLLM):
         return labels
 
     # ---- write: recall counts, self-update, dropped slots into the store -----------------------------------
-    def write(self, state: MPlusState, seg: Segment, plan: ForwardPlan) -> MPlusState:
+    def write(self, state: PoolState, seg: Segment, plan: ForwardPlan) -> PoolState:
+        state = _own(state)
         queries = getattr(plan, "queries", None)
         if queries:
             state = replace(state, queries=torch.stack([queries[i] for i in range(len(queries))]))
@@ -257,7 +271,8 @@ class MPlus(MemoryLLM):
             state = replace(state, ltm=replace(state.ltm, freq=freq))
         return super().write(state, seg, plan)
 
-    def on_dropped(self, state: MPlusState, hidden: torch.Tensor, origin: torch.Tensor) -> MPlusState:
+    def on_dropped(self, state: PoolState, hidden: torch.Tensor, origin: torch.Tensor) -> MPlusState:
+        state = _own(state)
         return replace(state, ltm=self.merge(state.ltm, hidden, origin))
 
     def merge(self, ltm: LongTerm, hidden: torch.Tensor, origin: torch.Tensor) -> LongTerm:
@@ -280,8 +295,9 @@ class MPlus(MemoryLLM):
         return replace(grown.select(keep), pruned=grown.pruned + over)
 
     # ---- memory dump ---------------------------------------------------------------------------------------
-    def dump(self, state: MPlusState) -> list[dict[str, Any]]:
+    def dump(self, state: PoolState) -> list[dict[str, Any]]:
         """MemoryLLM's pool rows, then the long-term store: size, ages, frequencies, and a row per segment."""
+        state = _own(state)
         ltm = state.ltm
         if not len(ltm):
             summary = f"long-term store 0/{self.options.ltm} slots ({ltm.merges} updates)"
@@ -293,6 +309,14 @@ class MPlus(MemoryLLM):
         row = summary_row(summary, len(ltm), ltm.origin, age_histogram=age_histogram(ages),
                           frequency=[int(freq.min()), int(freq.max())])
         return [*super().dump(state), row, *slot_groups(ltm.origin, "long-term slots")]
+
+
+def _own(state: PoolState) -> MPlusState:
+    """M+'s state. It is always an MPlusState; the steps M+ shares with MemoryLLM are typed with (and hand
+    back) the base, so this narrows."""
+    if not isinstance(state, MPlusState):
+        raise TypeError(f"mplus needs its own state, got {type(state).__name__}")
+    return state
 
 
 def score(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

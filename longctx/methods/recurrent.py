@@ -16,12 +16,13 @@ from torch import nn
 
 from ..errors import UsageError
 from ..model.attention import ForwardPlan
-from .base import Method
+from ..model.backbone import Backbone
+from .base import Method, OptionsT, StateT
 
 Scale = Literal["learned", "none"]
 
 
-class TrainableMethod(Method):
+class TrainableMethod(Method[OptionsT, StateT]):
     """A method with parameters that `longctx train` learns and adapters carry."""
 
     trainable = True
@@ -31,7 +32,7 @@ class TrainableMethod(Method):
     # methods whose adapters can start this one's training (their parameters are a subset of this one's)
     starts_from: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, options, backbone):
+    def __init__(self, options: OptionsT, backbone: Backbone):
         super().__init__(options, backbone)
         gen = torch.Generator().manual_seed(int(getattr(options, "init_seed", 0)))
         self.params = self.build_params(gen).to(backbone.device)
@@ -41,9 +42,13 @@ class TrainableMethod(Method):
         """The method's trainable parameters (fp32), initialised from `gen`."""
         raise NotImplementedError
 
-    def detach_state(self, state: Any) -> Any:
+    def detach_state(self, state: StateT) -> StateT:
         """The same memory with its gradient history cut (truncated BPTT)."""
         raise NotImplementedError
+
+    def memory_params(self) -> nn.Module:
+        """`self.params`: what the trainer optimises and adapters carry."""
+        return self.params
 
     def describe(self) -> str:
         base = super().describe()

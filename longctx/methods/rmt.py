@@ -63,16 +63,24 @@ class TokenMemory:
                 "byte_last_token": self.last_byte}
 
 
+class RMTParams(nn.Module):
+    """RMT's trainable parameters (declared for the type checker; `build_params` sets them)."""
+
+    memory: nn.Parameter
+    scale: nn.Parameter | None
+
+
 @register
-class RMT(TrainableMethod):
+class RMT(TrainableMethod[RMTOptions, TokenMemory]):
+    params: RMTParams
     name = "rmt"
     Options = RMTOptions
     summary = "Recurrent Memory Transformer: m memory tokens read and written at the input (trainable)"
     param_options = ("tokens", "scale")
 
-    def build_params(self, gen: torch.Generator) -> nn.Module:
+    def build_params(self, gen: torch.Generator) -> RMTParams:
         o, d = self.options, self.backbone.config.hidden_size
-        p = nn.Module()
+        p = RMTParams()
         p.memory = gaussian(gen, (o.tokens, d), self.embedding_std())
         p.scale = scale_param(self.output_scale_init(), d, o.scale)
         return p
@@ -98,7 +106,7 @@ class RMT(TrainableMethod):
         return state, self.memory_plan(embeds, mem.shape[0], len(seg))
 
     def write(self, state: TokenMemory, seg: Segment, plan: ForwardPlan) -> TokenMemory:
-        return state.after(self.written(plan.hidden[-self.options.tokens :]), seg)
+        return state.after(self.written(plan.final_hidden[-self.options.tokens :]), seg)
 
     def detach_state(self, state: TokenMemory) -> TokenMemory:
         return state.detached()

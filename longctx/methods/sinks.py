@@ -20,7 +20,7 @@ class SinksOptions(MethodOptions):
 
 
 @register
-class Sinks(KVCacheMethod):
+class Sinks(KVCacheMethod[SinksOptions]):
     name = "sinks"
     Options = SinksOptions
     summary = "attention sinks + rolling window, token-level (StreamingLLM peer)"

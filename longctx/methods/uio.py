@@ -85,9 +85,17 @@ class ChunkGraph:
         self.output = None
 
 
+class UIOParams(nn.Module):
+    """UIO's trainable parameters (declared for the type checker; `build_params` sets them)."""
+
+    memory: nn.Parameter
+
+
 @register
-class UIO(TrainableMethod):
+class UIO(TrainableMethod[UIOOptions, UIOState]):
+    params: UIOParams
     name = "uio"
+    backward_in_sample = True  # the trainer calls backward_sample (incremental optimisation)
     Options = UIOOptions
     summary = ("UIO-LLMs: an encoder LoRA compresses each segment into M per-layer memory tokens, read by the "
                "decoder as extra keys/values through LoRA'd k/v projections (trainable)")
@@ -95,8 +103,8 @@ class UIO(TrainableMethod):
     main_role = None  # ordinary tokens always run the base weights
     param_options = ()  # W and importance shape training only; M copies of one vector whatever M is
 
-    def build_params(self, gen: torch.Generator) -> nn.Module:
-        p = nn.Module()
+    def build_params(self, gen: torch.Generator) -> UIOParams:
+        p = UIOParams()
         p.memory = nn.Parameter(self.embed(torch.tensor([self.eos_id()])).detach().float().clone())
         return p
 
@@ -277,6 +285,7 @@ class UIO(TrainableMethod):
             if counts[t]:
                 _, hidden, _ = read_forward(self.backbone, self, self._leaf_state(read, t), seg)
                 nll = scored_nll(self.backbone, hidden, seg)
+                assert nll is not None  # counts[t] > 0: the segment has scored targets
                 step_loss = nll.sum() * (weight / total)
                 if step_loss.requires_grad:  # without memory nothing trainable is on the path
                     step_loss.backward()

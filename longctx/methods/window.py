@@ -14,7 +14,7 @@ class WindowOptions(MethodOptions):
 
 
 @register
-class Window(KVCacheMethod):
+class Window(KVCacheMethod[WindowOptions]):
     name = "window"
     Options = WindowOptions
     summary = "independent segments: each sees only itself (baseline)"

@@ -20,7 +20,7 @@ class XLOptions(MethodOptions):
 
 
 @register
-class XL(KVCacheMethod):
+class XL(KVCacheMethod[XLOptions]):
     name = "xl"
     Options = XLOptions
     summary = "segment recurrence over the previous tokens' K/V, with sinks and re-based positions"

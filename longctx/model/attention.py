@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,13 @@ class ForwardPlan:
         """Number of memory keys (the same at every layer that has memory)."""
         return int(self.key_pos.numel() - self.query_pos.numel())
 
+    @property
+    def final_hidden(self) -> torch.Tensor:
+        """`hidden`, which the driver always leaves after a forward with input embeddings (memory tokens)."""
+        if self.hidden is None:
+            raise RuntimeError("the plan's final hidden states are filled by the forward (embeds plans only)")
+        return self.hidden
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """RoPE's pairing convention of the Llama family: (x1, x2) -> (-x2, x1)."""
@@ -111,21 +119,25 @@ def longctx_attention(
     plan = longctx_plan
     if plan is None:
         raise RuntimeError("the longctx attention function needs a ForwardPlan (longctx_plan=...)")
-    layer = module.layer_idx
+    layer = cast(int, module.layer_idx)  # every decoder layer's attention module carries its index
+    cos_q, sin_q, cos_all, sin_all = plan.cos_q, plan.sin_q, plan.cos_k, plan.sin_k
+    if cos_q is None or sin_q is None or cos_all is None or sin_all is None:
+        raise RuntimeError("the backbone fills the plan's RoPE tables before the forward")
     if plan.rope_scaling != 1.0:
         query, key = query / plan.rope_scaling, key / plan.rope_scaling
     if plan.capture:
         plan.captured[layer] = (key[0], value[0])
-    q = apply_rope(query, plan.cos_q, plan.sin_q)
+    q = apply_rope(query, cos_q, sin_q)
     mem_k = plan.memory_keys[layer] if plan.memory_keys is not None else None
-    if mem_k is not None and mem_k.shape[1] > 0:
+    mem_v = plan.memory_values[layer] if plan.memory_values is not None else None
+    if mem_k is not None and mem_v is not None and mem_k.shape[1] > 0:
         k = torch.cat((mem_k.unsqueeze(0), key), dim=2)
-        v = torch.cat((plan.memory_values[layer].unsqueeze(0), value), dim=2)
-        cos_k, sin_k, mask = plan.cos_k, plan.sin_k, plan.mask
+        v = torch.cat((mem_v.unsqueeze(0), value), dim=2)
+        cos_k, sin_k, mask = cos_all, sin_all, plan.mask
     else:
         q_len = query.shape[2]
         k, v = key, value
-        cos_k, sin_k = plan.cos_k[-q_len:], plan.sin_k[-q_len:]
+        cos_k, sin_k = cos_all[-q_len:], sin_all[-q_len:]
         mask = plan.mask[:, -q_len:] if plan.mask is not None else None
     k = apply_rope(k, cos_k, sin_k)
     if mask is None and k.shape[2] > q.shape[2]:  # SDPA's is_causal aligns top-left; memory needs bottom-right

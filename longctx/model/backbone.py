@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,18 +36,20 @@ class Backbone:
     `forward(ids, plan)` returns final hidden states; `token_nll(hidden, targets)` scores them in chunks.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, info: ModelInfo):
+    def __init__(self, model: Any, tokenizer: Any, info: ModelInfo):
         check_supported(model.config)
         attention.register()
         model.set_attn_implementation(attention.ATTN_NAME)
         model.eval()
-        self.model = model
+        # A Hugging Face decoder reached through its Llama-family attribute layout (model.model.layers[i]
+        # .self_attn, lm_head, config fields): nn.Module's attribute access is dynamic, so typed as Any.
+        self.model: Any = model
         self.tokenizer = tokenizer
         self.info = info
-        self.config = model.config
+        self.config: Any = model.config
         # before any LoRA is attached: an in-memory model (tests, library use) is hashed here, once
         self.weights_sha256 = info.weights_sha256 or identity.weights_sha256(model)
-        self.rotary = model.model.rotary_emb
+        self.rotary: Any = model.model.rotary_emb
         self.active_lora: str | None = None  # peft adapter the forward runs through (longctx.model.lora.activate)
         self.lora_names: set[str] = set()
         self._plan: ForwardPlan | None = None  # the plan of the forward running now (for the layer taps)

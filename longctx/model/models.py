@@ -185,7 +185,7 @@ def _convert_gguf(gguf: Path, cache: Path, dtype: torch.dtype, version: str) -> 
     with contextlib.redirect_stderr(io.StringIO()):  # transformers' own tqdm bar ignores its progress setting
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None  # de-quantised already; else save_pretrained refuses a "gguf-quantized" model
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it as a quantizer only; de-quantised already; else save_pretrained refuses a "gguf-quantized" model
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     # the weights' identity (bf16-rounded values): the same for every dtype's cache, computed once

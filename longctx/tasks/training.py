@@ -165,7 +165,7 @@ def unroll(backbone: Backbone, method: Method, segments: Sequence[Segment], *, b
     state = method.init_state()
     total, count, aux = None, 0, 0.0
     for i, seg in enumerate(segments):
-        if i > 0 and bptt is not None and i < n - bptt and hasattr(method, "detach_state"):
+        if i > 0 and bptt is not None and i < n - bptt:
             state = method.detach_state(state)
         if on_enter is not None:
             state = on_enter(i, state) or state
@@ -242,7 +242,7 @@ class Trainer:
         self.backbone, self.method, self.source, self.cfg = backbone, method, source, config
         self.validation, self.checkpoints, self.checkpoint_name = validation, checkpoints, checkpoint_name
         self.shard = current_shard(backbone.device.type)
-        if self.shard.world > 1 and hasattr(method, "backward_sample"):
+        if self.shard.world > 1 and method.backward_in_sample:
             raise UsageError(f"method '{method.name}' back-propagates during the sample and trains in one process only")
         torch.manual_seed(config.seed)
         self.params = self._trainable()
@@ -286,7 +286,7 @@ class Trainer:
 
     def own_params(self) -> list[torch.nn.Parameter]:
         """The method's parameters (none for a training-free method fine-tuned as a no-memory baseline)."""
-        params = getattr(self.method, "params", None)
+        params = self.method.memory_params()
         return list(params.parameters()) if params is not None else []
 
     def train_step(self) -> TrainProgress:
@@ -299,7 +299,7 @@ class Trainer:
             lane = self.shard.rank * cfg.accumulate + j
             gen = sample_generator(cfg.seed, self.step, lane)
             segs = self.source.draw(n, cfg.segment, gen)
-            if hasattr(self.method, "backward_sample"):  # the method back-propagates as it goes (UIO)
+            if self.method.backward_in_sample:  # the method back-propagates as it goes (UIO)
                 with self.autocast():
                     losses.append(self.method.backward_sample(segs, loss=cfg.loss, weight=1 / cfg.accumulate, gen=gen))
             else:

@@ -237,7 +237,7 @@ class _Chunker:
     def _safe_cut(self, offsets: list[tuple[int, int]], starts: list[int], j: int) -> int:
         """Last cut keeping `margin` tokens uncommitted, moved left to a clean character boundary."""
         cut = j + len(starts) - self.margin
-        ends = np.maximum.accumulate([offsets[i][1] for i in range(j, j + len(starts))]) if starts else []
+        ends: np.ndarray | list[int] = np.maximum.accumulate([offsets[i][1] for i in range(j, j + len(starts))]) if starts else []
         # Clean: no earlier token reaches past the cut (several byte-level tokens can share one char).
         while cut > j and ends[cut - j - 1] > starts[cut - j]:
             cut -= 1
