@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .methods.base import Method
+from .methods.base import Method, StepNLL
 from .metrics import NllSums
 from .model import lora
 from .model.attention import ForwardPlan
@@ -118,3 +118,12 @@ def _step(backbone: Backbone, method: Method, state: Any, seg: Segment, sums: Nl
     positions = seg.token_index[scored] + 1  # document position of each predicted token
     sums.add(positions, nll, int(seg.target_bytes[scored].sum()))
     return state, float(nll.double().sum())
+
+
+def step_nll(backbone: Backbone, method: Method) -> StepNLL:
+    """The driver's one-segment read-and-score, as a function of (memory, segment): what a method that
+    back-propagates while it reads (UIO) is handed, so that methods never import the driver."""
+    def step(state: Any, seg: Segment) -> torch.Tensor | None:
+        _, hidden, _ = read_forward(backbone, method, state, seg)
+        return scored_nll(backbone, hidden, seg)
+    return step

@@ -14,14 +14,14 @@ from tiny_tokenizers import byte_bpe_tokenizer
 
 from longctx.errors import UsageError
 from longctx.methods import get_method
+from longctx.methods.reservoir import Reservoir
 from longctx.methods.uio import UIO, ChunkGraph, UIOOptions
 from longctx.model.attention import ForwardPlan
 from longctx.model.backbone import Backbone, ModelInfo
 from longctx.model.lora import LoraSpec, add_lora, lora_parameters
 from longctx.storage.adapters import attach_adapter, role_spec, save_adapter
 from longctx.storage.snapshot import SnapshotStore
-from longctx.stream import forward_segment, run_stream
-from longctx.tasks.reservoir import Reservoir
+from longctx.stream import forward_segment, run_stream, step_nll
 from longctx.tasks.training import TokenCorpus, TrainConfig, Trainer, unroll, window_segments
 
 
@@ -142,7 +142,7 @@ def test_reservoir_holding_every_chunk_equals_full_bptt(tiny_backbone, loss):
     full_loss.backward()
     reference = {k: grads(ps) for k, ps in params.items()}
     clear(every)
-    value = m.backward_sample(segs, loss=loss, weight=1.0, gen=torch.Generator().manual_seed(0))
+    value = m.backward_sample(segs, step_nll(tiny_backbone, m), loss=loss, weight=1.0, gen=torch.Generator().manual_seed(0))
     assert math.isclose(value, float(full_loss.detach()), rel_tol=1e-6)
     for k, ps in params.items():
         got = grads(ps)
@@ -167,7 +167,7 @@ def test_small_reservoir_truncates_encoder_gradients_and_releases_each_graph_onc
         release(chunk)
 
     monkeypatch.setattr(ChunkGraph, "release", spy)
-    m.backward_sample(segs, loss="all", weight=1.0, gen=torch.Generator().manual_seed(0))
+    m.backward_sample(segs, step_nll(tiny_backbone, m), loss="all", weight=1.0, gen=torch.Generator().manual_seed(0))
     assert sorted(released) == [0, 1, 2, 3]  # the last chunk is never encoded: nobody reads it
     assert not close(reference["encoder"], grads(params["encoder"]))
     assert not close(reference["memory vector"], grads(params["memory vector"]))
@@ -221,7 +221,7 @@ def test_importance_scales_the_gradient_reaching_memories_by_t_over_w(tiny_backb
 
         monkeypatch.setattr(ChunkGraph, "release", spy)
         clear(every)
-        method.backward_sample(segs, loss="last", weight=1.0, gen=torch.Generator().manual_seed(3))
+        method.backward_sample(segs, step_nll(method.backbone, method), loss="last", weight=1.0, gen=torch.Generator().manual_seed(3))
         out[on] = {k: grads(ps) for k, ps in params.items()}
     assert leaves[False].keys() == leaves[True].keys() and len(leaves[True]) == 2
     for i in leaves[True]:

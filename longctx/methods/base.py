@@ -15,7 +15,7 @@ import json
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
@@ -121,6 +121,8 @@ def _try(value: Any, t: Any) -> tuple[bool, Any]:
 
 OptionsT = TypeVar("OptionsT", bound=MethodOptions)
 StateT = TypeVar("StateT")
+# (memory, segment) -> per-token NLL of the segment read from that memory (None: nothing scored)
+StepNLL = Callable[[Any, Segment], "torch.Tensor | None"]
 
 
 class Method(ABC, Generic[OptionsT, StateT]):
@@ -209,10 +211,12 @@ class Method(ABC, Generic[OptionsT, StateT]):
         """The same memory with its gradient history cut (truncated BPTT); default: unchanged."""
         return state
 
-    def backward_sample(self, segments: Sequence[Segment], *, loss: str, weight: float,
+    def backward_sample(self, segments: Sequence[Segment], step: StepNLL, *, loss: str, weight: float,
                         gen: torch.Generator) -> float:
-        """Back-propagate one training sample while reading it (only where `backward_in_sample`); returns
-        the mean loss. The trainer otherwise unrolls the sample and calls backward once."""
+        """Back-propagate one training sample while reading it (only where `backward_in_sample`); `step`
+        reads one segment from a given memory and scores it (the driver's, handed down so that no method
+        imports the driver). Returns the mean loss. The trainer otherwise unrolls the sample and calls
+        backward once."""
         raise NotImplementedError(f"method '{self.name}' back-propagates after the sample, not during it")
 
     @property

@@ -24,10 +24,10 @@ from torch import nn
 
 from ..errors import ModelError, UsageError
 from ..model.attention import ForwardPlan, causal_mask
-from ..tasks.reservoir import Reservoir
 from ..text.segments import Segment
-from .base import MethodOptions, UniMem, option, register
+from .base import MethodOptions, StepNLL, UniMem, option, register
 from .recurrent import TrainableMethod
+from .reservoir import Reservoir
 
 Management = Literal["unbounded", "fifo"]
 
@@ -264,15 +264,13 @@ class UIO(TrainableMethod[UIOOptions, UIOState]):
                         state.segments)
 
     # ---- training: incremental optimisation (docs/methods/uio.md) ------------------------------------------------
-    def backward_sample(self, segments: Sequence[Segment], *, loss: str, weight: float,
+    def backward_sample(self, segments: Sequence[Segment], step: StepNLL, *, loss: str, weight: float,
                         gen: torch.Generator) -> float:
         """Back-propagate one sample as UIO-LLMs trains: decoder step t reads leaf copies of the memories of
         chunks < t and back-propagates its loss at once (scaled by `weight` / scored tokens, so the sum is
         the mean-loss gradient), accumulating on the leaves; the encoder graph of chunk t (none for the last
         chunk: nobody reads it) stays alive only while it is in a reservoir of W, and is released (its
         backward run with the leaf's gradient so far) on eviction or at the end. Returns the mean loss."""
-        from ..stream import read_forward, scored_nll  # the driver imports the methods package: import late
-
         n = len(segments)
         counts = [int((s.targets >= 0).sum()) if loss != "last" or i == n - 1 else 0 for i, s in enumerate(segments)]
         total = sum(counts)
@@ -283,8 +281,7 @@ class UIO(TrainableMethod[UIOOptions, UIOState]):
         nll_sum = 0.0
         for t, seg in enumerate(segments):
             if counts[t]:
-                _, hidden, _ = read_forward(self.backbone, self, self._leaf_state(read, t), seg)
-                nll = scored_nll(self.backbone, hidden, seg)
+                nll = step(self._leaf_state(read, t), seg)
                 assert nll is not None  # counts[t] > 0: the segment has scored targets
                 step_loss = nll.sum() * (weight / total)
                 if step_loss.requires_grad:  # without memory nothing trainable is on the path

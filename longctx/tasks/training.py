@@ -33,7 +33,7 @@ from ..storage.adapters import role_spec
 from ..storage.hashing import file_sha256
 from ..storage.paths import longctx_home
 from ..storage.snapshot import SnapshotStore
-from ..stream import forward_segment, run_stream, scored_nll
+from ..stream import forward_segment, run_stream, scored_nll, step_nll
 from ..text.segments import Segment
 from ..text.textio import open_source
 from ..text.tokens import iter_tokens
@@ -301,7 +301,8 @@ class Trainer:
             segs = self.source.draw(n, cfg.segment, gen)
             if self.method.backward_in_sample:  # the method back-propagates as it goes (UIO)
                 with self.autocast():
-                    losses.append(self.method.backward_sample(segs, loss=cfg.loss, weight=1 / cfg.accumulate, gen=gen))
+                    losses.append(self.method.backward_sample(segs, step_nll(self.backbone, self.method), loss=cfg.loss,
+                                                              weight=1 / cfg.accumulate, gen=gen))
             else:
                 loss = self._sample_loss(segs, last=j == cfg.accumulate - 1)
                 (loss / cfg.accumulate).backward()
