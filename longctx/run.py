@@ -55,7 +55,7 @@ def build_method(spec: str | Preset, backbone: Backbone, overrides: dict[str, An
     if adapter:
         attach_adapter(method, adapter, backbone)
     elif preset.adapter:
-        _attach_preset_adapter(method, preset, backbone, allow_untrained)
+        _attach_preset_adapter(method, preset, preset.adapter, backbone, allow_untrained)
     else:
         require_trained(method, allow_untrained)
     return method, preset
@@ -79,12 +79,13 @@ def prepare_run(name: str, *, model: str | None = None, dtype: str | None = None
     return backbone, RunSpec(method, preset.name, run["segment"], None), load_s
 
 
-def _attach_preset_adapter(method: Method, preset: Preset, backbone: Backbone, allow_untrained: bool) -> None:
-    """The preset's adapter fits the model it was trained on; on another model the method runs untrained
-    only when that is allowed, else the refusal says why and what to do."""
+def _attach_preset_adapter(method: Method, preset: Preset, adapter: str, backbone: Backbone,
+                           allow_untrained: bool) -> None:
+    """The preset's adapter (`adapter`) fits the model it was trained on; on another model the method runs
+    untrained only when that is allowed, else the refusal says why and what to do."""
     try:
-        attach_adapter(method, preset.adapter, backbone)
+        attach_adapter(method, adapter, backbone)
     except LongctxError as e:
         if not allow_untrained:
-            raise UsageError(f"preset '{preset.name}' names adapter '{preset.adapter}', which does not fit this run "
+            raise UsageError(f"preset '{preset.name}' names adapter '{adapter}', which does not fit this run "
                              f"({e}); pass --adapter NAME, or --allow-untrained to run {method.name} untrained") from None

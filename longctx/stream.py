@@ -50,7 +50,7 @@ class StreamResult:
 def run_stream(backbone: Backbone, method: Method, segments: Iterable[Segment], *, state: Any = None,
                sums: NllSums | None = None, on_segment: Callable[[SegmentEvent], None] | None = None,
                stop: Callable[[], bool] | None = None, checkpoint_every: int | None = None,
-               on_checkpoint: Callable[[StreamResult], None] | None = None) -> StreamResult:
+               on_checkpoint: Callable[[StreamResult], object] | None = None) -> StreamResult:
     """Stream `segments` through `method`; returns the NLL sums and the final memory state.
 
     `state`/`sums` continue a resumed run. `stop()` is polled between segments (graceful interrupt); every

@@ -208,6 +208,14 @@ def test_curriculum_parsing_and_schedule():
             parse_curriculum(bad)
 
 
+@pytest.mark.parametrize("flag, value, allowed", [("--task", "qa", "lm, recall"), ("--loss", "first", "all, last, answer"),
+                                                   ("--tune", "bias", "memory, lora, full")])
+def test_cli_train_refuses_an_unknown_choice(tmp_path, flag, value, allowed):
+    """--task/--loss/--tune are checked against their Literals before a model is loaded (exit 2, the choices)."""
+    r = runner.invoke(app, ["train", str(tmp_path / "none.txt"), "--method", "rmt", "--out", "x", flag, value])
+    assert r.exit_code == 2 and f"{flag} must be one of {allowed} (got '{value}')" in r.stderr
+
+
 def test_cli_train_then_ppl_with_the_adapter(model_dir, tmp_path):
     book, val = tmp_path / "train.txt", tmp_path / "val.txt"
     book.write_text(sample_text(4000), encoding="utf-8")

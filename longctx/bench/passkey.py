@@ -159,6 +159,7 @@ def run_trial(backbone: Backbone, method: Method, trial: PasskeyTrial, segment: 
     cut = len(trial.ids) - trial.question
     done = extend(backbone, method, ingest(backbone, method, plain_segments(trial.ids[:cut], segment)), trial.ids[cut:])
     held = where_held(method, done.state, trial.needle)
+    assert done.last_plan is not None  # the question was just read
     hits = retrieval_hits(done.last_plan.retrieved, trial.needle)
     tokens, _ = greedy(backbone, method, done, max_new_tokens)
     answer = backbone.tokenizer.decode(tokens, skip_special_tokens=True)

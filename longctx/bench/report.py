@@ -152,10 +152,10 @@ def suite_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
         rows = parts["throughput"]["rows"]
         for m in dict.fromkeys(r.get("name", r["method"]) for r in rows):
-            pts = sorted((r["prefill_tokens"], r["prefill_tok_s"], r["peak_rss_mb"]) for r in rows
-                         if r.get("name", r["method"]) == m)
-            a1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-            a2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=m)
+            by_len = sorted((r["prefill_tokens"], r["prefill_tok_s"], r["peak_rss_mb"]) for r in rows
+                            if r.get("name", r["method"]) == m)
+            a1.plot([p[0] for p in by_len], [p[1] for p in by_len], marker="o", label=m)
+            a2.plot([p[0] for p in by_len], [p[2] for p in by_len], marker="o", label=m)
         a1.set_title("prefill tok/s vs length")
         a2.set_title("peak RSS MiB vs length")
         for a in (a1, a2):

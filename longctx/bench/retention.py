@@ -173,6 +173,7 @@ def _read(method: Method, segment: int, stream: _Stream, config: RetentionConfig
             report.items.append(item)
             if on_item is not None:
                 on_item(item)
+    assert done is not None  # RetentionConfig refuses an empty list of distances
     return {"method": name, "trial": trial, "tokens": at, "read_seconds": read_s,
             "tokens_per_s": at / read_s if read_s else None, "memory_entries": method.memory_size(done.state)}
 

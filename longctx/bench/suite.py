@@ -220,7 +220,7 @@ def leaders(parts: dict[str, Any], methods: list[str]) -> list[dict[str, Any]]:
     rows = []
     if "ppl" in parts:
         ppl = {r["method"]: r["ppl"] for r in parts["ppl"]["runs"]}
-        best = min(ppl, key=ppl.get)
+        best = min(ppl, key=ppl.__getitem__)
         delta = next((d for d in parts["ppl"]["deltas"] if d["method"] == best), None)
         rows.append({"axis": "PPL (lower is better)", "leader": best, "value": ppl[best],
                      "reference": ppl.get(REFERENCE), "vs_reference": delta})
@@ -231,7 +231,7 @@ def leaders(parts: dict[str, Any], methods: list[str]) -> list[dict[str, Any]]:
         acc = _accuracy_by_method(parts[part], kind)
         if not acc:
             continue
-        best = max(acc, key=acc.get)
+        best = max(acc, key=acc.__getitem__)
         items = parts[part].get("trials") or parts[part].get("items") or []
         items = [r for r in items if kind is None or r.get("kind") == kind]
         label = part if kind in (None, "needle") else f"{part} ({kind} fact)"
@@ -244,7 +244,7 @@ def leaders(parts: dict[str, Any], methods: list[str]) -> list[dict[str, Any]]:
                                       ("peak_rss_mb", "peak RSS MiB (lower is better)", min)):
             vals = {m: r[metric] for m, r in at.items() if r.get(metric) is not None}
             if vals:
-                best = better(vals, key=vals.get)
+                best = better(vals, key=vals.__getitem__)
                 rows.append({"axis": f"{label} at {longest:,} tokens", "leader": best, "value": vals[best],
                              "reference": vals.get(REFERENCE), "vs_reference": None})
     return rows

@@ -17,7 +17,8 @@ import typer
 
 from ..version import __version__
 
-app = typer.Typer(name="longctx", no_args_is_help=True, add_completion=False,
+# annotated: the command modules imported below import `app` back (an import cycle mypy cannot infer through)
+app: typer.Typer = typer.Typer(name="longctx", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_show_locals=False, rich_markup_mode="rich",
                   help="Stream text of any length through a causal LM, segment by segment, with a memory method.")
 presets_app = typer.Typer(no_args_is_help=True, help="List and show the YAML presets (a method, segment and options).")

@@ -210,11 +210,11 @@ def _reading_view(file: str, enabled: bool):
 
     size = os.path.getsize(file) if file != "-" and os.path.isfile(file) else None
     view = ProgressView(stderr_console(), total=size, unit="bytes", enabled=enabled)
-    t0 = [None]
+    t0: list[float] = []  # when the first segment came
 
     def on_segment(seg) -> None:
-        if t0[0] is None:
-            t0[0] = _time.perf_counter()
+        if not t0:
+            t0.append(_time.perf_counter())
             view.start_method("reading", file)
         view.reading(seg.start + len(seg), int(seg.next_byte), _time.perf_counter() - t0[0])
 

@@ -69,6 +69,7 @@ class ProgressView:
 
     def _show(self, done: int, stats: str) -> None:
         if self._progress is not None:
+            assert self._task is not None  # added with the bar
             self._progress.update(self._task, completed=done, stats=stats)
         elif time.monotonic() - self._last_log >= PLAIN_EVERY_S:
             self._last_log = time.monotonic()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, TypeVar, get_args
 
 import typer
 
@@ -11,6 +11,8 @@ from ..errors import UsageError
 from . import adapters_app, app
 from .exits import _errors_to_exit
 from .options import OptionOpt, ProgressOpt, _parse_overrides
+
+_S = TypeVar("_S", bound=str)
 
 
 @app.command()
@@ -56,15 +58,14 @@ def train(
     """
     from ..model.lora import LoraSpec
     from ..sharding import is_main_process
-    from ..tasks.training import TrainConfig, parse_curriculum
+    from ..tasks.training import LossMask, TrainConfig, TrainTask, Tune, parse_curriculum
     from ..tasks.training import train as train_fn
     from .render import stderr_console
 
-    for key, value, allowed in (("task", task, ("lm", "recall")), ("loss", loss, ("all", "last", "answer")),
-                                ("tune", tune, ("memory", "lora", "full"))):
-        if value not in allowed:
-            raise UsageError(f"--{key} must be one of {', '.join(allowed)} (got {value!r})")
-    config = TrainConfig(segment=segment, curriculum=parse_curriculum(curriculum), bptt=bptt, loss=loss, tune=tune,
+    task_: TrainTask = _one_of("task", task, get_args(TrainTask))
+    loss_: LossMask = _one_of("loss", loss, get_args(LossMask))
+    tune_: Tune = _one_of("tune", tune, get_args(Tune))
+    config = TrainConfig(segment=segment, curriculum=parse_curriculum(curriculum), bptt=bptt, loss=loss_, tune=tune_,
                          lora=LoraSpec(r=lora_r, alpha=lora_alpha), lr=lr, backbone_lr=backbone_lr, warmup=warmup,
                          clip=clip, accumulate=accumulate, seed=seed, autocast=autocast, validate_every=validate_every,
                          val_tokens=val_tokens, checkpoint_every=checkpoint_every)
@@ -76,7 +77,7 @@ def train(
             err.print(f"step {p.step}/{p.steps} segments {p.segments} loss {p.loss:.4f} lr {p.lr:.2e} "
                       f"{p.tokens / max(p.seconds, 1e-9):.0f} tok/s{val}", highlight=False)
 
-    result = train_fn(files, method, out, config, validation=validation, task=task,
+    result = train_fn(files, method, out, config, validation=validation, task=task_,
                       options=_parse_overrides(option or [], [method]).get(method), init_adapter=init_adapter,
                       model=model, dtype=dtype, device=device, threads=threads, fresh=fresh,
                       command=" ".join(["longctx", *sys.argv[1:]]), on_step=on_step)
@@ -91,6 +92,14 @@ def train(
     val = f"; validation PPL {vals[0]['ppl']:.3f} -> {vals[-1]['ppl']:.3f}" if len(vals) >= 2 else ""
     print(f"adapter {out} saved at {result['path']}: {result['steps']} steps, {result['tokens']:,} tokens in "
           f"{result['seconds']:.0f} s{val}")
+
+
+def _one_of(option: str, value: str, allowed: tuple[_S, ...]) -> _S:
+    """`value` as the one of `allowed` (a Literal's values) it equals; an unknown one is a usage error."""
+    for choice in allowed:
+        if value == choice:
+            return choice
+    raise UsageError(f"--{option} must be one of {', '.join(allowed)} (got {value!r})")
 
 
 @adapters_app.callback(invoke_without_command=True)

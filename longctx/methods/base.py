@@ -17,7 +17,7 @@ import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 
 import torch
 
@@ -50,7 +50,7 @@ class MethodOptions:
     """Base of every method's options; subclasses add fields made with `option(...)`."""
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, where: str = "options") -> MethodOptions:
+    def from_mapping(cls, values: Mapping[str, Any], *, where: str = "options") -> Self:
         """Build from YAML/flag values: unknown keys and wrong types are refused, naming the key."""
         hints = typing.get_type_hints(cls)
         known = {f.name for f in dataclasses.fields(cls)}

@@ -76,8 +76,9 @@ def activate(backbone: Backbone, name: str | None, *, force: bool = False) -> No
         if isinstance(module, BaseTunerLayer):
             # peft's switches also freeze/unfreeze weights; which weights train is the trainer's choice, and a
             # method with two adapters (UIO, MemoryLLM) trains the one it has just switched away from
-            trains = [(p, p.requires_grad) for p in module.parameters()]
-            if name is None or name not in module.lora_A:
+            # the two ignores: peft's BaseTunerLayer is typed without its nn.Module and LoRA-layer attributes
+            trains = [(p, p.requires_grad) for p in module.parameters()]  # type: ignore[attr-defined]
+            if name is None or name not in module.lora_A:  # type: ignore[attr-defined]
                 module.enable_adapters(False)
             else:
                 module.enable_adapters(True)

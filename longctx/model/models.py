@@ -191,7 +191,7 @@ def _convert_gguf(gguf: Path, cache: Path, dtype: torch.dtype, version: str) -> 
     # the weights' identity (bf16-rounded values): the same for every dtype's cache, computed once
     meta = {"gguf": str(gguf), "gguf_sha256": file_sha256(gguf), "package": f"{GGUF_DIST}=={version}",
             "dtype": str(dtype).removeprefix("torch."), "weights_sha256": weights_sha256(model)}
-    _write_cache(model.to(dtype), tok, meta, cache)
+    _write_cache(model.to(dtype), tok, meta, cache)  # type: ignore[arg-type]  # transformers' decorator on `to` types it as unbound
 
 
 def _write_cache(model, tokenizer, meta: dict, cache: Path) -> None:

@@ -80,7 +80,7 @@ def lora_prefix(role: str) -> str:
     return "lora." if role == "main" else f"lora.{role}."
 
 
-def role_spec(spec: LoraSpec, method: TrainableMethod, role: str) -> LoraSpec:
+def role_spec(spec: LoraSpec, method: Method, role: str) -> LoraSpec:
     """The LoRA spec of one role: the run's rank and alpha, the role's own targets where it fixes them."""
     targets = method.lora_roles.get(role)
     return spec if targets is None else LoraSpec(spec.r, spec.alpha, spec.dropout, tuple(targets))
@@ -108,8 +108,7 @@ def check_adapter(snap: Snapshot, method: Method, backbone: Backbone, *, start: 
     man = snap.manifest
     if man.get("kind") != KIND:
         raise SnapshotError(f"{snap.path} is not a longctx adapter (kind {man.get('kind')!r})")
-    if not isinstance(method, TrainableMethod):
-        raise UsageError(f"method '{method.name}' has no trainable parameters; an adapter cannot be attached")
+    method = trainable_method(method)
     diffs = []
     trained_for = man["method"]["name"]
     if trained_for != method.name and not (start and trained_for in method.starts_from):
@@ -128,17 +127,25 @@ def check_adapter(snap: Snapshot, method: Method, backbone: Backbone, *, start: 
         raise SnapshotError(f"adapter '{snap.name}' does not fit this run:\n  " + "\n  ".join(diffs))
 
 
-def attach_adapter(method: Method, spec: str, backbone: Backbone, *, start: bool = False) -> None:
-    """Load adapter `spec` into `method` (and its LoRA into the backbone); `method.adapter` records which.
-    `start`: the adapter starts a training run, so one of a method this one extends fits (check_adapter)."""
+def trainable_method(method: Method) -> TrainableMethod:
+    """`method` as a TrainableMethod; a method without trainable parameters is a usage error."""
+    if not isinstance(method, TrainableMethod):
+        raise UsageError(f"method '{method.name}' has no trainable parameters; an adapter cannot be attached")
+    return method
+
+
+def attach_adapter(method: Method, spec: str, backbone: Backbone, *, start: bool = False) -> dict[str, Any]:
+    """Load adapter `spec` into `method` (and its LoRA into the backbone); `method.adapter` records which,
+    and is returned. `start`: the adapter starts a training run, so one of a method this one extends fits
+    (check_adapter)."""
     snap = find_adapter(spec)
     check_adapter(snap, method, backbone, start=start)
-    load_adapter_tensors(method, snap, backbone)
+    return load_adapter_tensors(trainable_method(method), snap, backbone)
 
 
-def load_adapter_tensors(method: Method, snap: Snapshot, backbone: Backbone) -> None:
+def load_adapter_tensors(method: TrainableMethod, snap: Snapshot, backbone: Backbone) -> dict[str, Any]:
     """Load a (checked) adapter's parameters into `method` and its LoRA into the backbone; raises when a
-    tensor does not fit. `method.adapter` records which adapter it was."""
+    tensor does not fit. `method.adapter` records which adapter it was (also returned)."""
     params = {k[7:]: v for k, v in snap.tensors.items() if k.startswith("params.")}
     partial = snap.manifest["method"]["name"] != method.name  # a base method's: this one's own parameters stay
     try:
@@ -166,6 +173,7 @@ def load_adapter_tensors(method: Method, snap: Snapshot, backbone: Backbone) -> 
     sha = snap.manifest["files"]["state.safetensors"]["sha256"]
     method.adapter = {"name": snap.name, "sha256": sha, "path": str(snap.path), "tune": snap.manifest["tune"],
                       "training": snap.manifest.get("training", {})}
+    return method.adapter
 
 
 def require_trained(method: Method, allow_untrained: bool) -> None:

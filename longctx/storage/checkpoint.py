@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,8 @@ def save_run(store: SnapshotStore, name: str, backbone: Backbone, spec: RunSpec,
 def fingerprint_differences(manifest: dict[str, Any], backbone: Backbone, name: str = "NAME") -> list[str]:
     """Each way the snapshot's model/tokenizer/dtype differs from the loaded backbone; warns (and goes on)
     when only library versions differ."""
-    saved, now = manifest.get("fingerprint", {}), backbone.fingerprint
+    saved: dict[str, Any] = manifest.get("fingerprint", {})
+    now: Mapping[str, Any] = backbone.fingerprint
     if is_legacy(saved):
         raise SnapshotError(f"snapshot '{name}' records its model with the old fingerprint (a hash of the whole "
                             "config, transformers' version included), which no longer identifies it",
@@ -113,8 +115,8 @@ def method_from_snapshot(snap: Snapshot, backbone: Backbone) -> RunSpec:
     method = cls(cls.Options.from_mapping(meta["options"], where="snapshot option"), backbone)
     ref = meta.get("adapter")
     if ref:  # the same trained parameters, verified by hash: other parameters would read the memory differently
-        attach_adapter(method, ref["path"] if Path(ref["path"]).is_dir() else ref["name"], backbone)
-        if method.adapter["sha256"] != ref["sha256"]:
+        attached = attach_adapter(method, ref["path"] if Path(ref["path"]).is_dir() else ref["name"], backbone)
+        if attached["sha256"] != ref["sha256"]:
             raise SnapshotError(f"snapshot '{snap.name}' was made with adapter {ref['name']} "
                                 f"(sha256 {ref['sha256'][:12]}); the adapter found now differs")
     return RunSpec(method, meta.get("preset", meta["name"]), int(meta["segment"]), meta.get("max_tokens"))

@@ -91,7 +91,7 @@ def migrate_adapter(spec: str, backbone: Backbone) -> dict[str, Any]:
     """Verify an old-fingerprint adapter against the loaded model and its method, then record the new
     identity. An adapter already in the new form is left alone."""
     from ..methods import get_method
-    from .adapters import base_identity, find_adapter, load_adapter_tensors
+    from .adapters import base_identity, find_adapter, load_adapter_tensors, trainable_method
 
     snap = find_adapter(spec)
     man = snap.manifest
@@ -101,7 +101,7 @@ def migrate_adapter(spec: str, backbone: Backbone) -> dict[str, Any]:
     proof = verify_legacy(man["base"], backbone, what="adapter", recorded=recorded)
     cls = get_method(man["method"]["name"])
     method = cls(cls.Options.from_mapping(man["method"]["options"], where="adapter option"), backbone)
-    load_adapter_tensors(method, snap, backbone)  # raises if a tensor does not fit
+    load_adapter_tensors(trainable_method(method), snap, backbone)  # raises if a tensor does not fit
     proof["tensors"] = "loaded into the method and the model"
     new = {**man, "base": {**base_identity(backbone), "migrated": proof}}
     return {"name": snap.name, "migrated": True, "path": str(_rewrite(snap, new, "adapter")), "proof": proof}

@@ -117,7 +117,8 @@ def check_documents(paths: Sequence[str]) -> None:
     """Every document must be a readable regular file, listed once; all problems are named before any work."""
     if "-" in paths:
         raise UsageError("'-' (stdin) can only be scored alone; give several documents as files")
-    problems, seen = [], {}
+    problems: list[str] = []
+    seen: dict[str, str] = {}  # real path -> the name it was first given as
     for p in paths:
         why = _unusable(p)
         if why:

@@ -123,7 +123,8 @@ def continue_text(backbone: Backbone, method: Method, done: Ingested, max_new_to
     A token in `stop` ends generation (it is neither kept nor read). `on_plan` sees every forward's plan
     (the last prompt forward first), e.g. to collect what similarity reading retrieved."""
     sampling = sampling or Sampling()
-    gen, out, t0, first = sampling.generator(), [], time.perf_counter(), None
+    out: list[int] = []
+    gen, t0, first = sampling.generator(), time.perf_counter(), None
     if on_plan is not None and done.last_plan is not None:
         on_plan(done.last_plan)
     with torch.inference_mode():
@@ -136,7 +137,7 @@ def continue_text(backbone: Backbone, method: Method, done: Ingested, max_new_to
             if on_token is not None:
                 on_token(token)
             done = _advance(backbone, method, done, token)
-            if on_plan is not None:
+            if on_plan is not None and done.last_plan is not None:  # always set after a token is read
                 on_plan(done.last_plan)
     return Continuation(out, "length", done, first or 0.0, time.perf_counter() - t0)
 

@@ -122,7 +122,8 @@ def _read(backbone: Backbone, spec: RunSpec, path: str, head_ids: list[int], ide
         if on_segment is not None:
             on_segment(seg)
 
-    t0, stats = time.perf_counter(), {}
+    t0 = time.perf_counter()
+    stats: dict[str, Any] = {}
     with open_source(path) as src:
         done = ingest(backbone, spec.method, _segments(backbone, src, head_ids, spec.segment, stats),
                       segment=spec.segment, on_segment=seen)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import stat
@@ -112,13 +113,14 @@ def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | 
         model = model or snap.manifest["fingerprint"]["model"]
         dtype = dtype or snap.manifest["fingerprint"]["dtype"]
     presets = [load_preset(m) for m in names]
-    flags = {"model": model, "dtype": dtype, "device": device, "threads": threads, "segment": segment}
+    flags: dict[str, Any] = {"model": model, "dtype": dtype, "device": device, "threads": threads, "segment": segment}
     settings = resolve_settings(**flags, preset=presets[0])
     if backbone is None:
         backbone = backbone_for(settings)
     specs = _specs(presets, backbone, flags, options, max_tokens, snap, path, adapter, allow_untrained)
     _check_comparable(specs)
-    runs, source = [], {}
+    runs: list[MethodRun] = []
+    source: dict[str, Any] = {}
     with _replayable(path, len(specs)) as src_path:
         for spec in specs:
             if on_method is not None:
@@ -128,6 +130,7 @@ def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | 
                                    stop, on_segment)
             runs.append(run)
             if run.result.interrupted:
+                assert name is not None  # only a run with `stop` is interrupted, and such a run is always named
                 raise Interrupted(f"interrupted after {run.result.tokens} tokens; memory saved as snapshot "
                                   f"'{name}'. Resume with:\n  {resume_command(path, name)}")
     source["path"] = path if path != "-" else "<stdin>"
@@ -179,9 +182,12 @@ def _snapshot_name(save_memory: str | None, spec: RunSpec, n: int, stop: Callabl
 def _run_one(backbone: Backbone, spec: RunSpec, src_path: str, path: str, store: SnapshotStore, name: str | None,
              save_every: int | None, save_final: bool, snap: Snapshot | None, stop: Callable[[], bool] | None,
              on_segment: Callable[[SegmentEvent], None] | None) -> tuple[MethodRun, dict[str, Any]]:
-    method, stats = spec.method, {}
+    method = spec.method
+    stats: dict[str, Any] = {}
     state, sums, skip = restore(snap, spec) if snap is not None else (None, None, 0)
-    save = (lambda res: save_run(store, name, backbone, spec, path, res)) if name else None
+    save: Callable[[StreamResult], object] | None = None
+    if name:
+        save = functools.partial(save_run, store, name, backbone, spec, path)
     reset_peak_rss()
     with open_source(src_path) as src:
         segments = iter_segments(iter_tokens(backbone.tokenizer, src.blocks()), spec.segment,

@@ -187,7 +187,7 @@ def _answer(session: _Session, method: Method, mem: DocumentMemory, question: st
     text, cont = _generate(session, method, done, index, tally)
     answer = Answer(question, text, len(cont.tokens), cont.stopped, prompt_s + cont.first_token_s,
                     time.perf_counter() - t0)
-    if session.cite:
+    if tally is not None:  # tallied when citing
         _cite(answer, method, mem, tally, held)
     return answer
 

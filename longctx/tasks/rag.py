@@ -172,9 +172,11 @@ class _ByteWindow:
             yield block
 
     def text(self, start: int, end: int) -> str:
+        assert self.origin is not None, "no block recorded yet"  # a token's bytes come from a recorded block
         return self.data[start - self.origin : end - self.origin].decode("utf-8")
 
     def forget_before(self, offset: int) -> None:
+        assert self.origin is not None, "no block recorded yet"
         del self.data[: offset - self.origin]
         self.origin = offset
 

@@ -41,6 +41,7 @@ from ..version import __version__
 
 LossMask = Literal["all", "last", "answer"]
 Tune = Literal["memory", "lora", "full"]
+TrainTask = Literal["lm", "recall"]
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,8 @@ def unroll(backbone: Backbone, method: Method, segments: Sequence[Segment], *, b
     `on_enter(i, state)` sees the memory entering segment i (tests use it to check the BPTT depth)."""
     n = len(segments)
     state = method.init_state()
-    total, count, aux = None, 0, 0.0
+    total, count = None, 0
+    aux: float | torch.Tensor = 0.0
     for i, seg in enumerate(segments):
         if i > 0 and bptt is not None and i < n - bptt:
             state = method.detach_state(state)
@@ -199,7 +201,7 @@ class TrainProgress:
 
 @dataclass
 class TrainResult:
-    method: TrainableMethod
+    method: Method  # a training-free method too (a no-memory baseline fine-tuned with --tune lora/full)
     steps: int
     tokens: int
     seconds: float
@@ -320,7 +322,7 @@ class Trainer:
 
     def _sample_loss(self, segs: list[Segment], last: bool) -> torch.Tensor:
         """Through the DDP wrapper when distributed; gradients are synchronised on the last sample only."""
-        if self.shard.world > 1 and not last:
+        if isinstance(self.unroll, nn.parallel.DistributedDataParallel) and not last:  # world > 1
             with self.unroll.no_sync():
                 return self.unroll(segs)
         return self.unroll(segs)
@@ -364,6 +366,8 @@ class Trainer:
                     "method": {"name": self.method.name, "options": self.method.options.to_dict()},
                     "scheduler": self.sched.state_dict(), "group_lr": [g["lr"] for g in self.opt.param_groups],
                     "history": self.history, "validation": self.val_history}
+        if self.checkpoints is None:
+            raise UsageError("this trainer was made without a checkpoint store (checkpoints=)")
         return self.checkpoints.save(self.checkpoint_name, tensors, manifest)
 
     def load_checkpoint(self) -> bool:
@@ -416,7 +420,7 @@ def recall_task_for(tokenizer, filler: torch.Tensor):
 
 
 def train(files: Sequence[str], method: str, out: str, config: TrainConfig, *, validation: str | None = None,
-          task: Literal["lm", "recall"] = "lm", options: dict[str, Any] | None = None, init_adapter: str | None = None,
+          task: TrainTask = "lm", options: dict[str, Any] | None = None, init_adapter: str | None = None,
           model: str | None = None, dtype: str | None = None, device: str | None = None, threads: int | None = None,
           fresh: bool = False, backbone: Backbone | None = None, command: str | None = None,
           on_step: Callable[[TrainProgress], None] | None = None) -> dict[str, Any]:

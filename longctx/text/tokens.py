@@ -303,6 +303,7 @@ def iter_tokens(
     if chunker is None:
         chunker = _Chunker(backend, margin, 0)
     chunk = chunker.step(final=True)
+    assert chunk is not None  # a final step always commits (an empty chunk at worst)
     if len(chunk) or prefix or chunk.words:
         yield _with_prefix(chunk, prefix)
 
