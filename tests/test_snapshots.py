@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 import longctx
 from longctx.cli import app
+from longctx.errors import UsageError
 from longctx.interrupts import stop_after
 from longctx.methods import METHODS, get_method
 from longctx.storage.checkpoint import Interrupted
@@ -305,3 +306,17 @@ def test_memory_ls_lists_the_healthy_snapshots_and_marks_a_damaged_one(tiny_back
 def test_short_version_flag():
     r = CliRunner().invoke(app, ["-V"])
     assert r.exit_code == 0 and r.stdout.startswith("longctx ")
+
+
+def test_save_memory_refuses_a_name_that_holds_another_document(tiny_backbone, book, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("A different text, read into memory under the same name. " * 20, encoding="utf-8")
+    longctx.perplexity(book, ["xl"], backbone=tiny_backbone, segment=16, max_tokens=48, save_memory="m")
+    before = SnapshotStore().load("m", tensors=False).manifest["document"]["path"]
+    with pytest.raises(UsageError, match="snapshot 'm' already holds the memory of .*book.txt.*--overwrite"):
+        longctx.perplexity(str(other), ["xl"], backbone=tiny_backbone, segment=16, max_tokens=48, save_memory="m")
+    assert SnapshotStore().load("m", tensors=False).manifest["document"]["path"] == before  # nothing written
+    longctx.perplexity(book, ["xl"], backbone=tiny_backbone, segment=16, max_tokens=48, save_memory="m")  # same doc
+    longctx.perplexity(str(other), ["xl"], backbone=tiny_backbone, segment=16, max_tokens=48, save_memory="m",
+                       overwrite=True)
+    assert SnapshotStore().load("m", tensors=False).manifest["document"]["path"] == str(other.resolve())

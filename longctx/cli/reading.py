@@ -47,6 +47,7 @@ def ppl(
     save_memory: Annotated[str | None, typer.Option(help="Save the memory as snapshot NAME at the end (with --compare: NAME-METHOD).")] = None,
     save_every: Annotated[int | None, typer.Option(help="Also checkpoint the snapshot every N segments (needs --save-memory).")] = None,
     resume: Annotated[str | None, typer.Option(help="Continue the run saved in snapshot NAME (same file, model, method, options).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Let --save-memory save over a snapshot of another document.")] = False,
     files_from: Annotated[str | None, typer.Option("--files", metavar="LIST", help="Also score the files listed in LIST: one path per line, '#' comment lines, no '-'.")] = None,
     log: Annotated[str | None, typer.Option("--run-log", metavar="FILE", help="Many documents: append each finished file to this JSON-lines run log; the same command with the same log skips files already done (same sha256 and setup).")] = None,
     adapter: Annotated[str | None, typer.Option(help="Trained parameters (adapter name or directory) for the --method; default: the preset's.")] = None,
@@ -69,6 +70,7 @@ def ppl(
     common = {"model": model, "dtype": dtype, "device": device, "threads": threads, "segment": segment,
               "max_tokens": max_tokens, "adapter": adapter, "allow_untrained": allow_untrained}
     if len(docs) == 1 and not files_from and not log:
+        common["overwrite"] = overwrite
         _ppl_one(docs[0], method, compare, option or [], common, json_out, jsonl, progress, save_memory, save_every,
                  resume)
         return

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..config import RunSettings
@@ -88,7 +89,8 @@ def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | 
                segment: int | None = None, max_tokens: int | None = None,
                options: dict[str, dict[str, Any]] | None = None, backbone: Backbone | None = None,
                save_memory: str | None = None, save_every: int | None = None, resume: str | None = None,
-               adapter: str | None = None, allow_untrained: bool = False, stop: Callable[[], bool] | None = None,
+               adapter: str | None = None, allow_untrained: bool = False, overwrite: bool = False,
+               stop: Callable[[], bool] | None = None,
                on_segment: Callable[[SegmentEvent], None] | None = None,
                on_method: Callable[[str, Method, dict], None] | None = None) -> PplReport:
     """Score `path` ("-" = stdin) with each method in turn on the same tokens; deltas vs the first method.
@@ -97,7 +99,8 @@ def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | 
     method name to option overrides. Settings resolve flag > env > user config > preset > default.
     `save_memory` snapshots each method's memory at the end (and every `save_every` segments); `resume`
     continues a snapshot's run; `adapter` is loaded by the first method (trainable methods refuse to run
-    untrained unless `allow_untrained`); `stop()` is polled between segments, and a stopped run is saved and raises
+    untrained unless `allow_untrained`); a `save_memory` name that holds another document's memory is refused
+    unless `overwrite`; `stop()` is polled between segments, and a stopped run is saved and raises
     `Interrupted` (exit 130) carrying the resume command.
     """
     if max_tokens is not None and max_tokens < 2:
@@ -113,6 +116,8 @@ def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | 
         model = model or snap.manifest["fingerprint"]["model"]
         dtype = dtype or snap.manifest["fingerprint"]["dtype"]
     presets = [load_preset(m) for m in names]
+    if save_memory and not overwrite:
+        _check_not_another_document(store, [_save_name(save_memory, p.name, len(presets)) for p in presets], path)
     flags: dict[str, Any] = {"model": model, "dtype": dtype, "device": device, "threads": threads, "segment": segment}
     settings = resolve_settings(**flags, preset=presets[0])
     if backbone is None:
@@ -171,9 +176,27 @@ def _check_comparable(specs: list[RunSpec]) -> None:
                          "is not comparable with causal methods; run it alone or only with other non-causal ones")
 
 
+def _save_name(save_memory: str, preset: str, n: int) -> str:
+    """The snapshot a method's memory is saved as: NAME, or NAME-PRESET when several methods run."""
+    return check_name(save_memory if n == 1 else f"{save_memory}-{preset}")
+
+
+def _check_not_another_document(store: SnapshotStore, names: list[str], path: str) -> None:
+    """Refuse, before anything runs, to save over a snapshot that holds another document's memory."""
+    here = str(Path(path).resolve()) if path != "-" else "<stdin>"
+    for name in names:
+        if name not in store.names():
+            continue
+        theirs = store.load(name, tensors=False).manifest.get("document", {}).get("path")
+        if theirs != here:
+            raise UsageError(f"snapshot '{name}' already holds the memory of {theirs}; choose another --save-memory "
+                             "name, or pass --overwrite to save over it (its current version is kept as the "
+                             "previous one)")
+
+
 def _snapshot_name(save_memory: str | None, spec: RunSpec, n: int, stop: Callable | None) -> str | None:
     if save_memory:
-        return check_name(save_memory if n == 1 else f"{save_memory}-{spec.preset}")
+        return _save_name(save_memory, spec.preset, n)
     if stop is not None:  # an interruptible run saves where it stops, under a generated name
         return check_name(f"interrupted-{spec.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     return None
