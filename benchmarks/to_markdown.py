@@ -56,7 +56,10 @@ def foundation(d: dict) -> list[str]:
 
 def snapshots(d: dict) -> list[str]:
     s = d["size_and_timing"]
-    out = [f"`xl` after {s['tokens']:,} tokens ({s['memory_entries']:,} entries): snapshot "
+    env = d.get("environment")  # files from before the snapshot script recorded it have none
+    head = [] if env is None else [f"Commit `{d['commit']}`, model `{d['model']['model']}` ({d['model']['dtype']}), "
+                                   f"{env['threads']} thread(s), torch {env['torch']}.", ""]
+    out = head + [f"`xl` after {s['tokens']:,} tokens ({s['memory_entries']:,} entries): snapshot "
            f"{s['snapshot_bytes'] / 2**20:.1f} MiB, save {s['save_s']:.2f} s, verified load {s['load_verify_s']:.2f} s.", "",
            "| stopped after segment | NLL sum uninterrupted | NLL sum stopped + resumed | tokens | bit-identical |",
            "|---|---|---|---|---|"]
