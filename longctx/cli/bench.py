@@ -25,6 +25,7 @@ from .options import (
 # tune on one set, report on the other (bench/splits.py): the report set's seeds start at 1000, and for
 # passkey it states the key in other words; the filler stays the positional argument
 SetOpt = Annotated[str, typer.Option("--set", help="tuning (seeds < 1000, Landmark key wording; the set methods are designed on) or report (seeds >= 1000, a second wording; use another novel as filler).")]
+NeedleSetOpt = Annotated[str, typer.Option("--set", help="tuning (seeds < 1000; the set methods are designed on) or report (seeds >= 1000; use another novel as filler).")]
 
 
 @bench_app.callback(invoke_without_command=True)
@@ -160,7 +161,7 @@ def bench_needle(
     trials: Annotated[int, typer.Option(help="Documents per length (the same for every method).")] = 2,
     needles: Annotated[int, typer.Option(help="Facts per document, one question each (1 = single needle); plus one absent-fact question.")] = 4,
     seed: Annotated[int | None, typer.Option(help="Seed for facts, depths and haystack offsets (default: the set's first: 0 tuning, 1000 report).")] = None,
-    eval_set: SetOpt = "tuning",
+    eval_set: NeedleSetOpt = "tuning",
     max_new_tokens: AnswerTokensOpt = 48,
     instruction: InstructionOpt = None,
     option: MethodsOptionOpt = None,
