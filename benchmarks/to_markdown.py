@@ -105,7 +105,9 @@ def retrieval_cost(d: dict) -> list[str]:
 
 def passkey(d: dict) -> list[str]:
     c = d["config"]
-    out = [f"{c['trials']} prompts per length, depths {', '.join(map(str, c['depths']))} (cycled), seed {c['seed']}, "
+    split = d.get("set")  # files from before the tuning/report split are all tuning set
+    where = "tuning set" if split is None else f"{split['name']} set, key wording `{split['wording']}`"
+    out = [f"{c['trials']} prompts per length ({where}), depths {', '.join(map(str, c['depths']))} (cycled), seed {c['seed']}, "
            f"segment {c['segment']}, filler `{Path(d['filler']).name}`, model `{d['model']['model']}` "
            f"({d['model']['dtype']}), {d['environment']['threads']} threads.", "",
            "| method | length | correct | accuracy | not held | not retrieved | copy errors | s/trial |",
