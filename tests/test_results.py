@@ -30,7 +30,7 @@ COMMAND = re.compile(r"longctx (?:ppl|bench|ask|train|generate)\b|benchmarks/(?!
 TABLE_RULE = re.compile(r"^\|(?: *:?-+:? *\|)+ *$", re.M)
 # what a measured figure looks like in prose: an estimate with its error, a perplexity, bits per byte,
 # a throughput or an accuracy count
-FIGURE = re.compile(r"±|\bPPL \d|bits per byte|bits/byte|tok/s|\b\d+/\d+ (?:correct|prompts|at)\b")
+FIGURE = re.compile(r"\d\s*±\s*\d|\bPPL \d|\d\s*(?:bits per byte|bits/byte|tok/s)|\b\d+/\d+ (?:correct|prompts|at)\b")
 
 
 def result_files() -> list[Path]:
@@ -122,6 +122,11 @@ def readme_paragraphs() -> list[str]:
     """README paragraphs outside code blocks (tables and lists count as paragraphs)."""
     text = re.sub(r"```.*?```", "", (ROOT / "README.md").read_text(encoding="utf-8"), flags=re.S)
     return [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def test_the_figure_pattern_tells_figures_from_metric_names():
+    assert FIGURE.search("PPL 23.59 ± 0.27, 1.118 bits per byte") and FIGURE.search("at 489 tok/s")
+    assert not FIGURE.search("reports PPL with ±, bits per byte and tok/s")
 
 
 def test_every_figure_the_readme_cites_comes_with_its_result_file():
