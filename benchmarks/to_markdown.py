@@ -165,7 +165,8 @@ def needle(d: dict) -> list[str]:
     """`longctx bench needle --json`: accuracy per method and length, the absent fact, reading speed."""
     c = d["config"]
     lengths = c["lengths"]
-    out = [f"{c['trials']} document(s) per length, {c['needles']} facts each at depths 10-90 % + 1 absent-fact "
+    where = (d.get("set") or {}).get("name", "tuning")  # files from before the split are all tuning set
+    out = [f"{c['trials']} document(s) per length ({where} set), {c['needles']} facts each at depths 10-90 % + 1 absent-fact "
            f"question, seed {c['seed']}, greedy, at most {c['max_new_tokens']} tokens, filler "
            f"`{Path(d['filler']).name}`, model `{d['model']['model']}` ({d['model']['dtype']}), "
            f"{d['environment']['threads']} thread(s), load average at the end {d['environment']['load_avg_1m']:.1f}.",
