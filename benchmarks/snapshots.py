@@ -19,6 +19,7 @@ from pathlib import Path
 
 import longctx
 from longctx.interrupts import stop_after
+from longctx.run import environment
 from longctx.storage.checkpoint import Interrupted
 from longctx.storage.snapshot import SnapshotStore
 
@@ -70,7 +71,8 @@ def main() -> None:
     backbone = longctx.load_backbone(threads=args.threads)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"command": " ".join(["benchmarks/snapshots.py", *sys.argv[1:]]), "commit": commit,
-              "model": backbone.fingerprint, "size_and_timing": size_and_timing(backbone, args.book, args.long)}
+              "model": backbone.fingerprint, "environment": environment(),
+              "size_and_timing": size_and_timing(backbone, args.book, args.long)}
     print(json.dumps(result["size_and_timing"], indent=1), flush=True)
     result["exactness"] = exactness(backbone, args.book, args.tokens, [int(s) for s in args.stops.split(",")])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,10 @@ def foundation(d: dict) -> list[str]:
 
 def snapshots(d: dict) -> list[str]:
     s = d["size_and_timing"]
-    out = [f"`xl` after {s['tokens']:,} tokens ({s['memory_entries']:,} entries): snapshot "
+    env = d.get("environment")  # files from before the snapshot script recorded it have none
+    head = [] if env is None else [f"Commit `{d['commit']}`, model `{d['model']['model']}` ({d['model']['dtype']}), "
+                                   f"{env['threads']} thread(s), torch {env['torch']}.", ""]
+    out = head + [f"`xl` after {s['tokens']:,} tokens ({s['memory_entries']:,} entries): snapshot "
            f"{s['snapshot_bytes'] / 2**20:.1f} MiB, save {s['save_s']:.2f} s, verified load {s['load_verify_s']:.2f} s.", "",
            "| stopped after segment | NLL sum uninterrupted | NLL sum stopped + resumed | tokens | bit-identical |",
            "|---|---|---|---|---|"]
@@ -102,7 +105,9 @@ def retrieval_cost(d: dict) -> list[str]:
 
 def passkey(d: dict) -> list[str]:
     c = d["config"]
-    out = [f"{c['trials']} prompts per length, depths {', '.join(map(str, c['depths']))} (cycled), seed {c['seed']}, "
+    split = d.get("set")  # files from before the tuning/report split are all tuning set
+    where = "tuning set" if split is None else f"{split['name']} set, key wording `{split['wording']}`"
+    out = [f"{c['trials']} prompts per length ({where}), depths {', '.join(map(str, c['depths']))} (cycled), seed {c['seed']}, "
            f"segment {c['segment']}, filler `{Path(d['filler']).name}`, model `{d['model']['model']}` "
            f"({d['model']['dtype']}), {d['environment']['threads']} threads.", "",
            "| method | length | correct | accuracy | not held | not retrieved | copy errors | s/trial |",
@@ -160,7 +165,8 @@ def needle(d: dict) -> list[str]:
     """`longctx bench needle --json`: accuracy per method and length, the absent fact, reading speed."""
     c = d["config"]
     lengths = c["lengths"]
-    out = [f"{c['trials']} document(s) per length, {c['needles']} facts each at depths 10-90 % + 1 absent-fact "
+    where = (d.get("set") or {}).get("name", "tuning")  # files from before the split are all tuning set
+    out = [f"{c['trials']} document(s) per length ({where} set), {c['needles']} facts each at depths 10-90 % + 1 absent-fact "
            f"question, seed {c['seed']}, greedy, at most {c['max_new_tokens']} tokens, filler "
            f"`{Path(d['filler']).name}`, model `{d['model']['model']}` ({d['model']['dtype']}), "
            f"{d['environment']['threads']} thread(s), load average at the end {d['environment']['load_avg_1m']:.1f}.",

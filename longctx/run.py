@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from typing import Any
 
@@ -36,12 +37,13 @@ def backbone_for(run: RunSettings, device: Any = None) -> Backbone:
 
 
 def environment() -> dict[str, Any]:
-    """Library versions, threads and machine, printed with every result."""
+    """Library versions, threads, machine and the command line, printed with every result (a result file
+    without the command that produced it cannot be reproduced or checked)."""
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "command": list(sys.argv)}
 
 
 def build_method(spec: str | Preset, backbone: Backbone, overrides: dict[str, Any] | None = None, *,

@@ -25,6 +25,7 @@ from ..errors import UsageError
 from ..model.backbone import Backbone
 from ..resources import release_memory
 from .passkey import Filler
+from .splits import eval_set
 
 SURNAMES = ["Hollis", "Pemberton", "Ashcombe", "Thorne", "Wexley", "Marlowe", "Kestrel", "Ravensworth", "Dunmore",
             "Fairweather", "Blackwood", "Quill", "Harrowgate", "Penhallow", "Lockridge", "Treadwell"]
@@ -166,10 +167,11 @@ class NeedleConfig:
     lengths: Sequence[int]
     trials: int = 2  # documents per length
     needles: int = 4  # facts per document (1 = single needle)
-    seed: int = 0
+    seed: int | None = None  # None: the set's first seed (0 tuning, 1000 report)
     max_new_tokens: int = 48
     instruction: str | None = None  # None = ask's default
     depths: Sequence[float] | None = None  # one per needle; None = spread over 10-90 %
+    eval_set: str = "tuning"  # tuning or report (splits.py): which seeds may be used
 
     def __post_init__(self):
         if self.trials < 1 or self.needles < 1 or not self.lengths:
@@ -178,6 +180,7 @@ class NeedleConfig:
             raise UsageError("needle QA lengths must be >= 512 tokens")
         if self.depths is not None and (len(self.depths) != self.needles or any(not 0 <= d <= 1 for d in self.depths)):
             raise UsageError("needle depths: one fraction in 0..1 per needle")
+        self.seed = eval_set(self.eval_set).seed(self.seed)
 
 
 @dataclass
@@ -241,7 +244,9 @@ class NeedleReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"benchmark": "needle", "config": asdict(self.config), "methods": self.methods, "cells": self.cells(),
+        return {"benchmark": "needle", "config": asdict(self.config),
+                "set": eval_set(self.config.eval_set).describe(wording=False), "methods": self.methods,
+                "cells": self.cells(),
                 "items": [{**asdict(r), "failure": r.failure} for r in self.items],
                 "costs": [asdict(c) for c in self.costs]}
 
@@ -257,6 +262,7 @@ def needle_qa(backbone: Backbone, methods: Sequence[str], filler_path: str, conf
     """Every method on the same documents and questions, each document read once per method."""
     from ..tasks.qa import ask
 
+    eval_set(config.eval_set).check_filler(filler_path)
     filler = Filler.from_file(filler_path, backbone.tokenizer)
     rng = random.Random(config.seed)
     report = NeedleReport(config)

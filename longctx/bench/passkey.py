@@ -26,11 +26,12 @@ from ..resources import release_memory
 from ..tasks.decode import extend, greedy, ingest, plain_segments
 from ..text.prompts import chat_halves
 from ..text.textio import open_source
+from .splits import LANDMARK, KeyWording, eval_set
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.\n")
-INFO = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
-QUESTION = "\nWhat is the pass key? The pass key is"
+INFO = LANDMARK.info
+QUESTION = f"\n{LANDMARK.question} {LANDMARK.prime}"
 
 
 @dataclass(frozen=True)
@@ -69,21 +70,22 @@ class Filler:
         return self.ids[idx], self.sentence_end[idx]
 
 
-def prompt_frame(tokenizer, chat: bool) -> tuple[str, str]:
+def prompt_frame(tokenizer, chat: bool, wording: KeyWording = LANDMARK) -> tuple[str, str]:
     """Text before the haystack and after it. With `chat`, the model's chat template wraps the task as the
-    user's message and the answer is primed as the assistant's ("The pass key is")."""
+    user's message and the answer is primed as the assistant's (the wording's prime, "The pass key is")."""
     if not chat:
-        return TASK, QUESTION
+        return TASK, f"\n{wording.question} {wording.prime}"
     before, after = chat_halves(tokenizer)
-    return before + TASK, "\nWhat is the pass key?" + after + "The pass key is"
+    return before + TASK, f"\n{wording.question}" + after + wording.prime
 
 
 def make_trial(tokenizer, filler: Filler, length: int, depth: float, rng: random.Random,
-               frame: tuple[str, str] = (TASK, QUESTION)) -> PasskeyTrial:
-    """A prompt of `length` tokens with the key's line at `depth` of the haystack (deterministic from rng)."""
+               frame: tuple[str, str] = (TASK, QUESTION), wording: KeyWording = LANDMARK) -> PasskeyTrial:
+    """A prompt of `length` tokens with the key's line (in `wording`) at `depth` of the haystack
+    (deterministic from rng)."""
     key = rng.randint(10000, 99999)
     enc = lambda s: torch.tensor(tokenizer(s, add_special_tokens=False)["input_ids"], dtype=torch.long)  # noqa: E731
-    head, info, question = enc(frame[0]), enc(INFO.format(key=key)), enc(frame[1])
+    head, info, question = enc(frame[0]), enc(wording.info_line(key)), enc(frame[1])
     n_fill = length - len(head) - len(info) - len(question)
     if n_fill < 16:
         raise UsageError(f"passkey length {length} is too short for the prompt's own {length - n_fill} tokens")
@@ -172,16 +174,18 @@ class PasskeyConfig:
     lengths: Sequence[int]
     depths: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9)
     trials: int = 20
-    seed: int = 0
+    seed: int | None = None  # None: the set's first seed (0 tuning, 1000 report)
     segment: int = 512
     max_new_tokens: int = 8
     chat: bool = False  # wrap the prompt in the model's chat template
+    eval_set: str = "tuning"  # tuning or report (splits.py): seeds and key wording
 
     def __post_init__(self):
         if self.trials < 1 or not self.lengths or not self.depths:
             raise UsageError("passkey needs >= 1 trial, a length and a depth")
         if any(not 0.0 <= d <= 1.0 for d in self.depths):
             raise UsageError("passkey depths are fractions within 0..1")
+        self.seed = eval_set(self.eval_set).seed(self.seed)
 
 
 @dataclass
@@ -206,7 +210,8 @@ class PasskeyReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"benchmark": "passkey", "config": asdict(self.config), "methods": self.methods,
+        return {"benchmark": "passkey", "config": asdict(self.config), "set": eval_set(self.config.eval_set).describe(),
+                "methods": self.methods,
                 "cells": self.cells(), "trials": [{**asdict(r), "failure": r.failure} for r in self.results]}
 
 
@@ -218,13 +223,16 @@ def passkey(backbone: Backbone, methods: Sequence[Method], filler_path: str, con
     for m in methods:
         m.check_segment(config.segment)
     labels = list(labels) if labels is not None else [m.name for m in methods]
+    split = eval_set(config.eval_set)
+    split.check_filler(filler_path)
     filler = Filler.from_file(filler_path, backbone.tokenizer)
     report = PasskeyReport(config, {label: m.describe() for label, m in zip(labels, methods)})
     rng = random.Random(config.seed)
-    frame = prompt_frame(backbone.tokenizer, config.chat)
+    frame = prompt_frame(backbone.tokenizer, config.chat, split.wording)
     for length in config.lengths:
         for t in range(config.trials):
-            trial = make_trial(backbone.tokenizer, filler, length, config.depths[t % len(config.depths)], rng, frame)
+            depth = config.depths[t % len(config.depths)]
+            trial = make_trial(backbone.tokenizer, filler, length, depth, rng, frame, split.wording)
             for label, m in zip(labels, methods):
                 result = run_trial(backbone, m, trial, config.segment, config.max_new_tokens, label)
                 release_memory()

@@ -22,6 +22,11 @@ from .options import (
     _parse_overrides,
 )
 
+# tune on one set, report on the other (bench/splits.py): the report set's seeds start at 1000, and for
+# passkey it states the key in other words; the filler stays the positional argument
+SetOpt = Annotated[str, typer.Option("--set", help="tuning (seeds < 1000, Landmark key wording; the set methods are designed on) or report (seeds >= 1000, a second wording; use another novel as filler).")]
+NeedleSetOpt = Annotated[str, typer.Option("--set", help="tuning (seeds < 1000; the set methods are designed on) or report (seeds >= 1000; use another novel as filler).")]
+
 
 @bench_app.callback(invoke_without_command=True)
 @_errors_to_exit
@@ -80,7 +85,8 @@ def bench_passkey(
     lengths: Annotated[str, typer.Option(help="Prompt lengths in tokens, comma-separated (16k = 16384).")] = "16k,32k",
     depths: Annotated[str, typer.Option(help="Depths of the key in the haystack, cycled over the trials.")] = "0.1,0.3,0.5,0.7,0.9",
     trials: Annotated[int, typer.Option(help="Prompts per length (the same for every method).")] = 20,
-    seed: Annotated[int, typer.Option(help="Seed for keys, depths order and haystack offsets.")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Seed for keys, depths order and haystack offsets (default: the set's first: 0 tuning, 1000 report).")] = None,
+    eval_set: SetOpt = "tuning",
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per answer.")] = 8,
     segment: Annotated[int, typer.Option(help="Tokens per forward.")] = 512,
@@ -103,7 +109,7 @@ def bench_passkey(
 
     names = method or ["infllm", "memorizing", "sinks", "window"]
     config = PasskeyConfig(lengths=_counts(lengths, "--lengths"), depths=_fractions(depths, "--depths"), trials=trials,
-                           seed=seed, segment=segment, max_new_tokens=max_new_tokens, chat=chat)
+                           seed=seed, segment=segment, max_new_tokens=max_new_tokens, chat=chat, eval_set=eval_set)
     err = stderr_console()
 
     def on_result(r) -> None:
@@ -154,7 +160,8 @@ def bench_needle(
     lengths: Annotated[str, typer.Option(help="Document lengths in tokens, comma-separated (8k = 8192).")] = "8k,32k",
     trials: Annotated[int, typer.Option(help="Documents per length (the same for every method).")] = 2,
     needles: Annotated[int, typer.Option(help="Facts per document, one question each (1 = single needle); plus one absent-fact question.")] = 4,
-    seed: Annotated[int, typer.Option(help="Seed for facts, depths and haystack offsets.")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Seed for facts, depths and haystack offsets (default: the set's first: 0 tuning, 1000 report).")] = None,
+    eval_set: NeedleSetOpt = "tuning",
     max_new_tokens: AnswerTokensOpt = 48,
     instruction: InstructionOpt = None,
     option: MethodsOptionOpt = None,
@@ -176,7 +183,7 @@ def bench_needle(
 
     names = method or ["infllm-qa", "memorizing-fast", "sinks", "rag"]
     config = NeedleConfig(lengths=_counts(lengths, "--lengths"), trials=trials, needles=needles, seed=seed,
-                          max_new_tokens=max_new_tokens, instruction=instruction)
+                          max_new_tokens=max_new_tokens, instruction=instruction, eval_set=eval_set)
     result = needle_bench(filler, names, config, model=model, dtype=dtype, device=device, threads=threads,
                           options=_parse_overrides(option or [], names), allow_untrained=allow_untrained,
                           on_item=_answer_printer("method", "length", "kind", "fact"))
