@@ -242,7 +242,7 @@ def test_retrieval_takes_min_k0_oldest_first_and_is_what_each_layer_attends(tiny
         state = replace(state, queries=chooser)  # as writing `before` would leave it, without the pool update
         _, plan = m.read(state, seg)
         tap = plan.on_layer_input
-        plan.on_layer_input = lambda layer, h: (seen.__setitem__(layer, h.clone()), tap(layer, h))
+        plan.on_layer_input = lambda p, layer, h: (seen.__setitem__(layer, h.clone()), tap(p, layer, h))
         hidden = tiny_backbone.forward(seg.ids, plan)
         assert plan.key_pos.tolist() == list(range(1 + count + 6 + 16))
         keys, values = m.memory_kv(m.with_bos(state.pool))

@@ -88,7 +88,7 @@ class _QueryTap:
         self.backbone, self.before, self.keep = backbone, before, keep
         self.recent: dict[int, torch.Tensor] = {}
 
-    def __call__(self, layer: int, h: torch.Tensor) -> None:
+    def __call__(self, plan: ForwardPlan, layer: int, h: torch.Tensor) -> None:
         q = self.backbone.layer_queries(layer, h[-self.keep :].detach())
         self.recent[layer] = torch.cat((self.before[layer].to(q.dtype), q), dim=1)[:, -self.keep :]
 

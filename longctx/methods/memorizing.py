@@ -15,7 +15,6 @@ after it. A prompt segment (a question) votes with its own queries.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Literal, TypeVar
@@ -130,11 +129,11 @@ class Memorizing(StoreMethod[MemorizingOptionsT, MemorizingState]):
         if len(state.store) and self.retrieval_layers:
             slot = {layer: i for i, layer in enumerate(self.retrieval_layers)}
             basis = OWN if seg.prompt else state.voters  # text votes with what was read before it
-            ref = weakref.ref(plan)  # the plan holds this callback: a strong reference back would be a cycle
+            store = state.store
 
-            def retrieve(layer: int, q: torch.Tensor) -> Retrieved | None:
-                current = ref()  # alive whenever this runs: the plan holds this callback
-                return None if current is None else self._retrieve(state.store, slot.get(layer), layer, q, current, basis)
+            def retrieve(current: ForwardPlan, layer: int, q: torch.Tensor) -> Retrieved | None:
+                assert isinstance(current, MemorizingPlan)  # the plan this read made
+                return self._retrieve(store, slot.get(layer), layer, q, current, basis)
             plan.retrieve = retrieve
         return replace(state, local=local), plan
 

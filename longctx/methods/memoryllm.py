@@ -104,7 +104,7 @@ class MemoryLLM(TrainableMethod[MemoryLLMOptionsT, PoolState]):
             raise ModelError("memoryllm needs a BOS or EOS token to start its memory from; this tokenizer has neither")
         outputs: dict[int, torch.Tensor] = {}
         pos = torch.zeros(1, dtype=torch.long, device=self.backbone.device)
-        plan = ForwardPlan(query_pos=pos, key_pos=pos, on_layer_output=lambda i, h: outputs.__setitem__(i, h[0]))
+        plan = ForwardPlan(query_pos=pos, key_pos=pos, on_layer_output=lambda _plan, i, h: outputs.__setitem__(i, h[0]))
         before = self.backbone.active_lora
         with torch.inference_mode(False), torch.no_grad():
             activate(self.backbone, None)
@@ -201,7 +201,7 @@ class MemoryLLM(TrainableMethod[MemoryLLMOptionsT, PoolState]):
         self.use_lora("write")
         try:
             plan = self.pool_plan(e, len(seg))
-            plan.on_layer_output = lambda i, h: outputs.__setitem__(i, h[-k:])
+            plan.on_layer_output = lambda _plan, i, h: outputs.__setitem__(i, h[-k:])
             self.backbone.forward(seg.ids, plan)
         finally:
             self.use_lora(self.main_role)

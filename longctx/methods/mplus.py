@@ -19,7 +19,6 @@ docs/methods/mplus.md for why).
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -172,15 +171,11 @@ class MPlus(MemoryLLM[MPlusOptions]):
         plan = MPlusPlan(**vars(self.pool_plan(state.pool, len(seg), reserved=count)))
         # text chooses with the segment read before it (causal); a prompt with its own tokens
         basis = OWN if seg.prompt else state.queries
-        # a weak reference: the plan holds its tap, and a tap holding the plan would be a reference cycle that
-        # keeps every forward's keys/values (~0.5 MB per layer) alive until the garbage collector runs
-        ref = weakref.ref(plan)
         ltm = state.ltm
 
-        def tap(layer: int, h: torch.Tensor) -> None:
-            current = ref()  # alive whenever this runs: the plan holds its tap
-            if current is not None:
-                self.layer_tap(current, ltm, count, basis, layer, h)
+        def tap(current: ForwardPlan, layer: int, h: torch.Tensor) -> None:
+            assert isinstance(current, MPlusPlan)  # the plan this read made
+            self.layer_tap(current, ltm, count, basis, layer, h)
         plan.on_layer_input = tap
         return state, plan
 

@@ -205,7 +205,7 @@ class UIO(TrainableMethod[UIOOptions, UIOState]):
         embeds = torch.cat((self.embed(seg.ids), self.as_input(self.params.memory).expand(m, -1)))
         plan = self.encoder_plan(length)
         rows: dict[int, torch.Tensor] = {}
-        plan.on_layer_input = lambda layer, h: rows.__setitem__(layer, h[length:])
+        plan.on_layer_input = lambda _plan, layer, h: rows.__setitem__(layer, h[length:])
         self.use_lora("encoder")
         try:
             self.backbone.forward(torch.empty(0), plan, embeds=embeds)

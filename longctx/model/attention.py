@@ -61,15 +61,18 @@ class ForwardPlan:
     embeds: torch.Tensor | None = None
     token_rows: slice | None = None
     hidden: torch.Tensor | None = None
-    # Similarity reading: called with (layer, pre-rotation queries [H, Q, D]); None = nothing at that layer.
-    retrieve: Callable[[int, torch.Tensor], Retrieved | None] | None = None
+    # Every callback below is handed the running plan by its caller, so none holds the plan itself: a plan
+    # that held a callback holding the plan would be a reference cycle, keeping each forward's keys and
+    # values alive until the garbage collector ran.
+    # Similarity reading: called with (plan, layer, pre-rotation queries [H, Q, D]); None = nothing there.
+    retrieve: Callable[[ForwardPlan, int, torch.Tensor], Retrieved | None] | None = None
     # Provenance of similarity reading: document token indices each layer retrieved, `[H, Q, k]`.
     retrieved: dict[int, torch.Tensor] = field(default_factory=dict)
-    # Layer taps (hidden-state memories: UIO, MemoryLLM, M+). `on_layer_input(layer, h [n, d])` sees each
-    # layer's attention input (after its input norm) before the attention runs, so it may still set that
-    # layer's `memory_keys`/`memory_values`; `on_layer_output(layer, h [n, d])` sees each layer's output.
-    on_layer_input: Callable[[int, torch.Tensor], None] | None = None
-    on_layer_output: Callable[[int, torch.Tensor], None] | None = None
+    # Layer taps (hidden-state memories: UIO, MemoryLLM, M+). `on_layer_input(plan, layer, h [n, d])` sees
+    # each layer's attention input (after its input norm) before the attention runs, so it may still set
+    # that layer's `memory_keys`/`memory_values`; `on_layer_output(plan, layer, h [n, d])` sees its output.
+    on_layer_input: Callable[[ForwardPlan, int, torch.Tensor], None] | None = None
+    on_layer_output: Callable[[ForwardPlan, int, torch.Tensor], None] | None = None
     # An auxiliary training loss the forward produced (M+'s retriever BCE), already weighted; training adds it.
     aux_loss: torch.Tensor | None = None
     # Filled by the backbone before the forward: RoPE tables in the model dtype, and RoPE's attention
@@ -142,7 +145,7 @@ def longctx_attention(
     k = apply_rope(k, cos_k, sin_k)
     if mask is None and k.shape[2] > q.shape[2]:  # SDPA's is_causal aligns top-left; memory needs bottom-right
         mask = causal_mask(q.shape[2], k.shape[2], q.device)
-    found = plan.retrieve(layer, query[0]) if plan.retrieve is not None else None
+    found = plan.retrieve(plan, layer, query[0]) if plan.retrieve is not None else None
     if found is not None:
         out = attend_with_retrieved(q[0], k[0], v[0], mask, scaling, found).unsqueeze(0)
     else:

@@ -66,14 +66,14 @@ class Backbone:
         def hook(module, args, kwargs):
             plan = self._plan
             if plan is not None and plan.on_layer_input is not None:
-                plan.on_layer_input(i, kwargs["hidden_states"][0] if "hidden_states" in kwargs else args[0][0])
+                plan.on_layer_input(plan, i, kwargs["hidden_states"][0] if "hidden_states" in kwargs else args[0][0])
         return hook
 
     def _tap_output(self, i: int):
         def hook(module, args, output):
             plan = self._plan
             if plan is not None and plan.on_layer_output is not None:
-                plan.on_layer_output(i, (output[0] if isinstance(output, tuple) else output)[0])
+                plan.on_layer_output(plan, i, (output[0] if isinstance(output, tuple) else output)[0])
         return hook
 
     @property
