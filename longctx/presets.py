@@ -10,7 +10,6 @@ from typing import Any
 import yaml
 
 from .errors import UsageError, did_you_mean
-from .methods import METHODS, get_method
 from .storage.paths import longctx_home
 
 FORMAT = 1
@@ -45,6 +44,16 @@ def available() -> dict[str, Any]:
     return {**_packaged(), **_user()}
 
 
+def summary(name: str) -> dict[str, Any]:
+    """A preset's method, segment and description as its file states them, unvalidated (for listings:
+    validating imports every method, and with them torch; `load_preset` validates)."""
+    data = yaml.safe_load(available()[name].read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise UsageError(f"preset '{name}' must be a mapping")
+    return {"name": name, "method": data.get("method"), "segment": data.get("segment"),
+            "description": data.get("description", "")}
+
+
 def load_preset(name_or_path: str) -> Preset:
     """Load a preset by name, or from a path ending in .yaml/.yml."""
     if name_or_path.endswith((".yaml", ".yml")):
@@ -53,6 +62,8 @@ def load_preset(name_or_path: str) -> Preset:
             raise UsageError(f"preset file {path} does not exist")
         return parse_preset(path.read_text(encoding="utf-8"), name=path.stem, path=str(path))
     found = available()
+    from .methods import METHODS  # here, not at import: listing presets needs no torch
+
     if name_or_path not in found and name_or_path in METHODS:  # a plugin's method: its own defaults
         return Preset(name_or_path, name_or_path, None, {}, METHODS[name_or_path].summary)
     if name_or_path not in found:
@@ -77,6 +88,8 @@ def parse_preset(text: str, *, name: str, path: str | None = None) -> Preset:
     unknown = sorted(set(data) - KEYS)
     if unknown:
         raise UsageError(f"{where} has unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(KEYS))}")
+    from .methods import get_method
+
     method = get_method(str(data.get("method")))
     options = data.get("options") or {}
     if not isinstance(options, dict):

@@ -36,15 +36,15 @@ def presets_list() -> None:
     """List the presets (packaged, and user presets under LONGCTX_HOME/presets)."""
     from rich.table import Table
 
-    from ..presets import available, load_preset
+    from ..presets import available, summary
     from .render import stdout_console
 
     table = Table(title="Presets")
     for col in ("name", "method", "segment", "description"):
         table.add_column(col)
     for name in sorted(available()):
-        p = load_preset(name)
-        table.add_row(name, p.method, str(p.segment), p.description)
+        p = summary(name)
+        table.add_row(name, str(p["method"]), str(p["segment"]), str(p["description"]))
     stdout_console().print(table)
 
 
