@@ -59,9 +59,9 @@ def book(tmp_path) -> str:
 # -- what is compared ----------------------------------------------------------------------------------------
 def test_identity_ignores_bookkeeping_and_names_semantic_fields():
     a, b = backbone(), backbone(transformers_version="4.0.0", _name_or_path="/somewhere/else")
-    assert a.identity == b.identity
+    assert a.run_identity == b.run_identity
     c = backbone(rms_norm_eps=1e-3)
-    assert architecture(c.config)["rms_norm_eps"] == 1e-3 and a.identity != c.identity
+    assert architecture(c.config)["rms_norm_eps"] == 1e-3 and a.run_identity != c.run_identity
 
 
 def test_weights_hash_is_the_same_in_fp32_and_bf16_and_sees_one_changed_weight():

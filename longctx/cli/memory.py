@@ -113,8 +113,8 @@ def memory_migrate(
     from ..model.models import load_backbone
     from ..storage.migration import migrate_snapshot
     from ..storage.snapshot import SnapshotStore
-    from .training import _report_migration
+    from .render import print_migration
 
     saved = SnapshotStore().load(name, tensors=False).manifest["fingerprint"]
     backbone = load_backbone(saved["model"], dtype=saved["dtype"], threads=threads)
-    _report_migration(migrate_snapshot(name, backbone), "snapshot")
+    print_migration(migrate_snapshot(name, backbone), "snapshot")

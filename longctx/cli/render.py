@@ -288,3 +288,14 @@ def print_retention(result: dict[str, Any], console: Console) -> None:
     console.print(table)
     for name, protocol in result["methods"].items():
         console.print(f"  {name}: {protocol}", highlight=False)
+
+
+def print_migration(result: dict[str, Any], what: str) -> None:
+    """One line on stdout: what `adapters migrate` / `memory migrate` proved and wrote, or that nothing was due."""
+    if not result["migrated"]:
+        print(f"{what} {result['name']} already records its model by the semantic fingerprint; nothing to do")
+        return
+    proof = result["proof"]
+    print(f"{what} {result['name']} migrated: config equal but for transformers_version "
+          f"{proof['config_matched_with_transformers_version']}, same tokenizer, {proof['tensors']}; "
+          f"new version at {result['path']}")

@@ -147,17 +147,8 @@ def adapters_migrate(
     from ..model.models import load_backbone
     from ..storage.adapters import find_adapter
     from ..storage.migration import migrate_adapter
+    from .render import print_migration
 
     base = find_adapter(name, tensors=False).manifest["base"]
     backbone = load_backbone(model or base["model"], threads=threads)
-    _report_migration(migrate_adapter(name, backbone), "adapter")
-
-
-def _report_migration(result: dict, what: str) -> None:
-    if not result["migrated"]:
-        print(f"{what} {result['name']} already records its model by the semantic fingerprint; nothing to do")
-        return
-    proof = result["proof"]
-    print(f"{what} {result['name']} migrated: config equal but for transformers_version "
-          f"{proof['config_matched_with_transformers_version']}, same tokenizer, {proof['tensors']}; "
-          f"new version at {result['path']}")
+    print_migration(migrate_adapter(name, backbone), "adapter")

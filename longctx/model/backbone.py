@@ -167,9 +167,10 @@ class Backbone:
         }
 
     @property
-    def identity(self) -> dict[str, object]:
+    def run_identity(self) -> dict[str, object]:
         """The compared part of the fingerprint (`identity.RUN_KEYS`): equal exactly when stored memory fits."""
         return {k: self.fingerprint[k] for k in identity.RUN_KEYS}
+
 
 def check_supported(config) -> None:
     """Refuse architectures whose attention the "longctx" function would compute wrongly."""

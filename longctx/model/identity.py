@@ -32,7 +32,6 @@ ARCH_FIELDS = (
 )
 MODEL_KEYS = ("arch", "weights_sha256", "tokenizer_sha256", "vocab_size")  # an adapter must match these
 RUN_KEYS = (*MODEL_KEYS, "dtype")  # a saved memory also holds tensors in the run's dtype
-INFO_KEYS = ("model", "source", "versions")  # recorded, never compared
 LIBRARIES = ("longctx", "torch", "transformers", "tokenizers", "peft", "safetensors", "accelerate", "gguf", "numpy")
 
 

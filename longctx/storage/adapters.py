@@ -18,6 +18,7 @@ from ..methods.recurrent import TrainableMethod
 from ..model.backbone import Backbone
 from ..model.identity import MODEL_KEYS, differences, is_legacy
 from ..model.lora import LoraSpec, activate, load_lora, lora_tensors
+from .migration import legacy_refusal
 from .paths import longctx_home
 from .snapshot import Snapshot, SnapshotError, SnapshotStore, read_snapshot_dir
 
@@ -119,9 +120,7 @@ def check_adapter(snap: Snapshot, method: Method, backbone: Backbone, *, start: 
     diffs += [f"option {k}: adapter was trained with {opts.get(k)!r}, this run has {now[k]!r}"
               for k in shaping if opts.get(k) != now[k]]
     if is_legacy(man["base"]):
-        raise SnapshotError(f"adapter '{snap.name}' records its model with the old fingerprint (a hash of the "
-                            "whole config, transformers' version included), which no longer identifies it",
-                            hint=f"verify and convert it once with `longctx adapters migrate {snap.name}`")
+        raise legacy_refusal("adapter", snap.name, "adapters")
     diffs += differences(man["base"], backbone.fingerprint, MODEL_KEYS, "adapter was trained on", "this model has")
     if diffs:
         raise SnapshotError(f"adapter '{snap.name}' does not fit this run:\n  " + "\n  ".join(diffs))

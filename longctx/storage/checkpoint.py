@@ -20,9 +20,8 @@ from ..model.identity import RUN_KEYS, differences, is_legacy, version_changes
 from ..stream import StreamResult
 from ..version import __version__
 from .hashing import file_sha256
+from .migration import legacy_refusal
 from .snapshot import Snapshot, SnapshotError, SnapshotStore
-
-FINGERPRINT_KEYS = ("model", "source", *RUN_KEYS, "versions")  # RUN_KEYS are compared; the rest is information
 
 
 class Interrupted(LongctxError):
@@ -65,7 +64,7 @@ def save_run(store: SnapshotStore, name: str, backbone: Backbone, spec: RunSpec,
     m = spec.method
     manifest = {
         "longctx_version": __version__,
-        "fingerprint": {k: backbone.fingerprint[k] for k in FINGERPRINT_KEYS},
+        "fingerprint": dict(backbone.fingerprint),  # RUN_KEYS are compared on resume; the rest is information
         "method": {"name": m.name, "preset": spec.preset, "options": m.options.to_dict(),
                    "options_digest": m.options.digest(), "protocol": m.describe(), "segment": spec.segment,
                    "max_tokens": spec.max_tokens, "adapter": _adapter_ref(m)},
@@ -90,9 +89,7 @@ def fingerprint_differences(manifest: dict[str, Any], backbone: Backbone, name: 
     saved: dict[str, Any] = manifest.get("fingerprint", {})
     now: Mapping[str, Any] = backbone.fingerprint
     if is_legacy(saved):
-        raise SnapshotError(f"snapshot '{name}' records its model with the old fingerprint (a hash of the whole "
-                            "config, transformers' version included), which no longer identifies it",
-                            hint=f"verify and convert it once with `longctx memory migrate {name}`")
+        raise legacy_refusal("snapshot", name, "memory")
     changed = version_changes(saved.get("versions"), now["versions"])
     if changed:
         warnings.warn(f"snapshot '{name}' was written under other library versions ({', '.join(changed)}); "

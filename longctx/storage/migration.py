@@ -20,13 +20,20 @@ from typing import Any
 from ..model.backbone import Backbone
 from ..model.identity import is_legacy
 from ..version import __version__
-from .snapshot import Snapshot, SnapshotError, SnapshotStore
+from .snapshot import STATE_FILE, Snapshot, SnapshotError, SnapshotStore, own_manifest
 
 OLD_ARCH_IGNORED = ("dtype", "torch_dtype", "_name_or_path")
 
 
 def _short_sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def legacy_refusal(what: str, name: str, command: str) -> SnapshotError:
+    """The error for a record with the old fingerprint, naming the command that converts it."""
+    return SnapshotError(f"{what} '{name}' records its model with the old fingerprint (a hash of the whole config, "
+                         "transformers' version included), which no longer identifies it",
+                         hint=f"verify and convert it once with `longctx {command} migrate {name}`")
 
 
 def _release_numbers() -> Iterator[str]:
@@ -83,8 +90,7 @@ def verify_legacy(old: dict[str, Any], backbone: Backbone, *, what: str, recorde
 def _rewrite(snap: Snapshot, manifest: dict[str, Any], what: str) -> Path:
     """A new version of `snap` with `manifest` and the very same state file."""
     store = SnapshotStore(snap.path.parent.parent, what=what)
-    keep = {k: v for k, v in manifest.items() if k not in ("files", "format_version", "name", "created")}
-    return store.save(snap.name, {}, keep, state_file=snap.path / "state.safetensors")
+    return store.save(snap.name, {}, own_manifest(manifest), state_file=snap.path / STATE_FILE)
 
 
 def migrate_adapter(spec: str, backbone: Backbone) -> dict[str, Any]:
@@ -110,7 +116,7 @@ def migrate_adapter(spec: str, backbone: Backbone) -> dict[str, Any]:
 def migrate_snapshot(name: str, backbone: Backbone, store: SnapshotStore | None = None) -> dict[str, Any]:
     """Verify an old-fingerprint memory snapshot against the loaded model, rebuild its method and restore
     its state from the tensors, then record the new identity."""
-    from .checkpoint import FINGERPRINT_KEYS, method_from_snapshot, restore
+    from .checkpoint import method_from_snapshot, restore
 
     store = store or SnapshotStore()
     snap = store.load(name)
@@ -121,6 +127,6 @@ def migrate_snapshot(name: str, backbone: Backbone, store: SnapshotStore | None 
     spec = method_from_snapshot(snap, backbone)
     restore(snap, spec)  # raises if the state does not fit the method
     proof["tensors"] = "state restored into the method"
-    fingerprint = {**{k: backbone.fingerprint[k] for k in FINGERPRINT_KEYS}, "migrated": proof}
+    fingerprint = {**backbone.fingerprint, "migrated": proof}
     new = {**snap.manifest, "fingerprint": fingerprint}
     return {"name": snap.name, "migrated": True, "path": str(_rewrite(snap, new, "snapshot")), "proof": proof}

@@ -36,6 +36,7 @@ FORMAT_VERSION = 1
 STATE_FILE = "state.safetensors"
 MANIFEST_FILE = "manifest.json"
 KEEP_VERSIONS = 2  # the newest and one fallback
+STORE_KEYS = ("files", "format_version", "name", "created")  # manifest keys the store itself writes
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VERSION = re.compile(r"^v(\d{6})$")
 
@@ -195,9 +196,13 @@ class SnapshotStore:
         """Verify an exported snapshot directory and store it as a new version (under its own name by default)."""
         snap = read_snapshot_dir(src, name=name or "", tensors=True)
         target = check_name(name or snap.manifest.get("name", ""))
-        manifest = {k: v for k, v in snap.manifest.items() if k not in ("files", "format_version", "name", "created")}
-        self.save(target, snap.tensors, manifest)
+        self.save(target, snap.tensors, own_manifest(snap.manifest))
         return target
+
+
+def own_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest without the keys the store writes itself (what a new version of it is saved with)."""
+    return {k: v for k, v in manifest.items() if k not in STORE_KEYS}
 
 
 def read_snapshot_dir(path: Path, *, name: str, tensors: bool = True) -> Snapshot:

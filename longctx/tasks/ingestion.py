@@ -97,7 +97,7 @@ def snapshot_name(kind: str, identity: dict[str, Any], backbone: Backbone, spec:
     m = spec.method
     adapter = getattr(m, "adapter", None)
     key = {"kind": kind, "document": [identity["sha256"], identity["size"]],
-           "model": backbone.identity, "method": m.name,
+           "model": backbone.run_identity, "method": m.name,
            "options": m.options.to_dict(), "adapter": adapter["sha256"] if adapter else None,
            "segment": spec.segment, "head": head_ids}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
