@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..config import RunSettings
@@ -26,6 +25,7 @@ from ..storage.checkpoint import (
     Interrupted,
     RunSpec,
     check_resume,
+    document_identity,
     method_from_snapshot,
     prefix_sha256,
     restore,
@@ -183,7 +183,7 @@ def _save_name(save_memory: str, preset: str, n: int) -> str:
 
 def _check_not_another_document(store: SnapshotStore, names: list[str], path: str) -> None:
     """Refuse, before anything runs, to save over a snapshot that holds another document's memory."""
-    here = str(Path(path).resolve()) if path != "-" else "<stdin>"
+    here = document_identity(path, 0)["path"]  # the path a snapshot of this run records
     for name in names:
         if name not in store.names():
             continue
