@@ -48,7 +48,11 @@ def _preset_key(method: str) -> str:
 
 
 def _method_list(method: str | None, compare: str | None) -> list[str]:
-    names = [m.strip() for m in compare.split(",") if m.strip()] if compare else []
+    """--method then the --compare names, in order; an empty name (`xl,,window`) is refused, not dropped."""
+    names = [m.strip() for m in compare.split(",")] if compare is not None else []
+    if any(not m for m in names):
+        raise UsageError(f"--compare {compare!r} has an empty method name; separate names with single commas "
+                         "(e.g. --compare window,sinks,xl,full)")
     if method and method not in names:
         names.insert(0, method)
     return names or ["xl"]
