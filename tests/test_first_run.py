@@ -160,3 +160,18 @@ def test_piped_tables_keep_long_names_whole(tiny_backbone, tmp_path):
     r = runner.invoke(app, ["memory", "ls"])
     assert r.exit_code == 0 and name in r.stdout, r.stdout
     assert Path(str(p)).name in r.stdout or "b.txt" in r.stdout
+
+
+def test_doctor_names_the_dtype_auto_picks_and_why(monkeypatch, isolated_home):
+    import longctx.machine as machine
+
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "fma"})
+    r = runner.invoke(app, ["doctor", "--json"])
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["dtype_auto"]["cpu"] == "fp32" and "neither AMX nor AVX512-BF16" in info["dtype_auto"]["why"]
+    assert info["machine"]["cpu_flags"] == ["avx2"]
+    assert info["home"]["path"] == str(isolated_home) and info["home"]["free_gib"] > 0
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    text = runner.invoke(app, ["doctor"]).stdout
+    assert "auto = bf16 on this CPU: the CPU has AVX512-BF16" in text and "GiB free" in text

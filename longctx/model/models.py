@@ -56,11 +56,9 @@ def auto_dtype(device: torch.device) -> torch.dtype:
 
 
 def _cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    from ..machine import native_bf16  # one rule, also printed by `longctx doctor`
+
+    return native_bf16()
 
 
 def resolve_device(name: str) -> torch.device:
