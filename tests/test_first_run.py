@@ -112,7 +112,7 @@ def test_a_cut_run_prints_the_command_for_the_whole_document(book, model_dir, mo
     r = ppl(book, "--model", model_dir, "--segment", "32", "--max-tokens", "64", "--compare", "window,xl")
     assert r.exit_code == 0, r.stderr
     assert "next, the whole document (~" in r.stderr
-    assert f".venv/bin/longctx ppl {book} --method xl" in r.stderr
+    assert f".venv/bin/longctx ppl {book} --method xl --model {model_dir} --segment 32" in r.stderr
 
 
 def test_printed_commands_use_the_way_longctx_was_started(monkeypatch):

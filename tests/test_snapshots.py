@@ -155,9 +155,10 @@ def test_extension_refusals_are_named(tiny_backbone, book, tmp_path):
     with pytest.raises(SnapshotError, match="segment: snapshot has 16, this run asks for 32"):
         run(book, resume="e", max_tokens=96, segment=32)  # other set-up changes stay refused by name
     grown = tmp_path / "grown.txt"
-    grown.write_bytes(text[:300])
+    chars = Path(book).read_text(encoding="utf-8")
+    grown.write_text(chars[:300], encoding="utf-8")
     run(str(grown), ["xl"], segment=16, save_memory="whole")  # read to its end: no prediction past it
-    grown.write_bytes(text[:600])
+    grown.write_text(chars[:600], encoding="utf-8")
     with pytest.raises(SnapshotError, match="read its document to the end .* the document is longer now"):
         run(str(grown), resume="whole", max_tokens="all")
 

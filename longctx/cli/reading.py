@@ -136,14 +136,15 @@ def _ppl_one(file: str, method: str | None, compare: str | None, option: list[st
     else:
         print_ppl(report, stdout_console())
         if report.runs and report.runs[0].result.tokens and common["max_tokens"] and not report.runs[0].save_error:
-            _next_step(file, report, common["max_tokens"])
+            _next_step(file, report, common)
     _warn_untrained(report.runs)
     _report_save_errors(report.runs)
 
 
-def _next_step(file: str, report, limit: int | str) -> None:
-    """After a run cut by --max-tokens: the one-line command for the whole document, with its size and the
-    time it would take at the rate just measured (the first method's)."""
+def _next_step(file: str, report, common: dict[str, Any]) -> None:
+    """After a run cut by --max-tokens: the one-line command for the whole document (with the model, dtype,
+    device, threads and segment flags given to this one), its size and the time it would take at the rate
+    just measured."""
     from ..invocation import command_line
     from .render import clock, stderr_console
 
@@ -156,8 +157,10 @@ def _next_step(file: str, report, limit: int | str) -> None:
     method = "xl" if any(r.method == "xl" for r in report.runs) else run.method
     if method != run.method:
         rate = next(r.result.tokens / r.result.seconds for r in report.runs if r.method == method)
+    flags = [x for k in ("model", "dtype", "device", "threads", "segment") if common.get(k) is not None
+             for x in (f"--{k}", str(common[k]))]
     stderr_console().print(f"next, the whole document (~{tokens:,.0f} tokens, ~{clock(tokens / rate)} at {method}'s "
-                           f"{rate:,.0f} tok/s here):\n  {command_line('ppl', file, '--method', method)}",
+                           f"{rate:,.0f} tok/s here):\n  {command_line('ppl', file, '--method', method, *flags)}",
                            highlight=False)
 
 
