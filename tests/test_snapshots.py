@@ -159,7 +159,7 @@ def test_extension_refusals_are_named(tiny_backbone, book, tmp_path):
     grown.write_text(chars[:300], encoding="utf-8")
     run(str(grown), ["xl"], segment=16, save_memory="whole")  # read to its end: no prediction past it
     grown.write_text(chars[:600], encoding="utf-8")
-    with pytest.raises(SnapshotError, match="read its document to the end .* the document is longer now"):
+    with pytest.raises(SnapshotError, match="the document is longer now"):
         run(str(grown), resume="whole", max_tokens="all")
 
 

@@ -284,6 +284,9 @@ def _skip(segments, tokens: int, first: Callable | None = None):
     for seg in segments:
         if seg.start < tokens:
             if seg.start + len(seg) > tokens:
+                if first is not None:  # the snapshot's run had ended there, inside a segment
+                    raise SnapshotError(f"the snapshot's run ended at token {tokens:,}, inside a segment, and the "
+                                        "document is longer now; start a new run to score the longer document")
                 raise SnapshotError("the snapshot does not end on a segment boundary of this run")
             continue
         if seg.start == tokens and first is not None:
