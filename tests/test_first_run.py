@@ -113,6 +113,8 @@ def test_a_cut_run_prints_the_command_for_the_whole_document(book, model_dir, mo
     assert r.exit_code == 0, r.stderr
     assert "next, the whole document (~" in r.stderr
     assert f".venv/bin/longctx ppl {book} --method xl --model {model_dir} --segment 32" in r.stderr
+    quiet = ppl(book, "--model", model_dir, "--segment", "32", "--max-tokens", "64", "-q")
+    assert quiet.exit_code == 0 and quiet.stderr == "" and "PPL =" in quiet.stdout
 
 
 def test_printed_commands_use_the_way_longctx_was_started(monkeypatch):
@@ -175,3 +177,14 @@ def test_doctor_names_the_dtype_auto_picks_and_why(monkeypatch, isolated_home):
     monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
     text = runner.invoke(app, ["doctor"]).stdout
     assert "auto = bf16 on this CPU: the CPU has AVX512-BF16" in text and "GiB free" in text
+
+
+def test_ask_says_which_memory_it_reused_and_how_old_it_is(book, model_dir):
+    args = ["ask", book, "Who came?", "--model", model_dir, "--segment", "32", "--method", "xl",
+            "--max-new-tokens", "2"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0 and "memory: read" in first.stderr, first.stderr
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.stderr
+    line = next(x for x in again.stderr.splitlines() if x.startswith("memory: reused "))
+    assert " s ago (loaded in " in line

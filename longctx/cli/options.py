@@ -21,7 +21,7 @@ OptionOpt = Annotated[list[str] | None, typer.Option("--option", "-o", help="Met
 MethodsOptionOpt = Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override: key=value or method.key=value (repeatable).")]
 AdapterOpt = Annotated[str | None, typer.Option(help="Trained parameters for the method (default: the preset's).")]
 UntrainedOpt = Annotated[bool, typer.Option("--allow-untrained", help="Run a trainable method without an adapter (its output then says nothing about the method).")]
-ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress on stderr.")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", " /--quiet", " /-q", help="Progress and status lines on stderr (--quiet/-q: none; errors and warnings still show).")]
 
 
 def _parse_overrides(pairs: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:

@@ -135,7 +135,7 @@ def _ppl_one(file: str, method: str | None, compare: str | None, option: list[st
         print_json({"event": "result", **report.to_dict()} if jsonl else report.to_dict())
     else:
         print_ppl(report, stdout_console())
-        if report.runs and report.runs[0].result.tokens and common["max_tokens"] and not report.runs[0].save_error:
+        if progress and common["max_tokens"] and not report.runs[0].save_error:
             _next_step(file, report, common)
     _warn_untrained(report.runs)
     _report_save_errors(report.runs)
@@ -282,13 +282,26 @@ def _reading_view(file: str, enabled: bool):
     return view, on_segment
 
 
+def _age(saved_at: float) -> str:
+    """'40 s', '12 min', '3 h', '2 days': how long ago a stored memory was saved."""
+    import time
+
+    s = max(0.0, time.time() - saved_at)
+    for size, unit in ((86400, "day"), (3600, "h"), (60, "min")):
+        if s >= size:
+            n = round(s / size)
+            return f"{n} {unit}s" if unit == "day" and n != 1 else f"{n} {unit}"
+    return f"{s:.0f} s"
+
+
 def _memory_line(memory: dict[str, Any]) -> str:
     if memory.get("note"):
         from .render import stderr_console
 
         stderr_console().print(f"[yellow]warning:[/] {memory['note']}", highlight=False)
     if memory.get("reused"):
-        return f"memory: reused {memory['snapshot']} (loaded in {memory['load_seconds']:.2f} s)"
+        age = f", saved {_age(memory['saved_at'])} ago" if memory.get("saved_at") else ""
+        return f"memory: reused {memory['snapshot']}{age} (loaded in {memory['load_seconds']:.2f} s)"
     rate = memory.get("ingest_tokens_per_s")
     where = f", saved as {memory['snapshot']}" if memory.get("snapshot") else ""
     what = f"{memory.get('document_tokens', memory.get('chunks', 0)):,} {'tokens' if 'document_tokens' in memory else 'chunks'}"
