@@ -4,7 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+# --no-compile: byte-compiling every installed module (most of them are never imported) is slow on 2
+# cores; Python compiles what is imported, once, on first use (see benchmarks/results/first_run.json).
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q --no-compile"
 # this machine's pip config lists local mirrors that may be absent: drop only those warnings
 exec 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 # torch first: this exact pin is the CPU wheel; a bare "torch" would pull a multi-GB CUDA build.
