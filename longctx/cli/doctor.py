@@ -16,8 +16,10 @@ from .exits import _errors_to_exit
 def doctor(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Check the machine: CPU flags, the dtype `auto` picks and why, threads, installed models, LONGCTX_HOME
-    and its free disk. Imports no torch."""
+    """Check the machine: CPU flags, the dtype auto picks and why, threads, models, LONGCTX_HOME, free disk.
+
+    Reads everything without importing torch, so it answers at once.
+    """
     from ..machine import report
     from ..storage.paths import longctx_home
     from .render import print_json
