@@ -218,8 +218,8 @@ class Memorizing(StoreMethod[MemorizingOptionsT, MemorizingState]):
             gone = local.select(evicted)
             layers = torch.tensor(self.retrieval_layers, device=gone.keys.device)
             state.store.add(gone.keys[layers], gone.values[layers], gone.token_index, gone.token_ids, gone.byte_start)
-        out = plan.out.voters if isinstance(plan.out, MemorizingOutputs) else None  # None: K/V from elsewhere
-        voters = torch.stack([out[i] for i in range(len(out))]) if out else state.voters
+        fresh = plan.out.voters if isinstance(plan.out, MemorizingOutputs) else None  # None: K/V of another forward
+        voters = torch.stack([fresh[i] for i in range(len(fresh))]) if fresh else state.voters
         return replace(state, local=local.select(keep) if evicted.numel() else local, voters=voters)
 
     def state_tensors(self, state: MemorizingState) -> dict[str, torch.Tensor]:
