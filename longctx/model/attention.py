@@ -46,7 +46,8 @@ class ForwardOutputs:
     row, memory tokens included; `retrieved[layer]` the document token indices that layer read by
     similarity, `[H, Q, k]` (provenance: citations, passkey hits); `aux_loss` an auxiliary training loss the
     forward produced (M+'s retriever BCE), already weighted, which training adds. A method that captures
-    more (memorizing's voters, M+'s retrieval queries) subclasses this and puts an instance in its plan.
+    more (memorizing's voters, InfLLM's recent queries, M+'s retrieval queries and picked slots)
+    subclasses this and puts an instance in its plan.
     """
 
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
