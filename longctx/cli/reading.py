@@ -135,7 +135,7 @@ def _ppl_one(file: str, method: str | None, compare: str | None, option: list[st
         print_json({"event": "result", **report.to_dict()} if jsonl else report.to_dict())
     else:
         print_ppl(report, stdout_console())
-        if progress and common["max_tokens"] and not report.runs[0].save_error:
+        if progress and common["max_tokens"] and not resume and not report.runs[0].save_error:
             _next_step(file, report, common)
     _warn_untrained(report.runs)
     _report_save_errors(report.runs)
