@@ -69,8 +69,9 @@ class ProgressView:
         self.console.print(f"[bold]{name}[/]: {protocol}", highlight=False)
         if self.interactive:
             self._stop_bar()
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[stats]}"),
-                                      TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+            # the times before the statistics: on a narrow terminal rich cuts the end of the line
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), TimeElapsedColumn(),
+                                      TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
                                       console=self.console, transient=False)
             self._progress.start()
             self._task = self._progress.add_task(name, total=self.total, stats="", completed=start)
