@@ -126,6 +126,19 @@ def test_snapshot_round_trip_gives_identical_states(family, method):
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_sliding_layers_above_max_window_layers(family):
+    """Qwen configs can make the layers from `max_window_layers` on local: the first layer global, the second
+    sliding here; xl streaming still equals transformers' one forward, window included."""
+    sliding = dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+    backbone, ref, ids = family_backbone(family, **sliding), family_reference(family, **sliding), doc()
+    assert backbone.layer_types == ("full_attention", "sliding_attention")
+    nll, _ = stream_nll(backbone, "xl", ids, 16, memory=10_000, sinks=0)
+    assert nll == pytest.approx(reference_nll(ref, ids), abs=TOL)
+    assert nll == pytest.approx(reference_nll(ref, ids, band_mask(N, 10_000, 0)), abs=TOL)  # the helper agrees
+    assert abs(nll - reference_nll(family_reference(family), ids)) > 0.1  # same weights, no window: it bites
+
+
 def test_local_layers_use_their_own_rope_base():
     """Gemma 3's local layers rotate with their own base: the plan carries two sets of tables, each equal
     to what the model's rotary module gives that layer type."""
