@@ -104,11 +104,13 @@ def _ppl_one(file: str, method: str | None, compare: str | None, option: list[st
     """One document: the `perplexity()` report, with snapshots, --compare and graceful Ctrl-C."""
     from ..interrupts import GracefulInterrupt
     from ..tasks.perplexity import perplexity
+    from ..text.documents import text_path
     from .render import ProgressView, event_json, print_json, print_ppl, stderr_console, stdout_console
 
     names = _method_list(method, compare) if (method or compare or not resume) else []
     overrides = _parse_overrides(option, names)
-    size = os.path.getsize(file) if file != "-" and os.path.isfile(file) else None
+    # a document's progress counts bytes of its extracted text (what is read), not of the file
+    size = os.path.getsize(text_path(file)) if file != "-" and os.path.isfile(file) else None
     view = ProgressView(stderr_console(), total=size, unit="bytes", enabled=progress and not json_out)
 
     def on_method(name: str, m, info: dict[str, Any]) -> None:
@@ -269,7 +271,10 @@ def _reading_view(file: str, enabled: bool):
     rate appears from the second segment on: the first one alone says nothing about speed)."""
     from .render import ProgressView, stderr_console
 
-    size = os.path.getsize(file) if file != "-" and os.path.isfile(file) else None
+    from ..text.documents import text_path
+
+    # a document's progress counts bytes of its extracted text (what is read), not of the file
+    size = os.path.getsize(text_path(file)) if file != "-" and os.path.isfile(file) else None
     view = ProgressView(stderr_console(), total=size, unit="bytes", enabled=enabled)
     started: list[bool] = []
 
@@ -375,23 +380,40 @@ def ask(
     finally:
         view.close()
     if json_out:
-        print_json(report.to_dict())
+        print_json(_with_pages(report.to_dict()))
         return
     out.write("\n")
     if cite:
-        _print_citations(report.answers)
+        _print_citations(report.answers, report.document.get("path"))
     if progress:
         err.print(f"{report.protocol}; first answer token {report.first_token_s:.2f} s after start", highlight=False)
 
 
-def _print_citations(answers) -> None:
+def _print_citations(answers, path: str | None) -> None:
+    from ..text.documents import location
+
     for i, a in enumerate(answers):
         label = f" (Q{i + 1})" if len(answers) > 1 else ""
         if a.cite_note:
             print(f"[note{label}] {a.cite_note}")
         for c in a.citations[:8]:
             share = f" {100 * c.weight:.0f}% of reads" if c.weight is not None else ""
-            print(f"[{c.kind}{label}] bytes {c.byte_start}-{c.byte_end}{share}: {c.excerpt or ''}")
+            page = location(path, c.byte_start, c.byte_end)  # 'p. 12' for a PDF, '' for text
+            print(f"[{c.kind}{label}] {page + ', ' if page else ''}bytes {c.byte_start}-{c.byte_end}{share}: "
+                  f"{c.excerpt or ''}")
+
+
+def _with_pages(report: dict[str, Any]) -> dict[str, Any]:
+    """`ask --json`: each citation of a PDF also carries its page label ('p. 12')."""
+    from ..text.documents import location
+
+    path = report.get("document", {}).get("path")
+    for answer in report.get("answers", []):
+        for c in answer.get("citations", []):
+            page = location(path, c["byte_start"], c["byte_end"])
+            if page:
+                c["page"] = page
+    return report
 
 
 @app.command()

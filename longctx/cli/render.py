@@ -250,8 +250,8 @@ def print_dump(info: dict[str, Any], console: Console) -> None:
         groups.add_column(col)
     for g in info["groups"]:
         excerpt = g["excerpt"] if g["excerpt"] is not None else "(source not available or changed)"
-        groups.add_row(g["kind"], f"{g['entries']:,}", f"{g['tokens'][0]:,}–{g['tokens'][1]:,}", f"{g['byte_start']:,}",
-                       excerpt)
+        where = f"{g['byte_start']:,}" + (f" ({g['page']})" if g.get("page") else "")  # a PDF's page
+        groups.add_row(g["kind"], f"{g['entries']:,}", f"{g['tokens'][0]:,}–{g['tokens'][1]:,}", where, excerpt)
     console.print(groups)
 
 

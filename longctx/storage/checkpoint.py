@@ -19,6 +19,7 @@ from ..metrics import NllSums
 from ..model.backbone import Backbone
 from ..model.identity import RUN_KEYS, differences, is_legacy, version_changes
 from ..stream import StreamResult
+from ..text.documents import source_identity, text_path
 from ..text.segments import Segment
 from ..version import __version__
 from .hashing import file_sha256
@@ -43,19 +44,24 @@ class RunSpec:
 
 
 def prefix_sha256(path: str, nbytes: int) -> str:
-    """sha256 of the first `nbytes` bytes of a file (the part of the document a snapshot has consumed)."""
-    return file_sha256(path, limit=nbytes)
+    """sha256 of the first `nbytes` bytes of the document's text (the part a snapshot has consumed); for a
+    PDF, HTML or compressed document that is its extracted text."""
+    return file_sha256(text_path(path), limit=nbytes)
 
 
 def document_identity(path: str, consumed: int) -> dict[str, Any]:
-    """Path, size and the hash of the consumed prefix (stdin cannot be re-read, so it has no hash)."""
+    """Path, size and the hash of the consumed prefix (stdin cannot be re-read, so it has no hash). A
+    document's size and hash are those of its extracted text, and `source` names its file's sha256 and the
+    extractor (plain text has no `source`: its identity is as it always was)."""
     if path == "-":
         return {"path": "<stdin>", "size": None, "bytes_consumed": consumed, "sha256_prefix": None}
     p = Path(path).resolve()
     if not p.is_file():  # a FIFO cannot be re-read: like stdin, it cannot be verified or resumed
         return {"path": str(p), "size": None, "bytes_consumed": consumed, "sha256_prefix": None}
-    return {"path": str(p), "size": p.stat().st_size, "bytes_consumed": consumed,
-            "sha256_prefix": prefix_sha256(str(p), consumed)}
+    source = source_identity(str(p))
+    doc = {"path": str(p), "size": Path(text_path(str(p))).stat().st_size, "bytes_consumed": consumed,
+           "sha256_prefix": prefix_sha256(str(p), consumed)}
+    return {**doc, "source": source} if source else doc
 
 
 def save_run(store: SnapshotStore, name: str, backbone: Backbone, spec: RunSpec, path: str,
@@ -153,13 +159,31 @@ def check_document(snap: Snapshot, path: str) -> None:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"{path} is not a file")
-    need = int(doc["bytes_consumed"])
+    _check_source(snap, path, doc.get("source"))
+    need, p = int(doc["bytes_consumed"]), Path(text_path(path))
     if p.stat().st_size < need:
         raise SnapshotError(f"{path} is shorter ({p.stat().st_size} bytes) than the {need} bytes snapshot "
                             f"'{snap.name}' already consumed from {doc['path']}")
     if prefix_sha256(path, need) != doc["sha256_prefix"]:
         raise SnapshotError(f"the first {need} bytes of {path} differ from those snapshot '{snap.name}' consumed "
                             f"from {doc['path']}: the document changed")
+
+
+def _check_source(snap: Snapshot, path: str, saved: dict[str, Any] | None) -> None:
+    """A document's snapshot resumes only on the same source file read by the same extractor (named when not)."""
+    now = source_identity(path)
+    if saved is None and now is None:
+        return
+    if saved is None or now is None:
+        was, nowis = ("plain text", f"a {now['format']} document") if now else (f"a {saved['format']} document",
+                                                                                 "plain text")
+        raise SnapshotError(f"snapshot '{snap.name}' was made from {was}; {path} is {nowis}")
+    if now["sha256"] != saved["sha256"]:
+        raise SnapshotError(f"{path} differs from the {saved['format']} file snapshot '{snap.name}' read "
+                            f"(sha256 {saved['sha256'][:12]}, now {now['sha256'][:12]}): the document changed")
+    if now["extractor"] != saved["extractor"]:
+        raise SnapshotError(f"snapshot '{snap.name}' read the text of {path} extracted by {saved['extractor']}; "
+                            f"this run extracts it with {now['extractor']}: start a new run")
 
 
 def restore(snap: Snapshot, spec: RunSpec) -> tuple[Any, NllSums, int]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+from ..text.documents import page_label, page_starts, source_identity, text_path
 from .hashing import file_sha256
 from .snapshot import Snapshot, SnapshotError, SnapshotStore
 
@@ -48,8 +50,11 @@ def dump_snapshot(name: str | None = None, store: SnapshotStore | None = None) -
     m = snap.manifest
     source = _readable_source(m["document"])
     # a group with an empty token span describes a store as a whole (M+'s occupancy rows): no text of its own
+    pages = page_starts(m["document"]["path"]) if source and m["document"].get("source") else ()
     groups = [{**g, "excerpt": "" if g["tokens"][0] == g["tokens"][1] else
-               _excerpt(source, g["byte_start"], g["byte_last_token"])} for g in m["memory"]["groups"]]
+               _excerpt(source, g["byte_start"], g["byte_last_token"]),
+               **({"page": page_label(pages, g["byte_start"], g["byte_last_token"] + 1)} if pages else {})}
+              for g in m["memory"]["groups"]]
     return {"name": snap.name, "method": m["method"]["protocol"], "segment": m["method"]["segment"],
             "model": m["fingerprint"]["model"], "document": m["document"]["path"],
             "source_available": source is not None, "tokens_consumed": m["progress"]["tokens_consumed"],
@@ -65,6 +70,12 @@ def _readable_source(doc: dict[str, Any]) -> str | None:
     """The document path if it still holds the bytes the snapshot consumed (else excerpts would lie)."""
     path, digest = doc.get("path"), doc.get("sha256_prefix")
     if not path or digest is None or not Path(path).is_file():
+        return None
+    try:
+        if doc.get("source") != source_identity(path):  # another file, or another extractor's text
+            return None
+        path = text_path(path)  # a document's offsets are into its extracted text
+    except InputError:  # the source no longer extracts (damaged since): no excerpts
         return None
     if Path(path).stat().st_size < doc["bytes_consumed"] or file_sha256(path, limit=doc["bytes_consumed"]) != digest:
         return None

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..model.attention import ForwardPlan
+from ..text.documents import text_path
 
 MERGE_GAP = 16  # picked tokens at most this far apart form one span
 FOCUS_TOKENS = 48  # the most-picked tokens that seed spans
@@ -91,7 +92,7 @@ def excerpt(path: str | None, start: int, end: int, context: int = EXCERPT_CONTE
     if not path or not Path(path).is_file():
         return None
     lo = max(0, start - context)
-    with open(path, "rb") as f:
+    with open(text_path(path), "rb") as f:  # offsets are into the text the model read (a PDF's extracted text)
         f.seek(lo)
         raw = f.read(min(end - lo + context, limit + 2 * context))
     return " ".join(raw.decode("utf-8", errors="replace").split())

@@ -30,6 +30,7 @@ from ..storage.checkpoint import RunSpec, check_setup, restore, save_run
 from ..storage.hashing import file_sha256
 from ..storage.snapshot import SnapshotError, SnapshotStore
 from ..stream import StreamResult
+from ..text.documents import text_path
 from ..text.segments import Segment, iter_segments
 from ..text.textio import open_source
 from ..text.tokens import TokenChunk, iter_tokens
@@ -88,8 +89,10 @@ def read_document(backbone: Backbone, spec: RunSpec, path: str, head_ids: list[i
 
 
 def _identity(path: str) -> dict[str, Any]:
+    """The text the model reads (a document's extracted text): its size bounds offsets, its hash keys reuse."""
     p = Path(path).resolve()
-    return {"path": str(p), "size": p.stat().st_size, "sha256": file_sha256(p)}
+    text = Path(text_path(str(p)))
+    return {"path": str(p), "size": text.stat().st_size, "sha256": file_sha256(text)}
 
 
 def snapshot_name(kind: str, identity: dict[str, Any], backbone: Backbone, spec: RunSpec,

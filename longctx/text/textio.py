@@ -184,12 +184,29 @@ class Source:
 def open_source(path: str, *, block_size: int = 1 << 20) -> Source:
     """Open `path` ("-" = stdin) for strict UTF-8 streaming; raise InputError for unusable input.
 
+    A PDF, HTML or compressed document (detected by content, longctx/text/documents.py) is read as its
+    extracted text, so every byte offset refers to that text.
+
     Checks happen now (not on first read): missing file, directory, no read permission, empty input,
     binary input (a NUL byte in the first 8 KiB), UTF-16/UTF-32 byte-order marks.
     """
     if block_size < 1:
         raise UsageError(f"block size must be at least 1 byte, got {block_size}")
-    source = _open_stdin(block_size) if path == "-" else _open_file(path, block_size)
+    if path == "-":
+        return _sniffed(_open_stdin(block_size))
+    from .documents import sniff_format, text_path
+
+    if sniff_format(path):  # a PDF, HTML or compressed document: read its extracted text, named as the document
+        return open_text_file(text_path(path), name=path, block_size=block_size)
+    return open_text_file(path, block_size=block_size)
+
+
+def open_text_file(path: str, *, name: str | None = None, block_size: int = 1 << 20) -> Source:
+    """Open a file as UTF-8 text as it is (no document extraction), reported as `name` (default: path)."""
+    return _sniffed(_open_file(path, block_size, name=name))
+
+
+def _sniffed(source: Source) -> Source:
     try:
         source._sniff()
     except BaseException:
@@ -232,7 +249,7 @@ def _file_identity(stream: BinaryIO) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def _open_file(path: str, block_size: int) -> Source:
+def _open_file(path: str, block_size: int, name: str | None = None) -> Source:
     if os.path.isdir(path):
         raise InputError(f"input is a directory, not a file: {path}")
     try:
@@ -245,4 +262,4 @@ def _open_file(path: str, block_size: int) -> Source:
         raise InputError(f"cannot open {path}: {err.strerror or err}") from None
     mode = os.fstat(stream.fileno()).st_mode
     size = os.fstat(stream.fileno()).st_size if stat.S_ISREG(mode) else None  # FIFOs etc.: unknown
-    return Source(path, stream, size=size, is_stdin=False, block_size=block_size)
+    return Source(name or path, stream, size=size, is_stdin=False, block_size=block_size)
