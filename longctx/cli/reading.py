@@ -269,9 +269,8 @@ def _read_questions(question: str | None, questions_file: str | None) -> list[st
 def _reading_view(file: str, enabled: bool):
     """A progress view for reading a document into memory, and the on_segment callback feeding it (the
     rate appears from the second segment on: the first one alone says nothing about speed)."""
-    from .render import ProgressView, stderr_console
-
     from ..text.documents import text_path
+    from .render import ProgressView, stderr_console
 
     # a document's progress counts bytes of its extracted text (what is read), not of the file
     size = os.path.getsize(text_path(file)) if file != "-" and os.path.isfile(file) else None

@@ -27,12 +27,12 @@ def text(
     from ..text.documents import page_starts
     from ..text.textio import open_source
 
-    out = sys.stdout
+    out = sys.stdout.buffer  # bytes: the text exactly (no newline translation, UTF-8 whatever the locale)
     marks = list(enumerate(page_starts(file), 1)) if pages and file != "-" else []
     with open_source(file) as src:
         for block in src.blocks():
-            out.write(_marked(block.text, block.byte_start, marks))
-    out.write("".join(f"\n[p. {n}]\n" for n, _ in marks))  # pages with no text at the very end
+            out.write(_marked(block.text, block.byte_start, marks).encode("utf-8"))
+    out.write("".join(f"\n[p. {n}]\n" for n, _ in marks).encode())  # pages with no text at the very end
     out.flush()
 
 

@@ -175,8 +175,8 @@ def _check_source(snap: Snapshot, path: str, saved: dict[str, Any] | None) -> No
     if saved is None and now is None:
         return
     if saved is None or now is None:
-        was, nowis = ("plain text", f"a {now['format']} document") if now else (f"a {saved['format']} document",
-                                                                                 "plain text")
+        was = f"a {saved['format']} document" if saved else "plain text"
+        nowis = f"a {now['format']} document" if now else "plain text"
         raise SnapshotError(f"snapshot '{snap.name}' was made from {was}; {path} is {nowis}")
     if now["sha256"] != saved["sha256"]:
         raise SnapshotError(f"{path} differs from the {saved['format']} file snapshot '{snap.name}' read "

@@ -19,6 +19,7 @@ import bz2
 import codecs
 import gzip
 import hashlib
+import io
 import json
 import lzma
 import os
@@ -44,7 +45,7 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\xfd7zXZ\x00", "xz"),
 )
 _HTML_START = re.compile(rb"^(?:\xef\xbb\xbf)?\s*(?:<!--.*?-->\s*)*(?:<!doctype\s+html|<html[\s>])", re.I | re.S)
-_COMPRESSED: dict[str, Callable[[str], BinaryIO]] = {
+_COMPRESSED: dict[str, Callable[[str], io.BufferedIOBase]] = {
     "gzip": lambda p: gzip.open(p, "rb"),
     "bz2": lambda p: bz2.open(p, "rb"),
     "xz": lambda p: lzma.open(p, "rb"),
@@ -183,8 +184,11 @@ def _check_text(path: str, fmt: str, tmp: str) -> None:
     from .textio import open_text_file
 
     what = "decompressed text" if fmt in _COMPRESSED else "extracted text"
-    with open_text_file(tmp, name=f"{path} ({what})") as src:
-        words = any(not b.text.isspace() for b in src.blocks())
+    words = False
+    if os.path.getsize(tmp):
+        with open_text_file(tmp, name=f"{path} ({what})") as src:
+            for block in src.blocks():  # read to the end: every byte must be valid UTF-8
+                words = words or not block.text.isspace()
     if not words:
         hint = {"pdf": "a scanned PDF holds images of pages; run OCR on it first (e.g. ocrmypdf)",
                 "html": "a page built by JavaScript holds no text until a browser runs it; save the rendered page"}
