@@ -149,9 +149,10 @@ def test_ppl_on_compressed_text_equals_the_text(tmp_path, model_dir):
     plain.write_bytes(text)
     packed.write_bytes(gzip.compress(text))
     base = ["--model", model_dir, "--segment", "64", "-m", "xl", "--json", "--no-progress"]
-    a = json.loads(runner.invoke(app, ["ppl", str(plain), *base]).stdout)["results"][0]
-    b = json.loads(runner.invoke(app, ["ppl", str(packed), *base]).stdout)["results"][0]
-    assert a["ppl"] == b["ppl"] and a["tokens_scored"] == b["tokens_scored"]
+    a = json.loads(runner.invoke(app, ["ppl", str(plain), *base]).stdout)["runs"][0]
+    b = json.loads(runner.invoke(app, ["ppl", str(packed), *base]).stdout)["runs"][0]
+    assert a["token_sha256"] == b["token_sha256"] and a["tokens"] == b["tokens"] > 500
+    assert a["ppl"] == b["ppl"] and a["bits_per_byte"] == b["bits_per_byte"]
 
 
 def test_pdf_resume_checks_source_and_extractor(pdf, model_dir, monkeypatch):
@@ -160,10 +161,10 @@ def test_pdf_resume_checks_source_and_extractor(pdf, model_dir, monkeypatch):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["ppl", pdf, *base, "--max-tokens", "128", "--resume", "rep"])
     assert r.exit_code == 0, r.output
-    monkeypatch.setattr(documents, "EXTRACTION_VERSION", 99)  # as if another extractor version were installed
-    r = runner.invoke(app, ["ppl", pdf, *base, "--max-tokens", "192", "--resume", "rep"])
+    with monkeypatch.context() as m:
+        m.setattr(documents, "EXTRACTION_VERSION", 99)  # as if another extractor version were installed
+        r = runner.invoke(app, ["ppl", pdf, *base, "--max-tokens", "192", "--resume", "rep"])
     assert r.exit_code == 2 and "extracts it with" in r.stderr and "longctx v99" in r.stderr, r.output
-    monkeypatch.undo()
     Path(pdf).write_bytes(make_pdf([*PAGES, "one more page"]))
     r = runner.invoke(app, ["ppl", pdf, *base, "--max-tokens", "192", "--resume", "rep"])
     assert r.exit_code == 2 and "the document changed" in r.stderr, r.output
