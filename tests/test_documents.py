@@ -191,3 +191,17 @@ def test_memory_dump_and_citations_name_pdf_pages(pdf, model_dir):
         span = line.split("bytes ")[1].split(":")[0].split()[0]
         lo, hi = map(int, span.split("-"))
         assert line.split("] ")[1].startswith(location(pdf, lo, hi) + ", bytes")
+
+
+def test_many_documents_mix_pdf_html_and_compressed(pdf, tmp_path, model_dir):
+    page = tmp_path / "page.html"
+    page.write_text(HTML.replace("</body>", "<p>" + "More words on the page. " * 30 + "</p></body>"))
+    packed = tmp_path / "t.txt.bz2"
+    packed.write_bytes(bz2.compress(b"Compressed words, read as text. " * 40))
+    r = runner.invoke(app, ["ppl", pdf, str(page), str(packed), "--model", model_dir, "--segment", "32",
+                            "-m", "window", "--json", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    files = json.loads(r.stdout)["files"]
+    texts = [Path(extract(p).text_path) for p in (pdf, str(page), str(packed))]
+    assert [f["size"] for f in files] == [t.stat().st_size for t in texts]  # sizes of the text read
+    assert [f["sha256"] for f in files] == [file_sha256(t) for t in texts]

@@ -25,6 +25,7 @@ from ..sharding import current_shard, in_order
 from ..storage.checkpoint import Interrupted
 from ..storage.hashing import file_sha256
 from ..stream import SegmentEvent
+from ..text.documents import text_path
 from ..version import __version__
 from .perplexity import SCHEMA_VERSION, perplexity
 
@@ -250,7 +251,8 @@ def perplexity_many(paths: Sequence[str], method: str | None = None, *, model: s
 def _one_file(i: int, path: str, run_log: RunLog | None, on_start: Callable | None,
               score: Callable[[str], Any]) -> FileResult:
     """From the log when it holds this exact file, else scored now (and appended to the log)."""
-    sha, size = file_sha256(path), os.path.getsize(path)
+    text = text_path(path)  # a document's extracted text: what is scored and what the hash must match
+    sha, size = file_sha256(text), os.path.getsize(text)
     entry = run_log.lookup(path, sha) if run_log else None
     if entry is not None:
         return FileResult(path, sha, size, entry["result"], from_log=True)

@@ -29,6 +29,7 @@ from ..model.backbone import Backbone
 from ..run import environment, prepare_run
 from ..storage.paths import longctx_home
 from ..storage.snapshot import SnapshotError, SnapshotStore
+from ..text.documents import text_path
 from ..text.prompts import QAFrame, check_question, qa_frame
 from ..text.segments import Segment
 from .citations import Citation, RetrievalTally, held_citations, retrieved_citations
@@ -221,7 +222,8 @@ def _ask_rag(path: str, questions: list[str], session: _Session, full: Method, o
         on_memory(memory)
     start = time.perf_counter() - t0
     answers = [_rag_answer(session, full, embedder, index, opts, q, i) for i, q in enumerate(questions)]
-    doc = {"path": str(Path(path).resolve()), "size": Path(path).stat().st_size, "sha256": memory["document_sha256"]}
+    size = Path(text_path(path)).stat().st_size  # offsets are into the text read (a document's extracted text)
+    doc = {"path": str(Path(path).resolve()), "size": size, "sha256": memory["document_sha256"]}
     protocol = (f"rag(topk={opts.topk}, chunk_tokens={opts.chunk_tokens}, embedder={embedder.fingerprint['model']}, "
                 f"reader={full.describe()})")
     return AskReport(doc, "rag", protocol, None, session.frame.chat, session.frame.instruction, memory, answers,
@@ -259,7 +261,7 @@ def _rag_index(path: str, backbone: Backbone, embedder, chunk_tokens: int, reuse
     from . import rag
 
     t0 = time.perf_counter()
-    sha = file_sha256(path)
+    sha = file_sha256(text_path(path))  # the text the chunks come from: another extractor gives another index
     key = {"document": sha, "tokenizer": backbone.fingerprint["tokenizer_sha256"], "chunk_tokens": chunk_tokens,
            "embedder": embedder.fingerprint}
     name = f"rag-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}"
