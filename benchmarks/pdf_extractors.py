@@ -60,7 +60,8 @@ def main() -> None:
         path = os.path.join(d, "gen.pdf")
         Path(path).write_bytes(make_pdf(src))
         words = set(" ".join(src).split())
-        result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "python": platform.python_version(),
+        result = {"benchmark": "pdf_extractors", "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                  "python": platform.python_version(),
                   "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                               "load_1min": os.getloadavg()[0], "omp_threads": os.environ.get("OMP_NUM_THREADS")},
                   "pdf": {"pages": args.pages, "bytes": os.path.getsize(path)}, "repeats": args.repeats,
