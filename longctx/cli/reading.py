@@ -33,7 +33,7 @@ from .options import (
 @app.command()
 @_errors_to_exit
 def ppl(
-    files: Annotated[list[str] | None, typer.Argument(help="Text file(s) to score ('-' reads standard input, alone). Several files: per-file results and micro/macro averages.", show_default=False)] = None,
+    files: Annotated[list[str] | None, typer.Argument(help="Text file(s), PDF, HTML or gzip/bz2/xz text to score ('-' reads standard input, alone). Several files: per-file results and micro/macro averages.", show_default=False)] = None,
     method: Annotated[str | None, typer.Option("--method", "-m", help="Method or preset name, or a preset .yaml path. Default: xl.")] = None,
     compare: Annotated[str | None, typer.Option(help="Comma-separated methods to run on the same tokens in this process; deltas are against the first.")] = None,
     segment: Annotated[int | None, typer.Option(help="Tokens per forward (default: the preset's). \\[env: LONGCTX_SEGMENT]")] = None,
@@ -315,12 +315,12 @@ def _memory_line(memory: dict[str, Any]) -> str:
 @app.command()
 @_errors_to_exit
 def ask(
-    file: Annotated[str, typer.Argument(help="The document (a text file; '-' reads standard input, which is not reused).")],
+    file: Annotated[str, typer.Argument(help="The document (a text file, PDF, HTML page or gzip/bz2/xz text; '-' reads standard input, which is not reused).")],
     question: Annotated[str | None, typer.Argument(help="The question (or use --questions FILE).")] = None,
     questions_file: Annotated[str | None, typer.Option("--questions", metavar="FILE", help="Questions, one per line ('#' lines skipped), all answered over one reading.")] = None,
     method: Annotated[str | None, typer.Option("--method", "-m", help="Memory method or preset, or rag (the retrieval-augmented baseline). Default: infllm-qa.")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override key=value (repeatable); for rag: topk, chunk_tokens, embedder.")] = None,
-    cite: Annotated[bool, typer.Option("--cite", help="Print the source spans (byte offsets, excerpts) the memory retrieved for each answer.")] = False,
+    cite: Annotated[bool, typer.Option("--cite", help="Print the source spans (byte offsets, a PDF's page, excerpts) the memory retrieved for each answer.")] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 128,
     temperature: TemperatureOpt = 0.0,
     top_k: TopKOpt = 0,
@@ -418,7 +418,7 @@ def _with_pages(report: dict[str, Any]) -> dict[str, Any]:
 @app.command()
 @_errors_to_exit
 def generate(
-    file: Annotated[str, typer.Argument(help="The text to continue ('-' reads standard input, which is not reused).")],
+    file: Annotated[str, typer.Argument(help="The text to continue (a text file, PDF, HTML page or gzip/bz2/xz text; '-' reads standard input, which is not reused).")],
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 200,
     method: Annotated[str | None, typer.Option("--method", "-m", help="Memory method or preset. Default: xl.")] = None,
     option: OptionOpt = None,
