@@ -237,3 +237,19 @@ def test_the_default_model_cites_the_page_of_a_fact_in_a_pdf(tmp_path, monkeypat
     assert "4417" in (top.excerpt or "") and top.byte_start - 60 <= needle < top.byte_end + 60, top
     label = location(str(pdf), top.byte_start, top.byte_end)
     assert label in ("p. 3", "pp. 2-3", "pp. 3-4"), label
+
+
+def test_documents_on_stdin_are_refused_and_piped_html_stays_text(pdf):
+    r = runner.invoke(app, ["text", "-"], input=Path(pdf).read_bytes())
+    assert r.exit_code == 2 and "<stdin> holds a pdf document" in r.stderr, r.output
+    r = runner.invoke(app, ["text", "-"], input=gzip.compress(b"words"))
+    assert r.exit_code == 2 and "holds a gzip document" in r.stderr, r.output
+    r = runner.invoke(app, ["text", "-"], input=HTML.encode())
+    assert r.exit_code == 0 and r.stdout == HTML, r.output
+
+
+def test_xhtml_with_an_xml_declaration_is_html(tmp_path):
+    page = tmp_path / "page.xhtml"
+    page.write_text('<?xml version="1.0" encoding="utf-8"?>\n<html xmlns="http://www.w3.org/1999/xhtml"><body>'
+                    "<p>Hello there.</p></body></html>")
+    assert sniff_format(str(page)) == "html" and read_all(str(page)) == "Hello there.\n"

@@ -44,7 +44,8 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"BZh", "bz2"),
     (b"\xfd7zXZ\x00", "xz"),
 )
-_HTML_START = re.compile(rb"^(?:\xef\xbb\xbf)?\s*(?:<!--.*?-->\s*)*(?:<!doctype\s+html|<html[\s>])", re.I | re.S)
+_HTML_START = re.compile(rb"^(?:\xef\xbb\xbf)?\s*(?:<\?xml[^>]*>\s*)?(?:<!--.*?-->\s*)*(?:<!doctype\s+html|<html[\s>])",
+                         re.I | re.S)
 _COMPRESSED: dict[str, Callable[[str], io.BufferedIOBase]] = {
     "gzip": lambda p: gzip.open(p, "rb"),
     "bz2": lambda p: bz2.open(p, "rb"),
@@ -70,9 +71,13 @@ def sniff_format(path: str) -> str | None:
         return None
     try:
         with open(path, "rb") as f:
-            head = f.read(1024)
+            return format_of(f.read(1024))
     except OSError:
         return None  # the text reader reports it with its own message
+
+
+def format_of(head: bytes) -> str | None:
+    """The document format that a file starting with `head` has, or None for (plain) text."""
     for magic, fmt in _MAGIC:
         if head.startswith(magic):
             return fmt
@@ -171,8 +176,10 @@ def _write(path: str, fmt: str, text: Path, pages_file: Path) -> None:
             elif fmt in _COMPRESSED:
                 _decompress(path, fmt, out)
         _check_text(path, fmt, tmp)
-        if pages is not None:
-            pages_file.write_text(json.dumps({"pages": pages}))
+        if pages is not None:  # the page map first, also by rename: a reader finds both files whole or none
+            with open(tmp + ".pages", "w") as f:
+                json.dump({"pages": pages}, f)
+            os.replace(tmp + ".pages", pages_file)
         os.replace(tmp, text)
     finally:
         if os.path.exists(tmp):

@@ -92,6 +92,13 @@ class Source:
                     f"Convert it first, e.g. iconv -f {encoding} -t UTF-8 {self._shell_name()} > converted.txt",
                     hint=f"iconv -f {encoding} -t UTF-8 {self._shell_name()} > converted.txt",
                 )
+        if self.size is None:  # stdin or a pipe: a document there cannot be extracted (it is read once)
+            from .documents import format_of
+
+            fmt = format_of(head)
+            if fmt and fmt != "html":  # HTML on stdin stays what it always was: text, read as it is
+                raise InputError(f"{self.name} holds a {fmt} document; documents are read from files: save it to a "
+                                 "file and give its path")
         nul = head.find(b"\x00")
         if nul >= 0:
             raise InputError(
