@@ -149,7 +149,8 @@ def test_topk_over_whole_store_equals_attention_over_store_and_local(tiny_backbo
               positions=positions, distance=37, span=span)  # span: every neighbour is a hit too, read once
     state, _, _ = feed(tiny_backbone, m, ids[:80], 16)
     assert len(state.store) == 80 - 22
-    local, store = state.local, KNNStore.from_tensors(200, state.store.tensors())  # write mutates the store
+    # the next write continues both in place (the window's room and the store), so the reference reads copies
+    local, store = state.local.clone(), KNNStore.from_tensors(200, state.store.tensors())
     _, plan, hidden = feed(tiny_backbone, m, ids[80:], 1, state)
     order = store.order()
     q_pos = len(local)  # the query's relative position: after [sinks; window]

@@ -206,8 +206,7 @@ class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
         over = held - o.window
         if over < o.block:
             return local, None
-        keep, evicted = local.fifo_split(o.sinks, held - over // o.block * o.block)
-        return local.select(keep), local.select(evicted)
+        return local.evict(o.sinks, held - over // o.block * o.block)
 
     def state_tensors(self, state: InfLLMState) -> dict[str, torch.Tensor]:
         r = state.recalled
