@@ -40,7 +40,7 @@ def ppl(
     model: Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded SmolLM2-135M-Instruct). \\[env: LONGCTX_MODEL]")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto (default: bf16 on GPUs and CPUs with AMX/AVX512-BF16, else fp32), bf16, fp32 or fp16. \\[env: LONGCTX_DTYPE]")] = None,
     device: Annotated[str | None, typer.Option(help="cpu (default), cuda, cuda:N or auto. \\[env: LONGCTX_DEVICE]")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads; on a busy 2-core machine 1 beats 2. \\[env: LONGCTX_THREADS]")] = None,
+    threads: ThreadsOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object with all results (schema_version 1).")] = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON line per segment (and per file), then the result object.")] = False,
     progress: ProgressOpt = True,

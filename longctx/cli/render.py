@@ -58,23 +58,23 @@ class ProgressView:
             return
         done = ev.tokens if self.unit == "tokens" else ev.byte_end
         tps = ev.tokens / ev.seconds if ev.seconds > 0 else 0.0
-        self._show(done, f"{ev.tokens:,} tok  {tps:,.0f} tok/s  ppl {ev.running_ppl:.3f}  mem {ev.memory:,}")
+        self._show(done, f"{ev.tokens:,} tok  {tps:,.0f} tok/s  ppl {ev.running_ppl:.3f}  mem {ev.memory:,}", ev.seconds)
 
     def reading(self, tokens: int, byte_end: int, seconds: float) -> None:
         """Progress of a document read into memory without scoring (ask, generate)."""
         if not self.enabled:
             return
         tps = tokens / seconds if seconds > 0 else 0.0
-        self._show(tokens if self.unit == "tokens" else byte_end, f"{tokens:,} tok  {tps:,.0f} tok/s")
+        self._show(tokens if self.unit == "tokens" else byte_end, f"{tokens:,} tok  {tps:,.0f} tok/s", seconds)
 
-    def _show(self, done: int, stats: str) -> None:
+    def _show(self, done: int, stats: str, seconds: float) -> None:
         if self._progress is not None:
             assert self._task is not None  # added with the bar
             self._progress.update(self._task, completed=done, stats=stats)
         elif time.monotonic() - self._last_log >= PLAIN_EVERY_S:
             self._last_log = time.monotonic()
             pct = f"{100 * done / self.total:5.1f}% " if self.total else ""
-            self.console.print(f"  {self._name}: {pct}{stats}", highlight=False)
+            self.console.print(f"  {self._name}: {pct}{stats}  {timing(done, self.total, seconds)}", highlight=False)
 
     def _stop_bar(self) -> None:
         if self._progress is not None:
@@ -83,6 +83,19 @@ class ProgressView:
 
     def close(self) -> None:
         self._stop_bar()
+
+
+def timing(done: int, total: int | None, seconds: float) -> str:
+    """`elapsed 1:02:03, ~0:04:05 left`: the time remaining at the rate so far (omitted without a total)."""
+    text = f"elapsed {_clock(seconds)}"
+    if total and 0 < done <= total:
+        text += f", ~{_clock(seconds * (total - done) / done)} left"
+    return text
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
