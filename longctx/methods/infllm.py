@@ -149,6 +149,7 @@ class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
         else:
             state = replace(state, since=state.since + len(seg))
         local, rec = state.local, state.recalled
+        local.check_current()
         m = len(local) + len(rec)
         key_pos = torch.arange(m + len(seg), device=local.token_index.device)
         plan = ForwardPlan(query_pos=key_pos[m:], key_pos=key_pos, capture=True)
