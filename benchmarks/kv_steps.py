@@ -36,8 +36,9 @@ def entries(first: int, n: int) -> tuple[torch.Tensor, ...]:
 
 def old_step(state: KVState, new: tuple[torch.Tensor, ...]) -> KVState:
     """The replaced path: concatenate everything, then select sinks + the newest WINDOW."""
-    grown = KVState(*(torch.cat((a, b), dim=2 if a.dim() == 4 else 0) for a, b in zip(
-        (state.keys, state.values, state.token_index, state.token_ids, state.byte_start), new)))
+    names = ("keys", "values", "token_index", "token_ids", "byte_start")
+    held = state.tensors()
+    grown = KVState.from_tensors({k: torch.cat((held[k], t), dim=2 if t.dim() == 4 else 0) for k, t in zip(names, new)})
     keep, _ = grown.fifo_split(SINKS, WINDOW)
     return grown.select(keep) if len(keep) < len(grown) else grown
 
