@@ -129,18 +129,3 @@ def test_options_coercion():
     with pytest.raises(UsageError, match="overlap"):
         get_method("full").Options.from_mapping({"overlap": 1.5})
 
-
-def test_progress_lines_show_elapsed_and_remaining_time():
-    from io import StringIO
-
-    from rich.console import Console
-
-    from longctx.cli.render import ProgressView, timing
-
-    assert timing(250, 1000, 90.0) == "elapsed 0:01:30, ~0:04:30 left"
-    assert timing(250, None, 3725.0) == "elapsed 1:02:05"
-    out = StringIO()
-    view = ProgressView(Console(file=out, width=200), total=1000, unit="tokens")  # not a terminal: plain lines
-    view.start_method("xl", "xl()")
-    view.reading(500, 2000, 60.0)
-    assert "50.0% 500 tok  8 tok/s  elapsed 0:01:00, ~0:01:00 left" in out.getvalue()
