@@ -146,7 +146,8 @@ class Memorizing(StoreMethod[MemorizingOptionsT, MemorizingState]):
         heads, q_len, dim = q.shape
         kv_heads = store.keys.shape[1]
         groups = heads // kv_heads
-        q_ret = self._position_queries(q, plan.rope_scaling)
+        scaling = plan.rope_of(layer).scaling
+        q_ret = self._position_queries(q, scaling, layer)
         o = self.options
         grouped = q_ret.reshape(kv_heads, groups * q_len, dim)
         if o.index == "blocks":
@@ -161,7 +162,7 @@ class Memorizing(StoreMethod[MemorizingOptionsT, MemorizingState]):
         plan.retrieved[layer] = doc.view(heads, q_len, k)
         valid = valid.view(heads, q_len, k) if valid is not None else None
         if self.options.positions == "ordered":
-            q_ret, keys = q * plan.rope_scaling, self._ordered_keys(keys, doc)
+            q_ret, keys = q * scaling, self._ordered_keys(keys, doc, layer)
         gate = None if self.options.combine == "joint" else q.new_full((heads,), self.options.gate)
         return Retrieved(q_ret, keys.view(heads, q_len, k, dim), values.view(heads, q_len, k, dim), gate, valid)
 
@@ -177,23 +178,26 @@ class Memorizing(StoreMethod[MemorizingOptionsT, MemorizingState]):
             doc = doc.masked_fill(~valid, -1)
         return keys, values, doc, valid
 
-    def _ordered_keys(self, keys: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
+    def _ordered_keys(self, keys: torch.Tensor, doc: torch.Tensor, layer: int) -> torch.Tensor:
         """Rotate each retrieved key to sit `distance + gap` before its query (the query stays at 0), where
         gap is how far it precedes the newest entry that query retrieved: copying needs the order of digits."""
         gap = doc.amax(dim=-1, keepdim=True) - doc
         limit = self.backbone.max_positions - 1 - self.distance - self._segment
         dist = self.distance + gap.clamp(max=max(limit, 0))
-        cos, sin = self._rope_table
+        cos, sin = self._rope_table(layer)
         # position -dist: cos is even, sin odd
         return apply_rope(keys, cos[dist].to(keys.dtype), -sin[dist].to(keys.dtype))
 
-    @cached_property
-    def _rope_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for every trained position, looked up per retrieved key (cheaper than recomputing)."""
-        with torch.inference_mode(False):  # cached: must stay usable by training after an inference pass
-            return self.backbone.rope_tables(torch.arange(self.backbone.max_positions))
+    def _rope_table(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for every trained position with `layer`'s rotary parameters, looked up per retrieved key
+        (cheaper than recomputing); one table per set of rotary parameters."""
+        key = ("all", self.backbone.rope_keys[layer])
+        if key not in self._tables:
+            with torch.inference_mode(False):  # cached: must stay usable by training after an inference pass
+                self._tables[key] = self.backbone.rope_tables(torch.arange(self.backbone.max_positions), layer)
+        return self._tables[key]
 
-    def _position_queries(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
+    def _position_queries(self, q: torch.Tensor, scaling: float, layer: int) -> torch.Tensor:
         """Queries as the retrieved keys see them: rotated by the constant distance (keys sit at position 0).
 
         RoPE's attention scaling multiplies rotated queries and keys alike; retrieved keys are not rotated,
@@ -202,13 +206,19 @@ class Memorizing(StoreMethod[MemorizingOptionsT, MemorizingState]):
         if self.options.positions == "none":
             return q * scaling**2  # both at position 0
         # constant (and the search of ordered): the query rotated by the distance, the keys at position 0
-        cos, sin = self._distance_rope
+        cos, sin = self._distance_rope(layer)
         return apply_rope(q, cos.to(q.dtype), sin.to(q.dtype)) * scaling
 
+    def _distance_rope(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("distance", self.backbone.rope_keys[layer])
+        if key not in self._tables:
+            with torch.inference_mode(False):  # cached, as above
+                self._tables[key] = self.backbone.rope_tables(torch.tensor([self.distance]), layer)
+        return self._tables[key]
+
     @cached_property
-    def _distance_rope(self) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.inference_mode(False):  # cached, as above
-            return self.backbone.rope_tables(torch.tensor([self.distance]))
+    def _tables(self) -> dict[tuple[str, str | None], tuple[torch.Tensor, torch.Tensor]]:
+        return {}
 
     def write(self, state: MemorizingState, seg: Segment, plan: ForwardPlan) -> MemorizingState:
         local = self.append_captured(state.local, seg, plan)

@@ -65,16 +65,24 @@ class TrainableMethod(Method[OptionsT, StateT]):
         return x.to(self.backbone.dtype)
 
     def embedding_std(self) -> float:
-        """σ of the input embedding matrix: RMT/HMT initialise memory vectors with it (docs/methods/rmt.md)."""
-        return float(self.backbone.model.get_input_embeddings().weight.detach().float().std())
+        """σ of the input embeddings as the model feeds them (the matrix times the model's embedding scale,
+        Gemma 3's sqrt(hidden)): RMT/HMT initialise memory vectors with it (docs/methods/rmt.md)."""
+        weight = self.backbone.model.get_input_embeddings().weight.detach().float()
+        return float(weight.std()) * self.backbone.embed_scale
 
     def output_scale_init(self) -> float:
         """Input-embedding RMS over final-norm output RMS: the factor that puts written memory (final-norm
-        states) on the scale of token embeddings (docs/methods/rmt.md; SmolLM2's final states are ~50x larger)."""
-        emb = self.backbone.model.get_input_embeddings().weight.detach().float()
+        states) on the scale of token embeddings (docs/methods/rmt.md; SmolLM2's final states are ~50x larger).
+        The norm's gain is measured by applying it (Gemma's norms scale by 1 + weight, Llama's by weight)."""
+        emb = self.backbone.model.get_input_embeddings().weight.detach().float() * self.backbone.embed_scale
         norm = getattr(self.backbone.model.model, "norm", None)
-        w = norm.weight.detach().float() if norm is not None and hasattr(norm, "weight") else torch.ones(1)
-        return float(emb.pow(2).mean().sqrt() / w.pow(2).mean().sqrt().clamp_min(1e-6))
+        if norm is None:
+            gain = torch.ones(1)
+        else:  # a constant input of RMS 1000: the norm's epsilon moves the result by ~1e-11, below rounding
+            with torch.no_grad():
+                probe = torch.full((1, emb.shape[1]), 1000.0, dtype=self.backbone.dtype, device=self.backbone.device)
+                gain = norm(probe).float().cpu() / 1000.0
+        return float(emb.pow(2).mean().sqrt() / gain.pow(2).mean().sqrt().clamp_min(1e-6))
 
     def check_span(self, segment: int, extra: int) -> None:
         """Refuse a forward of `segment + extra` positions (the memory slots) past the trained range."""

@@ -37,6 +37,18 @@ class Retrieved:
     valid: torch.Tensor | None = None  # [H, Q, k] bool: False entries are padding (not attended)
 
 
+@dataclass(frozen=True)
+class RopeTables:
+    """cos/sin `[n, head_dim]` of one set of rotary parameters at a plan's query and key positions, in the
+    model dtype, and RoPE's attention scaling, which the zero-position pass has already applied once to q and k."""
+
+    cos_q: torch.Tensor
+    sin_q: torch.Tensor
+    cos_k: torch.Tensor
+    sin_k: torch.Tensor
+    scaling: float = 1.0
+
+
 @dataclass
 class ForwardPlan:
     """What one forward of the backbone reads and captures, shared by all layers.
@@ -75,13 +87,15 @@ class ForwardPlan:
     on_layer_output: Callable[[ForwardPlan, int, torch.Tensor], None] | None = None
     # An auxiliary training loss the forward produced (M+'s retriever BCE), already weighted; training adds it.
     aux_loss: torch.Tensor | None = None
-    # Filled by the backbone before the forward: RoPE tables in the model dtype, and RoPE's attention
-    # scaling, which the zero-position pass has already applied once to q and k.
-    cos_q: torch.Tensor | None = None
-    sin_q: torch.Tensor | None = None
-    cos_k: torch.Tensor | None = None
-    sin_k: torch.Tensor | None = None
-    rope_scaling: float = 1.0
+    # Filled by the backbone before the forward: each layer's RoPE tables at the plan's positions, from that
+    # layer's own rotary parameters (layers of one type share one object).
+    rope: list[RopeTables] | None = None
+
+    def rope_of(self, layer: int) -> RopeTables:
+        """The RoPE tables of `layer` (its own rotary parameters: a local layer's base may differ)."""
+        if self.rope is None:
+            raise RuntimeError("the backbone fills the plan's RoPE tables before the forward")
+        return self.rope[layer]
 
     @property
     def memory_len(self) -> int:
@@ -115,43 +129,63 @@ def longctx_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    sliding_window: int | None = None,
     longctx_plan: ForwardPlan | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Attention over `[memory; current]` with positions from the plan; registered as "longctx"."""
+    """Attention over `[memory; current]` with positions from the plan; registered as "longctx".
+
+    `scaling` and `sliding_window` are what the model's own attention module passes (Gemma 3's
+    `query_pre_attn_scalar`, a local layer's window): a local layer sees only keys whose position lies within
+    its window of the query's, whatever the plan's mask allows, and reads nothing by similarity.
+    """
     plan = longctx_plan
     if plan is None:
         raise RuntimeError("the longctx attention function needs a ForwardPlan (longctx_plan=...)")
     layer = cast(int, module.layer_idx)  # every decoder layer's attention module carries its index
-    cos_q, sin_q, cos_all, sin_all = plan.cos_q, plan.sin_q, plan.cos_k, plan.sin_k
-    if cos_q is None or sin_q is None or cos_all is None or sin_all is None:
-        raise RuntimeError("the backbone fills the plan's RoPE tables before the forward")
-    if plan.rope_scaling != 1.0:
-        query, key = query / plan.rope_scaling, key / plan.rope_scaling
+    rope = plan.rope_of(layer)
+    if rope.scaling != 1.0:
+        query, key = query / rope.scaling, key / rope.scaling
     if plan.capture:
         plan.captured[layer] = (key[0], value[0])
-    q = apply_rope(query, cos_q, sin_q)
+    q = apply_rope(query, rope.cos_q, rope.sin_q)
     mem_k = plan.memory_keys[layer] if plan.memory_keys is not None else None
     mem_v = plan.memory_values[layer] if plan.memory_values is not None else None
     if mem_k is not None and mem_v is not None and mem_k.shape[1] > 0:
         k = torch.cat((mem_k.unsqueeze(0), key), dim=2)
         v = torch.cat((mem_v.unsqueeze(0), value), dim=2)
-        cos_k, sin_k, mask = cos_all, sin_all, plan.mask
+        cos_k, sin_k, mask, key_pos = rope.cos_k, rope.sin_k, plan.mask, plan.key_pos
     else:
         q_len = query.shape[2]
         k, v = key, value
-        cos_k, sin_k = cos_all[-q_len:], sin_all[-q_len:]
+        cos_k, sin_k, key_pos = rope.cos_k[-q_len:], rope.sin_k[-q_len:], plan.key_pos[-q_len:]
         mask = plan.mask[:, -q_len:] if plan.mask is not None else None
     k = apply_rope(k, cos_k, sin_k)
+    if sliding_window is not None:
+        mask = within_window(mask, plan.query_pos, key_pos, sliding_window)
     if mask is None and k.shape[2] > q.shape[2]:  # SDPA's is_causal aligns top-left; memory needs bottom-right
         mask = causal_mask(q.shape[2], k.shape[2], q.device)
-    found = plan.retrieve(plan, layer, query[0]) if plan.retrieve is not None else None
+    local_layer = sliding_window is not None  # entries read by similarity come from beyond any window
+    found = plan.retrieve(plan, layer, query[0]) if plan.retrieve is not None and not local_layer else None
     if found is not None:
         out = attend_with_retrieved(q[0], k[0], v[0], mask, scaling, found).unsqueeze(0)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
                                              enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
+
+
+def within_window(mask: torch.Tensor | None, query_pos: torch.Tensor, key_pos: torch.Tensor,
+                  window: int) -> torch.Tensor | None:
+    """`mask` (None = causal) intersected with a local layer's band: query at position p sees a key at
+    position p' only when p - p' < window, as transformers' sliding-window mask has it (memory keys
+    included). Unchanged when every key is within the window of every query."""
+    q_pos, k_pos = query_pos.to(torch.long), key_pos.to(torch.long)
+    if q_pos.numel() == 0 or int(q_pos.max()) - int(k_pos.min()) < window:
+        return mask
+    base = mask if mask is not None else causal_mask(q_pos.numel(), k_pos.numel(), q_pos.device)
+    band = (q_pos[:, None] - k_pos[None, :].to(q_pos.device)) < window
+    return base & band.to(base.device)
 
 
 def attend_with_retrieved(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

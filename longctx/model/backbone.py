@@ -11,12 +11,27 @@ import torch.nn.functional as F
 
 from ..errors import ModelError
 from . import attention, identity
-from .attention import ForwardPlan
+from .attention import ForwardPlan, RopeTables
 
-# Llama-family decoders whose attention calls the registry with (module, q, k, v, ...) after standard
-# rotate-half RoPE; others (partial rotary, soft-capping, alibi) would need their own handling.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Decoders whose attention calls the registry with (module, q, k, v, mask, scaling, sliding_window) after
+# standard rotate-half RoPE at every layer, and whose layers are global or sliding-window (local) attention.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# What a known family lacks, named in the refusal (anything else unlisted gets the generic one).
+MISSING = {
+    "gemma3": "the multimodal Gemma 3 wrapper; give its text-only model (Gemma3ForCausalLM, model type gemma3_text)",
+    "gemma2": "attention logit soft-capping",
+    "gemma": "its family is not wired (embedding scaling without Gemma 3's layer types)",
+    "bloom": "RoPE: it uses ALiBi positions",
+    "mpt": "RoPE: it uses ALiBi positions",
+    "falcon": "per-layer RoPE in the registry seam (and ALiBi in some checkpoints)",
+    "gpt2": "RoPE: it uses learned absolute positions",
+    "opt": "RoPE: it uses learned absolute positions",
+    "gpt_neox": "full rotary: it rotates part of each head (partial_rotary_factor)",
+    "phi": "full rotary: it rotates part of each head (partial_rotary_factor)",
+    "llama4": "chunked attention layers",
+}
 NLL_CHUNK = 1024  # tokens per lm_head/cross-entropy chunk: bounds the fp32 logits buffer
 
 
@@ -49,7 +64,11 @@ class Backbone:
         self.config: Any = model.config
         # before any LoRA is attached: an in-memory model (tests, library use) is hashed here, once
         self.weights_sha256 = info.weights_sha256 or identity.weights_sha256(model)
+        self.structure = identity.structure(model)  # (also before LoRA wraps the projections)
         self.rotary: Any = model.model.rotary_emb
+        self.layer_types = layer_types(self.config)
+        # per layer: the rotary parameter set it uses (None: the model has one for every layer)
+        self.rope_keys = rope_keys(self.config, self.layer_types)
         self.active_lora: str | None = None  # peft adapter the forward runs through (longctx.model.lora.activate)
         self.lora_names: set[str] = set()
         self._plan: ForwardPlan | None = None  # the plan of the forward running now (for the layer taps)
@@ -98,18 +117,53 @@ class Backbone:
     def max_positions(self) -> int:
         return int(self.config.max_position_embeddings)
 
-    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin `[n, head_dim]` for integer positions, computed by the model's own rotary module."""
+    def layer_window(self, layer: int) -> int | None:
+        """How far back layer `layer` attends (query position minus key position below it), None for a global
+        layer: what transformers passes its attention function as `sliding_window`."""
+        if self.layer_types[layer] != "sliding_attention":
+            return None
+        return int(self.config.sliding_window)
+
+    @property
+    def embed_scale(self) -> float:
+        """The factor the model's embedding module multiplies token embeddings by (Gemma 3: sqrt(hidden)),
+        rounded to the weights' dtype as the module does; 1.0 for a plain embedding."""
+        emb = self.model.get_input_embeddings()
+        scale = getattr(emb, "embed_scale", None)
+        return 1.0 if scale is None else float(torch.as_tensor(scale).to(emb.weight.dtype))
+
+    def rope_tables(self, positions: torch.Tensor, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin `[n, head_dim]` for integer positions with layer `layer`'s rotary parameters, computed by
+        the model's own rotary module."""
         probe = torch.empty(0, dtype=self.dtype, device=self.device)
-        cos, sin = self.rotary(probe, positions.to(self.device).view(1, -1))
+        extra = () if self.rope_keys[layer] is None else (self.rope_keys[layer],)
+        cos, sin = self.rotary(probe, positions.to(self.device).view(1, -1), *extra)
         return cos[0], sin[0]
+
+    def rope_scaling(self, layer: int = 0) -> float:
+        """RoPE's attention scaling for layer `layer` (cos at position 0): the zero-position pass applies it
+        to queries and keys once before the attention function sees them."""
+        cos, _ = self.rope_tables(torch.zeros(1, dtype=torch.long), layer)
+        return float(cos[0, 0].float())
+
+    def plan_rope(self, plan: ForwardPlan) -> list[RopeTables]:
+        """Each layer's RoPE tables at the plan's positions; layers sharing rotary parameters share one."""
+        made: dict[str | None, RopeTables] = {}
+        for layer, key in enumerate(self.rope_keys):
+            if key not in made:
+                cos_q, sin_q = self.rope_tables(plan.query_pos, layer)
+                cos_k, sin_k = self.rope_tables(plan.key_pos, layer)
+                made[key] = RopeTables(cos_q, sin_q, cos_k, sin_k, self._rope_scaling[key])
+        return [made[key] for key in self.rope_keys]
+
+    @cached_property
+    def _rope_scaling(self) -> dict[str | None, float]:
+        return {key: self.rope_scaling(self.rope_keys.index(key)) for key in set(self.rope_keys)}
 
     def forward(self, ids: torch.Tensor, plan: ForwardPlan, embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Run the decoder over `ids [q]` (or `embeds [q, d]`) with the plan; return hidden `[q, d]`."""
         q_len = ids.numel() if embeds is None else embeds.shape[0]
-        plan.cos_q, plan.sin_q = self.rope_tables(plan.query_pos)
-        plan.cos_k, plan.sin_k = self.rope_tables(plan.key_pos)
-        plan.rope_scaling = float(getattr(self.rotary, "attention_scaling", 1.0) or 1.0)
+        plan.rope = self.plan_rope(plan)
         zeros = torch.zeros(1, q_len, dtype=torch.long, device=self.device)
         kwargs = {"inputs_embeds": embeds.unsqueeze(0)} if embeds is not None else {"input_ids": ids.view(1, -1).to(self.device)}
         outer, self._plan = self._plan, plan
@@ -158,7 +212,7 @@ class Backbone:
         return {
             "model": self.info.model_id,
             "source": self.info.source,
-            "arch": identity.architecture(self.config),
+            "arch": identity.architecture(self.config, self.structure),
             "weights_sha256": self.weights_sha256,
             "tokenizer_sha256": identity.tokenizer_sha256(self.tokenizer),
             "vocab_size": len(self.tokenizer),
@@ -173,16 +227,54 @@ class Backbone:
 
 
 def check_supported(config) -> None:
-    """Refuse architectures whose attention the "longctx" function would compute wrongly."""
+    """Refuse architectures whose attention the "longctx" function would compute wrongly, naming what is
+    missing."""
     model_type = getattr(config, "model_type", "?")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelError(
-            f"model type '{model_type}' is not supported: longctx injects memory through the attention "
-            f"function of Llama-family decoders ({', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
-    rope = getattr(config, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ModelError(f"RoPE type '{rope_type}' is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        missing = MISSING.get(model_type, "a Llama-style decoder with rotate-half RoPE at every layer")
+        raise ModelError(f"model type '{model_type}' is not supported (missing: {missing}); longctx runs "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    for what, field in (("attention logit soft-capping", "attn_logit_softcapping"),
+                        ("final logit soft-capping", "final_logit_softcapping")):
+        if getattr(config, field, None) is not None:
+            raise ModelError(f"{model_type} with {what} ({field}={getattr(config, field)}) is not supported")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ModelError(f"{model_type} with bidirectional attention is not a causal LM; longctx needs causal attention")
     if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0):
-        raise ModelError("partial rotary embeddings are not supported")
+        raise ModelError("partial rotary embeddings are not supported (every head dimension must be rotated)")
+    kinds = layer_types(config)
+    unknown = sorted(set(kinds) - set(LAYER_TYPES))
+    if unknown:
+        raise ModelError(f"layer type(s) {', '.join(unknown)} are not supported (supported: {', '.join(LAYER_TYPES)})")
+    if "sliding_attention" in kinds and not getattr(config, "sliding_window", None):
+        raise ModelError("the model has sliding-window layers but no sliding_window size in its config")
+    for rope_type in _rope_types(config):
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ModelError(f"RoPE type '{rope_type}' is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+
+
+def layer_types(config) -> tuple[str, ...]:
+    """Each layer's attention type: the config's `layer_types`; else every layer sliding when the config has
+    a `sliding_window` (Mistral applies it to every layer) and global otherwise (Llama)."""
+    n = int(config.num_hidden_layers)
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return tuple(kinds[:n])
+    sliding = getattr(config, "sliding_window", None) is not None and config.model_type == "mistral"
+    return ("sliding_attention" if sliding else "full_attention",) * n
+
+
+def rope_keys(config, kinds: tuple[str, ...]) -> tuple[str | None, ...]:
+    """Per layer, the key of its rotary parameters in `rope_parameters` when they are given per layer type
+    (Gemma 3: a local base next to the global one), else None (one set for all layers)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    per_type = isinstance(rope, dict) and all(isinstance(rope.get(k), dict) for k in set(kinds))
+    return tuple(k if per_type else None for k in kinds)
+
+
+def _rope_types(config) -> list[str]:
+    rope = getattr(config, "rope_parameters", None) or {}
+    if not isinstance(rope, dict):
+        return ["default"]
+    nested = [v for v in rope.values() if isinstance(v, dict)]
+    return [p.get("rope_type", "default") for p in nested] if nested else [rope.get("rope_type", "default")]

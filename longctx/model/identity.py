@@ -28,22 +28,58 @@ ARCH_FIELDS = (
     "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "hidden_act", "rms_norm_eps",
     "tie_word_embeddings", "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window",
     "max_window_layers", "layer_types", "partial_rotary_factor", "query_pre_attn_scalar",
-    "attn_logit_softcapping", "final_logit_softcapping",
+    "attn_logit_softcapping", "final_logit_softcapping", "use_bidirectional_attention",
 )
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MODEL_KEYS = ("arch", "weights_sha256", "tokenizer_sha256", "vocab_size")  # an adapter must match these
 RUN_KEYS = (*MODEL_KEYS, "dtype")  # a saved memory also holds tensors in the run's dtype
 LIBRARIES = ("longctx", "torch", "transformers", "tokenizers", "peft", "safetensors", "accelerate", "gguf", "numpy")
 
 
-def architecture(config: Any) -> dict[str, Any]:
-    """The semantic fields of an HF config (RoPE parameters flattened under `rope.`), JSON-ready."""
+def architecture(config: Any, features: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The semantic fields of an HF config (RoPE parameters flattened under `rope.`, per layer type under
+    `rope.<type>.` as Gemma 3 gives its local layers their own base), JSON-ready, plus `features`: what the
+    model's modules hold that the config may not say (`structure`)."""
     raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     arch = {k: raw[k] for k in ARCH_FIELDS if raw.get(k) is not None}
     rope = raw.get("rope_parameters") or {}
     if not rope and raw.get("rope_theta") is not None:  # configs from before rope_parameters
         rope = {"rope_theta": raw["rope_theta"], **(raw.get("rope_scaling") or {})}
-    arch.update({f"rope.{k}": v for k, v in sorted(rope.items()) if v is not None})
+    arch.update(_flatten("rope", rope))
+    arch.update(features or {})
     return json.loads(json.dumps(arch, sort_keys=True, default=str))
+
+
+def _flatten(prefix: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in sorted(values.items()):
+        if isinstance(v, Mapping):
+            out.update(_flatten(f"{prefix}.{k}", v))
+        elif v is not None:
+            out[f"{prefix}.{k}"] = v
+    return out
+
+
+def structure(model: torch.nn.Module) -> dict[str, Any]:
+    """Attention features read from the first decoder layer, recorded only when present (so a Llama's
+    identity is what it was before they were recorded): which projections carry a bias (Qwen2's q/k/v, whose
+    config has no field for it), per-head q/k RMSNorm before RoPE (Qwen3, Gemma 3), the embedding scale
+    (Gemma 3)."""
+    out: dict[str, Any] = {}
+    inner: Any = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not layers:
+        return out
+    attn = layers[0].self_attn
+    biased = [p for p in PROJECTIONS if getattr(getattr(attn, p, None), "bias", None) is not None]
+    if biased:
+        out["attention_biases"] = ",".join(biased)
+    if getattr(attn, "q_norm", None) is not None or getattr(attn, "k_norm", None) is not None:
+        out["qk_norm"] = True
+    scale = getattr(inner.get_input_embeddings(), "scalar_embed_scale", None)
+    if scale is not None and scale != 1.0:
+        out["embed_scale"] = float(scale)
+    return out
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
