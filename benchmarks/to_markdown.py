@@ -1,6 +1,7 @@
 """Render benchmark result files (JSON) as the markdown tables of docs/benchmarks.md.
 
     .venv/bin/python benchmarks/to_markdown.py benchmarks/results/foundation.json benchmarks/results/snapshots.json
+    .venv/bin/python benchmarks/to_markdown.py --readers benchmarks/results/readers_*.json   # one table, per reader
 """
 
 from __future__ import annotations
@@ -252,7 +253,43 @@ def render(d: dict) -> list[str]:
     return foundation(d)
 
 
+READER_LENGTHS = (8192, 32768)
+
+
+def readers(files: list[tuple[str, dict]]) -> list[str]:
+    """Needle QA and passkey files of several readers (models) as one table: a row per reader and method,
+    a cell per benchmark and length; what no file measured says so."""
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    for path, d in files:
+        reader = f"{d['model']['model']} ({d['model']['dtype']})"
+        for x in d["cells"]:
+            if d["benchmark"] == "needle" and x["kind"] == "absent":
+                continue
+            row = rows.setdefault((reader, x["method"]), {})
+            key = f"{d['benchmark']} {x['length']}"
+            row[key] = f"{x['correct']}/{x.get('items', x.get('trials'))}"
+            row.setdefault("files", "")
+            row["files"] += ("" if Path(path).name in row["files"] else f" `{Path(path).name}`")
+            if d["benchmark"] == "needle":
+                row["read"] = _f(x.get("ingest_tokens_per_s"), ",.0f")
+                row["decode"] = _f(x.get("decode_tokens_per_s"), ".1f")
+                row["load"] = f"{d['environment']['load_avg_1m']:.1f}"
+    head = [f"needle {n // 1024}k" for n in READER_LENGTHS] + [f"passkey {n // 1024}k" for n in READER_LENGTHS]
+    out = ["| reader | method | " + " | ".join(head) + " | read tok/s | decode tok/s | load | result files |",
+           "|---|---|" + "---|" * (len(head) + 4)]
+    for (reader, method), row in rows.items():
+        cells = [row.get(f"{b} {n}", "not measured") for b in ("needle", "passkey") for n in READER_LENGTHS]
+        out.append(f"| {reader} | {method} | " + " | ".join(cells) + f" | {row.get('read', '—')} "
+                   f"| {row.get('decode', '—')} | {row.get('load', '—')} |{row['files']} |")
+    return out + [""]
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--readers"]:
+        paths = sys.argv[2:]
+        print(f"<!-- generated from {', '.join(paths)}: see docs/benchmarks.md -->")
+        print("\n".join(readers([(p, json.loads(Path(p).read_text())) for p in paths])))
+        return
     for path in sys.argv[1:]:
         d = json.loads(Path(path).read_text())
         print(f"<!-- generated from {path}: {d.get('command', 'see docs/benchmarks.md')} -->")
