@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 
 import torch
 
-from ..errors import UsageError, did_you_mean
+from ..errors import UsageError
 from ..model.attention import ForwardPlan
 from ..model.backbone import Backbone
 from ..text.segments import Segment
@@ -236,25 +236,3 @@ class Method(ABC, Generic[OptionsT, StateT]):
 OWN = "own"
 
 AnyMethod = Method[Any, Any]  # a method of any options and state (the registry, the drivers)
-METHODS: dict[str, type[AnyMethod]] = {}
-MethodT = TypeVar("MethodT", bound=type[AnyMethod])
-
-
-def register(cls: MethodT) -> MethodT:
-    """Class decorator adding a method to the registry under `cls.name`; a second class under a name already
-    taken is refused (a plugin cannot silently replace a built-in, nor two plugins each other)."""
-    taken = METHODS.get(cls.name)
-    if taken is not None and taken is not cls:
-        raise UsageError(f"method name '{cls.name}' is taken by {taken.__module__}.{taken.__qualname__}; "
-                         f"{cls.__module__}.{cls.__qualname__} must register under another name")
-    METHODS[cls.name] = cls
-    return cls
-
-
-def get_method(name: str) -> type[AnyMethod]:
-    """Look a method up by name, listing the known ones when it is not there."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise UsageError(f"unknown method '{name}'{did_you_mean(name, METHODS)}; available: "
-                         f"{', '.join(sorted(METHODS))}") from None
