@@ -15,6 +15,7 @@ memory would hide a leak through them). A newly registered method must get an en
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,3 +246,45 @@ def check_ingest(backbone, case: Case) -> None:
     text = torch.cat((doc[:p], torch.tensor(tokens)))
     again = ingest(backbone, method, plain_segments(text, SEG), segment=SEG)
     torch.testing.assert_close(after.last_hidden, again.last_hidden, atol=TOL, rtol=TOL)
+
+
+def _frozen(value: Any) -> Any:
+    """A comparable deep copy of a method attribute (tensors and modules by value)."""
+    if isinstance(value, torch.nn.Module):
+        return {k: v.detach().clone() for k, v in value.state_dict().items()}
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _frozen(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_frozen(v) for v in value]
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("case", [c for c in ALL if c.label == c.method], ids=str)
+def test_reading_never_changes_the_method_object(tiny_backbone, case):
+    """Run state lives in the state passed in and returned: a method object holds its options, the backbone
+    and what set-up bound once (parameters, adapter record, LoRA names, segment length), so reading,
+    writing and forking never change it (methods/base.py)."""
+    method = build(case, tiny_backbone)
+    before = {k: _frozen(v) for k, v in vars(method).items() if k != "backbone"}
+    with torch.inference_mode():
+        state, _, _ = read(tiny_backbone, method, method.init_state(), document(), 0, PREFIX)
+        method.fork_state(state)
+        method.state_from_tensors(method.state_tensors(state))
+    after = {k: _frozen(v) for k, v in vars(method).items() if k != "backbone"}
+    derived = {k for k in after.keys() - before.keys()  # computed once from options on first use
+               if isinstance(getattr(type(method), k, None), functools.cached_property)}
+    assert before.keys() | derived == after.keys(), "reading added or removed attributes on the method object"
+    changed = [k for k in before if not _same(before[k], after[k])]
+    assert not changed, f"reading changed the method object's {changed}: that is run state, keep it in the state"

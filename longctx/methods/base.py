@@ -4,7 +4,9 @@ A method never loops over a document: the driver hands it one segment at a time.
   read(state, segment)  -> (state, ForwardPlan)   manage room, choose what memory each layer sees, positions
   (the driver runs the backbone with the plan and scores the segment)
   write(state, segment, plan) -> state            store what the forward captured; apply the overflow policy
-State is explicit data passed in and returned; a method object holds only options and the backbone.
+State is explicit data passed in and returned. A method object holds its options, the backbone and what
+set-up binds once (trained parameters, the adapter's record, LoRA names, the run's segment length), and
+reading never changes it (tests/test_causality.py checks every method).
 """
 
 from __future__ import annotations
