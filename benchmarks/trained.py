@@ -24,8 +24,8 @@ import longctx
 from longctx.bench.throughput import throughput_vs_length
 from longctx.run import build_method, environment
 from longctx.storage.adapters import find_adapter
-from longctx.tasks.recall import recall_accuracy
-from longctx.tasks.training import TokenCorpus, recall_task_for
+from longctx.tasks.recall import recall_accuracy, recall_task_for
+from longctx.tasks.samples import TokenCorpus
 
 
 def main() -> None:

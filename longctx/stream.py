@@ -96,7 +96,7 @@ def read_forward(backbone: Backbone, method: Method, state: Any, seg: Segment) -
     lora.activate(backbone, method.lora)
     state, plan = method.read(state, seg)
     hidden = backbone.forward(seg.ids, plan, embeds=plan.embeds)
-    plan.hidden = hidden
+    plan.out.hidden = hidden
     return state, (hidden if plan.token_rows is None else hidden[plan.token_rows]), plan
 
 

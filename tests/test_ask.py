@@ -303,7 +303,7 @@ def plan(picks: list[int], rows: slice | None = None, *, other_rows: int = 0) ->
     picked = torch.full((2, n, k), 999, dtype=torch.long)  # the other rows pick a token that must not count
     row = rows.stop - 1 if rows is not None else -1
     picked[:, row] = torch.tensor(picks, dtype=torch.long).view(2, k)
-    return SimpleNamespace(retrieved={3: picked}, token_rows=rows)
+    return SimpleNamespace(out=SimpleNamespace(retrieved={3: picked}), token_rows=rows)
 
 
 def test_retrieval_tally_merges_picks_at_most_merge_gap_apart():
@@ -314,7 +314,7 @@ def test_retrieval_tally_merges_picks_at_most_merge_gap_apart():
     tally.add(plan([first + a, first + 1, first + b, 5]))
     tally.add(plan([first + c, first + c, first + c + 1, first + c + 1, first + 200, 300], slice(2, 5), other_rows=3))
     tally.add(None)
-    tally.add(SimpleNamespace(retrieved={}, token_rows=None))
+    tally.add(SimpleNamespace(out=SimpleNamespace(retrieved={}), token_rows=None))
     assert tally.forwards == 2 and int(tally.counts.sum()) == 7
     spans = tally.spans()
     assert [(s, e) for s, e, _ in spans] == [(first + c, first + c + 2), (first + a, first + b + 1)]

@@ -21,7 +21,7 @@ from longctx.bench.roofline import (
     roofline_ratio,
 )
 from longctx.bench.throughput import throughput, throughput_vs_length
-from longctx.model.attention import ForwardPlan
+from longctx.model.attention import ForwardOutputs, ForwardPlan
 from longctx.run import build_method, environment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,8 +99,9 @@ def _plan(q: int, memory: list[int | None], mask: torch.Tensor | None = None,
           retrieved: dict[int, int] | None = None) -> ForwardPlan:
     m = max((x for x in memory if x is not None), default=0)
     keys = [None if x is None else torch.zeros(2, x, 16) for x in memory]
+    picked = {layer: torch.zeros(4, q, k, dtype=torch.long) for layer, k in (retrieved or {}).items()}
     return ForwardPlan(query_pos=torch.arange(q), key_pos=torch.arange(m + q), mask=mask, memory_keys=keys,
-                       retrieved={layer: torch.zeros(4, q, k, dtype=torch.long) for layer, k in (retrieved or {}).items()})
+                       out=ForwardOutputs(retrieved=picked))
 
 
 def test_attended_keys_causal_memory_and_retrieval():
@@ -122,7 +123,7 @@ def test_attended_keys_counts_a_mask_exactly():
 
 def test_attended_keys_needs_layers_when_only_retrieval_says():
     plan = ForwardPlan(query_pos=torch.arange(2), key_pos=torch.arange(2),
-                       retrieved={1: torch.zeros(4, 2, 3, dtype=torch.long)})
+                       out=ForwardOutputs(retrieved={1: torch.zeros(4, 2, 3, dtype=torch.long)}))
     with pytest.raises(ValueError):
         attended_keys(plan, 2)
     assert attended_keys(plan, 2, num_layers=2) == pytest.approx(1.5 + 1.5)

@@ -101,8 +101,8 @@ def test_the_sharpest_head_chooses_a_planted_block(tiny_backbone):
 def test_generation_keeps_its_blocks_until_refresh_and_cites_them(tiny_backbone):
     m = build(tiny_backbone, window=8, sinks=1, block=4, memory=64, topk=2, refresh=3)
     state, plan, _ = feed(tiny_backbone, m, doc(64), 8)
-    assert set(plan.retrieved) == {0, 1}
-    cited = set(plan.retrieved[0].flatten().tolist())  # the most-attended of the tokens read
+    assert set(plan.out.retrieved) == {0, 1}
+    cited = set(plan.out.retrieved[0].flatten().tolist())  # the most-attended of the tokens read
     assert cited == set(state.recalled.focus.tolist()) and cited <= set(state.recalled.token_index.tolist())
     first = state.recalled
     for step in range(3):

@@ -23,7 +23,8 @@ from longctx.run import build_method
 from longctx.storage.adapters import role_spec, save_adapter
 from longctx.storage.snapshot import SnapshotStore
 from longctx.stream import forward_segment, run_stream, scored_nll
-from longctx.tasks.training import TokenCorpus, TrainConfig, Trainer, window_segments
+from longctx.tasks.samples import TokenCorpus, window_segments
+from longctx.tasks.training import TrainConfig, Trainer
 
 SMALL = {"pool": 6, "update": 4}
 PLUS = {**SMALL, "ltm": 100, "retrieve": 5}
@@ -237,7 +238,7 @@ def test_retrieval_takes_min_k0_oldest_first_and_is_what_each_layer_attends(tiny
     with torch.inference_mode():
         _, plan = m.read(state, before)  # the text read before `seg`: it chooses what `seg` retrieves
         tiny_backbone.forward(before.ids, plan)
-        chooser = torch.stack([plan.queries[i] for i in range(tiny_backbone.num_layers)])
+        chooser = torch.stack([plan.out.queries[i] for i in range(tiny_backbone.num_layers)])
         assert chooser.shape == (tiny_backbone.num_layers, 16, m.options.retriever_dim)
         state = replace(state, queries=chooser)  # as writing `before` would leave it, without the pool update
         _, plan = m.read(state, seg)
@@ -247,12 +248,12 @@ def test_retrieval_takes_min_k0_oldest_first_and_is_what_each_layer_attends(tiny
         assert plan.key_pos.tolist() == list(range(1 + count + 6 + 16))
         keys, values = m.memory_kv(m.with_bos(state.pool))
         for layer in range(tiny_backbone.num_layers):
-            picked = plan.ltm_picked[layer]
+            picked = plan.out.ltm_picked[layer]
             assert len(picked) == count
             assert bool((state.ltm.origin[picked, UPDATE].diff() >= 0).all())  # oldest first
             score = torch.sigmoid(chooser[layer] @ state.ltm.keys[:, layer].T).mean(0)
             assert set(picked.tolist()) == set(torch.topk(score, count).indices.tolist())
-            assert torch.equal(plan.queries[layer], m.project("q", layer, seen[layer]))  # kept for the next
+            assert torch.equal(plan.out.queries[layer], m.project("q", layer, seen[layer]))  # kept for the next
             h = tiny_backbone.layer_norm_input(layer, state.ltm.hidden[picked, layer])
             k, v = tiny_backbone.layer_kv(layer, h)
             keys[layer] = torch.cat((keys[layer][:, :1], k, keys[layer][:, 1:]), dim=1)
@@ -266,7 +267,7 @@ def test_retrieval_takes_min_k0_oldest_first_and_is_what_each_layer_attends(tiny
     # each layer's retrieval counts once for the slots it picked (then the store update takes 1 from all)
     for layer in range(tiny_backbone.num_layers):
         bump = torch.zeros(len(state.ltm), dtype=torch.long)
-        bump[plan.ltm_picked[layer]] = 1
+        bump[plan.out.ltm_picked[layer]] = 1
         old = after.ltm.freq[: len(state.ltm), layer]
         assert torch.equal(old, state.ltm.freq[:, layer] + bump - 1)
 
@@ -286,7 +287,7 @@ def test_retriever_learns_only_from_its_detached_bce(tiny_backbone):
         state = fill(m, m.init_state(), 6)
     seg = window_segments(ids(17, seed=3), 16)[0]
     state, hidden, plan = forward_segment(tiny_backbone, m, state, seg)
-    assert plan.aux_loss is not None and plan.aux_loss.requires_grad
+    assert plan.out.aux_loss is not None and plan.out.aux_loss.requires_grad
     retriever = [p for n, p in m.params.named_parameters() if n.startswith(("fq_", "fk_"))]
     lm = [*adapters, m.params.bos, m.params.new_memory_pos, *(p for p in tiny_backbone.model.parameters()
                                                               if p.requires_grad and not any(p is a for a in adapters))]
@@ -294,7 +295,7 @@ def test_retriever_learns_only_from_its_detached_bce(tiny_backbone):
     grads = torch.autograd.grad(lm_loss, retriever + adapters, allow_unused=True, retain_graph=True)
     assert all(g is None or not g.any() for g in grads[: len(retriever)])  # the LM loss never trains the retriever
     assert any(g is not None and g.any() for g in grads[len(retriever):])
-    grads = torch.autograd.grad(plan.aux_loss, retriever + lm, allow_unused=True)
+    grads = torch.autograd.grad(plan.out.aux_loss, retriever + lm, allow_unused=True)
     assert all(g is not None and g.any() for g in grads[: len(retriever)])  # f_q and f_k both learn
     assert all(g is None or not g.any() for g in grads[len(retriever):])  # and nothing else does
 
@@ -409,5 +410,5 @@ def test_text_chooses_long_term_slots_with_the_segment_before_it_and_a_prompt_wi
             for chosen, flag in ((text, False), (prompt, True)):
                 seg.prompt = flag
                 _, _, plan = forward_segment(tiny_backbone, m, m.fork_state(state), seg)
-                chosen.add(tuple(torch.cat(list(plan.ltm_picked.values())).tolist()))
+                chosen.add(tuple(torch.cat(list(plan.out.ltm_picked.values())).tolist()))
     assert len(text) == 1 and len(prompt) > 1

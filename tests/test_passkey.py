@@ -54,7 +54,7 @@ def test_where_held_and_retrieval_hits_follow_the_memory(tiny_backbone):
     assert where_held(m, done.state, (1, 4)) == "partly"  # sink 1 held; 2-3 fell out of the 64-entry store
     xl = build(tiny_backbone, "xl", memory=16, sinks=0)
     assert where_held(xl, ingest(tiny_backbone, xl, plain_segments(ids, 16)).state, (30, 34)) == "gone"
-    hits = retrieval_hits(done.last_plan.retrieved, (0, 96))
+    hits = retrieval_hits(done.last_plan.out.retrieved, (0, 96))
     assert hits == 1.0 and retrieval_hits({}, (0, 1)) is None
 
 

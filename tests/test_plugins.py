@@ -12,7 +12,7 @@ from test_causality import document, max_leak
 import longctx
 from longctx.errors import LongctxWarning, UsageError
 from longctx.methods import METHODS, get_method, register
-from longctx.methods.plugins import load_plugins
+from longctx.methods.registry import load_plugins
 from longctx.methods.xl import XL
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "upper-xl"
@@ -69,3 +69,28 @@ def test_a_broken_plugin_is_skipped_with_a_warning(tmp_path, monkeypatch):
     fake_install(tmp_path, monkeypatch, "broken = longctx_upper_xl:NoSuchClass")
     with pytest.warns(LongctxWarning, match="method plugin 'broken'"):
         assert load_plugins() == []
+
+
+def test_the_method_catalog_matches_the_classes():
+    """`longctx methods` lists from catalog.json without importing torch; it must say what the classes say."""
+    from longctx.methods import catalog
+
+    assert catalog.main([]) == 0, "run: python -m longctx.methods.catalog --write"
+    builtins = [e for e in catalog.entries() if not e.plugin]
+    assert {e.name for e in builtins} == set(catalog.BUILTINS) == {n for n, c in METHODS.items() if c.__module__.startswith("longctx.")}
+    for e in builtins:
+        cls = get_method(e.name)
+        assert e.summary == cls.summary
+        assert e.options == tuple((n, d) for n, _, d, _ in cls.Options.describe_fields())
+
+
+def test_the_catalog_lists_an_installed_plugin_without_loading_it(tmp_path, monkeypatch):
+    import sys
+
+    from longctx.methods.catalog import entries
+
+    fake_install(tmp_path, monkeypatch, "upper-xl = longctx_upper_xl:UpperXL")
+    monkeypatch.delitem(sys.modules, "longctx_upper_xl", raising=False)  # an earlier test may have loaded it
+    listed = {e.name: e for e in entries()}
+    assert listed["upper-xl"].plugin and listed["upper-xl"].target == "longctx_upper_xl:UpperXL"
+    assert listed["upper-xl"].options is None and "longctx_upper_xl" not in sys.modules

@@ -163,7 +163,7 @@ def test_topk_over_whole_store_equals_attention_over_store_and_local(tiny_backbo
     with torch.inference_mode():
         expected = tiny_backbone.forward(ids[80:], ref)
     assert torch.allclose(hidden, expected, atol=1e-5)
-    assert set(plan.retrieved[0].flatten().tolist()) - {-1} == set(store.token_index.tolist())
+    assert set(plan.out.retrieved[0].flatten().tolist()) - {-1} == set(store.token_index.tolist())
 
 
 def test_memorizing_store_holds_the_evicted_tokens_and_dump_shows_them(tiny_backbone):
@@ -175,7 +175,7 @@ def test_memorizing_store_holds_the_evicted_tokens_and_dump_shows_them(tiny_back
     assert state.store.keys.shape[0] == 1  # only the retrieval layer is stored
     kinds = [(g["kind"], g["tokens"]) for g in m.dump(state)]
     assert kinds == [("sinks", [0, 2]), ("window", [76, 96]), ("store", [46, 76])]
-    retrieved = plan.retrieved[1]  # layer 1 retrieved for every head and query of the last segment
+    retrieved = plan.out.retrieved[1]  # layer 1 retrieved for every head and query of the last segment
     assert retrieved.shape == (4, 16, 3) and set(retrieved.flatten().tolist()) <= set(range(30, 60))
 
 
@@ -188,7 +188,7 @@ def test_unimix_refuses_untrained_tokens_and_has_memory_only_upstairs(tiny_backb
     m = build(tiny_backbone, "unimix", window=8, memory=40, topk=2)
     assert m.retrieval_layers == (1,) and m.local_layers == frozenset({1})
     _, plan, _ = feed(tiny_backbone, m, doc(64), 16)
-    assert plan.memory_keys[0] is None and plan.memory_keys[1] is not None and 1 in plan.retrieved
+    assert plan.memory_keys[0] is None and plan.memory_keys[1] is not None and 1 in plan.out.retrieved
 
 
 def longformer_mask(n: int, seg: int, window: int, stride: int, clear: bool) -> torch.Tensor:
@@ -257,7 +257,7 @@ def test_unimix_rmt_tokens_stay_out_of_the_kv_memory_and_zero_tokens_change_noth
     """[mem; x; mem] rows are fed, but only the segment's own K/V are stored; the tokens' rows are not scored."""
     with_tokens = build(tiny_backbone, "unimix", window=8, memory=40, topk=2, rmt_tokens=3)
     state, plan, hidden = feed(tiny_backbone, with_tokens, doc(64), 16)
-    assert plan.embeds.shape[0] == 16 + 6 and plan.hidden.shape[0] == 16 + 6 and hidden.shape[0] == 16
+    assert plan.embeds.shape[0] == 16 + 6 and plan.out.hidden.shape[0] == 16 + 6 and hidden.shape[0] == 16
     assert state.local.token_index.tolist() == [0, 1, 2, 3, *range(56, 64)]  # 4 globals + 8 window, no slot rows
     assert sorted(state.store.token_index.tolist()) == list(range(16, 56))  # FIFO of 40
     assert state.tokens.memory.shape == (3, tiny_backbone.config.hidden_size) and state.tokens.segments == 4

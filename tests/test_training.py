@@ -28,7 +28,8 @@ from longctx.storage.adapters import attach_adapter, save_adapter
 from longctx.storage.snapshot import SnapshotError, SnapshotStore
 from longctx.stream import run_stream
 from longctx.tasks.recall import RecallTask, recall_accuracy
-from longctx.tasks.training import TrainConfig, Trainer, parse_curriculum, unroll, window_segments
+from longctx.tasks.samples import window_segments
+from longctx.tasks.training import TrainConfig, Trainer, parse_curriculum, unroll
 
 runner = CliRunner()
 ROOT = Path(__file__).parents[1]

@@ -22,7 +22,8 @@ from longctx.model.lora import LoraSpec, add_lora, lora_parameters
 from longctx.storage.adapters import attach_adapter, role_spec, save_adapter
 from longctx.storage.snapshot import SnapshotStore
 from longctx.stream import forward_segment, run_stream, step_nll
-from longctx.tasks.training import TokenCorpus, TrainConfig, Trainer, unroll, window_segments
+from longctx.tasks.samples import TokenCorpus, window_segments
+from longctx.tasks.training import TrainConfig, Trainer, unroll
 
 
 def make(backbone: Backbone, **options) -> UIO:

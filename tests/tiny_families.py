@@ -45,11 +45,11 @@ FAMILIES: dict[str, tuple[type, type, dict[str, Any]]] = {
 }
 
 
-def family_model(family: str, seed: int = 0):
+def family_model(family: str, seed: int = 0, **overrides):
     """A random tiny model of `family` in fp32, eval mode; the same seed gives the same weights."""
     model_cls, config_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**{**COMMON, **extra})).eval()
+    model = model_cls(config_cls(**{**COMMON, **extra, **overrides})).eval()
     with torch.no_grad():  # larger-than-default weights make attention patterns sharp, so bugs show
         for name, p in model.named_parameters():
             if p.dim() == 2:
@@ -61,13 +61,14 @@ def family_model(family: str, seed: int = 0):
     return model
 
 
-def family_backbone(family: str, seed: int = 0) -> Backbone:
-    return Backbone(family_model(family, seed), byte_bpe_tokenizer(), ModelInfo(model_id=f"tiny-{family}", source="test"))
+def family_backbone(family: str, seed: int = 0, **overrides) -> Backbone:
+    return Backbone(family_model(family, seed, **overrides), byte_bpe_tokenizer(),
+                    ModelInfo(model_id=f"tiny-{family}", source="test"))
 
 
-def family_reference(family: str, seed: int = 0):
+def family_reference(family: str, seed: int = 0, **overrides):
     """The same weights as `family_backbone(family, seed)`, with transformers' own eager attention."""
-    model = family_model(family, seed)
+    model = family_model(family, seed, **overrides)
     model.set_attn_implementation("eager")
     return model
 

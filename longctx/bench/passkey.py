@@ -162,7 +162,7 @@ def run_trial(backbone: Backbone, method: Method, trial: PasskeyTrial, segment: 
     done = extend(backbone, method, ingest(backbone, method, plain_segments(trial.ids[:cut], segment)), trial.ids[cut:])
     held = where_held(method, done.state, trial.needle)
     assert done.last_plan is not None  # the question was just read
-    hits = retrieval_hits(done.last_plan.retrieved, trial.needle)
+    hits = retrieval_hits(done.last_plan.out.retrieved, trial.needle)
     tokens, _ = greedy(backbone, method, done, max_new_tokens)
     answer = backbone.tokenizer.decode(tokens, skip_special_tokens=True)
     return TrialResult(label or method.name, trial.length, trial.depth, trial.key, answer.strip(),

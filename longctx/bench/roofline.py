@@ -101,13 +101,13 @@ def attended_keys(plan: ForwardPlan, q_len: int, *, num_layers: int | None = Non
     memory = plan.memory_keys
     layers = num_layers if num_layers is not None else (len(memory) if memory is not None else None)
     if layers is None:
-        if plan.retrieved:
+        if plan.out.retrieved:
             raise ValueError("attended_keys needs num_layers when the plan has retrieval but no memory keys")
         layers = 1
     with_memory = sum(1 for k in memory or () if k is not None and k.shape[1] > 0)
     seen_with, seen_without = _local_keys(plan, q_len)
     local = (with_memory * seen_with + (layers - with_memory) * seen_without) / layers
-    retrieved = sum(int(r.shape[-1]) for r in plan.retrieved.values()) / layers
+    retrieved = sum(int(r.shape[-1]) for r in plan.out.retrieved.values()) / layers
     return local + retrieved
 
 

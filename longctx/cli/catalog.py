@@ -16,18 +16,18 @@ from .exits import _errors_to_exit
 @app.command()
 @_errors_to_exit
 def methods() -> None:
-    """List the memory methods, their UniMem form and options."""
+    """List the memory methods, what each does and its options."""
     from rich.table import Table
 
-    from ..methods import METHODS
+    from ..methods.catalog import entries  # the catalog, not the classes: no torch
     from .render import stdout_console
 
     table = Table(title="Methods")
     for col in ("method", "what it does", "options (default)"):
         table.add_column(col)
-    for name, cls in sorted(METHODS.items()):
-        opts = ", ".join(f"{n}={d!r}" for n, _, d, _ in cls.Options.describe_fields()) or "—"
-        table.add_row(name, cls.summary, opts)
+    for e in entries():
+        opts = "loaded with the method" if e.options is None else ", ".join(f"{n}={d!r}" for n, d in e.options) or "—"
+        table.add_row(e.name, e.summary, opts)
     stdout_console().print(table)
 
 

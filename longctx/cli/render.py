@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -248,46 +249,57 @@ def print_passkey(result: dict[str, Any], console: Console) -> None:
 def print_needle(result: dict[str, Any], console: Console) -> None:
     """Needle accuracy per method (rows) and length (columns), absent-fact accuracy, ingestion rate."""
     cfg = result["config"]
-    table = Table(title=f"needle QA ({cfg['trials']} documents per length, {cfg['needles']} facts each)")
-    table.add_column("method")
-    for n in cfg["lengths"]:
-        table.add_column(f"{n:,} tok", justify="right")
-    table.add_column("absent fact", justify="right")
-    table.add_column("read tok/s", justify="right")
-    table.add_column("1st token s", justify="right")
-    for name in result["methods"]:
+
+    def row(name: str) -> tuple[dict[int, dict[str, Any]], list[str]]:
         cells = [c for c in result["cells"] if c["method"] == name]
         needle = {c["length"]: c for c in cells if c["kind"] == "needle"}
         absent = [c for c in cells if c["kind"] == "absent"]
-        row = [f"{100 * needle[n]['accuracy']:.0f}% ({needle[n]['correct']}/{needle[n]['items']})" if n in needle
-               else "-" for n in cfg["lengths"]]
-        a_ok, a_n = sum(c["correct"] for c in absent), sum(c["items"] for c in absent)
         rates = [c["ingest_tokens_per_s"] for c in needle.values() if c["ingest_tokens_per_s"]]
         firsts = [c["first_token_s"] for c in needle.values() if c["first_token_s"] is not None]
-        table.add_row(name, *row, f"{a_ok}/{a_n}", f"{sum(rates) / len(rates):,.0f}" if rates else "-",
-                      f"{sum(firsts) / len(firsts):.2f}" if firsts else "-")
-    console.print(table)
-    for name, protocol in result["methods"].items():
-        console.print(f"  {name}: {protocol}", highlight=False)
+        absent_text = f"{sum(c['correct'] for c in absent)}/{sum(c['items'] for c in absent)}"
+        return needle, [absent_text, _mean(rates, "{:,.0f}"), _mean(firsts, "{:.2f}")]
+
+    title = f"needle QA ({cfg['trials']} documents per length, {cfg['needles']} facts each)"
+    _accuracy_table(result, title, [(n, f"{n:,} tok") for n in cfg["lengths"]],
+                    ["absent fact", "read tok/s", "1st token s"], row, console)
 
 
 def print_retention(result: dict[str, Any], console: Console) -> None:
     """Retention accuracy per method (rows) and distance (columns), with each method's reading rate."""
     cfg = result["config"]
-    table = Table(title=f"knowledge retention ({cfg['trials']} stream(s) of {cfg['facts']} facts per method)")
-    table.add_column("method")
-    for d in cfg["distances"]:
-        table.add_column(f"{d:,} tok later", justify="right")
-    table.add_column("read tok/s", justify="right")
-    for name in result["methods"]:
-        cells = {c["distance"]: c for c in result["cells"] if c["method"] == name}
+
+    def row(name: str) -> tuple[dict[int, dict[str, Any]], list[str]]:
         rates = [r["tokens_per_s"] for r in result["reading"] if r["method"] == name and r["tokens_per_s"]]
-        table.add_row(name, *[f"{100 * cells[d]['accuracy']:.0f}% ({cells[d]['correct']}/{cells[d]['items']})"
-                              if d in cells else "-" for d in cfg["distances"]],
-                      f"{sum(rates) / len(rates):,.0f}" if rates else "-")
+        return {c["distance"]: c for c in result["cells"] if c["method"] == name}, [_mean(rates, "{:,.0f}")]
+
+    title = f"knowledge retention ({cfg['trials']} stream(s) of {cfg['facts']} facts per method)"
+    _accuracy_table(result, title, [(d, f"{d:,} tok later") for d in cfg["distances"]], ["read tok/s"], row, console)
+
+
+def _accuracy_table(result: dict[str, Any], title: str, columns: list[tuple[int, str]], extra: list[str],
+                    row: Callable[[str], tuple[dict[int, dict[str, Any]], list[str]]], console: Console) -> None:
+    """The shape the accuracy benchmarks share: one row per method with an accuracy cell per column key
+    (`row(name)` gives the cells by key and the `extra` columns' texts), then each method's protocol line."""
+    table = Table(title=title)
+    table.add_column("method")
+    for _, header in columns:
+        table.add_column(header, justify="right")
+    for header in extra:
+        table.add_column(header, justify="right")
+    for name in result["methods"]:
+        cells, tail = row(name)
+        table.add_row(name, *[_accuracy_cell(cells.get(key)) for key, _ in columns], *tail)
     console.print(table)
     for name, protocol in result["methods"].items():
         console.print(f"  {name}: {protocol}", highlight=False)
+
+
+def _accuracy_cell(cell: dict[str, Any] | None) -> str:
+    return f"{100 * cell['accuracy']:.0f}% ({cell['correct']}/{cell['items']})" if cell else "-"
+
+
+def _mean(values: list[float], fmt: str) -> str:
+    return fmt.format(sum(values) / len(values)) if values else "-"
 
 
 def print_migration(result: dict[str, Any], what: str) -> None:

@@ -1,9 +1,22 @@
-"""Memory methods, one module each; importing this package registers the built-ins, then the plugins."""
+"""Memory methods, one module each, and their registry.
 
-from . import full, hmt, infllm, longformer, memorizing, memoryllm, mplus, rmt, sinks, uio, window, xl  # noqa: F401  (registration side effect)
-from .base import METHODS, Method, MethodOptions, UniMem, get_method, register
-from .plugins import load_plugins
+Importing this package imports no method: `catalog` lists them without torch (what `longctx methods`
+shows). The names below load on first use (PEP 562); `METHODS` and `get_method` are the registry's, whose
+first lookup imports every built-in, then the plugins declared under the `longctx.methods` entry-point group.
+"""
 
-load_plugins()  # third-party methods declared under the `longctx.methods` entry-point group
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["METHODS", "Method", "MethodOptions", "UniMem", "get_method", "register"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import base, registry
+
+    if name == "METHODS":
+        registry.import_all()  # the whole registry: every built-in and plugin
+    return getattr(registry if hasattr(registry, name) else base, name)

@@ -4,7 +4,9 @@ A method never loops over a document: the driver hands it one segment at a time.
   read(state, segment)  -> (state, ForwardPlan)   manage room, choose what memory each layer sees, positions
   (the driver runs the backbone with the plan and scores the segment)
   write(state, segment, plan) -> state            store what the forward captured; apply the overflow policy
-State is explicit data passed in and returned; a method object holds only options and the backbone.
+State is explicit data passed in and returned. A method object holds its options, the backbone and what
+set-up binds once (trained parameters, the adapter's record, LoRA names, the run's segment length), and
+reading never changes it (tests/test_causality.py checks every method).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 
 import torch
 
-from ..errors import UsageError, did_you_mean
+from ..errors import UsageError
 from ..model.attention import ForwardPlan
 from ..model.backbone import Backbone
 from ..text.segments import Segment
@@ -236,25 +238,3 @@ class Method(ABC, Generic[OptionsT, StateT]):
 OWN = "own"
 
 AnyMethod = Method[Any, Any]  # a method of any options and state (the registry, the drivers)
-METHODS: dict[str, type[AnyMethod]] = {}
-MethodT = TypeVar("MethodT", bound=type[AnyMethod])
-
-
-def register(cls: MethodT) -> MethodT:
-    """Class decorator adding a method to the registry under `cls.name`; a second class under a name already
-    taken is refused (a plugin cannot silently replace a built-in, nor two plugins each other)."""
-    taken = METHODS.get(cls.name)
-    if taken is not None and taken is not cls:
-        raise UsageError(f"method name '{cls.name}' is taken by {taken.__module__}.{taken.__qualname__}; "
-                         f"{cls.__module__}.{cls.__qualname__} must register under another name")
-    METHODS[cls.name] = cls
-    return cls
-
-
-def get_method(name: str) -> type[AnyMethod]:
-    """Look a method up by name, listing the known ones when it is not there."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise UsageError(f"unknown method '{name}'{did_you_mean(name, METHODS)}; available: "
-                         f"{', '.join(sorted(METHODS))}") from None

@@ -24,8 +24,9 @@ from torch import nn
 
 from ..model.attention import ForwardPlan
 from ..text.segments import Segment
-from .base import MethodOptions, UniMem, option, register
+from .base import MethodOptions, UniMem, option
 from .recurrent import Scale, TrainableMethod, gaussian, scale_param
+from .registry import register
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ class HMT(TrainableMethod[HMTOptions, HMTState]):
         return self.backbone.forward(torch.empty(0), ForwardPlan(query_pos=pos, key_pos=pos), embeds=embeds)[-1:]
 
     def write(self, state: HMTState, seg: Segment, plan: ForwardPlan) -> HMTState:
-        new = self.written(plan.final_hidden[-1:].float())
+        new = self.written(plan.out.final_hidden[-1:].float())
         n = self.options.cache
         span = torch.tensor([[seg.start, seg.start + len(seg), int(seg.byte_start[0]), int(seg.byte_start[-1])]],
                             device=state.spans.device)

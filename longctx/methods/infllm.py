@@ -24,18 +24,19 @@ tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 
 from ..errors import UsageError
-from ..model.attention import ForwardPlan
+from ..model.attention import ForwardOutputs, ForwardPlan
 from ..text.segments import Segment
-from .base import UniMem, option, register
+from .base import UniMem, option
 from .knnstore import KNNStore
 from .kvcache import KVPolicy, StoreMethod, StoreOptions, StoreState
 from .kvstate import KVState
+from .registry import register
 
 FOCUS = 32  # read tokens named as retrieved (citations): those the choosing heads attended to most
 
@@ -81,19 +82,29 @@ class InfLLMState(StoreState):
     since: int = 0  # tokens read since the blocks were last chosen
 
 
-class _QueryTap:
-    """The layer tap of one forward: keeps each layer's newest pre-rotation queries (at most `queries`)."""
+@dataclass
+class InfLLMOutputs(ForwardOutputs):
+    """What an InfLLM forward also captures: each layer's newest pre-rotation queries, `[heads, <= queries,
+    head_dim]` (what chooses the next segment's blocks)."""
 
-    def __init__(self, backbone, before: torch.Tensor, keep: int):
-        self.backbone, self.before, self.keep = backbone, before, keep
-        self.recent: dict[int, torch.Tensor] = {}
-
-    def __call__(self, plan: ForwardPlan, layer: int, h: torch.Tensor) -> None:
-        q = self.backbone.layer_queries(layer, h[-self.keep :].detach())
-        self.recent[layer] = torch.cat((self.before[layer].to(q.dtype), q), dim=1)[:, -self.keep :]
+    recent: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def stacked(self) -> torch.Tensor:
         return torch.stack([self.recent[i] for i in range(len(self.recent))])
+
+
+class _QueryTap:
+    """The layer tap of one forward: puts each layer's newest pre-rotation queries (at most `keep`, after
+    those read `before`) in the plan's InfLLMOutputs."""
+
+    def __init__(self, backbone, before: torch.Tensor, keep: int):
+        self.backbone, self.before, self.keep = backbone, before, keep
+
+    def __call__(self, plan: ForwardPlan, layer: int, h: torch.Tensor) -> None:
+        out = plan.out
+        assert isinstance(out, InfLLMOutputs)  # the outputs the plan's read asked for
+        q = self.backbone.layer_queries(layer, h[-self.keep :].detach())
+        out.recent[layer] = torch.cat((self.before[layer].to(q.dtype), q), dim=1)[:, -self.keep :]
 
 
 @register
@@ -136,13 +147,13 @@ class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
         local, rec = state.local, state.recalled
         m = len(local) + len(rec)
         key_pos = torch.arange(m + len(seg), device=local.token_index.device)
-        plan = ForwardPlan(query_pos=key_pos[m:], key_pos=key_pos, capture=True)
+        plan = ForwardPlan(query_pos=key_pos[m:], key_pos=key_pos, capture=True, out=InfLLMOutputs())
         if m:
             ns = len(local) - local.non_sinks(o.sinks)
             plan.memory_keys, plan.memory_values = self._layout(local.keys, rec.keys, ns), self._layout(local.values, rec.values, ns)
         if len(rec):  # provenance: the most-attended of the tokens every layer read ([heads, queries, f], views)
             heads = state.recent.shape[1]
-            plan.retrieved = {i: rec.focus.view(1, 1, -1).expand(heads, len(seg), -1)
+            plan.out.retrieved = {i: rec.focus.view(1, 1, -1).expand(heads, len(seg), -1)
                               for i in range(self.backbone.num_layers)}
         plan.on_layer_input = _QueryTap(self.backbone, state.recent, o.queries)
         return state, plan
@@ -157,10 +168,11 @@ class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
         """The queries of a prompt segment (a question) as it reads sinks + window only: what chooses the
         blocks it then reads. One extra forward of the segment."""
         _, plan = self.read_kv(state.local, seg)  # the xl-style plan over sinks + window
-        plan.capture = False
-        tap = plan.on_layer_input = _QueryTap(self.backbone, state.recent, self.options.queries)
+        out = InfLLMOutputs()
+        plan.capture, plan.out = False, out
+        plan.on_layer_input = _QueryTap(self.backbone, state.recent, self.options.queries)
         self.backbone.forward(seg.ids, plan)
-        return tap.stacked()
+        return out.stacked()
 
     def recall(self, store: KNNStore, queries: torch.Tensor) -> Recalled:
         """The top-k blocks for recent `queries [layers, heads, s, head_dim]`, the same blocks at every layer,
@@ -195,8 +207,8 @@ class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
         local, evicted = self._evict_blocks(local)
         if evicted is not None and state.store.capacity:
             state.store.add(evicted.keys, evicted.values, evicted.token_index, evicted.token_ids, evicted.byte_start)
-        tap = plan.on_layer_input  # absent when the K/V came from another forward (benchmarks/retrieval.py fills so)
-        return replace(state, local=local, recent=tap.stacked() if isinstance(tap, _QueryTap) else state.recent)
+        out = plan.out  # plain when the K/V came from another forward (benchmarks/retrieval.py fills so)
+        return replace(state, local=local, recent=out.stacked() if isinstance(out, InfLLMOutputs) else state.recent)
 
     def _evict_blocks(self, local: KVState) -> tuple[KVState, KVState | None]:
         """Move the oldest window tokens to the block memory, whole blocks at a time (the window keeps up

@@ -141,8 +141,8 @@ class KVMachinery(Method[OptionsT, StateT]):
     def append_captured(self, state: KVState, seg: Segment, plan: ForwardPlan) -> KVState:
         """`state` plus the segment's pre-rotation K/V, captured at every layer by the forward."""
         layers = range(self.backbone.num_layers)
-        keys = torch.stack([plan.captured[i][0] for i in layers])
-        values = torch.stack([plan.captured[i][1] for i in layers])
+        keys = torch.stack([plan.out.captured[i][0] for i in layers])
+        values = torch.stack([plan.out.captured[i][1] for i in layers])
         dev = state.token_index.device
         return state.append(keys, values, seg.token_index.to(dev), seg.ids.to(dev), seg.byte_start.to(dev))
 
@@ -155,8 +155,8 @@ class KVMachinery(Method[OptionsT, StateT]):
         plan = ForwardPlan(query_pos=pos, key_pos=pos, capture=True)
         self.backbone.forward(kept.token_ids, plan)
         layers = range(self.backbone.num_layers)
-        kept.keys = torch.stack([plan.captured[i][0] for i in layers])
-        kept.values = torch.stack([plan.captured[i][1] for i in layers])
+        kept.keys = torch.stack([plan.out.captured[i][0] for i in layers])
+        kept.values = torch.stack([plan.out.captured[i][1] for i in layers])
         return kept
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import MethodOptions, UniMem, option, register
+from .base import MethodOptions, UniMem, option
 from .kvcache import KVCacheMethod, KVPolicy, Overflow
+from .registry import register
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,15 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from ..errors import UsageError
-from ..model.attention import ForwardPlan, Retrieved, apply_rope
+from ..model.attention import ForwardOutputs, ForwardPlan, Retrieved, apply_rope
 from ..model.backbone import Backbone
 from ..text.segments import Segment
-from .base import OWN, Method, UniMem, option, register
+from .base import OWN, Method, UniMem, option
 from .knnstore import KNNStore
 from .kvcache import KVPolicy, StoreMethod, StoreOptions, StoreState
 from .layersets import resolve_layers
 from .recurrent import Scale, TrainableMethod, gaussian, scale_param
+from .registry import register
 from .rmt import TokenMemory
 
 
@@ -75,7 +76,7 @@ class MemorizingState(StoreState):
 
 
 @dataclass
-class MemorizingPlan(ForwardPlan):
+class MemorizingOutputs(ForwardOutputs):
     voters: dict[int, torch.Tensor] = field(default_factory=dict)  # this forward's queries, by store slot
 
 
@@ -124,21 +125,21 @@ class Memorizing(StoreMethod[MemorizingOptionsT, MemorizingState]):
         if mem_k is not None and mem_v is not None and len(self.local_layers) < self.backbone.num_layers:
             plan.memory_keys = [k if i in self.local_layers else None for i, k in enumerate(mem_k)]
             plan.memory_values = [v if i in self.local_layers else None for i, v in enumerate(mem_v)]
-        plan = MemorizingPlan(**vars(plan))
-        plan.capture = True
+        plan.capture, plan.out = True, MemorizingOutputs()
         if len(state.store) and self.retrieval_layers:
             slot = {layer: i for i, layer in enumerate(self.retrieval_layers)}
             basis = OWN if seg.prompt else state.voters  # text votes with what was read before it
             store = state.store
 
             def retrieve(current: ForwardPlan, layer: int, q: torch.Tensor) -> Retrieved | None:
-                assert isinstance(current, MemorizingPlan)  # the plan this read made
-                return self._retrieve(store, slot.get(layer), layer, q, current, basis)
+                out = current.out
+                assert isinstance(out, MemorizingOutputs)  # the outputs this read asked for
+                return self._retrieve(store, slot.get(layer), layer, q, current.rope_of(layer).scaling, out, basis)
             plan.retrieve = retrieve
         return replace(state, local=local), plan
 
-    def _retrieve(self, store: KNNStore, slot: int | None, layer: int, q: torch.Tensor,
-                  plan: MemorizingPlan, basis: torch.Tensor | str | None) -> Retrieved | None:
+    def _retrieve(self, store: KNNStore, slot: int | None, layer: int, q: torch.Tensor, scaling: float,
+                  out: MemorizingOutputs, basis: torch.Tensor | str | None) -> Retrieved | None:
         """Top-k store entries for every query of one layer (q: `[H, Q, D]`, pre-rotation); with the blocks
         index, the candidate blocks are voted for by `basis` (earlier queries, OWN, or None: the newest)."""
         if slot is None:
@@ -146,12 +147,11 @@ class Memorizing(StoreMethod[MemorizingOptionsT, MemorizingState]):
         heads, q_len, dim = q.shape
         kv_heads = store.keys.shape[1]
         groups = heads // kv_heads
-        scaling = plan.rope_of(layer).scaling
         q_ret = self._position_queries(q, scaling, layer)
         o = self.options
         grouped = q_ret.reshape(kv_heads, groups * q_len, dim)
         if o.index == "blocks":
-            plan.voters[slot] = grouped.detach()
+            out.voters[slot] = grouped.detach()
             voters = grouped if basis == OWN else basis[slot] if isinstance(basis, torch.Tensor) else None
             slots = store.search_blocks(slot, grouped, o.topk, block=o.index_block, probes=o.probes,
                                         candidates=o.candidates, voters=voters)
@@ -159,7 +159,7 @@ class Memorizing(StoreMethod[MemorizingOptionsT, MemorizingState]):
             slots = store.search(slot, grouped, o.topk, o.block)
         keys, values, doc, valid = self._read_entries(store, slot, slots, q.dtype)
         k = slots.shape[-1] * (2 * o.span + 1)
-        plan.retrieved[layer] = doc.view(heads, q_len, k)
+        out.retrieved[layer] = doc.view(heads, q_len, k)
         valid = valid.view(heads, q_len, k) if valid is not None else None
         if self.options.positions == "ordered":
             q_ret, keys = q * scaling, self._ordered_keys(keys, doc, layer)
@@ -227,8 +227,8 @@ class Memorizing(StoreMethod[MemorizingOptionsT, MemorizingState]):
             gone = local.select(evicted)
             layers = torch.tensor(self.retrieval_layers, device=gone.keys.device)
             state.store.add(gone.keys[layers], gone.values[layers], gone.token_index, gone.token_ids, gone.byte_start)
-        voters = getattr(plan, "voters", None)
-        voters = torch.stack([voters[i] for i in range(len(voters))]) if voters else state.voters
+        fresh = plan.out.voters if isinstance(plan.out, MemorizingOutputs) else None  # None: K/V of another forward
+        voters = torch.stack([fresh[i] for i in range(len(fresh))]) if fresh else state.voters
         return replace(state, local=local.select(keep) if evicted.numel() else local, voters=voters)
 
     def state_tensors(self, state: MemorizingState) -> dict[str, torch.Tensor]:
@@ -340,11 +340,12 @@ class UniMix(Memorizing[UniMixOptions], TrainableMethod[UniMixOptions, Memorizin
     def write(self, state: MemorizingState, seg: Segment, plan: ForwardPlan) -> UniMixState:
         if _tokens(state) is not None:  # the K/V memory keeps the segment's rows, never the memory tokens
             rows = plan.token_rows
-            plan.captured = {layer: (k[:, rows].detach(), v[:, rows].detach()) for layer, (k, v) in plan.captured.items()}
+            captured = plan.out.captured
+            plan.out.captured = {layer: (k[:, rows].detach(), v[:, rows].detach()) for layer, (k, v) in captured.items()}
         s = super().write(state, seg, plan)
         tokens = _tokens(state)
         if tokens is not None:
-            tokens = tokens.after(self.written(plan.final_hidden[-self.options.rmt_tokens :]), seg)
+            tokens = tokens.after(self.written(plan.out.final_hidden[-self.options.rmt_tokens :]), seg)
         return _with_tokens(s, tokens)
 
     def detach_state(self, state: MemorizingState) -> UniMixState:

@@ -24,8 +24,9 @@ from torch import nn
 from ..errors import ModelError, UsageError
 from ..model.attention import ForwardPlan
 from ..text.segments import Segment
-from .base import MethodOptions, UniMem, option, register
+from .base import MethodOptions, UniMem, option
 from .recurrent import TrainableMethod
+from .registry import register
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj", "gate_proj")  # MemoryLLM's LoRA targets
 # columns of a slot's origin: the segment (write) index, the update index (its age), the segment's token

@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.attention import ForwardPlan
+from ..model.attention import ForwardOutputs, ForwardPlan
 from ..text.segments import Segment
-from .base import OWN, UniMem, option, register
+from .base import OWN, UniMem, option
 from .memoryllm import UPDATE, MemoryLLM, MemoryLLMOptions, MemoryLLMParams, PoolState, slot_groups, summary_row
 from .recurrent import gaussian
+from .registry import register
 
 AGE_BUCKETS = 8  # `memory dump`'s age histogram of the long-term store
 
@@ -92,8 +93,8 @@ class MPlusState(PoolState):
 
 
 @dataclass
-class MPlusPlan(ForwardPlan):
-    """A forward plan that also records which long-term slots each layer retrieved (rows of the store) and
+class MPlusOutputs(ForwardOutputs):
+    """What an M+ forward also captures: which long-term slots each layer retrieved (rows of the store) and
     each layer's f_q of this segment's tokens (what the next segment chooses with)."""
 
     ltm_picked: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -168,39 +169,41 @@ class MPlus(MemoryLLM[MPlusOptions]):
     def read(self, state: PoolState, seg: Segment) -> tuple[MPlusState, ForwardPlan]:
         state = _own(state)
         count = min(self.options.retrieve, len(state.ltm))
-        plan = MPlusPlan(**vars(self.pool_plan(state.pool, len(seg), reserved=count)))
+        plan = self.pool_plan(state.pool, len(seg), reserved=count)
+        plan.out = MPlusOutputs()
         # text chooses with the segment read before it (causal); a prompt with its own tokens
         basis = OWN if seg.prompt else state.queries
         ltm = state.ltm
 
         def tap(current: ForwardPlan, layer: int, h: torch.Tensor) -> None:
-            assert isinstance(current, MPlusPlan)  # the plan this read made
-            self.layer_tap(current, ltm, count, basis, layer, h)
+            out = current.out
+            assert isinstance(out, MPlusOutputs)  # the outputs this read asked for
+            self.layer_tap(current, out, ltm, count, basis, layer, h)
         plan.on_layer_input = tap
         return state, plan
 
-    def layer_tap(self, plan: MPlusPlan, ltm: LongTerm, count: int, basis: torch.Tensor | str | None, layer: int,
-                  h_x: torch.Tensor) -> None:
+    def layer_tap(self, plan: ForwardPlan, out: MPlusOutputs, ltm: LongTerm, count: int,
+                  basis: torch.Tensor | str | None, layer: int, h_x: torch.Tensor) -> None:
         """Keep f_q of this segment's attention inputs `h_x [q, d]` (the next segment chooses with them), then
         retrieve with `basis`: earlier f_q projections `[layers, n, r]`, OWN (these) or None (nothing read
         yet to choose with: the newest slots)."""
         with torch.no_grad():
-            plan.queries[layer] = self.project("q", layer, h_x.detach())
+            out.queries[layer] = self.project("q", layer, h_x.detach())
         if not count:
             return
         chooser: torch.Tensor | None
         if isinstance(basis, torch.Tensor):
             chooser = basis[layer]
         else:
-            chooser = plan.queries[layer] if basis == OWN else None
-        self.retrieve_into(plan, ltm, count, layer, h_x, chooser)
+            chooser = out.queries[layer] if basis == OWN else None
+        self.retrieve_into(plan, out, ltm, count, layer, h_x, chooser)
 
-    def retrieve_into(self, plan: MPlusPlan, ltm: LongTerm, count: int, layer: int, h_x: torch.Tensor,
-                      chooser: torch.Tensor | None) -> None:
+    def retrieve_into(self, plan: ForwardPlan, out: MPlusOutputs, ltm: LongTerm, count: int, layer: int,
+                      h_x: torch.Tensor, chooser: torch.Tensor | None) -> None:
         """Pick this layer's `count` slots with the f_q projections `chooser [n, r]` and put their keys/values
         between BOS and the pool; in training, add the retriever's BCE (on the current tokens' `h_x`)."""
         picked = self.pick(ltm, layer, chooser, count)
-        plan.ltm_picked[layer] = picked
+        out.ltm_picked[layer] = picked
         b = self.backbone
         k, v = b.layer_kv(layer, b.layer_norm_input(layer, ltm.hidden[picked, layer].to(b.device, b.dtype)))
         all_keys, all_values = plan.memory_keys, plan.memory_values  # pool_plan gives every layer its BOS + pool
@@ -211,7 +214,7 @@ class MPlus(MemoryLLM[MPlusOptions]):
         all_values[layer] = torch.cat((values[:, :1], v, values[:, 1:]), dim=1)
         if torch.is_grad_enabled() and self.options.retriever_loss > 0 and len(ltm) > count:
             loss = self.retriever_bce(ltm, layer, h_x, count) * (self.options.retriever_loss / b.num_layers)
-            plan.aux_loss = loss if plan.aux_loss is None else plan.aux_loss + loss
+            out.aux_loss = loss if out.aux_loss is None else out.aux_loss + loss
 
     def pick(self, ltm: LongTerm, layer: int, chooser: torch.Tensor | None, count: int) -> torch.Tensor:
         """Rows of the store: the `count` slots most relevant to the f_q projections `chooser [n, r]` at this
@@ -255,10 +258,10 @@ class MPlus(MemoryLLM[MPlusOptions]):
     # ---- write: recall counts, self-update, dropped slots into the store -----------------------------------
     def write(self, state: PoolState, seg: Segment, plan: ForwardPlan) -> PoolState:
         state = _own(state)
-        queries = getattr(plan, "queries", None)
+        out = plan.out if isinstance(plan.out, MPlusOutputs) else MPlusOutputs()  # K/V from another forward: none
+        queries, picked = out.queries, out.ltm_picked
         if queries:
             state = replace(state, queries=torch.stack([queries[i] for i in range(len(queries))]))
-        picked = getattr(plan, "ltm_picked", {})
         if picked:
             freq = state.ltm.freq.clone()
             for layer, rows in picked.items():

@@ -17,8 +17,9 @@ from torch import nn
 
 from ..model.attention import ForwardPlan
 from ..text.segments import Segment
-from .base import MethodOptions, UniMem, option, register
+from .base import MethodOptions, UniMem, option
 from .recurrent import Scale, TrainableMethod, gaussian, scale_param
+from .registry import register
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class RMT(TrainableMethod[RMTOptions, TokenMemory]):
         return state, self.memory_plan(embeds, mem.shape[0], len(seg))
 
     def write(self, state: TokenMemory, seg: Segment, plan: ForwardPlan) -> TokenMemory:
-        return state.after(self.written(plan.final_hidden[-self.options.tokens :]), seg)
+        return state.after(self.written(plan.out.final_hidden[-self.options.tokens :]), seg)
 
     def detach_state(self, state: TokenMemory) -> TokenMemory:
         return state.detached()

@@ -25,8 +25,9 @@ from torch import nn
 from ..errors import ModelError, UsageError
 from ..model.attention import ForwardPlan, causal_mask
 from ..text.segments import Segment
-from .base import MethodOptions, StepNLL, UniMem, option, register
+from .base import MethodOptions, StepNLL, UniMem, option
 from .recurrent import TrainableMethod
+from .registry import register
 from .reservoir import Reservoir
 
 Management = Literal["unbounded", "fifo"]

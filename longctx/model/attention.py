@@ -50,14 +50,41 @@ class RopeTables:
 
 
 @dataclass
+class ForwardOutputs:
+    """What one forward captured, filled while it runs: the method's write step and the tasks read it.
+
+    `captured[layer]` holds each layer's pre-rotation keys and values `[kv_heads, n, head_dim]` of the
+    current tokens (when the plan asks for `capture`); `hidden` the final hidden states `[n, d]` of every
+    row, memory tokens included; `retrieved[layer]` the document token indices that layer read by
+    similarity, `[H, Q, k]` (provenance: citations, passkey hits); `aux_loss` an auxiliary training loss the
+    forward produced (M+'s retriever BCE), already weighted, which training adds. A method that captures
+    more (memorizing's voters, InfLLM's recent queries, M+'s retrieval queries and picked slots)
+    subclasses this and puts an instance in its plan.
+    """
+
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None
+    retrieved: dict[int, torch.Tensor] = field(default_factory=dict)
+    aux_loss: torch.Tensor | None = None
+
+    @property
+    def final_hidden(self) -> torch.Tensor:
+        """`hidden`, which the driver always leaves after a forward it ran."""
+        if self.hidden is None:
+            raise RuntimeError("the final hidden states are filled by the driver's forward")
+        return self.hidden
+
+
+@dataclass
 class ForwardPlan:
-    """What one forward of the backbone reads and captures, shared by all layers.
+    """What a method decides for one forward of the backbone, shared by all layers; `out` receives what
+    the forward captured.
 
     `memory_keys[layer]` are pre-rotation keys `[kv_heads, m, head_dim]` (or None: no memory at that
     layer), `key_pos` the positions of `[memory; current]` keys, `query_pos` those of the current tokens,
     `mask` a bool `[q, m + q]` (True = may attend) or None for plain causal attention over the current
     tokens. With `capture`, each layer's pre-rotation keys and values of the current tokens are kept in
-    `captured` for the method's write step.
+    `out.captured` for the method's write step.
     """
 
     query_pos: torch.Tensor
@@ -66,27 +93,22 @@ class ForwardPlan:
     memory_keys: list[torch.Tensor | None] | None = None
     memory_values: list[torch.Tensor | None] | None = None
     capture: bool = False
-    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # Memory tokens at the input (RMT, HMT): `embeds [n, d]` replaces the token ids, and `token_rows` says which
-    # rows of the output are the segment's own tokens (None: all of them). The driver leaves the final hidden
-    # states `[n, d]` in `hidden` for the method's write step (model-forward writing).
+    # rows of the output are the segment's own tokens (None: all of them).
     embeds: torch.Tensor | None = None
     token_rows: slice | None = None
-    hidden: torch.Tensor | None = None
     # Every callback below is handed the running plan by its caller, so none holds the plan itself: a plan
     # that held a callback holding the plan would be a reference cycle, keeping each forward's keys and
-    # values alive until the garbage collector ran.
+    # values alive until the garbage collector ran. Callbacks record what they find in `plan.out`.
     # Similarity reading: called with (plan, layer, pre-rotation queries [H, Q, D]); None = nothing there.
     retrieve: Callable[[ForwardPlan, int, torch.Tensor], Retrieved | None] | None = None
-    # Provenance of similarity reading: document token indices each layer retrieved, `[H, Q, k]`.
-    retrieved: dict[int, torch.Tensor] = field(default_factory=dict)
     # Layer taps (hidden-state memories: UIO, MemoryLLM, M+). `on_layer_input(plan, layer, h [n, d])` sees
     # each layer's attention input (after its input norm) before the attention runs, so it may still set
     # that layer's `memory_keys`/`memory_values`; `on_layer_output(plan, layer, h [n, d])` sees its output.
     on_layer_input: Callable[[ForwardPlan, int, torch.Tensor], None] | None = None
     on_layer_output: Callable[[ForwardPlan, int, torch.Tensor], None] | None = None
-    # An auxiliary training loss the forward produced (M+'s retriever BCE), already weighted; training adds it.
-    aux_loss: torch.Tensor | None = None
+    # What the forward captured (outputs), kept apart from the decisions above.
+    out: ForwardOutputs = field(default_factory=ForwardOutputs)
     # Filled by the backbone before the forward: each layer's RoPE tables at the plan's positions, from that
     # layer's own rotary parameters (layers of one type share one object).
     rope: list[RopeTables] | None = None
@@ -101,13 +123,6 @@ class ForwardPlan:
     def memory_len(self) -> int:
         """Number of memory keys (the same at every layer that has memory)."""
         return int(self.key_pos.numel() - self.query_pos.numel())
-
-    @property
-    def final_hidden(self) -> torch.Tensor:
-        """`hidden`, which the driver always leaves after a forward with input embeddings (memory tokens)."""
-        if self.hidden is None:
-            raise RuntimeError("the plan's final hidden states are filled by the forward (embeds plans only)")
-        return self.hidden
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +162,7 @@ def longctx_attention(
     if rope.scaling != 1.0:
         query, key = query / rope.scaling, key / rope.scaling
     if plan.capture:
-        plan.captured[layer] = (key[0], value[0])
+        plan.out.captured[layer] = (key[0], value[0])
     q = apply_rope(query, rope.cos_q, rope.sin_q)
     mem_k = plan.memory_keys[layer] if plan.memory_keys is not None else None
     mem_v = plan.memory_values[layer] if plan.memory_values is not None else None

@@ -22,10 +22,8 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 MISSING = {
     "gemma3": "the multimodal Gemma 3 wrapper; give its text-only model (Gemma3ForCausalLM, model type gemma3_text)",
     "gemma2": "attention logit soft-capping",
-    "gemma": "its family is not wired (embedding scaling without Gemma 3's layer types)",
     "bloom": "RoPE: it uses ALiBi positions",
     "mpt": "RoPE: it uses ALiBi positions",
-    "falcon": "per-layer RoPE in the registry seam (and ALiBi in some checkpoints)",
     "gpt2": "RoPE: it uses learned absolute positions",
     "opt": "RoPE: it uses learned absolute positions",
     "gpt_neox": "full rotary: it rotates part of each head (partial_rotary_factor)",

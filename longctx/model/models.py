@@ -24,7 +24,7 @@ from ..errors import ModelError, UsageError, os_reason
 from ..storage.hashing import file_sha256
 from ..storage.paths import longctx_home
 from . import catalog
-from .backbone import Backbone, ModelInfo
+from .backbone import Backbone, ModelInfo, check_supported
 from .catalog import CatalogEntry
 from .identity import cached_for_files, weights_sha256
 
@@ -57,11 +57,14 @@ def auto_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
 
 
-def _cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
+def _cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU multiplies bf16 natively (AMX or AVX512-BF16 among /proc/cpuinfo's flags)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = cpuinfo.split()
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
@@ -141,13 +144,14 @@ def _quiet_transformers() -> None:
 
 
 def _load_hf(path: str | Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
     p = Path(path)
     if p.is_dir() and not any((p / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise ModelError(f"model directory {p} has no tokenizer (tokenizer.json or tokenizer.model)")
     try:
+        check_supported(AutoConfig.from_pretrained(str(path)))  # before the weights load: refused at once
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except (OSError, ValueError) as e:

@@ -1,7 +1,7 @@
 """Which parts of the source an answer read: the entries similarity reading retrieved, as byte spans.
 
 While an answer is generated, every forward's plan records, per retrieval layer, the document token each
-head's top-k picked for each query (`ForwardPlan.retrieved`). `RetrievalTally` counts, for the query that
+head's top-k picked for each query (`ForwardOutputs.retrieved`). `RetrievalTally` counts, for the query that
 chooses the next token (the last prompt token, then each generated token), how often every document token
 was picked over layers, heads and steps. The most-picked tokens seed spans (seeds close together join),
 ranked by their share of all picks; each span carries its byte offsets and an excerpt of the source.
@@ -49,11 +49,11 @@ class RetrievalTally:
 
     def add(self, plan: ForwardPlan | None) -> None:
         """Tally the picks of the query row that predicts the next token."""
-        if plan is None or not plan.retrieved:
+        if plan is None or not plan.out.retrieved:
             return
         self.forwards += 1
         row = plan.token_rows.stop - 1 if plan.token_rows is not None else -1
-        for picked in plan.retrieved.values():
+        for picked in plan.out.retrieved.values():
             idx = picked[:, row].flatten().cpu()
             idx = idx[(idx >= self.first) & (idx < self.last)] - self.first
             self.counts += torch.bincount(idx, minlength=len(self.counts))

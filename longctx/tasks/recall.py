@@ -18,7 +18,7 @@ from ..methods.base import Method
 from ..model.backbone import Backbone
 from ..stream import forward_segment
 from ..text.segments import Segment
-from .training import window_segments
+from .samples import window_segments
 
 
 @dataclass
@@ -56,6 +56,21 @@ class RecallTask:
         scored = torch.zeros(len(ids) - 1, dtype=torch.bool)
         scored[q] = True
         return window_segments(ids, segment, scored)
+
+
+RECALL_KEYS = (" apple", " river", " candle", " silver", " garden", " window", " horse", " letter", " winter",
+               " orange", " castle", " doctor", " forest", " mirror", " pencil", " violin")
+
+
+def recall_task_for(tokenizer: Any, filler: torch.Tensor) -> RecallTask:
+    """The synthetic recall task in words, with book filler: "The secret word is X." ... question -> X."""
+
+    def enc(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    keys = [enc(k)[0] for k in RECALL_KEYS if len(enc(k)) == 1]
+    return RecallTask(fact=enc("The secret word is"), question=enc(". What was the secret word? The secret word is"),
+                      keys=keys, filler=filler)
 
 
 def recall_accuracy(backbone: Backbone, method: Method, task: RecallTask, *, segments: int, segment: int,

@@ -17,27 +17,27 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
 from ..errors import UsageError
-from ..methods.base import METHODS, Method
+from ..methods import METHODS
+from ..methods.base import Method
 from ..methods.recurrent import TrainableMethod
 from ..model.backbone import Backbone
 from ..model.lora import LoraSpec, add_lora, lora_parameters
 from ..sharding import current_shard
 from ..storage.adapters import role_spec
-from ..storage.hashing import file_sha256
 from ..storage.paths import longctx_home
 from ..storage.snapshot import SnapshotStore
 from ..stream import forward_segment, run_stream, scored_nll, step_nll
 from ..text.segments import Segment
-from ..text.textio import open_source
-from ..text.tokens import iter_tokens
 from ..version import __version__
+from .recall import recall_task_for
+from .samples import SampleSource, TokenCorpus, window_segments
 
 LossMask = Literal["all", "last", "answer"]
 Tune = Literal["memory", "lora", "full"]
@@ -104,58 +104,6 @@ def parse_curriculum(text: str) -> tuple[tuple[int, int], ...]:
     return stages  # type: ignore[return-value]
 
 
-# ---- samples -------------------------------------------------------------------------------------------------
-class SampleSource(Protocol):
-    """Draws training samples: `n` segments of `segment` tokens each (targets -1 where not scored)."""
-
-    def draw(self, n: int, segment: int, gen: torch.Generator) -> list[Segment]: ...
-
-
-@dataclass
-class TokenCorpus:
-    """Whole documents as token ids; samples are random windows, files chosen in proportion to length."""
-
-    docs: list[torch.Tensor]
-    files: list[dict[str, Any]]
-
-    @classmethod
-    def from_files(cls, paths: Sequence[str], tokenizer) -> TokenCorpus:
-        docs, files = [], []
-        for path in paths:
-            with open_source(path) as src:
-                ids = torch.cat([torch.from_numpy(c.ids.astype("int64")) for c in iter_tokens(tokenizer, src.blocks())])
-            docs.append(ids)
-            files.append({"path": str(Path(path).resolve()), "sha256": file_sha256(path), "tokens": len(ids)})
-        return cls(docs, files)
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(d) for d in self.docs)
-
-    def draw(self, n: int, segment: int, gen: torch.Generator) -> list[Segment]:
-        need = n * segment + 1
-        weights = torch.tensor([max(len(d) - need, 0) + 1e-9 for d in self.docs], dtype=torch.float64)
-        if all(len(d) < need for d in self.docs):
-            raise UsageError(f"no training document has {need} tokens ({n} segments of {segment} + 1)")
-        doc = self.docs[int(torch.multinomial(weights, 1, generator=gen))]
-        start = int(torch.randint(0, len(doc) - need + 1, (1,), generator=gen))
-        return window_segments(doc[start : start + need], segment)
-
-
-def window_segments(ids: torch.Tensor, segment: int, scored: torch.Tensor | None = None) -> list[Segment]:
-    """`ids` (one more than the tokens read) cut into segments with next-token targets; `scored` (bool per
-    target) masks the loss, as tasks with answer spans need."""
-    out = []
-    for s in range(0, len(ids) - 1, segment):
-        part = ids[s : min(s + segment, len(ids) - 1)]
-        q = len(part)
-        targets = ids[s + 1 : s + 1 + q].clone()
-        if scored is not None:
-            targets[~scored[s : s + q]] = -1
-        out.append(Segment(s, part, torch.full((q,), -1), targets, torch.ones(q, dtype=torch.long), next_byte=-1))
-    return out
-
-
 # ---- one sample ----------------------------------------------------------------------------------------------
 def unroll(backbone: Backbone, method: Method, segments: Sequence[Segment], *, bptt: int | None,
            loss: LossMask, on_enter: Callable[[int, Any], Any] | None = None) -> tuple[torch.Tensor, int]:
@@ -172,8 +120,8 @@ def unroll(backbone: Backbone, method: Method, segments: Sequence[Segment], *, b
         if on_enter is not None:
             state = on_enter(i, state) or state
         state, hidden, plan = forward_segment(backbone, method, state, seg)
-        if plan.aux_loss is not None:
-            aux = aux + plan.aux_loss
+        if plan.out.aux_loss is not None:
+            aux = aux + plan.out.aux_loss
         if loss == "last" and i < n - 1:
             continue
         nll = scored_nll(backbone, hidden, seg)
@@ -403,22 +351,6 @@ def checkpoint_store() -> SnapshotStore:
 
 
 # ---- the library entry point ----------------------------------------------------------------------------------
-RECALL_KEYS = (" apple", " river", " candle", " silver", " garden", " window", " horse", " letter", " winter",
-               " orange", " castle", " doctor", " forest", " mirror", " pencil", " violin")
-
-
-def recall_task_for(tokenizer, filler: torch.Tensor):
-    """The synthetic recall task in words, with book filler: "The secret word is X." ... question -> X."""
-    from .recall import RecallTask
-
-    def enc(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    keys = [enc(k)[0] for k in RECALL_KEYS if len(enc(k)) == 1]
-    return RecallTask(fact=enc("The secret word is"), question=enc(". What was the secret word? The secret word is"),
-                      keys=keys, filler=filler)
-
-
 def train(files: Sequence[str], method: str, out: str, config: TrainConfig, *, validation: str | None = None,
           task: TrainTask = "lm", options: dict[str, Any] | None = None, init_adapter: str | None = None,
           model: str | None = None, dtype: str | None = None, device: str | None = None, threads: int | None = None,
