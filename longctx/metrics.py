@@ -44,12 +44,19 @@ class NllSums:
         while len(self.block_nll) < need:
             self.block_nll.append(0.0)
             self.block_tokens.append(0)
-        for b in np.unique(blocks):
-            sel = blocks == b
-            self.block_nll[b] += float(vals[sel].sum())
-            self.block_tokens[b] += int(sel.sum())
+        # one token at a time, in document order: the sums then do not depend on where a run was cut into
+        # segments, checkpoints or resumed runs (a vectorised sum per call would round differently)
+        for b, v in zip(blocks.tolist(), vals.tolist()):
+            self.block_nll[b] += v
+            self.block_tokens[b] += 1
         self.bytes += nbytes
         self.segments += 1
+
+    def add_pending(self, position: int, nll: float, nbytes: int) -> None:
+        """Add the one prediction a --max-tokens run made past its cut (it belongs to that run's last segment,
+        so no segment is counted)."""
+        self.add(torch.tensor([position]), torch.tensor([nll], dtype=torch.float64), nbytes)
+        self.segments -= 1
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Exact sums for snapshots (float64 NLL per block, int64 tokens per block)."""

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .config import RunSettings, resolve
-from .errors import LongctxError, UsageError
+from .errors import LongctxError, ModelError, UsageError
 from .methods import get_method
 from .methods.base import Method
 from .model.backbone import Backbone
@@ -33,7 +33,21 @@ def resolve_settings(*, model: str | None = None, dtype: str | None = None, devi
 
 def backbone_for(run: RunSettings, device: Any = None) -> Backbone:
     """Load the model the settings name (`device` overrides theirs, e.g. a distributed rank's GPU)."""
+    check_model_path(run["model"])
     return load_backbone(run["model"], dtype=run["dtype"], device=device or run["device"], threads=run["threads"])
+
+
+def check_model_path(model: str | None) -> None:
+    """A model written as a path (/x, ./x, ../x, ~/x) must be a directory: without this check the Hugging Face
+    hub would answer a missing one with its repo-id rules, which say nothing about the real problem."""
+    if not model or not model.startswith(("/", "./", "../", "~")):
+        return
+    path = os.path.expanduser(model)
+    if not os.path.exists(path):
+        raise ModelError(f"model directory not found: {model}",
+                         hint="give a local directory holding config.json, or a Hugging Face model id")
+    if not os.path.isdir(path):
+        raise ModelError(f"--model {model} is a file; give the directory that holds the model's config.json")
 
 
 def environment() -> dict[str, Any]:

@@ -45,6 +45,9 @@ class StreamResult:
     token_digest: str  # sha256 over the token ids seen: proves methods compared the same tokens
     next_byte: int = 0  # byte offset of the first token not consumed
     interrupted: bool = False
+    # (id, NLL) of the token just past a --max-tokens cut: predicted but not scored, so that a longer run
+    # resumed from this one adds exactly the number the uninterrupted longer run computed
+    after_cut: tuple[int, float] | None = None
 
 
 def run_stream(backbone: Backbone, method: Method, segments: Iterable[Segment], *, state: Any = None,
@@ -61,7 +64,9 @@ def run_stream(backbone: Backbone, method: Method, segments: Iterable[Segment], 
     digest, t0, done = hashlib.sha256(), time.perf_counter(), 0
     with torch.inference_mode():
         for seg in segments:
-            res.state, seg_nll = _step(backbone, method, res.state, seg, res.sums)
+            res.state, seg_nll, after = _step(backbone, method, res.state, seg, res.sums)
+            if after is not None:
+                res.after_cut = (int(seg.after_cut), after)  # type: ignore[arg-type]  # set with `after`
             digest.update(seg.ids.numpy().astype("<i8").tobytes())
             res.tokens, res.next_byte, done = seg.start + len(seg), seg.next_byte, done + 1
             res.seconds, res.token_digest = time.perf_counter() - t0, digest.hexdigest()
@@ -108,16 +113,27 @@ def scored_nll(backbone: Backbone, hidden: torch.Tensor, seg: Segment) -> torch.
     return backbone.token_nll(hidden[scored.to(hidden.device)], seg.targets[scored])
 
 
-def _step(backbone: Backbone, method: Method, state: Any, seg: Segment, sums: NllSums) -> tuple[Any, float]:
-    """One segment through `forward_segment`, then the predicted tokens scored; sums updated last."""
+def _step(backbone: Backbone, method: Method, state: Any, seg: Segment,
+          sums: NllSums) -> tuple[Any, float, float | None]:
+    """One segment through `forward_segment`, then the predicted tokens scored; sums updated last. Also
+    returns the NLL of the token after a --max-tokens cut (None when there is none), which is not scored."""
     state, hidden, _ = forward_segment(backbone, method, state, seg)
-    nll = scored_nll(backbone, hidden, seg)
-    if nll is None:
-        return state, 0.0
+    targets = seg.targets
+    if seg.after_cut is not None:  # predict it with the others: the same rows as a run that goes on
+        targets = targets.clone()
+        targets[-1] = seg.after_cut
+    predicted = targets >= 0
+    if not bool(predicted.any()):
+        return state, 0.0, None
+    nll = backbone.token_nll(hidden[predicted.to(hidden.device)], targets[predicted])
+    after = None
+    if seg.after_cut is not None:
+        after, nll = float(nll[-1]), nll[:-1]
     scored = seg.targets >= 0
-    positions = seg.token_index[scored] + 1  # document position of each predicted token
-    sums.add(positions, nll, int(seg.target_bytes[scored].sum()))
-    return state, float(nll.double().sum())
+    if bool(scored.any()):
+        positions = seg.token_index[scored] + 1  # document position of each predicted token
+        sums.add(positions, nll, int(seg.target_bytes[scored].sum()))
+    return state, float(nll.double().sum()), after
 
 
 def step_nll(backbone: Backbone, method: Method) -> StepNLL:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import random
@@ -53,25 +54,31 @@ def book(tmp_path):
 
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_state_round_trip_gives_identical_logits(tiny_backbone, method):
-    """Template every method must pass: save -> load -> continue == never stopped, bit for bit."""
+def round_trip(backbone, method: str, n: int = 120, before: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states of the segments after the first `before` (of 16 tokens), read on from the live state
+    and from its save -> load copy."""
     cls = get_method(method)
-    m = cls(cls.Options.from_mapping(small(method)), tiny_backbone)
-    ids = torch.randint(3, 400, (120,), generator=torch.Generator().manual_seed(3))
-    chunk = TokenChunk(ids.numpy(), np.arange(120), 120, 0)
-    segs = list(iter_segments([chunk], 16))
-    first = run_stream(tiny_backbone, m, segs[:5])
+    m = cls(cls.Options.from_mapping(small(method)), backbone)
+    ids = torch.randint(3, 400, (n,), generator=torch.Generator().manual_seed(3))
+    segs = list(iter_segments([TokenChunk(ids.numpy(), np.arange(n), n, 0)], 16))
+    first = run_stream(backbone, m, segs[:before])
     store = SnapshotStore()
     store.save("rt", m.state_tensors(first.state), {"note": "test"})
     reloaded = m.state_from_tensors(store.load("rt").tensors)
     with torch.inference_mode():
         outs = []
         for state in (first.state, reloaded):
-            for seg in segs[5:]:
-                state, hidden, _ = forward_segment(tiny_backbone, m, state, seg)
+            for seg in segs[before:]:
+                state, hidden, _ = forward_segment(backbone, m, state, seg)
             outs.append(hidden)
-    assert torch.equal(outs[0], outs[1])
+    return outs[0], outs[1]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_state_round_trip_gives_identical_logits(tiny_backbone, method):
+    """Template every method must pass: save -> load -> continue == never stopped, bit for bit."""
+    live, reloaded = round_trip(tiny_backbone, method)
+    assert torch.equal(live, reloaded)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -112,6 +119,54 @@ def test_interrupt_then_resume_equals_uninterrupted(tiny_backbone, book, method)
         a, b = whole.runs[0].result.sums, resumed.runs[0].result.sums
         assert (a.nll, a.tokens, a.bytes) == (b.nll, b.tokens, b.bytes)  # exact, not approximate
         assert a.block_nll == b.block_nll
+
+
+def _same_run(a, b) -> None:
+    """Bit for bit: every block's NLL sum, the token, byte and segment counts, the tokens seen."""
+    x, y = a.runs[0].result, b.runs[0].result
+    assert x.sums.block_nll == y.sums.block_nll and x.sums.block_tokens == y.sums.block_tokens
+    assert (x.sums.bytes, x.sums.segments, x.tokens, x.next_byte) == (y.sums.bytes, y.sums.segments, y.tokens,
+                                                                      y.next_byte)
+
+
+@pytest.mark.parametrize("method", ["xl", "sinks", "full", "window", "memorizing"])
+def test_finished_run_extends_to_longer_run_exactly(tiny_backbone, book, method):
+    """--resume of a finished --max-tokens run continues to a larger --max-tokens (or the end) and equals the
+    uninterrupted longer run bit for bit, the prediction past the first run's cut included."""
+    opts = {method: small(method)}
+    run = functools.partial(longctx.perplexity, book, backbone=tiny_backbone)
+    first = run([method], segment=16, max_tokens=64, options=opts, save_memory="short")
+    assert first.runs[0].result.sums.tokens == 63  # the token past the cut is predicted, not scored
+    longer = run([method], segment=16, max_tokens=160, options=opts)
+    _same_run(run(resume="short", max_tokens=160, save_memory="short", overwrite=True), longer)
+    assert SnapshotStore().load("short", tensors=False).manifest["method"]["max_tokens"] == 160
+    _same_run(run(resume="short", max_tokens="all"), run([method], segment=16, options=opts))
+
+
+def test_extension_refusals_are_named(tiny_backbone, book, tmp_path):
+    run = functools.partial(longctx.perplexity, backbone=tiny_backbone)
+    run(book, ["xl"], segment=16, max_tokens=64, save_memory="e")
+    with pytest.raises(SnapshotError, match="already read 64 tokens; --max-tokens 32 asks for fewer"):
+        run(book, resume="e", max_tokens=32)
+    run(book, ["xl"], segment=16, max_tokens=70, save_memory="mid")
+    with pytest.raises(SnapshotError, match="ended at token 70, inside a segment of 16"):
+        run(book, resume="mid", max_tokens=96)
+    run(book, resume="mid")  # the same length: nothing to extend, nothing refused
+    changed = tmp_path / "changed.txt"  # the same first 64 tokens, another 65th
+    text = Path(book).read_bytes()
+    end = SnapshotStore().load("e", tensors=False).manifest["document"]["bytes_consumed"]
+    changed.write_bytes(text[:end] + b"###" + text[end:])
+    with pytest.raises(SnapshotError, match="token 64 of the document differs"):
+        run(str(changed), resume="e", max_tokens=96)
+    with pytest.raises(SnapshotError, match="segment: snapshot has 16, this run asks for 32"):
+        run(book, resume="e", max_tokens=96, segment=32)  # other set-up changes stay refused by name
+    grown = tmp_path / "grown.txt"
+    chars = Path(book).read_text(encoding="utf-8")
+    grown.write_text(chars[:300], encoding="utf-8")
+    run(str(grown), ["xl"], segment=16, save_memory="whole")  # read to its end: no prediction past it
+    grown.write_text(chars[:600], encoding="utf-8")
+    with pytest.raises(SnapshotError, match="the document is longer now"):
+        run(str(grown), resume="whole", max_tokens="all")
 
 
 def test_save_every_checkpoints_and_final_save(tiny_backbone, book):

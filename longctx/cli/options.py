@@ -21,7 +21,7 @@ OptionOpt = Annotated[list[str] | None, typer.Option("--option", "-o", help="Met
 MethodsOptionOpt = Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override: key=value or method.key=value (repeatable).")]
 AdapterOpt = Annotated[str | None, typer.Option(help="Trained parameters for the method (default: the preset's).")]
 UntrainedOpt = Annotated[bool, typer.Option("--allow-untrained", help="Run a trainable method without an adapter (its output then says nothing about the method).")]
-ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress on stderr.")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", " /--quiet", " /-q", help="Progress and status lines on stderr (--quiet/-q: none; errors and warnings still show).")]
 
 
 def _parse_overrides(pairs: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
@@ -48,7 +48,11 @@ def _preset_key(method: str) -> str:
 
 
 def _method_list(method: str | None, compare: str | None) -> list[str]:
-    names = [m.strip() for m in compare.split(",") if m.strip()] if compare else []
+    """--method then the --compare names, in order; an empty name (`xl,,window`) is refused, not dropped."""
+    names = [m.strip() for m in compare.split(",")] if compare is not None else []
+    if any(not m for m in names):
+        raise UsageError(f"--compare {compare!r} has an empty method name; separate names with single commas "
+                         "(e.g. --compare window,sinks,xl,full)")
     if method and method not in names:
         names.insert(0, method)
     return names or ["xl"]

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import UsageError
+from ..text.textio import check_input
 from . import app
 from .exits import _errors_to_exit
 from .options import (
@@ -22,6 +23,7 @@ from .options import (
     SegmentOpt,
     ThreadsOpt,
     UntrainedOpt,
+    _counts,
     _method_list,
     _parse_overrides,
     _preset_key,
@@ -35,7 +37,7 @@ def ppl(
     method: Annotated[str | None, typer.Option("--method", "-m", help="Method or preset name, or a preset .yaml path. Default: xl.")] = None,
     compare: Annotated[str | None, typer.Option(help="Comma-separated methods to run on the same tokens in this process; deltas are against the first.")] = None,
     segment: Annotated[int | None, typer.Option(help="Tokens per forward (default: the preset's). \\[env: LONGCTX_SEGMENT]")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Read only the first N tokens of the document (of each document).")] = None,
+    max_tokens: Annotated[str | None, typer.Option(metavar="N", help="Read only the first N tokens (16384 or 16k) of the document (of each document). With --resume, a larger N, or all (to the end), extends a finished run.", show_default=False)] = None,
     option: MethodsOptionOpt = None,
     model: ModelOpt = None,
     dtype: Annotated[str | None, typer.Option(help="auto (default: bf16 on GPUs and CPUs with AMX/AVX512-BF16, else fp32), bf16, fp32 or fp16. \\[env: LONGCTX_DTYPE]")] = None,
@@ -65,10 +67,15 @@ def ppl(
     from ..tasks.corpus import read_file_list
 
     docs = [*(files or []), *(read_file_list(files_from) if files_from else [])]
+    if len(docs) == 1:
+        check_input(docs[0])
     if not docs:
         raise UsageError("give a document to score (a file, or '-' for standard input), several files, or --files LIST")
+    limit = _max_tokens(max_tokens)
+    if limit == "all" and not resume:
+        limit = None  # without a snapshot, "all" is the default: the whole document
     common = {"model": model, "dtype": dtype, "device": device, "threads": threads, "segment": segment,
-              "max_tokens": max_tokens, "adapter": adapter, "allow_untrained": allow_untrained}
+              "max_tokens": limit, "adapter": adapter, "allow_untrained": allow_untrained}
     if len(docs) == 1 and not files_from and not log:
         common["overwrite"] = overwrite
         _ppl_one(docs[0], method, compare, option or [], common, json_out, jsonl, progress, save_memory, save_every,
@@ -79,6 +86,16 @@ def ppl(
                          "score several documents with one --method")
     _warn_untrained_start(common)
     _ppl_many(docs, method, _parse_overrides(option or [], [method or "xl"]), common, json_out, jsonl, progress, log)
+
+
+def _max_tokens(text: str | None) -> int | str | None:
+    """--max-tokens: a token count (16384 or 16k), or all (with --resume: read to the end)."""
+    if text is None or text.strip().lower() == "all":
+        return None if text is None else "all"
+    counts = _counts(text, "--max-tokens")
+    if len(counts) != 1:
+        raise UsageError(f"--max-tokens takes one token count, e.g. 16k, or all (got {text!r})")
+    return counts[0]
 
 
 def _ppl_one(file: str, method: str | None, compare: str | None, option: list[str], common: dict[str, Any],
@@ -92,9 +109,14 @@ def _ppl_one(file: str, method: str | None, compare: str | None, option: list[st
     names = _method_list(method, compare) if (method or compare or not resume) else []
     overrides = _parse_overrides(option, names)
     size = os.path.getsize(file) if file != "-" and os.path.isfile(file) else None
-    max_tokens = common["max_tokens"]
-    view = ProgressView(stderr_console(), total=max_tokens or size, unit="tokens" if max_tokens else "bytes",
-                        enabled=progress and not json_out)
+    view = ProgressView(stderr_console(), total=size, unit="bytes", enabled=progress and not json_out)
+
+    def on_method(name: str, m, info: dict[str, Any]) -> None:
+        # the run knows how far it reads (a resumed one: the snapshot's --max-tokens) and where it starts
+        limit = info["max_tokens"]
+        view.start_method(name, f"{m.describe()}, segment {info['segment']}", total=limit or size,
+                          unit="tokens" if limit else "bytes",
+                          start=info["start_tokens"] if limit else info["start_byte"])
 
     def on_segment(ev):
         view.update(ev)
@@ -106,14 +128,52 @@ def _ppl_one(file: str, method: str | None, compare: str | None, option: list[st
         with GracefulInterrupt() as stop:
             report = perplexity(file, names, **common, options=overrides, save_memory=save_memory,
                                 save_every=save_every, resume=resume, stop=stop, on_segment=on_segment,
-                                on_method=lambda name, m, info: view.start_method(name, f"{m.describe()}, segment {info['segment']}"))
+                                on_method=on_method)
     finally:
         view.close()
     if json_out or jsonl:
         print_json({"event": "result", **report.to_dict()} if jsonl else report.to_dict())
     else:
         print_ppl(report, stdout_console())
+        if progress and common["max_tokens"] and not resume and not report.runs[0].save_error:
+            _next_step(file, report, common)
     _warn_untrained(report.runs)
+    _report_save_errors(report.runs)
+
+
+def _next_step(file: str, report, common: dict[str, Any]) -> None:
+    """After a run cut by --max-tokens: the one-line command for the whole document (with the model, dtype,
+    device, threads and segment flags given to this one), its size and the time it would take at the rate
+    just measured."""
+    from ..invocation import command_line
+    from .render import clock, stderr_console
+
+    src, run = report.source, report.runs[0]
+    end, size = src.get("end_byte"), src.get("size")
+    if file == "-" or not end or not size or end >= size or not run.result.seconds:
+        return
+    tokens = run.result.tokens * size / end  # this run's tokens per byte, over the whole file
+    rate = run.result.tokens / run.result.seconds
+    method = "xl" if any(r.method == "xl" for r in report.runs) else run.method
+    if method != run.method:
+        rate = next(r.result.tokens / r.result.seconds for r in report.runs if r.method == method)
+    flags = [x for k in ("model", "dtype", "device", "threads", "segment") if common.get(k) is not None
+             for x in (f"--{k}", str(common[k]))]
+    stderr_console().print(f"next, the whole document (~{tokens:,.0f} tokens, ~{clock(tokens / rate)} at {method}'s "
+                           f"{rate:,.0f} tok/s here):\n  {command_line('ppl', file, '--method', method, *flags)}",
+                           highlight=False)
+
+
+def _report_save_errors(runs) -> None:
+    """The result above is complete; the memory was not saved: say so and exit 1 (docs/errors.md)."""
+    from ..errors import EXIT_RUNTIME
+    from .render import stderr_console
+
+    failed = [r.save_error for r in runs if r.save_error]
+    for message in failed:
+        stderr_console().print(f"[bold red]error:[/] {message} (the result above is complete)", highlight=False)
+    if failed:
+        raise typer.Exit(EXIT_RUNTIME)
 
 
 def _warn_untrained_start(common: dict[str, Any]) -> None:
@@ -205,22 +265,33 @@ def _read_questions(question: str | None, questions_file: str | None) -> list[st
 
 
 def _reading_view(file: str, enabled: bool):
-    """A progress view for reading a document into memory, and the on_segment callback feeding it."""
-    import time as _time
-
+    """A progress view for reading a document into memory, and the on_segment callback feeding it (the
+    rate appears from the second segment on: the first one alone says nothing about speed)."""
     from .render import ProgressView, stderr_console
 
     size = os.path.getsize(file) if file != "-" and os.path.isfile(file) else None
     view = ProgressView(stderr_console(), total=size, unit="bytes", enabled=enabled)
-    t0: list[float] = []  # when the first segment came
+    started: list[bool] = []
 
     def on_segment(seg) -> None:
-        if not t0:
-            t0.append(_time.perf_counter())
+        if not started:
+            started.append(True)
             view.start_method("reading", file)
-        view.reading(seg.start + len(seg), int(seg.next_byte), _time.perf_counter() - t0[0])
+        view.reading(seg.start + len(seg), int(seg.next_byte))
 
     return view, on_segment
+
+
+def _age(saved_at: float) -> str:
+    """'40 s', '12 min', '3 h', '2 days': how long ago a stored memory was saved."""
+    import time
+
+    s = max(0.0, time.time() - saved_at)
+    for size, unit in ((86400, "day"), (3600, "h"), (60, "min")):
+        if s >= size:
+            n = round(s / size)
+            return f"{n} {unit}s" if unit == "day" and n != 1 else f"{n} {unit}"
+    return f"{s:.0f} s"
 
 
 def _memory_line(memory: dict[str, Any]) -> str:
@@ -229,7 +300,8 @@ def _memory_line(memory: dict[str, Any]) -> str:
 
         stderr_console().print(f"[yellow]warning:[/] {memory['note']}", highlight=False)
     if memory.get("reused"):
-        return f"memory: reused {memory['snapshot']} (loaded in {memory['load_seconds']:.2f} s)"
+        age = f", saved {_age(memory['saved_at'])} ago" if memory.get("saved_at") else ""
+        return f"memory: reused {memory['snapshot']}{age} (loaded in {memory['load_seconds']:.2f} s)"
     rate = memory.get("ingest_tokens_per_s")
     where = f", saved as {memory['snapshot']}" if memory.get("snapshot") else ""
     what = f"{memory.get('document_tokens', memory.get('chunks', 0)):,} {'tokens' if 'document_tokens' in memory else 'chunks'}"
@@ -271,6 +343,7 @@ def ask(
     from ..tasks.qa import ask as ask_fn
     from .render import print_json, stderr_console
 
+    check_input(file)
     qs = _read_questions(question, questions_file)
     name = method or DEFAULT_ASK_METHOD
     err, out = stderr_console(), sys.stdout
@@ -352,6 +425,7 @@ def generate(
     from ..tasks.generation import generate as generate_fn
     from .render import print_json, stderr_console
 
+    check_input(file)
     name = method or "xl"
     err = stderr_console()
     view, on_segment = _reading_view(file, progress and not json_out)

@@ -27,11 +27,25 @@ def stderr_console() -> Console:
 
 
 def stdout_console() -> Console:
-    return Console(soft_wrap=True)
+    """Results: on a terminal at its width; piped or redirected, wide enough that no table cuts a name
+    (rich would otherwise assume 80 columns and shorten `ask-smallbook-…` into something no command accepts)."""
+    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else PIPED_WIDTH)
+
+
+PIPED_WIDTH = 1000
+
+
+def clock(seconds: float) -> str:
+    """0:42, 3:05, 1:02:03."""
+    s = int(round(seconds))
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
 
 
 class ProgressView:
-    """Per-method progress: a rich bar on a terminal, periodic plain lines otherwise (CI logs)."""
+    """Per-method progress: a rich bar on a terminal, periodic plain lines otherwise (CI logs); both show
+    the elapsed and the remaining time. Rates count only what this process read (a resumed run starts at
+    its snapshot, not at 0)."""
 
     def __init__(self, console: Console, *, total: int | None, unit: str, enabled: bool = True):
         self.console, self.total, self.unit, self.enabled = console, total, unit, enabled
@@ -40,42 +54,65 @@ class ProgressView:
         self._task: TaskID | None = None
         self._last_log = 0.0
         self._name = ""
+        self._first: tuple[float, int, int] | None = None  # (time, tokens, done) at the first update
+        self._t_start = time.monotonic()
 
-    def start_method(self, name: str, protocol: str) -> None:
-        self._name = name
+    def start_method(self, name: str, protocol: str, *, total: int | None = None, unit: str | None = None,
+                     start: int = 0) -> None:
+        """A new method (or document) begins; `total`/`unit` replace the view's, `start` is where it resumes."""
+        self._name, self._first = name, None
+        self._t_start = self._last_log = time.monotonic()
+        if total is not None or unit is not None:
+            self.total, self.unit = total, unit or self.unit
         if not self.enabled:
             return
         self.console.print(f"[bold]{name}[/]: {protocol}", highlight=False)
         if self.interactive:
             self._stop_bar()
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[stats]}"),
-                                      TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            # the times before the statistics: on a narrow terminal rich cuts the end of the line
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), TimeElapsedColumn(),
+                                      TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
                                       console=self.console, transient=False)
             self._progress.start()
-            self._task = self._progress.add_task(name, total=self.total, stats="")
+            self._task = self._progress.add_task(name, total=self.total, stats="", completed=start)
 
     def update(self, ev: SegmentEvent) -> None:
         if not self.enabled:
             return
         done = ev.tokens if self.unit == "tokens" else ev.byte_end
-        tps = ev.tokens / ev.seconds if ev.seconds > 0 else 0.0
-        self._show(done, f"{ev.tokens:,} tok  {tps:,.0f} tok/s  ppl {ev.running_ppl:.3f}  mem {ev.memory:,}")
+        self._show(done, ev.tokens, f"ppl {ev.running_ppl:.3f}  mem {ev.memory:,}")
 
-    def reading(self, tokens: int, byte_end: int, seconds: float) -> None:
+    def reading(self, tokens: int, byte_end: int) -> None:
         """Progress of a document read into memory without scoring (ask, generate)."""
         if not self.enabled:
             return
-        tps = tokens / seconds if seconds > 0 else 0.0
-        self._show(tokens if self.unit == "tokens" else byte_end, f"{tokens:,} tok  {tps:,.0f} tok/s")
+        self._show(tokens if self.unit == "tokens" else byte_end, tokens, "")
 
-    def _show(self, done: int, stats: str) -> None:
+    def _rate(self, done: int, tokens: int) -> tuple[float | None, float | None, float]:
+        """Tokens/s and units/s since the first update (None before a second one: one segment is no rate),
+        and the seconds since then."""
+        now = time.monotonic()
+        if self._first is None:
+            self._first = (now, tokens, done)
+        t0, tok0, done0 = self._first
+        dt = now - t0
+        if dt <= 0 or tokens <= tok0:
+            return None, None, dt
+        return (tokens - tok0) / dt, (done - done0) / dt, dt
+
+    def _show(self, done: int, tokens: int, extra: str) -> None:
+        tps, ups, _ = self._rate(done, tokens)
+        rate = f"{tps:,.0f} tok/s" if tps is not None else "— tok/s"
+        stats = f"{tokens:,} tok  {rate}" + (f"  {extra}" if extra else "")
         if self._progress is not None:
             assert self._task is not None  # added with the bar
             self._progress.update(self._task, completed=done, stats=stats)
         elif time.monotonic() - self._last_log >= PLAIN_EVERY_S:
             self._last_log = time.monotonic()
             pct = f"{100 * done / self.total:5.1f}% " if self.total else ""
-            self.console.print(f"  {self._name}: {pct}{stats}", highlight=False)
+            elapsed = clock(time.monotonic() - self._t_start)
+            left = f", ~{clock((self.total - done) / ups)} left" if self.total and ups else ""
+            self.console.print(f"  {self._name}: {pct}{stats}  ({elapsed} elapsed{left})", highlight=False)
 
     def _stop_bar(self) -> None:
         if self._progress is not None:

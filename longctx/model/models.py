@@ -58,14 +58,11 @@ def auto_dtype(device: torch.device) -> torch.dtype:
 
 
 def _cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU multiplies bf16 natively (AMX or AVX512-BF16 among /proc/cpuinfo's flags)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = cpuinfo.split()
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    """Whether the CPU multiplies bf16 natively (AMX or AVX512-BF16 among /proc/cpuinfo's flags). The rule
+    lives in longctx.machine, which `longctx doctor` prints without importing torch."""
+    from ..machine import cpu_flags, native_bf16
+
+    return native_bf16(cpu_flags() if cpuinfo is None else set(cpuinfo.split()))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,12 +12,14 @@ from typing import Any
 import torch
 
 from ..errors import LongctxError, LongctxWarning, UsageError
+from ..invocation import command_line
 from ..methods import get_method
 from ..methods.base import Method
 from ..metrics import NllSums
 from ..model.backbone import Backbone
 from ..model.identity import RUN_KEYS, differences, is_legacy, version_changes
 from ..stream import StreamResult
+from ..text.segments import Segment
 from ..version import __version__
 from .hashing import file_sha256
 from .migration import legacy_refusal
@@ -71,7 +73,10 @@ def save_run(store: SnapshotStore, name: str, backbone: Backbone, spec: RunSpec,
         "document": document_identity(path, result.next_byte),
         "progress": {"tokens_consumed": result.tokens, "bytes_scored": result.sums.bytes,
                      "segments": result.sums.segments, "tokens_scored": result.sums.tokens,
-                     "nll_sum": result.sums.nll, "token_sha256_so_far": result.token_digest},
+                     "nll_sum": result.sums.nll, "token_sha256_so_far": result.token_digest,
+                     # the prediction past a --max-tokens cut (a float repr round-trips exactly in JSON)
+                     "after_cut": ({"id": result.after_cut[0], "nll": result.after_cut[1]}
+                                   if result.after_cut else None)},
         "rng": None,  # no method of this release draws random numbers
         "memory": {"entries": m.memory_size(result.state), "groups": m.dump(result.state)},
         "command": " ".join(sys.argv),
@@ -166,7 +171,62 @@ def restore(snap: Snapshot, spec: RunSpec) -> tuple[Any, NllSums, int]:
     return state, sums, int(prog["tokens_consumed"])
 
 
+def resume_max_tokens(snap: Snapshot, requested: int | str | None) -> int | None:
+    """How far a resumed run reads: the snapshot's own --max-tokens unless a larger one (or "all": to the end)
+    is asked for. A run that stopped at its cut is extended only from a segment boundary: only there is its
+    memory the memory the longer run holds at that token."""
+    meta, prog = snap.manifest["method"], snap.manifest["progress"]
+    if requested is None:
+        return meta.get("max_tokens")
+    target = None if requested == "all" else int(requested)
+    consumed, segment = int(prog["tokens_consumed"]), int(meta["segment"])
+    if target is not None and target < consumed:
+        raise SnapshotError(f"snapshot '{snap.name}' already read {consumed:,} tokens; --max-tokens {target:,} "
+                            "asks for fewer (start a new run for a shorter one)")
+    extends = target is None or target > consumed
+    if extends and _ended(prog) and prog.get("after_cut") and consumed % segment:
+        raise SnapshotError(f"snapshot '{snap.name}' ended at token {consumed:,}, inside a segment of {segment}: "
+                            "a longer run cannot continue it exactly; start a new run (a --max-tokens that is a "
+                            f"multiple of {segment} can be extended later)")
+    return target
+
+
+def _ended(progress: dict[str, Any]) -> bool:
+    """True when the run reached its end or its cut: a run stopped mid-document has scored every token it
+    read (each token's successor was read with it); one that ended has not scored its last token's."""
+    return int(progress["tokens_scored"]) < int(progress["tokens_consumed"])
+
+
+def continuation(snap: Snapshot, sums: NllSums) -> Callable[[Segment], None] | None:
+    """What to do with the first segment past a finished snapshot (None when the snapshot stopped
+    mid-document): add the prediction its run made past its cut, after checking that the document still
+    has that token there, so the sums equal those of one uninterrupted longer run."""
+    prog = snap.manifest["progress"]
+    if not _ended(prog):
+        return None
+    consumed, cut = int(prog["tokens_consumed"]), prog.get("after_cut")
+
+    def first(seg: Segment) -> None:
+        if not cut:
+            raise SnapshotError(f"snapshot '{snap.name}' read its document to the end ({consumed:,} tokens) and "
+                                "the document is longer now; start a new run to score the longer document")
+        if int(seg.ids[0]) != int(cut["id"]):
+            raise SnapshotError(f"token {consumed:,} of the document differs from the one snapshot '{snap.name}' "
+                                "predicted there: the document changed")
+        end = int(seg.byte_start[1]) if len(seg) > 1 else int(seg.next_byte)
+        sums.add_pending(consumed, float(cut["nll"]), end - int(seg.byte_start[0]))
+
+    return first
+
+
+def restored_after_cut(snap: Snapshot) -> tuple[int, float] | None:
+    """The snapshot's prediction past its cut, for a resumed run that read nothing new (saved again as is)."""
+    cut = snap.manifest["progress"].get("after_cut")
+    return (int(cut["id"]), float(cut["nll"])) if cut else None
+
+
 def resume_command(path: str, name: str) -> str:
-    return f"longctx ppl {path} --resume {name}"
+    """The command that continues a saved run, spelled the way the user started longctx."""
+    return command_line("ppl", path, "--resume", name)
 
 

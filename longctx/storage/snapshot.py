@@ -79,7 +79,7 @@ class SnapshotStore:
         the same state: its sha256, and every reference to it, still hold)."""
         check_name(name)
         snap_dir = self.root / name
-        snap_dir.mkdir(parents=True, exist_ok=True)
+        self._make_dir(snap_dir, name)
         with self._lock(snap_dir):
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=snap_dir))
             try:
@@ -98,6 +98,24 @@ class SnapshotStore:
                 raise
             self._prune(snap_dir, keep=final.name)
         return final
+
+    def check_writable(self) -> None:
+        """Refuse early (before a run spends its time) when snapshots cannot be written here."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SnapshotError(f"cannot save {self.what}s under {self.root}: {os_reason(e)}",
+                                hint="point LONGCTX_HOME at a writable directory") from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise SnapshotError(f"cannot save {self.what}s under {self.root}: permission denied",
+                                hint="point LONGCTX_HOME at a writable directory")
+
+    def _make_dir(self, snap_dir: Path, name: str) -> None:
+        try:
+            snap_dir.mkdir(parents=True, exist_ok=True)
+            (snap_dir / ".lock").touch()
+        except OSError as e:
+            raise SnapshotError(f"could not write {self.what} '{name}': {os_reason(e)}; nothing was changed") from e
 
     def _write_version(self, tmp: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], name: str,
                        state_file: Path | None) -> None:

@@ -49,6 +49,7 @@ class DocumentMemory:
     seconds: float  # reading the document (0 when reused)
     load_seconds: float  # loading and verifying the snapshot (0 when read fresh)
     note: str | None = None  # why a stored memory was not reused, if one existed
+    saved_at: float | None = None  # when a reused memory was saved (Unix time), to say how old it is
 
     @property
     def tokens(self) -> int:
@@ -59,7 +60,7 @@ class DocumentMemory:
         rate = self.tokens / self.seconds if self.seconds else None
         return {"snapshot": self.snapshot, "reused": self.reused, "document_tokens": self.tokens,
                 "head_tokens": self.head_tokens, "ingest_seconds": self.seconds, "ingest_tokens_per_s": rate,
-                "load_seconds": self.load_seconds, "note": self.note}
+                "load_seconds": self.load_seconds, "note": self.note, "saved_at": self.saved_at}
 
 
 def read_document(backbone: Backbone, spec: RunSpec, path: str, head_ids: list[int], *, kind: str,
@@ -161,7 +162,7 @@ def _load(store: SnapshotStore, name: str, backbone: Backbone, spec: RunSpec, pa
     hidden = t["ingest.last_hidden"].to(backbone.device, backbone.dtype)
     done = Ingested(state, tokens, hidden, None, t["ingest.pending"].long(), spec.segment)
     return DocumentMemory(done, t["ingest.byte_start"].long(), int(meta["head_tokens"]), identity, name, True, 0.0,
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, saved_at=snap.manifest.get("created"))
 
 
 def _ids_sha(ids: list[int]) -> str:

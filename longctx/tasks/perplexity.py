@@ -25,11 +25,14 @@ from ..storage.checkpoint import (
     Interrupted,
     RunSpec,
     check_resume,
+    continuation,
     document_identity,
     method_from_snapshot,
     prefix_sha256,
     restore,
+    restored_after_cut,
     resume_command,
+    resume_max_tokens,
     save_run,
 )
 from ..storage.snapshot import Snapshot, SnapshotError, SnapshotStore, check_name
@@ -53,6 +56,7 @@ class MethodRun:
     result: StreamResult
     peak_rss_mb: float
     peak_gpu_mb: float | None
+    save_error: str | None = None  # the memory could not be saved at the end (the result itself is complete)
 
     def to_dict(self) -> dict[str, Any]:
         r = self.result
@@ -61,7 +65,8 @@ class MethodRun:
                 "tokens_per_s": r.tokens / r.seconds if r.seconds > 0 else None,
                 "peak_rss_mb": self.peak_rss_mb, "peak_gpu_mb": self.peak_gpu_mb,
                 "untrained": "UNTRAINED" in self.protocol, "causal": "non-causal" not in self.protocol,
-                "memory_entries": _memory_entries(r.state), "token_sha256": r.token_digest}
+                "memory_entries": _memory_entries(r.state), "token_sha256": r.token_digest,
+                "save_error": self.save_error}
 
 
 @dataclass
@@ -86,7 +91,7 @@ def _memory_entries(state: Any) -> int | None:
 
 def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | None = None,
                dtype: str | None = None, device: str | None = None, threads: int | None = None,
-               segment: int | None = None, max_tokens: int | None = None,
+               segment: int | None = None, max_tokens: int | str | None = None,
                options: dict[str, dict[str, Any]] | None = None, backbone: Backbone | None = None,
                save_memory: str | None = None, save_every: int | None = None, resume: str | None = None,
                adapter: str | None = None, allow_untrained: bool = False, overwrite: bool = False,
@@ -98,12 +103,15 @@ def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | 
     `methods` are method or preset names (default: xl, or the snapshot's when resuming). `options` maps a
     method name to option overrides. Settings resolve flag > env > user config > preset > default.
     `save_memory` snapshots each method's memory at the end (and every `save_every` segments); `resume`
-    continues a snapshot's run; `adapter` is loaded by the first method (trainable methods refuse to run
+    continues a snapshot's run, to the snapshot's own `max_tokens` or to a larger one ("all": the end), and
+    equals the uninterrupted run exactly; `adapter` is loaded by the first method (trainable methods refuse to run
     untrained unless `allow_untrained`); a `save_memory` name that holds another document's memory is refused
     unless `overwrite`; `stop()` is polled between segments, and a stopped run is saved and raises
     `Interrupted` (exit 130) carrying the resume command.
     """
-    if max_tokens is not None and max_tokens < 2:
+    if max_tokens == "all" and not resume:
+        max_tokens = None
+    if isinstance(max_tokens, int) and max_tokens < 2:
         raise UsageError(f"--max-tokens must be >= 2 (got {max_tokens})")
     if save_every is not None and (save_every < 1 or not save_memory):
         raise UsageError("--save-every N needs N >= 1 and --save-memory NAME")
@@ -116,6 +124,8 @@ def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | 
         model = model or snap.manifest["fingerprint"]["model"]
         dtype = dtype or snap.manifest["fingerprint"]["dtype"]
     presets = [load_preset(m) for m in names]
+    if save_memory:
+        store.check_writable()
     if save_memory and not overwrite:
         _check_not_another_document(store, [_save_name(save_memory, p.name, len(presets)) for p in presets], path)
     flags: dict[str, Any] = {"model": model, "dtype": dtype, "device": device, "threads": threads, "segment": segment}
@@ -129,14 +139,15 @@ def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | 
     with _replayable(path, len(specs)) as src_path:
         for spec in specs:
             if on_method is not None:
-                on_method(spec.preset, spec.method, {"segment": spec.segment})
+                on_method(spec.preset, spec.method, {"segment": spec.segment, "max_tokens": spec.max_tokens,
+                                                     **_resume_point(snap)})
             name = _snapshot_name(save_memory, spec, len(specs), stop)
             run, source = _run_one(backbone, spec, src_path, path, store, name, save_every, bool(save_memory), snap,
                                    stop, on_segment)
             runs.append(run)
             if run.result.interrupted:
                 assert name is not None  # only a run with `stop` is interrupted, and such a run is always named
-                raise Interrupted(f"interrupted after {run.result.tokens} tokens; memory saved as snapshot "
+                raise Interrupted(f"stopped after {run.result.tokens:,} tokens; memory saved as snapshot "
                                   f"'{name}'. Resume with:\n  {resume_command(path, name)}")
     source["path"] = path if path != "-" else "<stdin>"
     _check_same_tokens(runs)
@@ -146,13 +157,13 @@ def perplexity(path: str, methods: Sequence[str] | None = None, *, model: str | 
 
 
 def _specs(presets: list[Preset], backbone: Backbone, flags: dict[str, Any], options: dict | None,
-           max_tokens: int | None, snap: Snapshot | None, path: str, adapter: str | None = None,
+           max_tokens: int | str | None, snap: Snapshot | None, path: str, adapter: str | None = None,
            allow_untrained: bool = False) -> list[RunSpec]:
     """Build and check each method's run; a resume rebuilds it from the snapshot and checks agreement."""
     if snap is not None:
         spec = method_from_snapshot(snap, backbone)
-        requested = {"segment": flags["segment"], "max_tokens": max_tokens,
-                     "options": (options or {}).get(spec.method.name, {})}
+        spec.max_tokens = resume_max_tokens(snap, max_tokens)
+        requested = {"segment": flags["segment"], "options": (options or {}).get(spec.method.name, {})}
         if presets[0].name != spec.preset:
             requested["method"] = presets[0].method
         check_resume(snap, backbone, spec, path, requested)
@@ -164,7 +175,7 @@ def _specs(presets: list[Preset], backbone: Backbone, flags: dict[str, Any], opt
                                  adapter=adapter if i == 0 else None, allow_untrained=allow_untrained)
         seg = resolve_settings(**flags, preset=p)["segment"]
         method.check_segment(seg)
-        specs.append(RunSpec(method, p.name, seg, max_tokens))
+        specs.append(RunSpec(method, p.name, seg, None if isinstance(max_tokens, str) else max_tokens))
     return specs
 
 
@@ -208,6 +219,7 @@ def _run_one(backbone: Backbone, spec: RunSpec, src_path: str, path: str, store:
     method = spec.method
     stats: dict[str, Any] = {}
     state, sums, skip = restore(snap, spec) if snap is not None else (None, None, 0)
+    first = continuation(snap, sums) if snap is not None and sums is not None else None
     save: Callable[[StreamResult], object] | None = None
     if name:
         save = functools.partial(save_run, store, name, backbone, spec, path)
@@ -215,21 +227,36 @@ def _run_one(backbone: Backbone, spec: RunSpec, src_path: str, path: str, store:
     with open_source(src_path) as src:
         segments = iter_segments(iter_tokens(backbone.tokenizer, src.blocks()), spec.segment,
                                  max_tokens=spec.max_tokens, stats=stats)
-        result = run_stream(backbone, method, _skip(segments, skip), state=state, sums=sums, on_segment=on_segment,
+        result = run_stream(backbone, method, _skip(segments, skip, first), state=state, sums=sums, on_segment=on_segment,
                             stop=stop, checkpoint_every=save_every if save_final else None,
                             on_checkpoint=save)
         if snap is not None and result.tokens <= skip:  # nothing was left to read
             result.tokens, result.next_byte = skip, int(snap.manifest["document"]["bytes_consumed"])
+            result.after_cut = restored_after_cut(snap)
         if result.sums.tokens < 1 and not result.interrupted:
             raise InputError(f"{src.name} has {result.tokens} token(s); at least 2 are needed to score one")
         if stats.get("words") == 0:  # complete input, and not one non-space character in it
             raise InputError(f"{src.name} contains only whitespace ({src.bytes_read} bytes); there is no text to score")
-        if save is not None and (result.interrupted or save_final):
-            save(result)
+        save_error = _save_end(save, result, save_final)
         source = _source_identity(src, src_path, path, stats)
     run = MethodRun(spec.preset, method.describe(), spec.segment, dict(method.unimem().rows()), result,
-                    peak_rss_mb(), peak_gpu_mb())
+                    peak_rss_mb(), peak_gpu_mb(), save_error)
     return run, source
+
+
+def _save_end(save: Callable[[StreamResult], object] | None, result: StreamResult, save_final: bool) -> str | None:
+    """Save the memory where the run ended. A failed final save (disk full, read-only directory) must not
+    lose a finished result: it is returned as a message and the result is still reported; an interrupted
+    run, whose whole point is the snapshot, raises."""
+    if save is None or not (result.interrupted or save_final):
+        return None
+    try:
+        save(result)
+    except SnapshotError as e:
+        if result.interrupted:
+            raise
+        return e.message
+    return None
 
 
 def _source_identity(src, src_path: str, path: str, stats: dict[str, Any]) -> dict[str, Any]:
@@ -243,13 +270,27 @@ def _source_identity(src, src_path: str, path: str, stats: dict[str, Any]) -> di
             "tokens": stats.get("tokens"), "end_byte": end, "words": stats.get("words")}
 
 
-def _skip(segments, tokens: int):
-    """Drop the segments a resumed snapshot already consumed (they must end exactly at `tokens`)."""
+def _resume_point(snap: Snapshot | None) -> dict[str, int]:
+    """Where a run starts: tokens and bytes a resumed snapshot already consumed (0 for a new run)."""
+    if snap is None:
+        return {"start_tokens": 0, "start_byte": 0}
+    return {"start_tokens": int(snap.manifest["progress"]["tokens_consumed"]),
+            "start_byte": int(snap.manifest["document"]["bytes_consumed"])}
+
+
+def _skip(segments, tokens: int, first: Callable | None = None):
+    """Drop the segments a resumed snapshot already consumed (they must end exactly at `tokens`); `first`
+    sees the first new segment (a finished run's prediction past its cut is added there)."""
     for seg in segments:
         if seg.start < tokens:
             if seg.start + len(seg) > tokens:
+                if first is not None:  # the snapshot's run had ended there, inside a segment
+                    raise SnapshotError(f"the snapshot's run ended at token {tokens:,}, inside a segment, and the "
+                                        "document is longer now; start a new run to score the longer document")
                 raise SnapshotError("the snapshot does not end on a segment boundary of this run")
             continue
+        if seg.start == tokens and first is not None:
+            first(seg)
         yield seg
 
 

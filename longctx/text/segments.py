@@ -22,6 +22,9 @@ class Segment:
     target_bytes: torch.Tensor  # [q] int64, source bytes of each target token (0 where there is none)
     next_byte: int = -1  # byte offset where the token after this segment starts (the stream's end if none)
     prompt: bool = False  # part of a prompt the model answers next (a question), not text read into memory
+    # The token that follows a --max-tokens cut (on the last segment only): not scored in this run, but its
+    # prediction is kept so that a longer run can continue from here exactly (see stream.run_stream).
+    after_cut: int | None = None
 
     def __len__(self) -> int:
         return int(self.ids.numel())
@@ -44,6 +47,7 @@ class _Buffer:
         self.max_tokens = max_tokens
         self.words = 0
         self.complete = False  # True when the whole input was consumed (no --max-tokens cut)
+        self.after_cut: int | None = None  # id of the first token past a --max-tokens cut, when there is one
         self._last_end = 0
 
     def fill(self, need: int) -> None:
@@ -62,7 +66,9 @@ class _Buffer:
         if self.max_tokens is not None and self.taken + len(ids) >= self.max_tokens:
             n = self.max_tokens - self.taken
             self.end_byte = int(starts[n]) if n < len(ids) else chunk.byte_end
-            self.complete = n == len(ids) and next(self._chunks, None) is None
+            following = ids[n:] if n < len(ids) else _first_ids(self._chunks)
+            self.complete = len(following) == 0
+            self.after_cut = int(following[0]) if len(following) else None
             ids, starts = ids[:n], starts[:n]
         self.taken += len(ids)
         self._ids = np.concatenate((self._ids, ids))
@@ -89,6 +95,14 @@ class _Buffer:
         return int(self._bytes[0]) if len(self._bytes) else int(self.end_byte if self.end_byte is not None else -1)
 
 
+def _first_ids(chunks: Iterator[TokenChunk]) -> np.ndarray:
+    """The ids of the next chunk that has any (empty when the stream ends)."""
+    for chunk in chunks:
+        if len(chunk.ids):
+            return chunk.ids
+    return np.zeros(0, dtype=np.int64)
+
+
 def iter_segments(chunks: Iterable[TokenChunk], segment: int, *, max_tokens: int | None = None,
                   stats: dict | None = None) -> Iterator[Segment]:
     """Yield segments of `segment` tokens (the last may be shorter). `stats` receives words/bytes totals."""
@@ -102,9 +116,10 @@ def iter_segments(chunks: Iterable[TokenChunk], segment: int, *, max_tokens: int
             break
         ids, starts, targets, tbytes = buf.pop(min(segment, len(buf)))
         next_byte = buf.next_start()
+        last = len(buf) == 0 and buf.end_byte is not None
         yield Segment(start, torch.from_numpy(ids.copy()), torch.from_numpy(starts.copy()),
                       torch.from_numpy(targets.astype(np.int64)), torch.from_numpy(tbytes.astype(np.int64)),
-                      next_byte)
+                      next_byte, after_cut=buf.after_cut if last else None)
         start += len(ids)
     if stats is not None:
         stats.update(tokens=buf.taken, end_byte=buf.end_byte, words=buf.words if buf.complete else None)

@@ -198,6 +198,17 @@ def open_source(path: str, *, block_size: int = 1 << 20) -> Source:
     return source
 
 
+def check_input(path: str) -> None:
+    """The checks of `open_source` (missing, directory, permission, empty, binary, UTF-16/32), done before a
+    model loads so that a bad path is refused in a fraction of a second. Standard input and pipes are left
+    to the reading itself: sniffing them would consume what the run must read."""
+    if os.path.isdir(path):
+        raise InputError(f"input is a directory, not a file: {path}")
+    if path == "-" or (os.path.exists(path) and not os.path.isfile(path)):
+        return  # stdin, a FIFO or another special file
+    open_source(path).close()
+
+
 def _open_stdin(block_size: int) -> Source:
     stdin = sys.stdin
     if stdin is None or not hasattr(stdin, "buffer"):
