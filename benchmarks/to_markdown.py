@@ -295,7 +295,8 @@ def readers(files: list[tuple[str, dict]]) -> list[str]:
     for (reader, method), row in sorted(rows.items(), key=lambda kv: _reader_order(*kv[0])):
         cells = [f"{row[k][0]}/{row[k][1]}" if k in row else "not measured"
                  for k in (f"{b} {n}" for b in ("needle", "passkey") for n in READER_LENGTHS)]
-        loads = f"{min(row['load']):.1f}–{max(row['load']):.1f}" if row["load"] else "—"
+        lo, hi = (min(row["load"]), max(row["load"])) if row["load"] else (None, None)
+        loads = "—" if lo is None else f"{lo:.1f}" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:.1f}–{hi:.1f}"
         out.append(f"| {reader} | {method} | " + " | ".join(cells) + f" | {mean(row['read'], ',.0f')} "
                    f"| {mean(row['first'], '.1f')} | {mean(row['decode'], '.1f')} | {loads} | "
                    + " ".join(f"`{f}`" for f in row["files"]) + " |")
