@@ -12,7 +12,7 @@ from ..errors import UsageError
 
 # The settings resolve flag > LONGCTX_* env > user config > default (longctx.config.resolve), for the
 # reading commands and the benchmarks alike (longctx.bench.record.bench_backbone).
-ModelOpt = Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded model). \\[env: LONGCTX_MODEL]")]
+ModelOpt = Annotated[str | None, typer.Option(help="A name from `longctx models`, a local directory or an HF model id (default: smollm2-135m). \\[env: LONGCTX_MODEL]")]
 DtypeOpt = Annotated[str | None, typer.Option(help="auto, bf16, fp32 or fp16. \\[env: LONGCTX_DTYPE]")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto. \\[env: LONGCTX_DEVICE]")]
 

@@ -39,7 +39,7 @@ def ppl(
     segment: Annotated[int | None, typer.Option(help="Tokens per forward (default: the preset's). \\[env: LONGCTX_SEGMENT]")] = None,
     max_tokens: Annotated[str | None, typer.Option(metavar="N", help="Read only the first N tokens (16384 or 16k) of the document (of each document). With --resume, a larger N, or all (to the end), extends a finished run.", show_default=False)] = None,
     option: MethodsOptionOpt = None,
-    model: Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded SmolLM2-135M-Instruct). \\[env: LONGCTX_MODEL]")] = None,
+    model: ModelOpt = None,
     dtype: Annotated[str | None, typer.Option(help="auto (default: bf16 on GPUs and CPUs with AMX/AVX512-BF16, else fp32), bf16, fp32 or fp16. \\[env: LONGCTX_DTYPE]")] = None,
     device: Annotated[str | None, typer.Option(help="cpu (default), cuda, cuda:N or auto. \\[env: LONGCTX_DEVICE]")] = None,
     threads: ThreadsOpt = None,

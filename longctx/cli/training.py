@@ -43,7 +43,7 @@ def train(
     init_adapter: Annotated[str | None, typer.Option(help="Start from this adapter (e.g. HMT stage 2 from a stage-1 adapter).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore an existing checkpoint of --out and start over.")] = False,
     option: OptionOpt = None,
-    model: Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded model).")] = None,
+    model: Annotated[str | None, typer.Option(help="A name from `longctx models`, a local directory or an HF model id (default: smollm2-135m).")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, bf16, fp32 or fp16.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto.")] = None,
     threads: ThreadsOpt = None,
