@@ -1,7 +1,7 @@
 """`--cite` ranks spans by relevance to *this* answer: structural tokens (headings, attention sinks) left out,
 a question-independent baseline subtracted. A controlled attention pattern (the picks a retrieval layer
-reports through `ForwardOutputs.retrieved`) on a document with planted facts, and the real default model
-on a needle document (marked `model`)."""
+reports through `ForwardOutputs.retrieved`) on a document with planted facts. (The real default model on a needle
+document: tests/test_default_model.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_default_model import book, default_backbone  # noqa: F401  (fixtures)
 
 from longctx.tasks.citations import (
     RetrievalTally,
@@ -115,32 +114,3 @@ def test_relevance_is_the_answer_share_minus_the_baseline_share():
     assert rank_spans(relevance(counts, counts, None)) == []  # what every question reads cites nothing
     assert rank_spans(w) == [(1, 3, pytest.approx(1.0))]
 
-
-# ---- the real default model on a needle document -------------------------------------------------------------
-
-@pytest.mark.model
-def test_default_model_cites_each_facts_own_span(default_backbone, book, tmp_path):
-    """Two questions about two facts planted past the window of `ask`'s default method (a tuning-set
-    document: seed 0): each answer's first citation holds its own fact's sentence."""
-    import random
-
-    from longctx.bench.needle import make_document, make_facts
-    from longctx.tasks.qa import ask
-    from longctx.bench.passkey import Filler
-
-    rng = random.Random(0)
-    facts, absent = make_facts(rng, 2)
-    doc = make_document(default_backbone.tokenizer, Filler.from_file(book, default_backbone.tokenizer), 4096,
-                        facts, absent, rng)
-    path = tmp_path / "needle.txt"
-    path.write_text(doc.text, encoding="utf-8")
-    report = ask(str(path), [f.question for f in doc.facts], backbone=default_backbone, max_new_tokens=24,
-                 cite=True, reuse=False, save=False)
-    firsts = []
-    for fact, answer in zip(doc.facts, report.answers, strict=True):
-        assert answer.citations and answer.citations[0].kind == "retrieved", answer
-        first = answer.citations[0]
-        lo = doc.text.encode().index(fact.sentence.encode())
-        assert first.byte_start < lo + len(fact.sentence.encode()) and first.byte_end > lo, (fact.sentence, first)
-        firsts.append(first.tokens)
-    assert firsts[0] != firsts[1]
