@@ -114,3 +114,12 @@ def test_relevance_is_the_answer_share_minus_the_baseline_share():
     assert rank_spans(relevance(counts, counts, None)) == []  # what every question reads cites nothing
     assert rank_spans(w) == [(1, 3, pytest.approx(1.0))]
 
+
+
+def test_printed_citations_show_relevance_and_reads_or_a_chunks_similarity():
+    from longctx.cli.reading import _weight
+    from longctx.tasks.citations import Citation
+
+    assert _weight(Citation("retrieved", (3, 9), 10, 40, 0.7134, "x", 0.0912)) == " relevance 71% (9% of reads)"
+    assert _weight(Citation("retrieved", (0, 128), 0, 500, 0.4321, "x")) == " similarity 0.43"  # a RAG chunk
+    assert _weight(Citation("held", (0, 5), 0, 20, None)) == ""
