@@ -9,12 +9,11 @@ Causality of every method on every family is in test_causality.py.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from test_equivalence import band_mask, doc, stream_nll
-from test_snapshots import small
+from test_snapshots import round_trip
 from tiny_families import FAMILIES, WINDOW, family_backbone, family_model, family_reference, layer_masks
 from tiny_tokenizers import byte_bpe_tokenizer, sample_text
 from transformers import BloomConfig, Gemma2Config, Gemma3TextConfig, GPT2Config, LlamaConfig
@@ -26,10 +25,7 @@ from longctx.methods import METHODS, get_method
 from longctx.model.attention import ForwardPlan
 from longctx.model.backbone import Backbone, ModelInfo, check_supported
 from longctx.storage.checkpoint import Interrupted
-from longctx.storage.snapshot import SnapshotError, SnapshotStore
-from longctx.stream import forward_segment, run_stream
-from longctx.text.segments import iter_segments
-from longctx.text.tokens import TokenChunk
+from longctx.storage.snapshot import SnapshotError
 
 N = 96
 TOL = 2e-4  # fp32; summed over ~100 tokens
@@ -107,23 +103,9 @@ def test_infllm_reading_every_block_equals_full_attention(family):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_snapshot_round_trip_gives_identical_states(family, method):
     """save -> load -> continue == never stopped, bit for bit, for every method on every family."""
-    backbone = family_backbone(family)
-    cls = get_method(method)
-    m = cls(cls.Options.from_mapping(small(method)), backbone)
-    ids = torch.randint(3, 400, (96,), generator=torch.Generator().manual_seed(3))
-    segs = list(iter_segments([TokenChunk(ids.numpy(), np.arange(96), 96, 0)], 16))
-    first = run_stream(backbone, m, segs[:4])
-    store = SnapshotStore()
-    store.save("rt", m.state_tensors(first.state), {"note": "test"})
-    reloaded = m.state_from_tensors(store.load("rt").tensors)
-    with torch.inference_mode():
-        outs = []
-        for state in (first.state, reloaded):
-            for seg in segs[4:]:
-                state, hidden, _ = forward_segment(backbone, m, state, seg)
-            outs.append(hidden)
-    assert torch.isfinite(outs[0]).all()
-    assert torch.equal(outs[0], outs[1])
+    live, reloaded = round_trip(family_backbone(family), method, n=96, before=4)
+    assert torch.isfinite(live).all()
+    assert torch.equal(live, reloaded)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
