@@ -68,6 +68,8 @@ def test_headings_and_sinks_are_structural_tokens():
     assert lines == ["CHAPTER I", "CHAPTER II", "# Notes"]  # prose lines and the facts are not headings
     assert heading_bytes(b"Chapter 12 In consequence of an agreement\n\nXIV.\nIt was a fine day, and he said so.\n") \
         == [(0, 41), (43, 47)]
+    prose = b"Part of the letter was lost,\nand Book-keeping was\nnot his Chapter of life.\nI said so.\n"
+    assert heading_bytes(prose) == []  # hard-wrapped prose lines that start like headings are prose
     starts = word_tokens(text)
     mask = structural_mask(starts, HEAD, len(starts), heading_bytes(data), sinks=HEAD + 3)
     marked = [i + HEAD for i in torch.nonzero(mask).flatten().tolist()]

@@ -31,10 +31,11 @@ FOCUS_TOKENS = 48  # the most relevant tokens that seed spans
 EXCERPT_CONTEXT = 60  # source bytes shown on each side of a span
 # Read after the document like a question, once per document: what it retrieves is what any question would.
 BASELINE_QUESTION = "What is this text about?"
-# A heading line: a markdown heading, a "Chapter 12"-style line, a roman numeral, or a short line in capitals.
+# A heading line: a markdown heading, a "Chapter 12" / "BOOK IV"-style line (the number is required: hard-wrapped
+# prose has short lines that start with "Part of..."), a roman numeral alone, or a short line in capitals.
 HEADING = re.compile(
-    rb"^[ \t]*(?:#{1,6}[ \t].{0,80}|(?i:chapter|book|part|volume|section|act|scene|letter|canto)\b.{0,80}"
-    rb"|[IVXLCDM]{1,8}\.?|[A-Z0-9][A-Z0-9 \t.,:;'\-]{2,60})[ \t]*\r?$", re.MULTILINE)
+    rb"^[ \t]*(?:#{1,6}[ \t].{0,80}|(?i:chapter|book|part|volume|section|act|scene|letter|canto)[ \t]+"
+    rb"(?:[0-9]+|[IVXLCDM]+)\b.{0,80}|[IVXLCDM]{1,8}\.?|[A-Z0-9][A-Z0-9 \t.,:;'\-]{2,60})[ \t]*\r?$", re.MULTILINE)
 
 
 @dataclass
