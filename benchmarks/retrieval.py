@@ -38,6 +38,7 @@ VARIANTS = {
     "memorizing (exact, top quarter)": ("memorizing", {"layers": "0.75-1"}),
     "memorizing (blocks, top quarter)": ("memorizing", {"index": "blocks", "layers": "0.75-1"}),
     "infllm": ("infllm", {}),
+    "infllm (representative)": ("infllm", {"scoring": "representative"}),
 }
 
 

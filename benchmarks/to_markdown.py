@@ -1,6 +1,7 @@
 """Render benchmark result files (JSON) as the markdown tables of docs/benchmarks.md.
 
     .venv/bin/python benchmarks/to_markdown.py benchmarks/results/foundation.json benchmarks/results/snapshots.json
+    .venv/bin/python benchmarks/to_markdown.py --readers benchmarks/results/readers_*.json   # one table, per reader
 """
 
 from __future__ import annotations
@@ -265,7 +266,62 @@ def render(d: dict) -> list[str]:
     return foundation(d)
 
 
+READER_LENGTHS = (8192, 32768)
+
+
+def _reader_order(reader: str, method: str) -> tuple[int, int, str]:
+    """Rows in catalog order (the default reader first), the in-window baseline first within a reader."""
+    from longctx.model.catalog import CATALOG
+
+    names = list(CATALOG)
+    name = reader.split(" ")[0]
+    methods = ["full", "infllm-qa", "infllm", "rag", "sinks"]
+    return (names.index(name) if name in names else len(names), methods.index(method) if method in methods else 9,
+            method)
+
+
+def readers(files: list[tuple[str, dict]]) -> list[str]:
+    """Needle QA and passkey files of several readers (models) as one table: a row per reader and method,
+    a cell per benchmark and length (items summed over the files that measured it), rates averaged over the
+    needle files; what no file measured says so."""
+    rows: dict[tuple[str, str], dict] = {}
+    for path, d in files:
+        reader = f"{d['model']['model']} ({d['model']['dtype']})"
+        for x in d["cells"]:
+            if d["benchmark"] == "needle" and x["kind"] == "absent":
+                continue
+            row = rows.setdefault((reader, x["method"]), {"files": [], "read": [], "first": [], "decode": [], "load": []})
+            got, n = row.setdefault(f"{d['benchmark']} {x['length']}", [0, 0]), x.get("items", x.get("trials"))
+            got[0], got[1] = got[0] + x["correct"], got[1] + n
+            row["files"] += [] if Path(path).name in row["files"] else [Path(path).name]
+            if d["benchmark"] == "needle":
+                for key, field in (("read", "ingest_tokens_per_s"), ("first", "first_token_s"), ("decode", "decode_tokens_per_s")):
+                    row[key] += [x[field]] if x.get(field) is not None else []
+                row["load"].append(d["environment"]["load_avg_1m"])
+
+    def mean(xs: list[float], spec: str) -> str:
+        return _f(sum(xs) / len(xs) if xs else None, spec)
+
+    head = [f"{b} {n // 1024}k" for b in ("needle", "passkey") for n in READER_LENGTHS]
+    out = ["| reader | method | " + " | ".join(head) + " | read tok/s | question → 1st token s | decode tok/s | load | result files |",
+           "|---|---|" + "---|" * (len(head) + 5)]
+    for (reader, method), row in sorted(rows.items(), key=lambda kv: _reader_order(*kv[0])):
+        cells = [f"{row[k][0]}/{row[k][1]}" if k in row else "not measured"
+                 for k in (f"{b} {n}" for b in ("needle", "passkey") for n in READER_LENGTHS)]
+        lo, hi = (min(row["load"]), max(row["load"])) if row["load"] else (None, None)
+        loads = "—" if lo is None else f"{lo:.1f}" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:.1f}–{hi:.1f}"
+        out.append(f"| {reader} | {method} | " + " | ".join(cells) + f" | {mean(row['read'], ',.0f')} "
+                   f"| {mean(row['first'], '.1f')} | {mean(row['decode'], '.1f')} | {loads} | "
+                   + " ".join(f"`{f}`" for f in row["files"]) + " |")
+    return out + [""]
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--readers"]:
+        paths = sys.argv[2:]
+        print(f"<!-- generated from {', '.join(paths)}: see docs/benchmarks.md -->")
+        print("\n".join(readers([(p, json.loads(Path(p).read_text())) for p in paths])))
+        return
     for path in sys.argv[1:]:
         d = json.loads(Path(path).read_text())
         print(f"<!-- generated from {path}: {d.get('command', 'see docs/benchmarks.md')} -->")

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from .cpus import auto_threads
 from .errors import UsageError
 from .storage.paths import longctx_home
 
@@ -58,11 +59,14 @@ def _env() -> dict[str, Any]:
 
 
 def _typed(key: str, value: Any, origin: str) -> Any:
+    if key == "threads" and isinstance(value, str) and value.strip().lower() == "auto":
+        return auto_threads()
     if key in INT_KEYS and value is not None:
         try:
             number = int(value)
         except (TypeError, ValueError):
-            raise UsageError(f"{key} from {origin} must be an integer (got {value!r})") from None
+            auto = " or 'auto'" if key == "threads" else ""
+            raise UsageError(f"{key} from {origin} must be an integer{auto} (got {value!r})") from None
         if number < 1:
             raise UsageError(f"{key} from {origin} must be >= 1 (got {number})")
         return number

@@ -10,6 +10,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .cpus import auto_threads, available_cpus
+
 # The CPU features that decide speed: bf16 matmuls are fast only with AVX512-BF16 or AMX; without them
 # torch emulates bf16 and fp32 is faster.
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -45,13 +47,14 @@ def auto_dtype_on_cpu(flags: set[str]) -> tuple[str, str]:
 
 def threads_report() -> dict[str, Any]:
     """Cores usable by this process, the load, the LONGCTX_THREADS setting and what to pass."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    usable = available_cpus()  # affinity, capped by a cgroup quota
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     busy = load is not None and load > usable - 0.5
     advice = (f"the machine is busy (load {load:.1f} on {usable} cores): --threads 1 is usually fastest" if busy
               else f"torch uses {usable} threads by default; fewer if other work shares the machine")
     return {"cores": usable, "cpus": os.cpu_count(), "load_avg_1m": load,
-            "LONGCTX_THREADS": os.environ.get("LONGCTX_THREADS"), "advice": advice}
+            "LONGCTX_THREADS": os.environ.get("LONGCTX_THREADS"), "auto_threads": auto_threads(usable, load or 0.0),
+            "advice": advice + "; --threads auto follows the load"}
 
 
 def home_report(home: Path) -> dict[str, Any]:

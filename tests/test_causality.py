@@ -94,6 +94,8 @@ def cases() -> list[Case]:
         p = load_preset(name)
         out.append(Case(p.method, sized(p.method, p.options), f"preset:{name}"))
     out.append(Case("hmt", sized("hmt", {"summary": "current"}), "hmt:summary=current"))
+    out.append(Case("infllm", sized("infllm", {"scoring": "representative", "representatives": 2}),
+                    "infllm:scoring=representative"))
     return out
 
 

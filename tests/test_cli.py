@@ -180,14 +180,14 @@ def test_cli_reference_is_current():
 
 
 def test_the_cli_starts_without_torch():
-    """--help, --version, `memory ls`, `presets list`, `methods` and `doctor` import neither torch nor
+    """--help, --version, `memory ls`, `presets list`, `methods`, `models` and `doctor` import neither torch nor
     transformers (the package face is lazy; `methods` reads the method catalog, not the classes)."""
     import subprocess
     import sys
 
     code = ("import sys\nfrom typer.testing import CliRunner\nfrom longctx.cli import app\n"
             "for args in (['--help'], ['--version'], ['memory', 'ls'], ['presets', 'list'], ['ppl', '--help'],\n"
-            "             ['methods'], ['doctor']):\n"
+            "             ['methods'], ['doctor'], ['models'], ['models', '--json'], ['models', 'install', '--help']):\n"
             "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
             "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

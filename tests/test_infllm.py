@@ -115,3 +115,47 @@ def test_blocks_past_the_trained_positions_are_refused(tiny_backbone):
     m = build(tiny_backbone, block=128, topk=64, window=2048)
     with pytest.raises(UsageError, match="trained 8192"):
         m.check_segment(512)
+
+
+def test_representative_scoring_with_every_key_equals_exact_scoring(tiny_backbone):
+    """With r = block every key represents its block, so the blocks chosen (and the perplexity) equal exact
+    scoring; with fewer representatives the choice is made from fewer keys and may differ."""
+    ids = doc(160)
+    opts = {"window": 16, "sinks": 2, "block": 8, "memory": 96, "topk": 2, "queries": 4}
+    exact = stream_nll(tiny_backbone, "infllm", ids, 8, **opts)
+    every = stream_nll(tiny_backbone, "infllm", ids, 8, scoring="representative", representatives=8, **opts)
+    assert every[0] == pytest.approx(exact[0], rel=1e-6) and every[1] == exact[1]
+
+
+def test_representatives_are_the_most_attended_tokens_and_choose_a_planted_block(tiny_backbone):
+    from longctx.methods.blockreps import BlockReps, representatives
+
+    gen = torch.Generator().manual_seed(0)
+    layers, kv_heads, dim, block = 2, 2, 16, 8
+    keys = torch.randn(layers, kv_heads, 128, dim, generator=gen)
+    queries = torch.randn(layers, 4, 3, dim, generator=gen)
+    keys[1, 0, 43] = 4 * queries[1, 1].mean(0)  # one token of block 5 answers head 1 (KV head 0) of layer 1
+    rep_keys, slots = representatives(keys, queries, block, 2, first_slot=0)
+    assert rep_keys.shape == (layers, kv_heads, 16, 2, dim) and 43 in slots[1, 0, 5].tolist()
+    assert torch.equal(rep_keys[1, 0, 5][slots[1, 0, 5] == 43][0], keys[1, 0, 43])
+    m = build(tiny_backbone, block=block, memory=128, topk=1, scoring="representative", representatives=2)
+    store = KNNStore.empty(128, layers, kv_heads, dim, dtype=torch.float32, device=torch.device("cpu"))
+    idx = torch.arange(128)
+    store.add(keys, keys.clone(), idx, idx, idx)
+    reps = BlockReps.empty(layers, kv_heads, 2, dim, dtype=torch.float32, device=torch.device("cpu"))
+    reps.put(0, rep_keys, slots, 16)
+    rec = m.recall(store, queries, reps)
+    assert rec.token_index.tolist() == list(range(40, 48)) and 43 in rec.focus.tolist()
+
+
+def test_representative_memory_survives_a_snapshot_and_a_fork(tiny_backbone):
+    m = build(tiny_backbone, window=8, sinks=1, block=4, memory=24, topk=2, scoring="representative",
+              representatives=2)
+    state, _, _ = feed(tiny_backbone, m, doc(64), 8)  # the store wrapped around: 24 of 55 tokens kept
+    assert state.reps is not None and state.reps.keys.shape[2] == 6
+    loaded = m.state_from_tensors({k: v.clone() for k, v in m.state_tensors(state).items()})
+    forked = m.fork_state(state)
+    a, _, ha = feed(tiny_backbone, m, doc(16, seed=4), 8, state, start=64)
+    for other in (loaded, forked):
+        b, _, hb = feed(tiny_backbone, m, doc(16, seed=4), 8, other, start=64)
+        assert torch.equal(ha, hb) and torch.equal(a.reps.keys, b.reps.keys)

@@ -149,7 +149,8 @@ def test_topk_over_whole_store_equals_attention_over_store_and_local(tiny_backbo
               positions=positions, distance=37, span=span)  # span: every neighbour is a hit too, read once
     state, _, _ = feed(tiny_backbone, m, ids[:80], 16)
     assert len(state.store) == 80 - 22
-    local, store = state.local, KNNStore.from_tensors(200, state.store.tensors())  # write mutates the store
+    # the next write continues both in place (the window's room and the store), so the reference reads copies
+    local, store = state.local.clone(), KNNStore.from_tensors(200, state.store.tensors())
     _, plan, hidden = feed(tiny_backbone, m, ids[80:], 1, state)
     order = store.order()
     q_pos = len(local)  # the query's relative position: after [sinks; window]
@@ -285,3 +286,19 @@ def test_a_forked_store_and_its_origin_never_see_each_others_writes():
     assert held(fork) == [2, 3, 4, 5, 100, 101, 102, 103]
     store.add(*entries(1, 50))
     assert held(store) == [*range(6), 50] and held(fork) == [2, 3, 4, 5, 100, 101, 102, 103]
+
+
+@pytest.mark.parametrize("capacity,step", [(1000, 37), (300, 50), (256, 1)])
+def test_block_means_kept_between_adds_equal_a_full_recompute(capacity, step):
+    """The blocks index averages again only the blocks an add wrote to; across growth of the buffers and the
+    ring's wrap-around its means equal those of the whole store computed afresh."""
+    layers, heads, dim, block = 2, 3, 8, 16
+    store = KNNStore.empty(capacity, layers, heads, dim, dtype=torch.float32, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(3)
+    for first in range(0, 900, step):
+        keys = torch.randn(layers, heads, step, dim, generator=gen)
+        idx = torch.arange(first, first + step)
+        store.add(keys, keys.clone(), idx, idx, idx)
+        kept = store.centroids(1, block)
+        fresh = KNNStore.from_tensors(capacity, store.tensors()).centroids(1, block)
+        torch.testing.assert_close(kept, fresh, rtol=1e-5, atol=1e-6)

@@ -128,3 +128,4 @@ def test_options_coercion():
         get_method("sinks").Options.from_mapping({"positions": "weird"})
     with pytest.raises(UsageError, match="overlap"):
         get_method("full").Options.from_mapping({"overlap": 1.5})
+

@@ -218,6 +218,8 @@ class MethodCost:
     ingest_seconds: float
     document_tokens: int
     first_token_s: float  # question -> first answer token, mean over the document's questions
+    decode_tokens: int = 0  # answer tokens after each answer's first, summed over the document's questions
+    decode_seconds: float = 0.0  # the time they took (greedy decoding over the memory)
 
 
 @dataclass
@@ -239,11 +241,13 @@ class NeedleReport:
                         continue
                     tok = sum(c.document_tokens for c in costs)
                     secs = sum(c.ingest_seconds for c in costs)
+                    dec_tok, dec_s = sum(c.decode_tokens for c in costs), sum(c.decode_seconds for c in costs)
                     out.append({"method": m, "length": n, "kind": kind, "items": len(rs),
                                 "correct": sum(r.correct for r in rs), "accuracy": sum(r.correct for r in rs) / len(rs),
                                 "failures": _failures(rs), "cited_first": _cited_first(rs),
                                 "ingest_tokens_per_s": tok / secs if secs else None,
-                                "first_token_s": sum(c.first_token_s for c in costs) / len(costs) if costs else None})
+                                "first_token_s": sum(c.first_token_s for c in costs) / len(costs) if costs else None,
+                                "decode_tokens_per_s": dec_tok / dec_s if dec_s > 0 else None})
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -315,7 +319,9 @@ def _score(report: NeedleReport, method: str, length: int, trial: int, doc: Need
     mem = r.memory
     report.costs.append(MethodCost(method, length, trial, mem.get("ingest_seconds", 0.0),
                                    mem.get("document_tokens", doc.tokens),
-                                   sum(a.first_token_s for a in r.answers) / len(r.answers)))
+                                   sum(a.first_token_s for a in r.answers) / len(r.answers),
+                                   sum(max(a.tokens - 1, 0) for a in r.answers),
+                                   sum(a.seconds - a.first_token_s for a in r.answers if a.tokens > 1)))
 
 
 def _cited(answer, data: bytes, sentence: str, *, first: bool = False) -> bool | None:

@@ -4,9 +4,9 @@ stdout carries results only (tables, --json, --jsonl); progress, warnings and er
 Exit codes: 0 ok, 1 runtime failure, 2 usage or bad input, 130 interrupted (docs/errors.md).
 
 One module per command group; this one creates the apps, and importing the group modules registers their
-commands (in the order `--help` lists them): reading (ppl, ask, generate), catalog (methods, presets),
-training (train, adapters), memory, bench, doctor. Shared option declarations live in options.py, the mapping of
-library errors to exit codes in exits.py.
+commands (in the order `--help` lists them): reading (ppl, ask, generate), catalog (methods, presets,
+models), training (train, adapters), memory, bench, doctor. Shared option declarations live in options.py,
+the mapping of library errors to exit codes in exits.py.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: every named meth
 app.add_typer(bench_app, name="bench")
 adapters_app = typer.Typer(help="List trained adapters (the default) and migrate old ones.")
 app.add_typer(adapters_app, name="adapters")
+models_app = typer.Typer(help="The named models: list them (the default), install or remove one.")
+app.add_typer(models_app, name="models")
 memory_app = typer.Typer(no_args_is_help=True, help="Inspect and manage saved memory snapshots (LONGCTX_HOME/snapshots).")
 app.add_typer(memory_app, name="memory")
 

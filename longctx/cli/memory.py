@@ -10,6 +10,7 @@ import yaml
 
 from . import memory_app
 from .exits import _errors_to_exit
+from .options import ThreadsOpt
 
 
 @memory_app.command("ls")
@@ -102,7 +103,7 @@ def memory_import(directory: Annotated[str, typer.Argument(help="An exported sna
 @_errors_to_exit
 def memory_migrate(
     name: Annotated[str, typer.Argument(help="Snapshot name.")],
-    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Re-record an old snapshot's model by the semantic fingerprint, after proving it fits.
 

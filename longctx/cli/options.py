@@ -7,14 +7,25 @@ from typing import Annotated, Any
 import typer
 import yaml
 
+from ..cpus import parse_threads
 from ..errors import UsageError
 
 # The settings resolve flag > LONGCTX_* env > user config > default (longctx.config.resolve), for the
 # reading commands and the benchmarks alike (longctx.bench.record.bench_backbone).
-ModelOpt = Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded model). \\[env: LONGCTX_MODEL]")]
+ModelOpt = Annotated[str | None, typer.Option(help="A name from `longctx models`, a local directory or an HF model id (default: smollm2-135m). \\[env: LONGCTX_MODEL]")]
 DtypeOpt = Annotated[str | None, typer.Option(help="auto, bf16, fp32 or fp16. \\[env: LONGCTX_DTYPE]")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto. \\[env: LONGCTX_DEVICE]")]
-ThreadsOpt = Annotated[int | None, typer.Option(help="torch threads. \\[env: LONGCTX_THREADS]")]
+
+
+def threads_value(value: str | None) -> int | None:
+    """`--threads N` or `--threads auto` (the CPUs the load leaves free: longctx.cpus.auto_threads)."""
+    try:
+        return parse_threads(value)
+    except UsageError as e:
+        raise typer.BadParameter(str(e).removeprefix("--threads ")) from None
+
+
+ThreadsOpt = Annotated[int | None, typer.Option(parser=threads_value, metavar="N|auto", help="torch threads, or auto: every CPU when the machine is quiet, else those the load leaves free. \\[env: LONGCTX_THREADS]")]
 SegmentOpt = Annotated[int | None, typer.Option(help="Tokens per forward (default: the preset's). \\[env: LONGCTX_SEGMENT]")]
 # One method: `-o key=value`. Several methods (--compare, the benchmarks): `-o method.key=value` picks one.
 OptionOpt = Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override key=value (repeatable).")]

@@ -348,3 +348,17 @@ def print_migration(result: dict[str, Any], what: str) -> None:
     print(f"{what} {result['name']} migrated: config equal but for transformers_version "
           f"{proof['config_matched_with_transformers_version']}, same tokenizer, {proof['tensors']}; "
           f"new version at {result['path']}")
+
+
+def print_models(rows: list[dict[str, Any]]) -> None:
+    """The model catalog, the default first: one block per model (a full sha256 does not fit a table column)."""
+    console = stdout_console()
+    for r in rows:
+        state = f"installed, {r['disk_bytes'] / 1e6:,.0f} MB on disk" if r["installed"] else "not installed"
+        default = " (default)" if r["default"] else ""
+        console.print(f"[bold]{r['name']}[/]{default}  {r['family']}, {r['parameters']} parameters, "
+                      f"trained context {r['trained_context']:,}, {state}", highlight=False)
+        for label, key in (("what", "what"), ("licence", "licence"), ("source", "source"), ("sha256", "sha256")):
+            console.print(f"  {label + ':':<9}{r[key]}", highlight=False)
+        if not r["installed"] and not r["default"]:
+            console.print(f"  install: longctx models install {r['name']}", highlight=False)

@@ -10,7 +10,7 @@ import typer
 from ..errors import UsageError
 from . import adapters_app, app
 from .exits import _errors_to_exit
-from .options import OptionOpt, ProgressOpt, _parse_overrides
+from .options import OptionOpt, ProgressOpt, ThreadsOpt, _parse_overrides
 
 _S = TypeVar("_S", bound=str)
 
@@ -43,10 +43,10 @@ def train(
     init_adapter: Annotated[str | None, typer.Option(help="Start from this adapter (e.g. HMT stage 2 from a stage-1 adapter).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore an existing checkpoint of --out and start over.")] = False,
     option: OptionOpt = None,
-    model: Annotated[str | None, typer.Option(help="HF model id or local directory (default: the embedded model).")] = None,
+    model: Annotated[str | None, typer.Option(help="A name from `longctx models`, a local directory or an HF model id (default: smollm2-135m).")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, bf16, fp32 or fp16.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto.")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
+    threads: ThreadsOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the adapter's manifest as JSON.")] = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -136,7 +136,7 @@ def adapters(ctx: typer.Context, json_out: Annotated[bool, typer.Option("--json"
 def adapters_migrate(
     name: Annotated[str, typer.Argument(help="Adapter name or directory.")],
     model: Annotated[str | None, typer.Option(help="The model it was trained on (default: the one its manifest names).")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Re-record an old adapter's model by the semantic fingerprint, after proving it fits.
 

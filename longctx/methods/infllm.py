@@ -29,10 +29,11 @@ from typing import Literal
 
 import torch
 
-from ..errors import UsageError
+from ..errors import InputError, UsageError
 from ..model.attention import ForwardOutputs, ForwardPlan
 from ..text.segments import Segment
 from .base import UniMem, option
+from .blockreps import BlockReps, representatives
 from .knnstore import KNNStore
 from .kvcache import KVPolicy, StoreMethod, StoreOptions, StoreState
 from .kvstate import KVState
@@ -51,6 +52,8 @@ class InfLLMOptions(StoreOptions):
     queries: int = option(8, "recent queries that choose the blocks")
     refresh: int = option(128, "one-token forwards (generation) choose blocks again after this many tokens")
     store_dtype: Literal["model", "bf16", "fp16"] = option("model", "dtype of the block memory (bf16/fp16 halve the RAM)")
+    scoring: Literal["exact", "representative"] = option("exact", "exact: every stored key scores its block (fp32); representative: only the block's `representatives` most-attended keys (InfLLM; model dtype)")
+    representatives: int = option(4, "r: keys per block that represent it under scoring representative (InfLLM: 4)")
 
     def __post_init__(self):
         for key in ("block", "topk", "queries", "refresh"):
@@ -58,6 +61,9 @@ class InfLLMOptions(StoreOptions):
         for key in ("memory", "window", "sinks"):
             self.check(getattr(self, key) >= 0, key, "must be >= 0")
         self.check(self.memory % self.block == 0, "memory", f"must be a multiple of block ({self.block})")
+        self.check(self.representatives >= 1, "representatives", "must be >= 1")
+        self.check(self.scoring == "exact" or self.representatives <= self.block, "representatives",
+                   f"must be at most block ({self.block})")
 
 
 @dataclass
@@ -80,6 +86,7 @@ class InfLLMState(StoreState):
     recent: torch.Tensor  # [layers, heads, <= queries, head_dim] pre-rotation queries of the last tokens read
     recalled: Recalled
     since: int = 0  # tokens read since the blocks were last chosen
+    reps: BlockReps | None = None  # representative keys per stored block (scoring representative)
 
 
 @dataclass
@@ -128,7 +135,15 @@ class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
         local, b = self.empty_kv(), self.backbone
         layers, _, _, dim = local.keys.shape
         recent = torch.zeros(layers, int(b.config.num_attention_heads), 0, dim, dtype=b.dtype, device=b.device)
-        return InfLLMState(local, self.new_store(layers), recent, self._no_recall(local))
+        store = self.new_store(layers)
+        return InfLLMState(local, store, recent, self._no_recall(local), reps=self._no_reps(store))
+
+    def _no_reps(self, store: KNNStore) -> BlockReps | None:
+        o = self.options
+        if o.scoring != "representative":
+            return None
+        layers, kv_heads, _, dim = store.keys.shape
+        return BlockReps.empty(layers, kv_heads, o.representatives, dim, dtype=store.keys.dtype, device=store.keys.device)
 
     def _no_recall(self, local: KVState) -> Recalled:
         L, H, _, D = local.keys.shape
@@ -141,10 +156,11 @@ class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
         blocks = len(state.store) // o.block
         if blocks and (len(seg) > 1 or state.since + len(seg) >= o.refresh):
             basis = self._probe(state, seg) if seg.prompt else state.recent
-            state = replace(state, recalled=self.recall(state.store, basis), since=0)
+            state = replace(state, recalled=self.recall(state.store, basis, state.reps), since=0)
         else:
             state = replace(state, since=state.since + len(seg))
         local, rec = state.local, state.recalled
+        local.check_current()
         m = len(local) + len(rec)
         key_pos = torch.arange(m + len(seg), device=local.token_index.device)
         plan = ForwardPlan(query_pos=key_pos[m:], key_pos=key_pos, capture=True, out=InfLLMOutputs())
@@ -174,12 +190,13 @@ class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
         self.backbone.forward(seg.ids, plan)
         return out.stacked()
 
-    def recall(self, store: KNNStore, queries: torch.Tensor) -> Recalled:
+    def recall(self, store: KNNStore, queries: torch.Tensor, reps: BlockReps | None = None) -> Recalled:
         """The top-k blocks for recent `queries [layers, heads, s, head_dim]`, the same blocks at every layer,
         in document order. Every head of every layer spreads its attention (softmax of q·k over all stored
         keys, averaged over the queries) over the blocks; a block scores the largest share any head gives
         it. A few heads retrieve sharply (measured: two heads of SmolLM2's layer 18 put about half their
-        mass on a pass key's block), so the maximum lets them decide, and every layer reads what they found."""
+        mass on a pass key's block), so the maximum lets them decide, and every layer reads what they found.
+        With `reps`, only each block's representative keys are scored (in the model dtype)."""
         o = self.options
         n = len(store) // o.block * o.block  # whole blocks only (the store is filled block by block)
         kv_heads, scale = store.keys.shape[1], self.backbone.head_dim**-0.5
@@ -188,6 +205,10 @@ class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
         if queries.shape[2] == 0:  # nothing read yet to choose with (a store restored without queries): the newest
             best = store.token_index[: n : o.block].float()
         for layer in range(store.keys.shape[0] if queries.shape[2] else 0):
+            if reps is not None:
+                block_mass, token_best = self._rep_mass(reps, queries[layer], layer, n, token_best)
+                best = torch.maximum(best, block_mass)
+                continue
             q = queries[layer].float()
             heads, s, dim = q.shape
             logits = (q.reshape(kv_heads, -1, dim) @ store.keys[layer, :, :n].float().transpose(1, 2)) * scale
@@ -202,13 +223,39 @@ class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
         return Recalled(store.keys[:, :, slots].to(dtype), store.values[:, :, slots].to(dtype), store.token_index[slots],
                         store.token_index[focus])
 
+    def _rep_mass(self, reps: BlockReps, queries: torch.Tensor, layer: int, n: int,
+                  token_best: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's block scores `[n/block]` from the representative keys alone (softmax over them, then the
+        sharpest head), and `token_best` raised at the representatives' slots (for citations)."""
+        nb = n // self.options.block
+        keys, slots = reps.keys[layer, :, :nb], reps.slots[layer, :, :nb]  # [kv, nb, r, d], [kv, nb, r]
+        kv_heads, _, r, dim = keys.shape
+        heads, s, _ = queries.shape
+        q = queries.to(keys.dtype).reshape(kv_heads, -1, dim)
+        logits = (q @ keys.reshape(kv_heads, nb * r, dim).transpose(1, 2)).float() * self.backbone.head_dim**-0.5
+        mass = logits.view(heads, s, nb * r).softmax(-1).mean(1)  # [heads, nb*r]
+        per_head_slots = slots.reshape(kv_heads, 1, nb * r).expand(-1, heads // kv_heads, -1).reshape(heads, -1)
+        token_best = token_best.scatter_reduce(0, per_head_slots.flatten(), mass.flatten(), "amax")
+        return mass.view(heads, nb, r).sum(-1).amax(0), token_best
+
     def write(self, state: InfLLMState, seg: Segment, plan: ForwardPlan) -> InfLLMState:
         local = self.append_captured(state.local, seg, plan)
         local, evicted = self._evict_blocks(local)
-        if evicted is not None and state.store.capacity:
-            state.store.add(evicted.keys, evicted.values, evicted.token_index, evicted.token_ids, evicted.byte_start)
         out = plan.out  # plain when the K/V came from another forward (benchmarks/retrieval.py fills so)
-        return replace(state, local=local, recent=out.stacked() if isinstance(out, InfLLMOutputs) else state.recent)
+        recent = out.stacked() if isinstance(out, InfLLMOutputs) else state.recent
+        if evicted is not None and state.store.capacity:
+            if state.reps is not None:  # scored by the queries that read the window last
+                self._add_reps(state.reps, state.store, evicted.keys, recent)
+            state.store.add(evicted.keys, evicted.values, evicted.token_index, evicted.token_ids, evicted.byte_start)
+        return replace(state, local=local, recent=recent)
+
+    def _add_reps(self, reps: BlockReps, store: KNNStore, keys: torch.Tensor, queries: torch.Tensor) -> None:
+        """The representatives of the blocks about to be added to `store` (their rows follow its newest)."""
+        o, cap = self.options, store.capacity
+        skip = max(keys.shape[2] - cap, 0)  # the store keeps at most its capacity, the newest
+        first = (store.written + skip) % cap
+        rep_keys, slots = representatives(keys[:, :, skip:], queries, o.block, o.representatives, first)
+        reps.put(first // o.block, rep_keys, slots % cap, cap // o.block)
 
     def _evict_blocks(self, local: KVState) -> tuple[KVState, KVState | None]:
         """Move the oldest window tokens to the block memory, whole blocks at a time (the window keeps up
@@ -218,19 +265,34 @@ class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
         over = held - o.window
         if over < o.block:
             return local, None
-        keep, evicted = local.fifo_split(o.sinks, held - over // o.block * o.block)
-        return local.select(keep), local.select(evicted)
+        return local.evict(o.sinks, held - over // o.block * o.block)
 
     def state_tensors(self, state: InfLLMState) -> dict[str, torch.Tensor]:
         r = state.recalled
-        return {**super().state_tensors(state), "recent": state.recent, "recalled.keys": r.keys,
-                "recalled.values": r.values, "recalled.token_index": r.token_index, "recalled.focus": r.focus, "since": torch.tensor([state.since])}
+        out = {**super().state_tensors(state), "recent": state.recent, "recalled.keys": r.keys,
+               "recalled.values": r.values, "recalled.token_index": r.token_index, "recalled.focus": r.focus, "since": torch.tensor([state.since])}
+        if state.reps is not None:
+            blocks = len(state.store) // self.options.block
+            out.update({f"reps.{k}": v for k, v in state.reps.tensors(blocks).items()})
+        return out
 
     def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> InfLLMState:
-        local, store, part = self.split_tensors(tensors, "recalled")
+        local, store, part = self.split_tensors(tensors, "recalled", "reps")
         r, dtype = part["recalled"], self.backbone.dtype
         recalled = Recalled(r["keys"].to(dtype), r["values"].to(dtype), r["token_index"], r["focus"])
-        return InfLLMState(local, store, tensors["recent"].to(self.backbone.device, dtype), recalled, int(tensors["since"][0]))
+        reps = self._no_reps(store)
+        if reps is not None and part["reps"]:
+            reps = BlockReps.from_tensors(part["reps"])
+        elif reps is not None and len(store) >= self.options.block:
+            raise InputError("this infllm memory was saved without representative keys; read the document again "
+                             "with scoring: representative")
+        return InfLLMState(local, store, tensors["recent"].to(self.backbone.device, dtype), recalled,
+                           int(tensors["since"][0]), reps=reps)
+
+    def fork_state(self, state: InfLLMState) -> InfLLMState:
+        """As every store method's, with the representative keys copied (written in place like the store)."""
+        forked = super().fork_state(state)
+        return replace(forked, reps=state.reps.clone() if state.reps is not None else None)
 
     def unimem(self) -> UniMem:
         o = self.options

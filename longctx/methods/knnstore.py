@@ -26,7 +26,9 @@ class KNNStore:
     token_ids: torch.Tensor
     byte_start: torch.Tensor
     written: int = 0  # entries ever added (slot of the next one: written % capacity)
-    _centroids: dict[int, torch.Tensor] | None = None  # block means per layer, dropped on every add
+    # block means per layer: (block, entries written when computed, means); an add leaves them, and the next
+    # `centroids` call recomputes only the blocks the add wrote to
+    _centroids: dict[int, tuple[int, int, torch.Tensor]] | None = None
     _shared: bool = False  # buffers shared with a fork: copied before the first write (copy on write)
 
     @classmethod
@@ -47,7 +49,7 @@ class KNNStore:
         """A store with the same entries whose writes never reach this one (nor this one's writes it): the
         buffers are shared until either side adds, and that side copies them first."""
         self._shared = True
-        return replace(self, _centroids=dict(self._centroids) if self._centroids else None, _shared=True)
+        return replace(self, _centroids=dict(self._centroids) if self._centroids else None, _shared=True)  # means cloned before update
 
     def _own(self) -> None:
         for name in ("keys", "values", "token_index", "token_ids", "byte_start"):
@@ -76,7 +78,6 @@ class KNNStore:
         self.token_ids.index_copy_(0, slots, token_ids)
         self.byte_start.index_copy_(0, slots, byte_start)
         self.written += e
-        self._centroids = None
 
     def _reserve(self, needed: int) -> None:
         """Grow the buffers (doubling, capped at capacity) so that `needed` slots exist."""
@@ -174,18 +175,34 @@ class KNNStore:
         return wide.clamp(min=0), valid
 
     def centroids(self, layer: int, block: int) -> torch.Tensor:
-        """Mean key of each run of `block` slots `[kv_heads, nb, d]` (the last run may be partial)."""
+        """Mean key of each run of `block` slots `[kv_heads, nb, d]` (the last run may be partial), in fp32.
+        Kept between calls: after adds, only the blocks they wrote to are averaged again."""
         if self._centroids is None:
             self._centroids = {}
-        if layer not in self._centroids:
-            n = len(self)
-            keys = self.keys[layer, :, :n].float()
-            nb = -(-n // block)
-            padded = torch.nn.functional.pad(keys, (0, 0, 0, nb * block - n))
-            counts = torch.full((nb,), float(block), device=keys.device)
-            counts[-1] = n - (nb - 1) * block
-            self._centroids[layer] = (padded.view(keys.shape[0], nb, block, -1).sum(2) / counts.view(1, -1, 1))
-        return self._centroids[layer]
+        n, nb = len(self), -(-len(self) // block)
+        cached = self._centroids.get(layer)
+        if cached is None or cached[0] != block or self.written - cached[1] >= self.capacity:
+            dirty = torch.arange(nb, device=self.keys.device)
+            means = self.keys.new_zeros(self.keys.shape[1], nb, self.keys.shape[3], dtype=torch.float)
+        else:
+            since = cached[1] + torch.arange(self.written - cached[1], device=self.keys.device)
+            dirty = torch.unique((since % self.capacity) // block)
+            means = cached[2]
+            if means.shape[1] < nb:  # the store grew: room for the new blocks (a copy of the means only)
+                means = torch.cat((means, means.new_zeros(means.shape[0], nb - means.shape[1], means.shape[2])), 1)
+            else:
+                means = means.clone()  # a fork may share the cached means
+        if dirty.numel():
+            means[:, dirty] = self._block_means(layer, block, dirty, n)
+        self._centroids[layer] = (block, self.written, means)
+        return means
+
+    def _block_means(self, layer: int, block: int, blocks: torch.Tensor, n: int) -> torch.Tensor:
+        """`[kv_heads, len(blocks), d]` fp32 means of the filled slots of the given runs of `block` slots."""
+        slots = blocks.view(-1, 1) * block + torch.arange(block, device=blocks.device)
+        filled = slots < n
+        keys = self.keys[layer][:, slots.clamp(max=n - 1)].float() * filled.unsqueeze(-1)
+        return keys.sum(2) / filled.sum(1).view(1, -1, 1)
 
     def gather(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `[kv_heads, r, k, d]` at `slots [kv_heads, r, k]` of one layer, in `dtype`."""

@@ -94,6 +94,7 @@ class KVMachinery(Method[OptionsT, StateT]):
 
     def read_kv(self, state: KVState, seg: Segment) -> tuple[KVState, ForwardPlan]:
         """The plan over [cache; segment] under the policy (re-prefilling the window first when it overflows)."""
+        state.check_current()
         p = self.policy()
         if p.context is not None and len(state) + len(seg) > p.context:
             state = self._recompute(state, min(p.keep, p.context - len(seg)))
@@ -183,8 +184,8 @@ class KVCacheMethod(KVMachinery[OptionsT, KVState]):
         return self.kv_from_tensors(tensors)
 
     def fork_state(self, state: KVState) -> KVState:
-        """KVState is never changed in place (appends and evictions build new tensors), so sharing it is a copy."""
-        return state
+        """A copy: a state's room is written in place by whichever state continues it (kvstate.py)."""
+        return state.clone()
 
     def dump(self, state: KVState) -> list[dict[str, Any]]:
         return self.dump_kv(state)
@@ -239,9 +240,10 @@ class StoreMethod(KVMachinery[StoreOptionsT, StoreStateT]):
         return local, KNNStore.from_tensors(self.options.memory, part["store"]), part
 
     def fork_state(self, state: StoreStateT) -> StoreStateT:
-        """The window is shared (never changed in place); the store is copied only if one side writes to it
-        (a question and its answer usually stay within the window, so asking about a large store is cheap)."""
-        return replace(state, store=state.store.fork())
+        """The store is copied only if one side writes to it
+        (a question and its answer usually stay within the window, so asking about a large store is cheap).
+        The window is copied: its room is written in place by whichever state continues it (kvstate.py)."""
+        return replace(state, local=state.local.clone(), store=state.store.fork())
 
     def dump(self, state: StoreStateT) -> list[dict[str, Any]]:
         """Sinks and window (every layer), then the store's runs of tokens, oldest first."""

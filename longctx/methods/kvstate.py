@@ -3,13 +3,40 @@
 This is memory *state* (what a document put into memory), kept apart from any `nn.Module` parameters.
 Every entry remembers the token it came from (index in the document, id, byte offset) so positions can be
 re-assigned without drift, a window can be recomputed, and `memory dump` can show provenance.
+
+A state is a contiguous view of a preallocated `Room` (entries in document order), so the attention reads
+the memory without a copy, and a step moves only what is new: appending writes past the newest entry,
+evicting the oldest entries advances the view's start (the few sink entries in front of them move forward
+with it). The room is re-allocated, copying the live entries once, only when it is full: an amortised
+O(1) cost per token whatever the window size, where concatenating and selecting copied all of it twice
+per step. Only the newest state of a room writes into it; an older one (or a fork) copies first.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 import torch
+
+MIN_ROOM = 64  # entries of the smallest room
+
+
+@dataclass
+class Room:
+    """Storage behind `KVState` views: keys/values `[layers, kv_heads, size, head_dim]`, `index [3, size]`
+    (token_index, token_ids, byte_start). `end`: the slot after the newest entry any view holds (only the view
+    ending there may append in place). `epoch`: bumped whenever slots a view holds are overwritten, which
+    makes every view of an earlier epoch stale."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    index: torch.Tensor
+    end: int = 0
+    epoch: int = 0
+
+    @property
+    def size(self) -> int:
+        return int(self.index.shape[1])
 
 
 @dataclass
@@ -21,6 +48,9 @@ class KVState:
     token_index: torch.Tensor  # int64: position of the source token in the document
     token_ids: torch.Tensor  # int64: the source token (lets `full` recompute its window)
     byte_start: torch.Tensor  # int64: byte offset of the source token in the document
+    room: Room | None = field(default=None, repr=False, compare=False)  # None: the tensors own their storage
+    start: int = 0  # slot of the first entry in `room`
+    epoch: int = 0  # the room's epoch when this view was made
 
     @classmethod
     def empty(cls, layers: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype, device: torch.device) -> KVState:
@@ -29,25 +59,70 @@ class KVState:
         idx = torch.zeros(0, dtype=torch.long, device=device)
         return cls(kv, kv.clone(), idx, idx.clone(), idx.clone())
 
+    @classmethod
+    def _view(cls, room: Room, start: int, n: int) -> KVState:
+        end = start + n
+        return cls(room.keys[:, :, start:end], room.values[:, :, start:end], room.index[0, start:end],
+                   room.index[1, start:end], room.index[2, start:end], room, start, room.epoch)
+
     def __len__(self) -> int:
         return int(self.token_index.numel())
 
+    @property
+    def stale(self) -> bool:
+        """Whether a newer state of the same room has overwritten slots this view holds."""
+        return self.room is not None and self.room.epoch != self.epoch
+
+    def check_current(self) -> None:
+        """Refuse to read a stale view (a state continued from twice without `clone()`)."""
+        if self.stale:
+            raise RuntimeError("this key/value memory was continued by a newer state, which overwrote it; "
+                               "fork (clone) a memory before continuing it twice")
+
+    def _is_tip(self) -> bool:
+        room = self.room
+        return room is not None and not self.stale and self.start + len(self) == room.end
+
+    def _new_room(self, extra: int) -> Room:
+        """A room holding a copy of these entries, with space for `extra` more (and as many again)."""
+        n = len(self)
+        layers, heads, _, dim = self.keys.shape
+        size = max(2 * (n + extra), MIN_ROOM)
+        keys = self.keys.new_empty(layers, heads, size, dim)
+        values = self.values.new_empty(layers, heads, size, dim)
+        index = self.token_index.new_empty(3, size)
+        keys[:, :, :n], values[:, :, :n] = self.keys, self.values
+        index[0, :n], index[1, :n], index[2, :n] = self.token_index, self.token_ids, self.byte_start
+        return Room(keys, values, index, end=n)
+
     def append(self, keys: torch.Tensor, values: torch.Tensor, token_index: torch.Tensor,
                token_ids: torch.Tensor, byte_start: torch.Tensor) -> KVState:
-        """Add entries at the end (new tokens are always the newest)."""
-        return KVState(
-            torch.cat((self.keys, keys), dim=2),
-            torch.cat((self.values, values), dim=2),
-            torch.cat((self.token_index, token_index)),
-            torch.cat((self.token_ids, token_ids)),
-            torch.cat((self.byte_start, byte_start)),
-        )
+        """Add entries at the end (new tokens are always the newest). Writes only the new entries when this is
+        the newest state of a room with space left; otherwise copies into a new room twice the size."""
+        self.check_current()
+        e = int(token_index.numel())
+        room, start = self.room, self.start
+        if room is None or not self._is_tip() or room.end + e > room.size:
+            room, start = self._new_room(e), 0
+        at = room.end
+        room.keys[:, :, at : at + e] = keys
+        room.values[:, :, at : at + e] = values
+        room.index[0, at : at + e], room.index[1, at : at + e], room.index[2, at : at + e] = token_index, token_ids, byte_start
+        room.end = at + e
+        return KVState._view(room, start, len(self) + e)
 
     def select(self, keep: torch.Tensor) -> KVState:
-        """Keep the entries at integer indices `keep` (in that order)."""
+        """Keep the entries at integer indices `keep` (in that order), as a copy."""
+        self.check_current()
         keep = keep.to(self.token_index.device)
         return KVState(self.keys[:, :, keep], self.values[:, :, keep], self.token_index[keep],
                        self.token_ids[keep], self.byte_start[keep])
+
+    def span(self, a: int, b: int) -> KVState:
+        """A copy of entries `a..b-1`."""
+        self.check_current()
+        return KVState(self.keys[:, :, a:b].clone(), self.values[:, :, a:b].clone(), self.token_index[a:b].clone(),
+                       self.token_ids[a:b].clone(), self.byte_start[a:b].clone())
 
     def non_sinks(self, sinks: int) -> int:
         """Entries that are not sinks (document tokens >= `sinks`)."""
@@ -60,14 +135,50 @@ class KVState:
         cut = max(others.numel() - capacity, 0)
         return torch.cat((torch.nonzero(is_sink).flatten(), others[cut:])), others[:cut]
 
+    def _sink_prefix(self, sinks: int) -> int | None:
+        """How many leading entries are sinks, when every sink entry leads (the usual layout); else None."""
+        is_sink = self.token_index < sinks
+        ns = int(is_sink.sum())
+        return ns if bool(is_sink[:ns].all()) else None
+
+    def drop_oldest(self, sinks: int, count: int) -> KVState:
+        """Without the `count` oldest non-sink entries. In place for the newest state of a room whose sinks
+        lead: the view starts `count` slots later and the sink entries move up to meet it."""
+        self.check_current()
+        ns = self._sink_prefix(sinks)
+        if count <= 0:
+            return self
+        if ns is None or self.room is None or not self._is_tip():
+            keep, _ = self.fifo_split(sinks, self.non_sinks(sinks) - count)
+            return self.select(keep)
+        room, a = self.room, self.start
+        if ns:  # a handful of entries; cloned first because source and target may overlap
+            b = a + count
+            room.keys[:, :, b : b + ns] = room.keys[:, :, a : a + ns].clone()
+            room.values[:, :, b : b + ns] = room.values[:, :, a : a + ns].clone()
+            room.index[:, b : b + ns] = room.index[:, a : a + ns].clone()
+            room.epoch += 1  # views of this room that held the overwritten slots are now stale
+        return KVState._view(room, a + count, len(self) - count)
+
     def fifo(self, sinks: int, capacity: int) -> KVState:
         """Keep the sink entries (document tokens < `sinks`) and the newest `capacity` others."""
-        if self.non_sinks(sinks) <= capacity:
-            return self
-        return self.select(self.fifo_split(sinks, capacity)[0])
+        return self.drop_oldest(sinks, self.non_sinks(sinks) - capacity)
+
+    def evict(self, sinks: int, capacity: int) -> tuple[KVState, KVState | None]:
+        """`fifo(sinks, capacity)` and a copy of what it evicted (oldest first; None if nothing)."""
+        over = self.non_sinks(sinks) - capacity
+        if over <= 0:
+            return self, None
+        ns = self._sink_prefix(sinks)
+        if ns is None:
+            keep, evicted = self.fifo_split(sinks, capacity)
+            return self.select(keep), self.select(evicted)
+        gone = self.span(ns, ns + over)  # copied before the sinks move over those slots
+        return self.drop_oldest(sinks, over), gone
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Named tensors of the state (for snapshots and `memory dump`)."""
+        self.check_current()
         return {"keys": self.keys, "values": self.values, "token_index": self.token_index,
                 "token_ids": self.token_ids, "byte_start": self.byte_start}
 
@@ -77,4 +188,5 @@ class KVState:
         return cls(t["keys"], t["values"], t["token_index"], t["token_ids"], t["byte_start"])
 
     def clone(self) -> KVState:
-        return replace(self, **{k: v.clone() for k, v in self.tensors().items()})
+        """An independent copy (its own storage): continuing it never touches this state, nor the reverse."""
+        return KVState.from_tensors({k: v.clone() for k, v in self.tensors().items()})

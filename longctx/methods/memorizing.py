@@ -222,14 +222,13 @@ class Memorizing(StoreMethod[MemorizingOptionsT, MemorizingState]):
 
     def write(self, state: MemorizingState, seg: Segment, plan: ForwardPlan) -> MemorizingState:
         local = self.append_captured(state.local, seg, plan)
-        keep, evicted = local.fifo_split(self.options.sinks, self.options.window)
-        if evicted.numel() and state.store.capacity and self.retrieval_layers:
-            gone = local.select(evicted)
+        local, gone = local.evict(self.options.sinks, self.options.window)
+        if gone is not None and state.store.capacity and self.retrieval_layers:
             layers = torch.tensor(self.retrieval_layers, device=gone.keys.device)
             state.store.add(gone.keys[layers], gone.values[layers], gone.token_index, gone.token_ids, gone.byte_start)
         fresh = plan.out.voters if isinstance(plan.out, MemorizingOutputs) else None  # None: K/V of another forward
         voters = torch.stack([fresh[i] for i in range(len(fresh))]) if fresh else state.voters
-        return replace(state, local=local.select(keep) if evicted.numel() else local, voters=voters)
+        return replace(state, local=local, voters=voters)
 
     def state_tensors(self, state: MemorizingState) -> dict[str, torch.Tensor]:
         out = super().state_tensors(state)

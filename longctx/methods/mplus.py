@@ -29,6 +29,7 @@ from torch import nn
 from ..model.attention import ForwardOutputs, ForwardPlan
 from ..text.segments import Segment
 from .base import OWN, UniMem, option
+from .longterm import LongTerm
 from .memoryllm import UPDATE, MemoryLLM, MemoryLLMOptions, MemoryLLMParams, PoolState, slot_groups, summary_row
 from .recurrent import gaussian
 from .registry import register
@@ -50,36 +51,6 @@ class MPlusOptions(MemoryLLMOptions):
         self.check(self.retrieve >= 1, "retrieve", "must be >= 1")
         self.check(self.retriever_dim >= 1, "retriever_dim", "must be >= 1")
         self.check(self.retriever_loss >= 0.0, "retriever_loss", "must be >= 0")
-
-
-@dataclass
-class LongTerm:
-    """The long-term store (CPU), one row per slot in insertion order: `hidden [m, layers, d]`, `keys
-    [m, layers, r]` (f_k at insertion, fp32), `origin [m, 6]` (as the pool's; column UPDATE is the age) and
-    `freq [m, layers]` recall frequencies; counters: LTM updates (merges) and slots pruned."""
-
-    hidden: torch.Tensor
-    keys: torch.Tensor
-    origin: torch.Tensor
-    freq: torch.Tensor
-    merges: int = 0
-    pruned: int = 0
-
-    def __len__(self) -> int:
-        return int(self.hidden.shape[0])
-
-    def select(self, rows: torch.Tensor) -> LongTerm:
-        return replace(self, hidden=self.hidden[rows], keys=self.keys[rows], origin=self.origin[rows],
-                       freq=self.freq[rows])
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"ltm.hidden": self.hidden, "ltm.keys": self.keys, "ltm.origin": self.origin, "ltm.freq": self.freq,
-                "ltm.counters": torch.tensor([self.merges, self.pruned])}
-
-    @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor]) -> LongTerm:
-        c = [int(x) for x in t["ltm.counters"].tolist()]
-        return cls(t["ltm.hidden"].cpu(), t["ltm.keys"].cpu(), t["ltm.origin"].cpu(), t["ltm.freq"].cpu(), *c)
 
 
 @dataclass
@@ -174,6 +145,7 @@ class MPlus(MemoryLLM[MPlusOptions]):
         # text chooses with the segment read before it (causal); a prompt with its own tokens
         basis = OWN if seg.prompt else state.queries
         ltm = state.ltm
+        ltm.check_current()
 
         def tap(current: ForwardPlan, layer: int, h: torch.Tensor) -> None:
             out = current.out
@@ -220,12 +192,10 @@ class MPlus(MemoryLLM[MPlusOptions]):
         """Rows of the store: the `count` slots most relevant to the f_q projections `chooser [n, r]` at this
         layer (None: the newest), oldest first (CPU long)."""
         if chooser is None:
-            top = torch.arange(len(ltm) - count, len(ltm))
-        else:
-            with torch.no_grad():
-                relevance = score(chooser, ltm.keys[:, layer].to(chooser.device))
-            top = torch.topk(relevance, count).indices.cpu().sort().values
-        return top[torch.sort(ltm.origin[top, UPDATE], stable=True).indices]
+            return ltm.oldest_first(ltm.newest(count))
+        with torch.no_grad():
+            relevance = score(chooser, ltm.keys[:, layer].to(chooser.device))
+        return ltm.oldest_first(torch.topk(relevance, count).indices.cpu())
 
     # ---- retriever training --------------------------------------------------------------------------------
     def retriever_bce(self, ltm: LongTerm, layer: int, h_x: torch.Tensor, count: int) -> torch.Tensor:
@@ -276,21 +246,11 @@ class MPlus(MemoryLLM[MPlusOptions]):
     def merge(self, ltm: LongTerm, hidden: torch.Tensor, origin: torch.Tensor) -> LongTerm:
         """One LTM update: every frequency -1, the dropped slots (`hidden [layers, j, d]`) appended with f_k
         keys and `recall_init`, then the lowest summed frequencies pruned down to `ltm` slots (ties: the
-        newer slot stays); the rest keep their order."""
+        newer slot stays); insertion order is kept by the store's `seq`."""
         with torch.no_grad():
             keys = torch.stack([self.project("k", i, hidden[i].detach()) for i in range(hidden.shape[0])], dim=1)
-        j = hidden.shape[1]
-        grown = LongTerm(torch.cat((ltm.hidden, hidden.detach().transpose(0, 1).to(ltm.hidden.dtype).cpu())),
-                         torch.cat((ltm.keys, keys.cpu())), torch.cat((ltm.origin, origin.cpu())),
-                         torch.cat((ltm.freq - 1, torch.full((j, ltm.freq.shape[1]), self.options.recall_init))),
-                         ltm.merges + 1, ltm.pruned)
-        over = len(grown) - self.options.ltm
-        if over <= 0:
-            return grown
-        m = len(grown)
-        rank = grown.freq.sum(1) * m + torch.arange(m)  # frequency first, then insertion order
-        keep = torch.topk(rank, self.options.ltm).indices.sort().values
-        return replace(grown.select(keep), pruned=grown.pruned + over)
+        return ltm.merged(hidden.detach().transpose(0, 1).cpu(), keys.cpu(), origin.cpu(), self.options.recall_init,
+                          self.options.ltm)
 
     # ---- memory dump ---------------------------------------------------------------------------------------
     def dump(self, state: PoolState) -> list[dict[str, Any]]:

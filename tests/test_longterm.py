@@ -1,0 +1,75 @@
+"""M+'s long-term store in its room: updates write only the new slots, yet the store equals the old
+concatenate-prune-select path update after update (insertion order, frequencies, pruning ties)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longctx.methods.longterm import LongTerm
+
+LAYERS, D, R = 3, 5, 2
+
+
+def plain_merge(t: dict[str, torch.Tensor], hidden, keys, origin, recall_init: int, capacity: int) -> dict[str, torch.Tensor]:
+    """The old path: concatenate, then keep the highest (frequency sum, insertion order), in insertion order."""
+    freq = torch.cat((t["freq"] - 1, torch.full((len(hidden), LAYERS), recall_init)))
+    grown = {"hidden": torch.cat((t["hidden"], hidden)), "keys": torch.cat((t["keys"], keys)),
+             "origin": torch.cat((t["origin"], origin)), "freq": freq}
+    m = len(freq)
+    if m <= capacity:
+        return grown
+    keep = torch.topk(freq.sum(1) * m + torch.arange(m), capacity).indices.sort().values
+    return {k: v[keep] for k, v in grown.items()}
+
+
+def slots(first: int, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = torch.arange(first, first + j, dtype=torch.float)
+    return (n.view(j, 1, 1).expand(j, LAYERS, D).clone(), n.view(j, 1, 1).expand(j, LAYERS, R).clone(),
+            torch.arange(first, first + j).view(j, 1).expand(j, 6).clone())
+
+
+@pytest.mark.parametrize("capacity,j", [(10, 3), (7, 7), (16, 5)])
+def test_room_equals_concatenate_prune_select(capacity, j):
+    gen = torch.Generator().manual_seed(0)
+    ltm = LongTerm(torch.zeros(0, LAYERS, D), torch.zeros(0, LAYERS, R), torch.zeros(0, 6, dtype=torch.long),
+                   torch.zeros(0, LAYERS, dtype=torch.long))
+    ref = {"hidden": ltm.hidden, "keys": ltm.keys, "origin": ltm.origin, "freq": ltm.freq}
+    rooms = set()
+    for u in range(40):
+        new = slots(u * j, j)
+        ltm = ltm.merged(*new, recall_init=3, capacity=capacity)
+        ref = plain_merge(ref, *new, recall_init=3, capacity=capacity)
+        # recalls between updates, as M+'s write adds them (same rows in both: found by content)
+        bump = torch.randint(0, 3, (len(ltm), LAYERS), generator=gen)
+        order = ltm.in_order()
+        ltm.freq = ltm.freq.clone()
+        ltm.freq[order] += bump
+        ref["freq"] = ref["freq"] + bump
+        got = ltm.tensors()
+        for name in ("hidden", "keys", "origin", "freq"):
+            assert torch.equal(got[f"ltm.{name}"], ref[name]), (u, name)
+        rooms.add(id(ltm.room))
+    assert len(rooms) <= 3  # grown twice at most, then written in place
+    assert ltm.pruned == 40 * j - capacity and ltm.merges == 40
+
+
+def test_newest_and_oldest_first_follow_insertion_order_not_rows():
+    ltm = LongTerm(*slots(0, 6)[:2], slots(0, 6)[2], torch.zeros(6, LAYERS, dtype=torch.long))
+    for u in range(1, 4):
+        ltm = ltm.merged(*slots(6 * u, 2), recall_init=u, capacity=6)
+    order = ltm.in_order()
+    assert torch.equal(ltm.newest(2).sort().values, order[-2:].sort().values)
+    rows = ltm.oldest_first(torch.arange(len(ltm)))
+    assert ltm.origin[rows, 0].tolist() == sorted(ltm.origin[:, 0].tolist())
+
+
+def test_a_store_continued_twice_needs_a_copy():
+    ltm = LongTerm(*slots(0, 4)[:2], slots(0, 4)[2], torch.zeros(4, LAYERS, dtype=torch.long))
+    ltm = ltm.merged(*slots(4, 2), recall_init=1, capacity=6)
+    copy = LongTerm.from_tensors({k: v.clone() for k, v in ltm.tensors().items()})
+    ltm.merged(*slots(6, 2), recall_init=5, capacity=6)  # prunes: overwrites rows `ltm` holds
+    with pytest.raises(RuntimeError, match="fork"):
+        ltm.tensors()
+    again = copy.merged(*slots(6, 2), recall_init=5, capacity=6)
+    assert len(again) == 6 and again.pruned == 2
