@@ -190,7 +190,20 @@ def needle(d: dict) -> list[str]:
                    f"| {split} | {_f(sum(rates) / len(rates) if rates else None, ',.0f')} "
                    f"| {_f(sum(firsts) / len(firsts) if firsts else None)} |")
     out += ["", "Protocols: " + "; ".join(f"`{m}`: `{p}`" for m, p in d["methods"].items()), ""]
-    return out
+    return out + _first_citations(d)
+
+
+def _first_citations(d: dict) -> list[str]:
+    """Per method, how often the answer's first citation held the fact (files from before this was recorded:
+    nothing)."""
+    out = []
+    for m in d["methods"]:
+        cs = [x["cited_first"] for x in d["cells"] if x["method"] == m and x["kind"] == "needle" and x.get("cited_first")]
+        if cs:
+            n = {k: sum(c[k] for c in cs) for k in cs[0]}
+            out.append(f"- `{m}`: the first citation holds the fact in {n['answered_first']}/{n['answered']} answered "
+                       f"(correct) questions, {n['first']}/{n['items']} of all cited needle questions.")
+    return ["First citation (`ask --cite`):", "", *out, ""] if out else []
 
 
 def retention(d: dict) -> list[str]:

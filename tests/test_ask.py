@@ -21,7 +21,15 @@ from longctx.errors import UsageError
 from longctx.model.backbone import Backbone, ModelInfo
 from longctx.run import prepare_run
 from longctx.storage.snapshot import SnapshotStore
-from longctx.tasks.citations import MERGE_GAP, RetrievalTally
+from longctx.tasks.citations import (
+    BASELINE_QUESTION,
+    MERGE_GAP,
+    RetrievalTally,
+    heading_bytes,
+    rank_spans,
+    relevance,
+    structural_mask,
+)
 from longctx.tasks.decode import continue_text, extend, fork, ingest, plain_segments
 from longctx.tasks.generation import generate
 from longctx.tasks.ingestion import read_document
@@ -264,11 +272,19 @@ def test_memorizing_cites_the_store_entries_it_retrieved(tiny_backbone, doc):
     assert len(picked) and int(picked.min()) >= lo and int(picked.max()) < hi
 
     text = Path(doc).read_bytes()
-    spans = tally.spans()
+    # ranked by relevance: the picks' share less that of the question-independent probe, headings and sinks out
+    probe = extend(tiny_backbone, m, fork(m, mem.done), torch.tensor(tail_ids(tiny_backbone, BASELINE_QUESTION)))
+    baseline = RetrievalTally(n_head, n_head + n_doc)
+    baseline.add(probe.last_plan)
+    assert baseline.forwards == 1 and int(baseline.counts.sum()) > 0
+    structural = structural_mask(mem.byte_start, n_head, n_head + n_doc, heading_bytes(text), m.options.sinks)
+    weights = relevance(tally.counts, baseline.counts, structural)
+    spans = [(a + n_head, b + n_head, w) for a, b, w in rank_spans(weights)]
     assert [(a - n_head, b - n_head) for a, b, _ in spans] == [c.tokens for c in answer.citations]
     for c, (a, b, share) in zip(answer.citations, spans, strict=True):
         assert c.weight == round(share, 4)
-        assert tally.counts[a - n_head] > 0 and tally.counts[b - 1 - n_head] > 0  # spans start and end at picks
+        assert c.reads == round(int(tally.counts[a - n_head:b - n_head].sum()) / int(tally.counts.sum()), 4)
+        assert weights[a - n_head] > 0 and weights[b - 1 - n_head] > 0  # spans start and end at relevant picks
         assert lo <= a < b <= hi
         assert 0 <= c.byte_start < c.byte_end <= size
         assert c.byte_start == int(mem.byte_start[a])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,29 @@ def test_infllm_copies_a_pass_key_from_its_block_memory(default_backbone, book):
         result = run_trial(default_backbone, method, trial, 512, 8)
         assert result.held == "store" and result.retrieved == 1.0
         assert result.correct, result.answer
+
+
+@pytest.mark.model
+def test_default_model_cites_each_facts_own_span(default_backbone, book, tmp_path):
+    """Two questions about two facts planted past the window of `ask`'s default method (a tuning-set
+    document: seed 0): each answer's first citation holds its own fact's sentence."""
+    from longctx.bench.needle import make_document, make_facts
+    from longctx.bench.passkey import Filler
+    from longctx.tasks.qa import ask
+
+    rng = random.Random(0)
+    facts, absent = make_facts(rng, 2)
+    doc = make_document(default_backbone.tokenizer, Filler.from_file(book, default_backbone.tokenizer), 4096,
+                        facts, absent, rng)
+    path = tmp_path / "needle.txt"
+    path.write_text(doc.text, encoding="utf-8")
+    report = ask(str(path), [f.question for f in doc.facts], backbone=default_backbone, max_new_tokens=24,
+                 cite=True, reuse=False, save=False)
+    firsts = []
+    for fact, answer in zip(doc.facts, report.answers, strict=True):
+        assert answer.citations and answer.citations[0].kind == "retrieved", answer
+        first = answer.citations[0]
+        lo = doc.text.encode().index(fact.sentence.encode())
+        assert first.byte_start < lo + len(fact.sentence.encode()) and first.byte_end > lo, (fact.sentence, first)
+        firsts.append(first.tokens)
+    assert firsts[0] != firsts[1]

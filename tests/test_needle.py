@@ -103,3 +103,8 @@ def test_needle_items_say_whether_the_fact_was_retrieved(tiny_backbone, syntheti
         assert r.failure == (None if r.correct else ("read, not answered" if r.retrieved else "not retrieved"))
     cell = next(c for c in report.cells() if c["method"] == "memorizing" and c["kind"] == "needle")
     assert sum(cell["failures"].values()) == cell["items"] - cell["correct"]
+    # the first citation holding the fact is a subset of any citation holding it
+    assert all(r.cited_first is None for r in xl) and all(r.retrieved or not r.cited_first for r in mem)
+    assert cell["cited_first"] == {"items": len(mem), "first": sum(bool(r.cited_first) for r in mem),
+                                   "answered": sum(r.correct for r in mem),
+                                   "answered_first": sum(bool(r.cited_first) and r.correct for r in mem)}

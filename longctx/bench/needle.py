@@ -198,6 +198,8 @@ class ItemResult:
     # the fact's sentence was among the spans the answer's memory retrieved (`ask --cite`); None: nothing
     # was retrieved (position-reading methods, or an empty store), so misses cannot be split
     retrieved: bool | None = None
+    # the answer's first (most relevant) citation overlaps the fact's sentence; None: nothing retrieved
+    cited_first: bool | None = None
 
     @property
     def failure(self) -> str | None:
@@ -242,7 +244,8 @@ class NeedleReport:
                     dec_tok, dec_s = sum(c.decode_tokens for c in costs), sum(c.decode_seconds for c in costs)
                     out.append({"method": m, "length": n, "kind": kind, "items": len(rs),
                                 "correct": sum(r.correct for r in rs), "accuracy": sum(r.correct for r in rs) / len(rs),
-                                "failures": _failures(rs), "ingest_tokens_per_s": tok / secs if secs else None,
+                                "failures": _failures(rs), "cited_first": _cited_first(rs),
+                                "ingest_tokens_per_s": tok / secs if secs else None,
                                 "first_token_s": sum(c.first_token_s for c in costs) / len(costs) if costs else None,
                                 "decode_tokens_per_s": dec_tok / dec_s if dec_s > 0 else None})
         return out
@@ -253,6 +256,17 @@ class NeedleReport:
                 "cells": self.cells(),
                 "items": [{**asdict(r), "failure": r.failure} for r in self.items],
                 "costs": [asdict(c) for c in self.costs]}
+
+
+def _cited_first(items: list[ItemResult]) -> dict[str, int] | None:
+    """How many answers' first citation held the fact: of all items with citations and of those answered
+    correctly (None: nothing was cited, e.g. the absent fact or a position-reading method)."""
+    cited = [r for r in items if r.cited_first is not None]
+    if not cited:
+        return None
+    right = [r for r in cited if r.correct]
+    return {"items": len(cited), "first": sum(bool(r.cited_first) for r in cited),
+            "answered": len(right), "answered_first": sum(bool(r.cited_first) for r in right)}
 
 
 def _failures(items: list[ItemResult]) -> dict[str, int]:
@@ -293,7 +307,8 @@ def _score(report: NeedleReport, method: str, length: int, trial: int, doc: Need
     data = doc.text.encode("utf-8")
     for fact, depth, a in zip(doc.facts, doc.depths, r.answers):
         report.items.append(ItemResult(method, length, trial, "needle", fact.kind, depth, fact.question, fact.answer,
-                                       a.text, answered(a.text, fact.answer), _cited(a, data, fact.sentence)))
+                                       a.text, answered(a.text, fact.answer), _cited(a, data, fact.sentence),
+                                       _cited(a, data, fact.sentence, first=True)))
         if on_item is not None:
             on_item(report.items[-1])
     last = r.answers[-1]
@@ -309,9 +324,10 @@ def _score(report: NeedleReport, method: str, length: int, trial: int, doc: Need
                                    sum(a.seconds - a.first_token_s for a in r.answers if a.tokens > 1)))
 
 
-def _cited(answer, data: bytes, sentence: str) -> bool | None:
-    """Whether a retrieved citation of the answer overlaps the fact's sentence (None: nothing retrieved)."""
-    spans = [c for c in answer.citations if c.kind == "retrieved"]
+def _cited(answer, data: bytes, sentence: str, *, first: bool = False) -> bool | None:
+    """Whether a retrieved citation of the answer (with `first`, its first one) overlaps the fact's sentence
+    (None: nothing retrieved)."""
+    spans = [c for c in answer.citations if c.kind == "retrieved"][: 1 if first else None]
     if not spans:
         return None
     lo = data.index(sentence.encode("utf-8"))

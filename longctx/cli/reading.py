@@ -320,7 +320,7 @@ def ask(
     questions_file: Annotated[str | None, typer.Option("--questions", metavar="FILE", help="Questions, one per line ('#' lines skipped), all answered over one reading.")] = None,
     method: Annotated[str | None, typer.Option("--method", "-m", help="Memory method or preset, or rag (the retrieval-augmented baseline). Default: infllm-qa.")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Method option override key=value (repeatable); for rag: topk, chunk_tokens, embedder.")] = None,
-    cite: Annotated[bool, typer.Option("--cite", help="Print the source spans (byte offsets, a PDF's page, excerpts) the memory retrieved for each answer.")] = False,
+    cite: Annotated[bool, typer.Option("--cite", help="Print the source spans that support each answer (byte offsets, a PDF's page, relevance share, excerpts).")] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 128,
     temperature: TemperatureOpt = 0.0,
     top_k: TopKOpt = 0,
@@ -396,10 +396,18 @@ def _print_citations(answers, path: str | None) -> None:
         if a.cite_note:
             print(f"[note{label}] {a.cite_note}")
         for c in a.citations[:8]:
-            share = f" {100 * c.weight:.0f}% of reads" if c.weight is not None else ""
             page = location(path, c.byte_start, c.byte_end)  # 'p. 12' for a PDF, '' for text
-            print(f"[{c.kind}{label}] {page + ', ' if page else ''}bytes {c.byte_start}-{c.byte_end}{share}: "
+            print(f"[{c.kind}{label}] {page + ', ' if page else ''}bytes {c.byte_start}-{c.byte_end}{_weight(c)}: "
                   f"{c.excerpt or ''}")
+
+
+def _weight(c) -> str:
+    """A memory's citation: its relevance share and share of reads; a RAG chunk: its cosine similarity."""
+    if c.weight is None:
+        return ""
+    if c.reads is None:
+        return f" similarity {c.weight:.2f}"
+    return f" relevance {100 * c.weight:.0f}% ({100 * c.reads:.0f}% of reads)"
 
 
 def _with_pages(report: dict[str, Any]) -> dict[str, Any]:

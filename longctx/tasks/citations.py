@@ -3,14 +3,21 @@
 While an answer is generated, every forward's plan records, per retrieval layer, the document token each
 head's top-k picked for each query (`ForwardOutputs.retrieved`). `RetrievalTally` counts, for the query that
 chooses the next token (the last prompt token, then each generated token), how often every document token
-was picked over layers, heads and steps. The most-picked tokens seed spans (seeds close together join),
-ranked by their share of all picks; each span carries its byte offsets and an excerpt of the source.
-Methods that read memory by position (windows, sinks, memory tokens) retrieve nothing: their citation is
-what memory held.
+was picked over layers, heads and steps. Methods that read memory by position (windows, sinks, memory
+tokens) retrieve nothing: their citation is what memory held.
+
+Raw picks say where the heads rest more than where the answer is: the oldest stored tokens and chapter
+headings draw picks whatever the question. So a citation ranks *relevance*, not picks (`relevance`):
+structural tokens (heading lines, the method's attention sinks) are left out, and the picks of a
+question-independent probe (`BASELINE_QUESTION`, read once per document) are subtracted, both as shares,
+so what every question reads cancels out. The heaviest remaining tokens seed spans (seeds close together
+join), ranked by their share of the remaining relevance; each span carries its byte offsets, that share,
+its share of the raw picks, and an excerpt of the source.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,13 +28,22 @@ from ..model.attention import ForwardPlan
 from ..text.documents import text_path
 
 MERGE_GAP = 16  # picked tokens at most this far apart form one span
-FOCUS_TOKENS = 48  # the most-picked tokens that seed spans
+FOCUS_TOKENS = 48  # the most relevant tokens that seed spans
 EXCERPT_CONTEXT = 60  # source bytes shown on each side of a span
+# Read after the document like a question, once per document: what it retrieves is what any question would.
+BASELINE_QUESTION = "What is this text about?"
+# A heading line: a markdown heading, a "Chapter 12" / "BOOK IV"-style line (the number is required: hard-wrapped
+# prose has short lines that start with "Part of..."), a roman numeral alone, or a short line in capitals.
+HEADING = re.compile(
+    rb"^[ \t]*(?:#{1,6}[ \t].{0,80}|(?i:chapter|book|part|volume|section|act|scene|letter|canto)[ \t]+"
+    rb"(?:[0-9]+|[IVXLCDM]+)\b.{0,80}|[IVXLCDM]{1,8}\.?|[A-Z0-9][A-Z0-9 \t.,:;'\-]{2,60})[ \t]*\r?$", re.MULTILINE)
 
 
 @dataclass
 class Citation:
-    """A source span: `kind` "retrieved" (with the share of all picks in `weight`) or "held"."""
+    """A source span: `kind` "retrieved" or "held". A retrieved span's `weight` is its relevance share (of
+    the answer's picks left after structural tokens and the question-independent baseline), `reads` its
+    share of all the answer's picks."""
 
     kind: str
     tokens: tuple[int, int]  # document token indices [start, end)
@@ -35,6 +51,7 @@ class Citation:
     byte_end: int
     weight: float | None
     excerpt: str | None = None
+    reads: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,24 +77,71 @@ class RetrievalTally:
             self.counts += torch.bincount(idx, minlength=len(self.counts))
 
     def spans(self, limit: int = 3, focus: int = FOCUS_TOKENS) -> list[tuple[int, int, float]]:
-        """The `limit` heaviest spans as (start, end, share of all picks), heaviest first. Only the `focus`
-        most-picked tokens seed spans (picks spread thinly over the whole store would otherwise merge into
-        one span as long as the document); seeds at most MERGE_GAP apart join, and a span's share counts
-        every pick inside it."""
-        total = int(self.counts.sum())
-        if not total:
-            return []
-        k = min(focus, int((self.counts > 0).sum()))
-        seeds = sorted(torch.topk(self.counts, k).indices.tolist())
-        runs, start, prev = [], seeds[0], seeds[0]
-        for t in seeds[1:]:
-            if t - prev > MERGE_GAP:
-                runs.append((start, prev + 1))
-                start = t
-            prev = t
-        runs.append((start, prev + 1))
-        scored = [(a + self.first, b + self.first, int(self.counts[a:b].sum()) / total) for a, b in runs]
-        return sorted(scored, key=lambda r: -r[2])[:limit]
+        """The `limit` heaviest spans of the raw picks as (start, end, share of all picks), heaviest first
+        (`rank_spans` over the counts)."""
+        return [(a + self.first, b + self.first, w) for a, b, w in rank_spans(self.counts.double(), limit, focus)]
+
+
+def rank_spans(weights: torch.Tensor, limit: int = 3, focus: int = FOCUS_TOKENS) -> list[tuple[int, int, float]]:
+    """The `limit` heaviest spans of non-negative per-token `weights` as (start, end, share of the total),
+    heaviest first. Only the `focus` heaviest tokens seed spans (weight spread thinly over the whole store
+    would otherwise merge into one span as long as the document); seeds at most MERGE_GAP apart join, and a
+    span's share counts all weight inside it."""
+    total = float(weights.sum())
+    if total <= 0:
+        return []
+    k = min(focus, int((weights > 0).sum()))
+    seeds = sorted(torch.topk(weights, k).indices.tolist())
+    runs, start, prev = [], seeds[0], seeds[0]
+    for t in seeds[1:]:
+        if t - prev > MERGE_GAP:
+            runs.append((start, prev + 1))
+            start = t
+        prev = t
+    runs.append((start, prev + 1))
+    scored = [(a, b, float(weights[a:b].sum()) / total) for a, b in runs]
+    return sorted(scored, key=lambda r: -r[2])[:limit]
+
+
+def heading_bytes(data: bytes) -> list[tuple[int, int]]:
+    """Byte ranges [start, end) of the heading lines of a text (see HEADING)."""
+    return [(m.start(), m.end()) for m in HEADING.finditer(data) if m.group().strip()]
+
+
+def structural_mask(byte_start: torch.Tensor, first: int, last: int, headings: list[tuple[int, int]],
+                    sinks: int = 0) -> torch.Tensor:
+    """Bool per document token [first, last): True for tokens that start inside a heading line, and for
+    the method's attention sinks (absolute token index < `sinks`)."""
+    starts = byte_start[first:last].contiguous()
+    mask = torch.zeros(len(starts), dtype=torch.bool)
+    if headings:
+        lo = torch.searchsorted(starts, torch.tensor([a for a, _ in headings], dtype=starts.dtype))
+        hi = torch.searchsorted(starts, torch.tensor([b for _, b in headings], dtype=starts.dtype))
+        edges = torch.zeros(len(starts) + 1, dtype=torch.long)
+        edges.index_add_(0, lo, torch.ones_like(lo))
+        edges.index_add_(0, hi, -torch.ones_like(hi))
+        mask |= edges.cumsum(0)[:-1] > 0
+    mask[: max(0, min(sinks - first, len(mask)))] = True
+    return mask
+
+
+def relevance(counts: torch.Tensor, baseline: torch.Tensor | None, structural: torch.Tensor | None) -> torch.Tensor:
+    """Per-token relevance of an answer's picks: structural tokens removed, then the baseline's share of
+    picks subtracted from the answer's share (negative parts clipped): a token that every question reads
+    as much as this one scores 0. Sums to at most 1."""
+    w = counts.double().clone()
+    if structural is not None:
+        w[structural] = 0
+    if w.sum() <= 0:
+        return w
+    w /= w.sum()
+    if baseline is not None:
+        b = baseline.double().clone()
+        if structural is not None:
+            b[structural] = 0
+        if b.sum() > 0:
+            w = (w - b / b.sum()).clamp(min=0)
+    return w
 
 
 def span_bytes(byte_start: torch.Tensor, tokens: tuple[int, int], doc_end: int) -> tuple[int, int]:
@@ -111,11 +175,15 @@ def held_citations(runs: list[dict[str, Any]], first: int, last: int, byte_start
 
 
 def retrieved_citations(tally: RetrievalTally, byte_start: torch.Tensor, doc_end: int, path: str | None,
-                        limit: int = 3) -> list[Citation]:
-    """The tally's heaviest spans as citations (document token indices count from the document's start)."""
+                        limit: int = 3, *, baseline: RetrievalTally | None = None,
+                        structural: torch.Tensor | None = None) -> list[Citation]:
+    """The spans of the answer's picks most relevant to it (see `relevance`), most relevant first, as
+    citations (document token indices count from the document's start)."""
+    weights = relevance(tally.counts, baseline.counts if baseline is not None else None, structural)
+    total = max(int(tally.counts.sum()), 1)
     out = []
-    for a, b, share in tally.spans(limit):
-        lo, hi = span_bytes(byte_start, (a, b), doc_end)
-        out.append(Citation("retrieved", (a - tally.first, b - tally.first), lo, hi, round(share, 4),
-                            excerpt(path, lo, hi)))
+    for a, b, share in rank_spans(weights, limit):
+        lo, hi = span_bytes(byte_start, (a + tally.first, b + tally.first), doc_end)
+        out.append(Citation("retrieved", (a, b), lo, hi, round(share, 4), excerpt(path, lo, hi),
+                            round(int(tally.counts[a:b].sum()) / total, 4)))
     return out

@@ -32,7 +32,15 @@ from ..storage.snapshot import SnapshotError, SnapshotStore
 from ..text.documents import text_path
 from ..text.prompts import QAFrame, check_question, qa_frame
 from ..text.segments import Segment
-from .citations import Citation, RetrievalTally, held_citations, retrieved_citations
+from .citations import (
+    BASELINE_QUESTION,
+    Citation,
+    RetrievalTally,
+    heading_bytes,
+    held_citations,
+    retrieved_citations,
+    structural_mask,
+)
 from .decode import Ingested, continue_streamed, extend, fork, ingest, plain_segments
 from .ingestion import DocumentMemory, read_document
 from .sampling import Sampling, stop_ids
@@ -132,7 +140,7 @@ def ask(path: str, questions: Sequence[str], *, method: str | None = None, model
     `method`: a memory method or preset (default: `DEFAULT_METHOD`), or "rag". `chat` None = the chat template
     when the model has one; `instruction` replaces the default line read before each question. `on_text(i,
     piece)` streams answer i as it is generated. With `cite`, each answer lists the source spans its memory
-    retrieved (or, for position-reading methods, held). `reuse`/`save`: load the document's stored memory when
+    retrieved, most relevant to it first (`citations.relevance`), or, for position-reading methods, held. `reuse`/`save`: load the document's stored memory when
     there is one / store it after reading (benchmarks turn saving off)."""
     qs = [check_question(q) for q in questions]
     if not qs:
@@ -158,7 +166,8 @@ def ask(path: str, questions: Sequence[str], *, method: str | None = None, model
     if on_memory is not None:
         on_memory(memory)
     start = time.perf_counter() - t0
-    answers = [_answer(session, spec.method, mem, q, i) for i, q in enumerate(qs)]
+    citing = _Citing(session, spec.method, mem) if cite else None
+    answers = [_answer(session, spec.method, mem, q, i, citing) for i, q in enumerate(qs)]
     return AskReport(mem.document, spec.preset, spec.method.describe(), spec.segment, session.frame.chat,
                      session.frame.instruction, memory, answers, session.sampling, max_new_tokens,
                      dict(backbone.fingerprint), load_s, start + answers[0].first_token_s)
@@ -176,11 +185,44 @@ def _generate(session: _Session, method: Method, done: Ingested, index: int,
     return text.strip(), cont
 
 
-def _answer(session: _Session, method: Method, mem: DocumentMemory, question: str, index: int) -> Answer:
+class _Citing:
+    """What every answer's citations are ranked against: the picks of a question-independent probe and the
+    document's structural tokens (heading lines, attention sinks). Found at the first answer that retrieved
+    anything, once per call (position-reading methods never pay for the probe)."""
+
+    def __init__(self, session: _Session, method: Method, mem: DocumentMemory):
+        self.session, self.method, self.mem = session, method, mem
+        self._found: tuple[RetrievalTally, torch.Tensor] | None = None
+
+    def against(self) -> tuple[RetrievalTally, torch.Tensor]:
+        """The baseline tally and the structural mask, found on first use."""
+        if self._found is None:
+            self._found = _baseline(self.session, self.method, self.mem)
+        return self._found
+
+
+def _read_question(session: _Session, method: Method, mem: DocumentMemory, question: str) -> Ingested:
+    """A copy of the document's memory with the question (and the hand-over to the answer) read."""
+    return extend(session.backbone, method, fork(method, mem.done), torch.tensor(session.encode(
+        session.frame.tail(question)), dtype=torch.long))
+
+
+def _baseline(session: _Session, method: Method, mem: DocumentMemory) -> tuple[RetrievalTally, torch.Tensor]:
+    """Read the baseline probe (what its first answer token retrieves is what any question would) and find
+    the structural tokens in the source."""
+    baseline = RetrievalTally(mem.head_tokens, mem.done.tokens)
+    baseline.add(_read_question(session, method, mem, BASELINE_QUESTION).last_plan)
+    path = mem.document.get("path")
+    headings = heading_bytes(Path(text_path(path)).read_bytes()) if path and Path(path).is_file() else []  # the text read
+    sinks = int(getattr(method.options, "sinks", 0) or 0)
+    return baseline, structural_mask(mem.byte_start, mem.head_tokens, mem.done.tokens, headings, sinks)
+
+
+def _answer(session: _Session, method: Method, mem: DocumentMemory, question: str, index: int,
+            citing: _Citing | None = None) -> Answer:
     """Continue a copy of the document's memory with the question, then answer it."""
     t0 = time.perf_counter()
-    done = extend(session.backbone, method, fork(method, mem.done), torch.tensor(session.encode(
-        session.frame.tail(question)), dtype=torch.long))
+    done = _read_question(session, method, mem, question)
     doc_end = mem.done.tokens  # document tokens are [head_tokens, doc_end)
     tally = RetrievalTally(mem.head_tokens, doc_end) if session.cite else None
     held = method.dump(done.state) if session.cite else []  # what the answer's first token can see
@@ -188,18 +230,23 @@ def _answer(session: _Session, method: Method, mem: DocumentMemory, question: st
     text, cont = _generate(session, method, done, index, tally)
     answer = Answer(question, text, len(cont.tokens), cont.stopped, prompt_s + cont.first_token_s,
                     time.perf_counter() - t0)
-    if tally is not None:  # tallied when citing
-        _cite(answer, method, mem, tally, held)
+    if tally is not None and citing is not None:  # tallied when citing
+        _cite(answer, method, mem, tally, held, citing)
     return answer
 
 
 def _cite(answer: Answer, method: Method, mem: DocumentMemory, tally: RetrievalTally,
-          held: list[dict[str, Any]]) -> None:
-    """Retrieved spans if similarity reading picked document tokens, else what the memory held when the
-    question had been read."""
+          held: list[dict[str, Any]], citing: _Citing) -> None:
+    """Retrieved spans ranked by relevance if similarity reading picked document tokens, else what the
+    memory held when the question had been read."""
     path, size = mem.document.get("path"), int(mem.document.get("size") or 0)
     if tally.counts.sum() > 0:
-        answer.citations = retrieved_citations(tally, mem.byte_start, size, path)
+        baseline, structural = citing.against()
+        answer.citations = retrieved_citations(tally, mem.byte_start, size, path, baseline=baseline,
+                                               structural=structural)
+        if not answer.citations:
+            answer.cite_note = ("this answer read only what the question-independent probe reads, and headings: "
+                                "no span stands out for it")
         return
     answer.citations = held_citations(held, mem.head_tokens, mem.done.tokens, mem.byte_start, size, path)
     why = f"{method.name} retrieved nothing for this answer (it reads memory by position, or its store was empty)"
