@@ -147,3 +147,34 @@ def test_default_model_cites_each_facts_own_span(default_backbone, book, tmp_pat
         assert first.byte_start < lo + len(fact.sentence.encode()) and first.byte_end > lo, (fact.sentence, first)
         firsts.append(first.tokens)
     assert firsts[0] != firsts[1]
+
+
+@pytest.mark.model
+def test_default_model_cites_the_page_of_a_fact_in_a_pdf(default_backbone, book, tmp_path, isolated_home):
+    """The same kind of needle document as a 4-page PDF: the first citation holds the fact, labelled with
+    the page the fact is on (offsets are into the extracted text)."""
+    from pdf_maker import make_pdf
+
+    from longctx.bench.needle import make_document, make_facts
+    from longctx.bench.passkey import Filler
+    from longctx.tasks.qa import ask
+    from longctx.text.documents import extract, location
+
+    rng = random.Random(0)
+    facts, absent = make_facts(rng, 2)
+    doc = make_document(default_backbone.tokenizer, Filler.from_file(book, default_backbone.tokenizer), 4096,
+                        facts, absent, rng)
+    lines = doc.text.encode("ascii", "ignore").decode().splitlines()
+    per_page = -(-len(lines) // 4)
+    pdf = tmp_path / "needle.pdf"
+    pdf.write_bytes(make_pdf(["\n".join(lines[i : i + per_page]) for i in range(0, len(lines), per_page)]))
+    report = ask(str(pdf), [f.question for f in doc.facts], backbone=default_backbone, max_new_tokens=24,
+                 cite=True, reuse=False, save=False)
+    text = Path(extract(str(pdf)).text_path).read_bytes()
+    for fact, answer in zip(doc.facts, report.answers, strict=True):
+        first = answer.citations[0]
+        lo = text.index(fact.answer.encode())  # the sentence itself may be wrapped across the PDF's lines
+        near = len(fact.sentence)
+        assert first.byte_start - near <= lo < first.byte_end + near, (fact.sentence, answer.text, first)
+        page = location(str(pdf), lo, lo + 1)
+        assert page and page in location(str(pdf), first.byte_start, first.byte_end), (page, first)

