@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from longctx.bench.record import load_average, run_record
+from longctx.bench.record import run_record
+from longctx.cpus import load_averages
 from longctx.model.attention import ForwardPlan
 from longctx.model.backbone import Backbone, ModelInfo
 from longctx.model.identity import weights_sha256
@@ -66,7 +67,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     set_threads(args.threads)
-    load_start = load_average()
+    load_start = load_averages()
     models, name = load_models(args)
     text = Path(args.book).read_text(encoding="utf-8")[20_000:]
     ids = torch.tensor(models["fp32"].tokenizer(text)["input_ids"][: args.tokens])
@@ -82,7 +83,7 @@ def main() -> None:
     result = {"model_name": name, "tokens": len(ids), "reps": args.reps,
               "native_bf16_cpu": _cpu_has_native_bf16(),
               "auto_picks": str(auto_dtype(torch.device("cpu"))).removeprefix("torch."),
-              "rows": rows, "load_avg_start": load_start, "load_avg_end": load_average(),
+              "rows": rows, "load_avg_start": load_start, "load_avg_end": load_averages(),
               "record": run_record(models["fp32"])}
     for r in rows:
         print(f"{name} {r['dtype']}: {r['tok_s_median']} tok/s (each {r['tok_s_each']}), NLL/token {r['nll_per_token']}")

@@ -30,9 +30,20 @@ def cgroup_quota(path: Path = CPU_MAX) -> float | None:
         return None
 
 
-def load_average() -> float:
-    """The 1-minute load average (runnable processes), 0.0 where the system does not report one."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+def load_average() -> float | None:
+    """The 1-minute load average (runnable processes), None where the system does not report one."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def load_averages() -> list[float] | None:
+    """1, 5 and 15 minute load averages (rounded for records), None where the system does not report them."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def auto_threads(cpus: int | None = None, load: float | None = None) -> int:
@@ -40,7 +51,7 @@ def auto_threads(cpus: int | None = None, load: float | None = None) -> int:
     processes leave free, at least one. Under contention a second thread waits for a core at every
     synchronisation point of every matmul (docs/benchmarks.md "Threads under load")."""
     cpus = available_cpus() if cpus is None else cpus
-    load = load_average() if load is None else load
+    load = (load_average() or 0.0) if load is None else load
     return max(1, min(cpus, int(cpus - load + 0.5)))
 
 

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .cpus import auto_threads, available_cpus
+from .cpus import auto_threads, available_cpus, load_average
 
 # The CPU features that decide speed: bf16 matmuls are fast only with AVX512-BF16 or AMX; without them
 # torch emulates bf16 and fp32 is faster.
@@ -48,7 +48,7 @@ def auto_dtype_on_cpu(flags: set[str]) -> tuple[str, str]:
 def threads_report() -> dict[str, Any]:
     """Cores usable by this process, the load, the LONGCTX_THREADS setting and what to pass."""
     usable = available_cpus()  # affinity, capped by a cgroup quota
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = load_average()
     busy = load is not None and load > usable - 0.5
     advice = (f"the machine is busy (load {load:.1f} on {usable} cores): --threads 1 is usually fastest" if busy
               else f"torch uses {usable} threads by default; fewer if other work shares the machine")

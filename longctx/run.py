@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .config import RunSettings, resolve
+from .cpus import load_average
 from .errors import LongctxError, ModelError, UsageError
 from .methods import get_method
 from .methods.base import Method
@@ -57,7 +58,7 @@ def environment() -> dict[str, Any]:
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "command": list(sys.argv)}
+            "load_avg_1m": load_average(), "command": list(sys.argv)}
 
 
 def build_method(spec: str | Preset, backbone: Backbone, overrides: dict[str, Any] | None = None, *,

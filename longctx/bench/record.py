@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..cpus import load_averages
 from ..errors import UsageError
 from ..model.backbone import Backbone
 from ..model.identity import library_versions
@@ -41,7 +42,7 @@ def run_record(backbone: Backbone, *, seed: int | None = None, extra: dict[str, 
         "versions": library_versions(),
         "git": git_state(),
         "cpu_model": cpu_model(),
-        "load_avg": load_average(),
+        "load_avg": load_averages(),
         "ram_total_mb": total_ram_mb(),
         "gpu": gpu_name(backbone.device),
         "command": list(sys.argv),
@@ -87,12 +88,6 @@ def cpu_model() -> str | None:
     return platform.processor() or None
 
 
-def load_average() -> list[float] | None:
-    """1, 5 and 15 minute load averages (runnable processes), where the OS reports them."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 def total_ram_mb() -> float | None:

@@ -90,8 +90,9 @@ def run_suite(name: str | Suite, book: str, *, methods: Sequence[str] | None = N
               backbone: Backbone | None = None, on_part: Callable[[str, float], None] | None = None) -> SuiteResult:
     """Run the suite's parts over `book` (text for PPL, filler for the synthetic tasks) with every method;
     the question-answering parts also run the `rag` baseline unless `rag` is False."""
+    from ..cpus import load_averages
     from ..text.textio import open_source
-    from .record import bench_backbone, load_average, run_record
+    from .record import bench_backbone, run_record
 
     suite = name if isinstance(name, Suite) else get_suite(name)
     with open_source(book):  # a missing or unreadable book fails now, not after the model has loaded
@@ -113,7 +114,7 @@ def run_suite(name: str | Suite, book: str, *, methods: Sequence[str] | None = N
         result.seconds[part] = time.perf_counter() - t0
         if on_part is not None:
             on_part(part, result.seconds[part])
-    result.record["load_avg_end"] = load_average()
+    result.record["load_avg_end"] = load_averages()
     return result
 
 

@@ -11,13 +11,13 @@ model's).
 from __future__ import annotations
 
 import gc
-import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import torch
 
+from ..cpus import load_average
 from ..errors import InputError
 from ..methods.base import Method
 from ..model.attention import ForwardPlan
@@ -74,7 +74,7 @@ def throughput(backbone: Backbone, method: Method, ids: torch.Tensor, *, segment
     row = _prefill_row(method, ids, segment, prefill_s, prefill_flops[0])
     row.update(_decode(backbone, method, done, decode_tokens, prefill_s))
     row.update({"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
-                "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None})
+                "load_avg_1m": load_average()})
     row.update(_roofline(row, machine_flops_per_s))
     return row
 
