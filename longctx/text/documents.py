@@ -18,7 +18,6 @@ import bisect
 import bz2
 import codecs
 import gzip
-import hashlib
 import io
 import json
 import lzma
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from ..errors import InputError
+from ..storage.hashing import file_sha256
 from .html_text import html_to_text
 
 EXTRACTION_VERSION = 1  # bump when longctx's own assembly of the text (page joins, HTML blocks) changes
@@ -137,7 +137,7 @@ def extract(path: str) -> Extracted:
     fmt = sniff_format(path)
     if fmt is None:
         raise InputError(f"{path} is not a PDF, HTML or compressed document")
-    sha, size = _sha256(path)
+    sha, size = file_sha256(path), os.path.getsize(path)
     extractor = extractor_name(fmt)
     identity = {"format": fmt, "sha256": sha, "size": size, "extractor": extractor}
     stem = f"{sha}-{re.sub(r'[^A-Za-z0-9.]+', '-', extractor).strip('-')}"
@@ -154,15 +154,6 @@ def _cache_dir() -> Path:
     d = longctx_home() / "documents"
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def _sha256(path: str) -> tuple[str, int]:
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while block := f.read(BLOCK):
-            h.update(block)
-            size += len(block)
-    return h.hexdigest(), size
 
 
 def _write(path: str, fmt: str, text: Path, pages_file: Path) -> None:
