@@ -182,3 +182,57 @@ def test_memory_learns_a_planted_recall_four_segments_back(name, options):
         accuracy[method] = recall_accuracy(backbone, m, TASK, segments=4, segment=8, samples=100)["accuracy"]
     assert accuracy[name] >= 0.6, accuracy
     assert accuracy["window"] <= 0.3, accuracy
+
+
+@pytest.mark.parametrize("bptt, reaches", [(None, True), (3, True), (2, False)])
+def test_the_answer_trains_the_injection_only_when_bptt_reaches_the_fact(bptt, reaches):
+    """memoryllm's injection-then-question objective: the fact's segment (0) writes the slots the last
+    segment (3) reads; the answer's loss reaches that write through the pool when BPTT covers segments 1-3."""
+    from longctx.tasks.training import unroll
+
+    torch.manual_seed(0)
+    backbone = Backbone(LlamaForCausalLM(tiny_config()).eval(), byte_bpe_tokenizer(), ModelInfo(model_id="tiny-llama", source="test"))
+    cls = get_method("memoryllm")
+    m = cls(cls.Options.from_mapping({"pool": 16, "update": 4, "min_context": 4}), backbone)
+    entering = {}
+
+    def keep(i, state):
+        if state.pool.requires_grad:
+            state.pool.retain_grad()
+        entering[i] = state.pool
+
+    loss, scored = unroll(backbone, m, TASK.draw(4, 8, gen(0)), bptt=bptt, loss="answer", on_enter=keep)
+    loss.backward()
+    assert scored == 1
+    written = entering[1]  # the pool as the fact's segment left it: its 4 slots
+    assert written.shape[1] == 4
+    got = written.grad is not None and bool(written.grad.abs().sum() > 0)
+    assert got == reaches
+
+
+def test_cli_trains_facts_mixed_with_lm_records_answers_and_stops_at_a_step(model_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from longctx.cli import app
+
+    book, val = tmp_path / "train.txt", tmp_path / "val.txt"
+    book.write_text(sample_text(6000), encoding="utf-8")
+    val.write_text(sample_text(6000, seed=3), encoding="utf-8")
+    args = ["train", str(book), "--method", "rmt", "--out", "facts", "--model", model_dir, "--segment", "256",
+            "--curriculum", "1:2,2:2", "--task", "facts", "--loss", "answer", "--lm-share", "0.5", "--validation",
+            str(val), "--val-tokens", "64", "--val-recall", "2", "--validate-every", "1", "--json", "--no-progress",
+            "-o", "tokens=2", "--dtype", "fp32", "--tune", "memory"]
+    r = CliRunner().invoke(app, [*args, "--stop-at", "3"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["steps"] == 3 and out["curriculum_steps"] == 4 and out["task"] == "facts"
+    assert out["task_data"]["lm_share"] == 0.5 and out["task_data"]["templates"] == len(TEMPLATES)
+    assert [v["recall_segments"] for v in out["validation_ppl"]] == [1, 1, 1, 2]
+    assert all(0 <= v["answer_accuracy"] <= 1 and v["answer_nll"] > 0 for v in out["validation_ppl"])
+    going_on = CliRunner().invoke(app, args)
+    assert going_on.exit_code == 0, going_on.output
+    assert json.loads(going_on.stdout)["steps"] == 4 and json.loads(going_on.stdout)["resumed_from_checkpoint"]
+    refused = CliRunner().invoke(app, [*args, "--task", "lm", "--loss", "all"])
+    assert refused.exit_code == 2 and "--lm-share and --val-recall go with --task facts" in refused.stderr

@@ -44,6 +44,7 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps (and at the end).")] = 10,
     init_adapter: Annotated[str | None, typer.Option(help="Start from this adapter (e.g. HMT stage 2 from a stage-1 adapter).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore an existing checkpoint of --out and start over.")] = False,
+    stop_at: Annotated[int | None, typer.Option(help="End at this step and save the adapter (the schedule stays the whole curriculum's); rerun without it to go on.")] = None,
     option: OptionOpt = None,
     model: Annotated[str | None, typer.Option(help="A name from `longctx models`, a local directory or an HF model id (default: smollm2-135m).")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, bf16, fp32 or fp16.")] = None,
@@ -85,7 +86,7 @@ def train(
     result = train_fn(files, method, out, config, validation=validation, task=task_,
                       options=_parse_overrides(option or [], [method]).get(method), init_adapter=init_adapter,
                       model=model, dtype=dtype, device=device, threads=threads, fresh=fresh,
-                      command=" ".join(["longctx", *sys.argv[1:]]), on_step=on_step)
+                      command=" ".join(["longctx", *sys.argv[1:]]), on_step=on_step, stop_at=stop_at)
     if not result:  # not rank 0 of a distributed run: rank 0 reports
         return
     if json_out:

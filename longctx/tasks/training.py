@@ -294,20 +294,24 @@ class Trainer:
         self.val_history.append(out)
         return out
 
-    def run(self, on_step: Callable[[TrainProgress], None] | None = None) -> TrainResult:
-        """Train to the end of the curriculum, validating and checkpointing at the configured cadence."""
+    def run(self, on_step: Callable[[TrainProgress], None] | None = None, *, stop_at: int | None = None) -> TrainResult:
+        """Train to the end of the curriculum (or to step `stop_at`: a bounded run that keeps the whole
+        curriculum's schedule), validating and checkpointing at the configured cadence and at the end."""
         cfg = self.cfg
+        end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         if self.step == 0 and self.validation is not None and not self.val_history:
             self.validate()  # the untrained starting point, for the record
-        while self.step < cfg.steps:
+        while self.step < end:
             prog = self.train_step()
-            last = self.step == cfg.steps
+            last = self.step == end
             if last or (cfg.validate_every and self.step % cfg.validate_every == 0):
                 prog.validation = self.validate()
             if self.checkpoints is not None and self.shard.rank == 0 and (last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)):
                 self.save_checkpoint()
             if on_step is not None:
                 on_step(prog)
+        if self.val_history and self.val_history[-1]["step"] != self.step:  # resumed at `stop_at`: its figures
+            self.validate()
         return TrainResult(self.method, self.step, self.tokens, self.seconds, self.history, self.val_history)
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
@@ -364,11 +368,12 @@ def train(files: Sequence[str], method: str, out: str, config: TrainConfig, *, v
           task: TrainTask = "lm", options: dict[str, Any] | None = None, init_adapter: str | None = None,
           model: str | None = None, dtype: str | None = None, device: str | None = None, threads: int | None = None,
           fresh: bool = False, backbone: Backbone | None = None, command: str | None = None,
-          on_step: Callable[[TrainProgress], None] | None = None) -> dict[str, Any]:
+          on_step: Callable[[TrainProgress], None] | None = None, stop_at: int | None = None) -> dict[str, Any]:
     """Train `method`'s memory parameters on `files` and save adapter `out`; returns the adapter's manifest.
 
     Resumes from `out`'s training checkpoint when one exists (unless `fresh`). `init_adapter` starts from an
-    earlier adapter (HMT's stage 2 from stage 1)."""
+    earlier adapter (HMT's stage 2 from stage 1). `stop_at` ends at that step with the adapter saved; the
+    same command without it (or with a later step) continues from the checkpoint."""
     from ..run import backbone_for, build_method, environment, resolve_settings
     from ..storage.adapters import attach_adapter, save_adapter
 
@@ -398,14 +403,18 @@ def train(files: Sequence[str], method: str, out: str, config: TrainConfig, *, v
         store.remove(name)
     if trainer.shard.world > 1:
         trainer.shard.state.wait_for_everyone()  # every rank sees the same checkpoint (or none)
+    if stop_at is not None and stop_at < 1:
+        raise UsageError(f"--stop-at must be >= 1 (got {stop_at})")
     resumed = trainer.load_checkpoint()
-    result = trainer.run(on_step)
+    if stop_at is not None and trainer.step > stop_at:
+        raise UsageError(f"--stop-at {stop_at}: the checkpoint of '{out}' is already at step {trainer.step}")
+    result = trainer.run(on_step, stop_at=stop_at)
     training = {"command": command, "longctx_version": __version__, "task": task, "config": config.to_dict(),
                 "task_data": _task_data(source),
                 "preset": preset.name, "data": corpus.files, "validation": val.files if val else None,
                 "init_adapter": init_adapter, "steps": result.steps, "tokens": result.tokens,
                 "seconds": result.seconds, "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
-                "resumed_from_checkpoint": resumed, "final_loss": result.history[-1]["loss"] if result.history else None,
+                "resumed_from_checkpoint": resumed, "curriculum_steps": config.steps, "final_loss": result.history[-1]["loss"] if result.history else None,
                 "validation_ppl": result.validation, "history": result.history, "device": str(backbone.device),
                 "environment": environment()}
     training["processes"] = trainer.shard.world
