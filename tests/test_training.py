@@ -231,7 +231,7 @@ def test_curriculum_parsing_and_schedule():
             parse_curriculum(bad)
 
 
-@pytest.mark.parametrize("flag, value, allowed", [("--task", "qa", "lm, recall"), ("--loss", "first", "all, last, answer"),
+@pytest.mark.parametrize("flag, value, allowed", [("--task", "qa", "lm, recall, facts"), ("--loss", "first", "all, last, answer"),
                                                    ("--tune", "bias", "memory, lora, full")])
 def test_cli_train_refuses_an_unknown_choice(tmp_path, flag, value, allowed):
     """--task/--loss/--tune are checked against their Literals before a model is loaded (exit 2, the choices)."""

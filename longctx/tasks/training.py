@@ -416,6 +416,7 @@ def train(files: Sequence[str], method: str, out: str, config: TrainConfig, *, v
                 "seconds": result.seconds, "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
                 "resumed_from_checkpoint": resumed, "curriculum_steps": config.steps, "final_loss": result.history[-1]["loss"] if result.history else None,
                 "validation_ppl": result.validation, "history": result.history, "device": str(backbone.device),
+                "model": dict(backbone.fingerprint),
                 "environment": environment()}
     training["processes"] = trainer.shard.world
     if trainer.shard.rank != 0:
