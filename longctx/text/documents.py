@@ -24,8 +24,8 @@ import lzma
 import os
 import re
 import sys
-import time
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
