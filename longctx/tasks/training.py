@@ -377,6 +377,8 @@ def train(files: Sequence[str], method: str, out: str, config: TrainConfig, *, v
     from ..run import backbone_for, build_method, environment, resolve_settings
     from ..storage.adapters import attach_adapter, save_adapter
 
+    if stop_at is not None and stop_at < 1:  # before anything is loaded or a checkpoint removed (--fresh)
+        raise UsageError(f"--stop-at must be >= 1 (got {stop_at})")
     if backbone is None:  # flag > LONGCTX_* env > user config > default, as every other command
         backbone = backbone_for(resolve_settings(model=model, dtype=dtype, device=device, threads=threads))
     m, preset = build_method(method, backbone, options, allow_untrained=True)
@@ -403,8 +405,6 @@ def train(files: Sequence[str], method: str, out: str, config: TrainConfig, *, v
         store.remove(name)
     if trainer.shard.world > 1:
         trainer.shard.state.wait_for_everyone()  # every rank sees the same checkpoint (or none)
-    if stop_at is not None and stop_at < 1:
-        raise UsageError(f"--stop-at must be >= 1 (got {stop_at})")
     resumed = trainer.load_checkpoint()
     if stop_at is not None and trainer.step > stop_at:
         raise UsageError(f"--stop-at {stop_at}: the checkpoint of '{out}' is already at step {trainer.step}")
