@@ -107,8 +107,8 @@ def test_bf16_equals_the_exact_path_within_bf16(tiny_backbone):
                                                   ("sinks", {"window": 30, "sinks": 3}, 3)])
 def test_a_generated_token_rotates_only_itself_and_the_sinks_that_moved(tiny_backbone, method, options, moved):
     """Once the memory is rotated, a one-token step rotates its own key plus, for a bounded window, the sinks
-    that slid forward over the evicted slot; the whole memory only when its room is re-allocated (every
-    room-size-minus-memory steps: amortised), never at every step."""
+    that slid forward over the evicted slot; the whole memory only when the shift wraps (once per 64 tokens
+    here: amortised), never at every step."""
     _, plans = steps(tiny_backbone, method, doc(100), 1, True, **options)
     whole = 0
     for plan in plans[50:]:
@@ -117,7 +117,7 @@ def test_a_generated_token_rotates_only_itself_and_the_sinks_that_moved(tiny_bac
         assert read.stale.numel() in (moved, plan.memory_len)
         whole += read.stale.numel() == plan.memory_len != moved
         assert read.rotate_positions.numel() == read.stale.numel() + 1
-        assert int(read.rotate_positions.max()) < read.rotated.shape[2]  # bounded by the room, whatever the length
+        assert int(read.rotate_positions.max()) < 3 * max(plan.key_pos.numel(), 64)  # bounded, however long the text
     assert whole <= 2
 
 

@@ -114,7 +114,7 @@ class KVMachinery(Method[OptionsT, StateT]):
         plan = ForwardPlan(query_pos=query_pos, key_pos=key_pos, mask=self._mask(state, q_abs, p),
                            memory_keys=memory_keys, memory_values=memory_values, capture=p.stores)
         if from_room:
-            plan.room_read = state.room_read(plan)
+            plan.room_read = state.room_read(plan, int(q_abs[0]))
         return state, plan
 
     @staticmethod

@@ -62,6 +62,18 @@ class Room:
             self.rot_pos[a:b] = UNROTATED
 
 
+def rotation_shift(offset: int, span: int) -> int:
+    """The shift a room read adds to every plan position, from `offset`, the current tokens' document index
+    minus their plan position (for cache-relative positions: the tokens evicted so far; 0 for absolute
+    ones), and `span`, the keys the plan holds. It is `offset` modulo the power of two >= `span` (at least
+    64): a window entry's rotated position (its document index minus a multiple of that power) then stays
+    put until the offset crosses the next multiple, once per that many evicted tokens, and stays below
+    three times the span. It depends only on what memory holds, never on where it lies in the room, so a
+    fork, a resumed snapshot and an uninterrupted run compute the same numbers."""
+    period = 1 << max(span - 1, MIN_ROOM - 1).bit_length()
+    return offset % period
+
+
 @dataclass
 class KVState:
     """Entries in document order. keys/values: `[layers, kv_heads, n, head_dim]`; the rest: `[n]`."""
@@ -116,7 +128,13 @@ class KVState:
         index = self.token_index.new_empty(3, size)
         keys[:, :, :n], values[:, :, :n] = self.keys, self.values
         index[0, :n], index[1, :n], index[2, :n] = self.token_index, self.token_ids, self.byte_start
-        return Room(keys, values, index, end=n)
+        room = Room(keys, values, index, end=n)
+        old = self.room
+        if old is not None and old.rotated is not None and old.rot_pos is not None:  # still valid where they move
+            rotated, rot_pos = room.rotation()
+            rotated[:, :, :n] = old.rotated[:, :, self.start : self.start + n]
+            rot_pos[:n] = old.rot_pos[self.start : self.start + n]
+        return room
 
     def reserve(self, extra: int) -> KVState:
         """This state with space for `extra` more entries written in place after it: itself when it is the
@@ -128,18 +146,18 @@ class KVState:
         room = self._new_room(extra)
         return KVState._view(room, 0, len(self))
 
-    def room_read(self, plan: ForwardPlan) -> RoomRead:
+    def room_read(self, plan: ForwardPlan, first_token: int) -> RoomRead:
         """A read of this memory from its room for `plan` (whose first `len(self)` keys are these entries), the
-        current tokens going to the slots after it: this state must have room for them (`reserve`). The shift
-        puts the current tokens at their slot numbers; memory slots not rotated at their plan position plus
-        that shift are rotated again by the forward (and marked unrotated until it commits)."""
+        current tokens (document index `first_token` onwards) going to the slots after it: this state must
+        have room for them (`reserve`). Memory slots not rotated at their plan position plus the shift
+        (`rotation_shift`) are rotated again by the forward, and marked unrotated until it commits."""
         room = self.room
         if room is None or not self._is_tip():
             raise RuntimeError("a room read needs the newest state of a room (reserve first)")
         rotated, rot_pos = room.rotation()
         m, end = len(self), self.start + len(self)
         key_pos = plan.key_pos.to(torch.long)
-        shift = end - int(key_pos[m])
+        shift = rotation_shift(first_token - int(key_pos[m]), int(key_pos.numel()))
         need = key_pos[:m] + shift
         moved = torch.nonzero(rot_pos[self.start : end] != need).flatten()
         stale = moved + self.start

@@ -9,9 +9,12 @@ keys whose position moved by something else (sinks that slid forward, anything n
 The current tokens' rotated keys and values are written into the room's slots right after the memory,
 where the method's write will append them, so attention reads one view of the room instead of a concat.
 
-The shift is chosen so that the current tokens are rotated at their slot numbers: for the cache-relative
-policies (`xl`, `sinks`, `full`) every memory key then stays at its own slot number and the positions
-rotated at stay below the room's size, as bounded as the plan's own.
+The shift depends only on what memory holds (kvstate.rotation_shift): the tokens evicted so far modulo a
+power of two at least as long as the plan. For the cache-relative policies (`xl`, `sinks`, `full`) a
+window key then keeps its rotated position until that count crosses the next multiple (once per that many
+evicted tokens, when the whole memory is rotated again), positions stay below three times the plan's
+length, and a fork, a resumed snapshot and an uninterrupted run compute bit for bit the same. Absolute
+positions have shift 0.
 
 The rotated keys of the current tokens and re-rotated memory keys become valid for later reads only when
 the method appends the captured keys (`commit`, after every layer has written them); until then the re-
