@@ -16,8 +16,9 @@
 
 Both run in one process per checkout, the HF model being the backbone's own weights with transformers'
 `sdpa` attention switched in for its turns; with --baseline DIR a second process imports `longctx` from the
-checkout DIR (the code before a change), and the two processes alternate --rounds times, so the ratios to
-the bare model compare the two versions under the same load. The text is the public-domain novels under
+checkout DIR (the code before a change), run at the same time, --rounds times. Times are CPU seconds of
+the one torch thread (the work, whatever share of a loaded machine the process gets) and wall seconds; the
+ratios to the bare model are in CPU seconds, within one process, so they compare the two versions. The text is the public-domain novels under
 --data (never committed; its sha256 is recorded).
 """
 
@@ -35,6 +36,24 @@ from pathlib import Path
 from typing import Any
 
 SINKS = 4
+
+
+class Timer:
+    """CPU seconds of this thread (the work, whatever share of the machine the process gets: with one torch
+    thread every kernel runs in it) and wall seconds, of the block it times."""
+
+    def __enter__(self) -> Timer:
+        self.cpu0, self.wall0 = time.thread_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cpu, self.wall = time.thread_time() - self.cpu0, time.perf_counter() - self.wall0
+
+
+def summary(cpu: list[float], wall: list[float], count: int) -> dict[str, Any]:
+    """Tokens per CPU-second and per wall-second (medians over the reps), and the raw seconds."""
+    return {"tok_per_cpu_s": count / statistics.median(cpu), "tok_s": count / statistics.median(wall),
+            "cpu_seconds": cpu, "seconds": wall}
 
 
 def use_checkout(directory: str) -> None:
@@ -110,25 +129,28 @@ def prefill_rows(backbone: Any, ids: Any, args: argparse.Namespace) -> list[dict
     runs = {"xl": [xl, filled(backbone, xl, ids[:warm], seg)], "sinks": [sinks, filled(backbone, sinks, ids[:warm], seg)]}
     held = {"xl": SINKS + 2048, "sinks": SINKS + 2044}
     caches = {name: bare_cache(backbone, ids[warm - n : warm]) for name, n in held.items()}
-    times: dict[str, list[float]] = {k: [] for k in ("xl", "sinks", "bare_xl", "bare_sinks")}
+    cpu: dict[str, list[float]] = {k: [] for k in ("xl", "sinks", "bare_xl", "bare_sinks")}
+    wall: dict[str, list[float]] = {k: [] for k in cpu}
     segments = list(plain_segments(ids[warm : warm + args.reps * seg], seg, start=warm))
     with torch.inference_mode():
         for s in segments:
             for name, (m, state) in runs.items():
-                t0 = time.perf_counter()
-                runs[name][1], _, _ = forward_segment(backbone, m, state, s)
-                times[name].append(time.perf_counter() - t0)
+                with Timer() as t:
+                    runs[name][1], _, _ = forward_segment(backbone, m, state, s)
+                cpu[name].append(t.cpu)
+                wall[name].append(t.wall)
                 with Bare(backbone) as model:
-                    t0 = time.perf_counter()
-                    model.model(s.ids.view(1, -1), past_key_values=caches[name], use_cache=True)
-                    times[f"bare_{name}"].append(time.perf_counter() - t0)
+                    with Timer() as t:
+                        model.model(s.ids.view(1, -1), past_key_values=caches[name], use_cache=True)
+                    cpu[f"bare_{name}"].append(t.cpu)
+                    wall[f"bare_{name}"].append(t.wall)
                     caches[name].crop(held[name] - caches[name].get_seq_length())
     rows = []
     for name in ("xl", "sinks"):
-        mine, bare = statistics.median(times[name]), statistics.median(times[f"bare_{name}"])
-        rows.append({"part": "prefill", "name": name, "memory": held[name], "segment": seg, "reps": args.reps,
-                     "tok_s": seg / mine, "bare_tok_s": seg / bare, "ratio_to_bare": bare / mine,
-                     "seconds": times[name], "bare_seconds": times[f"bare_{name}"]})
+        mine, bare = summary(cpu[name], wall[name], seg), summary(cpu[f"bare_{name}"], wall[f"bare_{name}"], seg)
+        rows.append({"part": "prefill", "name": name, "memory": held[name], "segment": seg, "reps": args.reps, **mine,
+                     "bare": bare, "ratio_to_bare": mine["tok_per_cpu_s"] / bare["tok_per_cpu_s"],
+                     "wall_ratio_to_bare": mine["tok_s"] / bare["tok_s"]})
     return rows
 
 
@@ -145,24 +167,30 @@ def decode_rows(backbone: Any, ids: Any, args: argparse.Namespace) -> list[dict[
     done = ingest(backbone, full, plain_segments(ids[:n], args.segment))
     cache = bare_cache(backbone, ids[: n - 1])
     prompt = ids[:n].view(1, -1)
-    times: dict[str, list[float]] = {k: [] for k in (*methods, "hf_generate")}
+    cpu: dict[str, list[float]] = {k: [] for k in (*methods, "hf_generate")}
+    wall: dict[str, list[float]] = {k: [] for k in cpu}
     for _ in range(args.reps):
         for name, m in methods.items():
             start = Ingested(m.fork_state(done.state), done.tokens, done.last_hidden, None)
             _, warm = greedy(backbone, m, start, 1)  # a copied memory's first step builds its room
-            t0 = time.perf_counter()
-            greedy(backbone, m, warm, t)
-            times[name].append(time.perf_counter() - t0)
+            with Timer() as timer:
+                greedy(backbone, m, warm, t)
+            cpu[name].append(timer.cpu)
+            wall[name].append(timer.wall)
         with Bare(backbone) as model, torch.inference_mode():
-            t0 = time.perf_counter()
-            model.generate(prompt, past_key_values=cache, max_new_tokens=t, min_new_tokens=t, do_sample=False)
-            times["hf_generate"].append(time.perf_counter() - t0)
+            with Timer() as timer:
+                model.generate(prompt, past_key_values=cache, max_new_tokens=t, min_new_tokens=t, do_sample=False)
+            cpu["hf_generate"].append(timer.cpu)
+            wall["hf_generate"].append(timer.wall)
             cache.crop(n - 1 - cache.get_seq_length())
-    hf = statistics.median(times["hf_generate"])
-    return [{"part": "decode", "name": name, "memory": n, "tokens": t, "reps": args.reps,
-             "tok_s": t / statistics.median(times[name]), "hf_generate_tok_s": t / hf,
-             "ratio_to_hf_generate": hf / statistics.median(times[name]), "seconds": times[name],
-             "hf_seconds": times["hf_generate"]} for name in methods]
+    hf = summary(cpu["hf_generate"], wall["hf_generate"], t)
+    rows = []
+    for name in methods:
+        mine = summary(cpu[name], wall[name], t)
+        rows.append({"part": "decode", "name": name, "memory": n, "tokens": t, "reps": args.reps, **mine,
+                     "hf_generate": hf, "ratio_to_hf_generate": mine["tok_per_cpu_s"] / hf["tok_per_cpu_s"],
+                     "wall_ratio_to_hf_generate": mine["tok_s"] / hf["tok_s"]})
+    return rows
 
 
 def child(args: argparse.Namespace) -> None:
@@ -180,15 +208,25 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def run_child(args: argparse.Namespace, code: str | None) -> dict[str, Any]:
+def child_command(args: argparse.Namespace, code: str | None) -> list[str]:
     cmd = [sys.executable, __file__, "--child", "--reps", str(args.reps), "--segment", str(args.segment),
            "--decode-memory", str(args.decode_memory), "--decode-tokens", str(args.decode_tokens),
            "--dtype", args.dtype, "--threads", str(args.threads), "--data", args.data]
-    out = subprocess.run(cmd + (["--code", code] if code else []), capture_output=True, text=True)
-    lines = [line[7:] for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        raise SystemExit(f"the run of {code or 'this checkout'} failed: {out.stderr.strip()[-2000:]}")
-    return {"code": "baseline" if code else "this", **json.loads(lines[-1])}
+    return cmd + (["--code", code] if code else [])
+
+
+def run_children(args: argparse.Namespace, codes: list[str | None]) -> list[dict[str, Any]]:
+    """One process per checkout, all at once (their ratios are each within one process, in CPU seconds)."""
+    procs = [subprocess.Popen(child_command(args, code), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for code in codes]
+    runs = []
+    for code, proc in zip(codes, procs):
+        out, err = proc.communicate()
+        lines = [line[7:] for line in out.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            raise SystemExit(f"the run of {code or 'this checkout'} failed: {err.strip()[-2000:]}")
+        runs.append({"code": "baseline" if code else "this", **json.loads(lines[-1])})
+    return runs
 
 
 def main() -> None:
@@ -217,14 +255,14 @@ def main() -> None:
     result: dict[str, Any] = {"benchmark": "kv_speed", "record": record, "model": record["model"] | {"dtype": args.dtype},
                               "threads": args.threads, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                               "baseline": str(Path(args.baseline).resolve()) if args.baseline else None, "runs": []}
+    codes: list[str | None] = [None, args.baseline] if args.baseline else [None]
     for _ in range(args.rounds):
-        for code in (None, args.baseline) if args.baseline else (None,):
-            run = run_child(args, code)
+        for run in run_children(args, codes):
             result["runs"].append(run)
             Path(args.out).write_text(json.dumps(result, indent=1))
             for r in run["rows"]:
-                print(json.dumps({"code": run["code"], **{k: v for k, v in r.items() if not k.endswith("seconds")}}),
-                      flush=True)
+                print(json.dumps({"code": run["code"], **{k: v for k, v in r.items() if "seconds" not in k and
+                                                          not isinstance(v, dict)}}), flush=True)
 
 
 if __name__ == "__main__":
