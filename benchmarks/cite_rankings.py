@@ -16,6 +16,10 @@ Documents:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cite_rankings.py ../shared/data/austen_persuasion.txt \
         --set tuning --lengths 8192 --trials 3 --hard -m infllm-qa -m rag --threads 1 \
         --out benchmarks/results/cite_rankings_tuning_8k.json
+
+Every item keeps its answer's picks (sparse), so a changed rule can be compared on the same answers without
+the model: `--rerank RESULT.json --out NEW.json` ranks the saved picks under the current rules (the picks of
+questions whose items were not saved, such as the absent fact's, are missing from the cross-question rule).
 """
 
 from __future__ import annotations
@@ -23,18 +27,30 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from longctx.bench.needle import Fact, answered, make_document, make_facts
 from longctx.bench.passkey import Filler
-from longctx.bench.record import bench_backbone, run_record
+from longctx.bench.record import bench_backbone, git_state, run_record
 from longctx.bench.splits import eval_set
-from longctx.tasks.citations import RANKINGS, Citation, retrieved_citations
+from longctx.tasks.citations import (
+    RANKINGS,
+    Citation,
+    Evidence,
+    RetrievalTally,
+    rank_spans,
+    rank_weights,
+    retrieved_citations,
+)
 from longctx.tasks.qa import Answer, ask
 
 RAG_RULES = ("similarity", "document order")
@@ -179,9 +195,49 @@ def summary(items: list[Item]) -> list[dict[str, Any]]:
     return rows
 
 
+def saved_evidence(saved: dict[str, Any]) -> Evidence:
+    """An `Evidence` rebuilt from an item's sparse picks (token indices count from the document's start)."""
+    n = saved["tokens"]
+
+    def tally(sparse: dict[str, list] | None) -> RetrievalTally | None:
+        if sparse is None:
+            return None
+        t = RetrievalTally(0, n)
+        t.counts[sparse["index"]] = torch.tensor(sparse["value"], dtype=torch.long)
+        return t
+    structural = None
+    if saved["structural"] is not None:
+        structural = torch.zeros(n, dtype=torch.bool)
+        structural[saved["structural"]] = True
+    counts = tally(saved["counts"])
+    assert counts is not None
+    return Evidence(counts, torch.arange(n + 1), n, tally(saved["baseline"]), structural)
+
+
+def rerank(source: dict[str, Any]) -> list[Item]:
+    """The source's items with every memory method's first citation ranked again from the saved picks
+    (token spans against the fact's tokens); RAG items are kept as they were."""
+    items = [Item(**{**i, "first": dict(i["first"]), "first_bytes": dict(i["first_bytes"])}) for i in source["items"]]
+    groups: dict[tuple[str, str], list[Item]] = {}
+    for item in items:
+        if item.method != "rag" and item.evidence is not None and item.evidence["counts"] is not None:
+            groups.setdefault((item.document, item.method), []).append(item)
+    for group in groups.values():
+        evidence = [saved_evidence(i.evidence) for i in group if i.evidence is not None]
+        for item, e in zip(group, evidence):
+            lo, hi = item.evidence["fact_tokens"] if item.evidence else (0, 0)
+            item.first, item.first_bytes = {}, {}
+            for rule in RANKINGS:
+                spans = rank_spans(rank_weights(rule, e, evidence), 1)
+                item.first[rule] = (spans[0][0] < hi and spans[0][1] > lo) if spans else None
+                item.first_bytes[rule] = None  # token spans only: the document text is not saved
+    return items
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("filler")
+    ap.add_argument("filler", nargs="?")
+    ap.add_argument("--rerank", help="a result file of this script: rank its saved picks under the current rules")
     ap.add_argument("--set", default="tuning", choices=["tuning", "report"])
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192])
@@ -193,6 +249,18 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.rerank:
+        source = json.loads(Path(args.rerank).read_text(encoding="utf-8"))
+        items = rerank(source)
+        record = {**source["record"], "command": list(sys.argv), "git": git_state(),
+                  "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "reranked_from": {"file": args.rerank, "command": source["record"]["command"],
+                                    "git": source["record"].get("git"), "timestamp_utc": source["record"].get("timestamp_utc")}}
+        result = {**source, "summary": summary(items), "items": [asdict(i) for i in items], "record": record}
+        Path(args.out).write_text(json.dumps(result, indent=1), encoding="utf-8")
+        return
+    if not args.filler:
+        ap.error("give the filler book (or --rerank RESULT.json)")
     split = eval_set(args.set)
     split.check_filler(args.filler)
     seed = split.seed(args.seed)
