@@ -7,12 +7,14 @@ was picked over layers, heads and steps. Methods that read memory by position (w
 tokens) retrieve nothing: their citation is what memory held.
 
 Raw picks say where the heads rest more than where the answer is: the oldest stored tokens and chapter
-headings draw picks whatever the question. So a citation ranks *relevance*, not picks (`relevance`):
-structural tokens (heading lines, the method's attention sinks) are left out, and the picks of a
-question-independent probe (`BASELINE_QUESTION`, read once per document) are subtracted, both as shares,
-so what every question reads cancels out. The heaviest remaining tokens seed spans (seeds close together
-join), ranked by their share of the remaining relevance; each span carries its byte offsets, that share,
-its share of the raw picks, and an excerpt of the source.
+headings draw picks whatever the question. So a citation ranks *relevance*, not picks, once every question
+of a call has been answered (`rank_weights`, rule DEFAULT_RANKING): structural tokens (heading lines, the
+method's attention sinks) are left out, and so are the tokens that every question of the call and a
+question-independent probe (`BASELINE_QUESTION`, read once per call) picked. A lone question drops only
+the structural tokens: the one salient fact of a document is often what the probe reads too. The other
+rules of RANKINGS are kept for `benchmarks/cite_rankings.py`, which compares them on the same answers.
+The heaviest remaining tokens seed spans (seeds close together join), ranked by their share of the
+remaining picks; each span carries its byte offsets, that share, its share of all picks, and an excerpt.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ HEADING = re.compile(
 @dataclass
 class Citation:
     """A source span: `kind` "retrieved" or "held". A retrieved span's `weight` is its relevance share (of
-    the answer's picks left after structural tokens and the question-independent baseline), `reads` its
-    share of all the answer's picks."""
+    the answer's picks left by the ranking rule: structural tokens and what every question and the probe
+    read removed), `reads` its share of all the answer's picks."""
 
     kind: str
     tokens: tuple[int, int]  # document token indices [start, end)
@@ -159,6 +161,7 @@ class Evidence:
     structural: torch.Tensor | None = None
 
     def shares(self) -> torch.Tensor:
+        """The answer's share of picks per token, structural tokens left out."""
         return shares(self.tally.counts, self.structural)
 
 

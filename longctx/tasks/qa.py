@@ -143,7 +143,7 @@ def ask(path: str, questions: Sequence[str], *, method: str | None = None, model
     `method`: a memory method or preset (default: `DEFAULT_METHOD`), or "rag". `chat` None = the chat template
     when the model has one; `instruction` replaces the default line read before each question. `on_text(i,
     piece)` streams answer i as it is generated. With `cite`, each answer lists the source spans its memory
-    retrieved, most relevant to it first (`citations.relevance`), or, for position-reading methods, held. `reuse`/`save`: load the document's stored memory when
+    retrieved, most relevant to it first (`citations.rank_weights`), or, for position-reading methods, held. `reuse`/`save`: load the document's stored memory when
     there is one / store it after reading (benchmarks turn saving off)."""
     qs = [check_question(q) for q in questions]
     if not qs:
