@@ -96,6 +96,8 @@ def cases() -> list[Case]:
     out.append(Case("hmt", sized("hmt", {"summary": "current"}), "hmt:summary=current"))
     out.append(Case("infllm", sized("infllm", {"scoring": "representative", "representatives": 2}),
                     "infllm:scoring=representative"))
+    for name in ("infllm", "memorizing"):  # an int8 store decodes each read: nothing of a later token may leak
+        out.append(Case(name, sized(name, {"store_dtype": "int8"}), f"{name}:store_dtype=int8"))
     return out
 
 

@@ -49,7 +49,7 @@ class MemorizingOptions(StoreOptions):
     distance: int | None = option(None, "the (nearest) retrieved key's distance; null = sinks + window, just beyond the local keys")
     combine: Literal["joint", "gate"] = option("joint", "joint: one softmax over [retrieved; local]; gate: g*retrieved + (1-g)*local")
     gate: float = option(0.5, "g of combine=gate, every head (untrained; 0 = local only)")
-    store_dtype: Literal["model", "bf16", "fp16"] = option("model", "dtype of stored keys/values (bf16/fp16 halve the RAM)")
+    store_dtype: Literal["model", "bf16", "fp16", "int8"] = option("model", "dtype of stored keys/values (bf16/fp16 halve the RAM; int8: codes with a scale per token and head)")
     block: int = option(8192, "store keys scored at a time by the exact search (bounds the score buffer)")
     index: Literal["exact", "blocks"] = option(
         "exact", "exact: every store key scored; blocks: score block means, then the keys of the most-voted blocks")
