@@ -132,7 +132,7 @@ def test_retrieval_with_an_int8_store_stays_near_the_fp32_store(tiny_backbone, n
     opts = {"window": 16, "memory": 64, "topk": 4}
     if name == "unimix":
         opts["rmt_tokens"] = 0
-    exact, _ = stream_nll(tiny_backbone, name, ids, 16, **opts)
+    exact, _ = stream_nll(tiny_backbone, name, ids, 16, store_dtype="model", **opts)
     compact, _ = stream_nll(tiny_backbone, name, ids, 16, store_dtype="int8", **opts)
     assert compact == pytest.approx(exact, rel=1e-2)
 
