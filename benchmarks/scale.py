@@ -1,6 +1,6 @@
 """Cost of reading one very long text: prefill tokens/s and peak RSS at growing lengths, one process per run.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale.py [--methods window,sinks,xl,infllm]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale.py [--methods window,sinks,xl,infllm,infllm:store_dtype=int8]
         [--lengths 8192,65536,262144,1048576] [--segment 512] [--dtype bf16] [--threads 1]
         [--data /work/shared/data] [--decode 8] [--baseline ../main] [--out benchmarks/results/scale.json]
 
@@ -13,6 +13,8 @@ greedy tokens) after one untimed warm-up segment. The result file is rewritten a
 sweep can be stopped and its finished runs kept; `ratios` compares each length with the shortest one: the
 average tokens/s, the tokens/s over the last 8,192 tokens (the cost at that length), and both per CPU-second of
 the run's process, which other work on the machine does not dilute (with one thread).
+A method may carry options (`NAME:key=value[:key=value]`, the rest defaults); every row also records the
+bytes its memory holds at the end, in RAM (allocated) and as a snapshot would write them (filled).
 With --baseline DIR, every run is repeated right after with the `longctx` package of the checkout DIR (rows
 with "code": "baseline"), so the two versions are measured side by side under the same load.
 """
@@ -80,12 +82,20 @@ def child(method: str, length: int, ids_path: str, args: argparse.Namespace) -> 
 
     backbone = longctx.load_backbone(dtype=dtype, threads=threads)
     ids = torch.from_numpy(np.load(ids_path, mmap_mode="r")[:length].copy())
-    cls = get_method(method)
-    m = cls(cls.Options.from_mapping({}), backbone)
+    name, options = method_spec(method)
+    cls = get_method(name)
+    m = cls(cls.Options.from_mapping(options), backbone)
     throughput(backbone, m, ids[:segment], segment=segment, decode_tokens=1)  # warm-up, untimed
     row = throughput(backbone, m, ids, segment=segment, decode_tokens=args.decode)
     row["longctx_path"] = str(Path(longctx.__file__).parent)
     print("ROW " + json.dumps(row, default=str), flush=True)
+
+
+def method_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """`infllm:store_dtype=int8:topk=8` -> ("infllm", {"store_dtype": "int8", "topk": "8"})."""
+    name, *pairs = spec.split(":")
+    options = dict(pair.split("=", 1) for pair in pairs)
+    return name, options
 
 
 def run_child(args: argparse.Namespace, method: str, length: int, ids_path: Path, code: str | None = None) -> dict[str, Any]:

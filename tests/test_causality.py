@@ -96,6 +96,9 @@ def cases() -> list[Case]:
     out.append(Case("hmt", sized("hmt", {"summary": "current"}), "hmt:summary=current"))
     out.append(Case("infllm", sized("infllm", {"scoring": "representative", "representatives": 2}),
                     "infllm:scoring=representative"))
+    for name in ("infllm", "memorizing"):  # their default store is int8; the model-dtype store is causal too
+        out.append(Case(name, sized(name, {"store_dtype": "model"}), f"{name}:store_dtype=model"))
+    out.append(Case("unimix", sized("unimix", {"store_dtype": "int8"}), "unimix:store_dtype=int8"))
     return out
 
 

@@ -43,13 +43,16 @@ def test_without_block_memory_is_exactly_xl(tiny_backbone):
 
 def test_reading_every_block_equals_full_attention(tiny_backbone, reference_model):
     """When top-k covers the whole memory, sinks + blocks (in document order) + window is the whole prefix
-    at its own positions: the method must score exactly what full attention scores."""
+    at its own positions: the method must score exactly what full attention scores (with the blocks kept in
+    the model's dtype; an int8 store's tolerance: tests/test_store_dtype.py)."""
     ids = doc(160)
-    nll, tokens = stream_nll(tiny_backbone, "infllm", ids, 16, window=16, sinks=2, block=8, memory=160, topk=20)
+    nll, tokens = stream_nll(tiny_backbone, "infllm", ids, 16, window=16, sinks=2, block=8, memory=160, topk=20,
+                             store_dtype="model")
     assert tokens == 159
     assert nll == pytest.approx(reference_nll(reference_model, ids), rel=1e-5)
     # and with fewer blocks than the prefix it is a different (bounded) reading
-    fewer, _ = stream_nll(tiny_backbone, "infllm", ids, 16, window=16, sinks=2, block=8, memory=160, topk=2)
+    fewer, _ = stream_nll(tiny_backbone, "infllm", ids, 16, window=16, sinks=2, block=8, memory=160, topk=2,
+                          store_dtype="model")
     assert fewer != pytest.approx(nll, rel=1e-5)
 
 

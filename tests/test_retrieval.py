@@ -143,7 +143,8 @@ def test_gate_at_zero_is_the_local_only_output(tiny_backbone):
 @pytest.mark.parametrize(("positions", "span"), [("constant", 0), ("ordered", 0), ("none", 0), ("ordered", 3)])
 def test_topk_over_whole_store_equals_attention_over_store_and_local(tiny_backbone, positions, span):
     """With k >= store size every entry is read: the joint softmax must equal plain attention over
-    [store; local] with the store keys placed at the policy's positions (one query, so one placement)."""
+    [store; local] with the store keys placed at the policy's positions (one query, so one placement). The
+    store is the default int8 one, so the reference reads its decoded entries."""
     ids = doc(81)
     m = build(tiny_backbone, "memorizing", window=20, sinks=2, memory=200, topk=200, layers="all",
               positions=positions, distance=37, span=span)  # span: every neighbour is a hit too, read once
@@ -153,14 +154,15 @@ def test_topk_over_whole_store_equals_attention_over_store_and_local(tiny_backbo
     local, store = state.local.clone(), KNNStore.from_tensors(200, state.store.tensors())
     _, plan, hidden = feed(tiny_backbone, m, ids[80:], 1, state)
     order = store.order()
+    every = (slice(None), slice(None), order)  # every layer and head, oldest entry first
     q_pos = len(local)  # the query's relative position: after [sinks; window]
     n = len(store)
     doc_idx = store.token_index[order]
     store_pos = {"constant": torch.full((n,), q_pos - 37), "none": torch.full((n,), q_pos),
                  "ordered": q_pos - 37 - (doc_idx.max() - doc_idx)}[positions]
     ref = ForwardPlan(query_pos=torch.tensor([q_pos]), key_pos=torch.cat((store_pos, torch.arange(q_pos + 1))),
-                      memory_keys=list(torch.cat((store.keys[:, :, order], local.keys), dim=2)),
-                      memory_values=list(torch.cat((store.values[:, :, order], local.values), dim=2)))
+                      memory_keys=list(torch.cat((store.keys_at(every, local.keys.dtype), local.keys), dim=2)),
+                      memory_values=list(torch.cat((store.values_at(every, local.keys.dtype), local.values), dim=2)))
     with torch.inference_mode():
         expected = tiny_backbone.forward(ids[80:], ref)
     assert torch.allclose(hidden, expected, atol=1e-5)

@@ -120,7 +120,7 @@ def _prefill_row(method: Method, ids: torch.Tensor, segment: int, seconds: float
 
 def _decode(backbone: Backbone, method: Method, done: Any, tokens: int, prefill_s: float) -> dict[str, Any]:
     """Greedy continuation: tokens/s, time to the first token (prefill included), FLOPs per token, and the
-    memory entries held at the end."""
+    memory entries held at the end, with the bytes they take in RAM and in a snapshot."""
     flops = [0.0]
     first_plan = done.last_plan  # continue_text shows it first; it belongs to the prefill
 
@@ -132,7 +132,10 @@ def _decode(backbone: Backbone, method: Method, done: Any, tokens: int, prefill_
     _sync(backbone)
     state = result.done.state if result is not None else done.state
     out: dict[str, Any] = {"decode_tokens": 0, "decode_s": None, "decode_tok_s": None, "first_token_s": None,
-                           "decode_flops_per_token": None, "memory_entries": method.memory_size(state)}
+                           "decode_flops_per_token": None, "memory_entries": method.memory_size(state),
+                           "memory_ram_bytes": method.memory_bytes(state),
+                           "memory_snapshot_bytes": sum(t.numel() * t.element_size()
+                                                        for t in method.state_tensors(state).values())}
     if result is None or not result.tokens:
         return out
     n = len(result.tokens)

@@ -16,27 +16,27 @@ from .options import ThreadsOpt
 @memory_app.command("ls")
 @_errors_to_exit
 def memory_ls(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """List snapshots: name, method, model, document, tokens consumed, size, created."""
+    """List snapshots: name, method, model, document, tokens consumed, bytes on disk and in RAM, created."""
     import time
 
     from rich.table import Table
 
     from ..storage.memory import list_snapshots
-    from .render import print_json, stdout_console
+    from .render import mib, print_json, stdout_console
 
     rows = list_snapshots()
     if json_out:
         print_json({"schema_version": 1, "snapshots": rows})
         return
     table = Table(title="Snapshots")
-    for col in ("name", "method", "model", "document", "tokens", "size", "created"):
+    for col in ("name", "method", "model", "document", "tokens", "on disk", "in RAM", "created"):
         table.add_column(col)
     for r in rows:
         if r.get("damaged"):
-            table.add_row(r["name"], f"[red]DAMAGED[/]: {r['damaged']}", "", "", "", "", "")
+            table.add_row(r["name"], f"[red]DAMAGED[/]: {r['damaged']}", "", "", "", "", "", "")
             continue
         table.add_row(r["name"] + (" *" if r["latest"] else ""), r["method"], r["model"], r["document"],
-                      f"{r['tokens']:,}", f"{r['size_bytes'] / 2**20:,.1f} MiB",
+                      f"{r['tokens']:,}", mib(r["size_bytes"]), mib(r["ram_bytes"]),
                       time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])))
     stdout_console().print(table)
 

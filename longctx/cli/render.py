@@ -233,12 +233,18 @@ def _finite(o: Any) -> Any:
     return o
 
 
+def mib(nbytes: int | None) -> str:
+    """Bytes as MiB for a table; "?" where they were not recorded (a snapshot from before they were)."""
+    return "?" if nbytes is None else f"{nbytes / 2**20:,.1f} MiB"
+
+
 def print_dump(info: dict[str, Any], console: Console) -> None:
     """`memory dump`: header, tensors, then one row per group of entries with its source excerpt."""
     console.print(f"[bold]{info['name']}[/]: {info['method']}, segment {info['segment']}, model {info['model']}",
                   highlight=False)
     console.print(f"document {info['document']}: {info['tokens_consumed']:,} tokens consumed; "
-                  f"{info['entries']:,} entries in memory", highlight=False)
+                  f"{info['entries']:,} entries in memory; {mib(info['disk_bytes'])} on disk, "
+                  f"{mib(info['ram_bytes'])} in RAM", highlight=False)
     tensors = Table(title="Tensors", title_justify="left")
     for col in ("name", "shape", "dtype", "MiB"):
         tensors.add_column(col)

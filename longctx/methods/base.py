@@ -184,6 +184,10 @@ class Method(ABC, Generic[OptionsT, StateT]):
         """Entries currently held (tokens, slots), for progress and results."""
         return 0
 
+    def memory_bytes(self, state: StateT) -> int:
+        """Bytes the state holds in RAM (for `memory ls`/`dump`). Default: the bytes of its snapshot tensors."""
+        return sum(t.numel() * t.element_size() for t in self.state_tensors(state).values())
+
     def fork_state(self, state: StateT) -> StateT:
         """An independent copy of `state`: writing to one never changes the other (each question of `ask`
         continues its own copy of a document's memory). Default: an exact copy through the tensors."""

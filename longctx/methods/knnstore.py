@@ -3,7 +3,9 @@
 The store is a ring buffer allocated lazily up to its capacity, so a 10^6-token memory costs nothing until
 a document fills it and appending never copies what is already there. Slot `i % capacity` holds the i-th
 entry ever written; the oldest is overwritten first (FIFO). Keys are pre-rotation (positions are assigned
-at read time) and may be kept in a narrower dtype than the model's: each scored block is widened first.
+at read time) and may be kept in a narrower dtype than the model's, or as int8 codes with a scale per
+token and head (storecodec.py): each scored block or gathered entry is widened (decoded) first, the rest stays
+compact.
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .storecodec import QUANTISED, SCALE_DTYPE, dequantise, quantise
+
+Index = tuple[int | slice | torch.Tensor, ...]  # into `[layers, kv_heads, slots]` (a head vector's position)
 GROW_MIN = 4096  # first allocation, in entries
 
 
 @dataclass
 class KNNStore:
-    """keys/values `[layers, kv_heads, slots, head_dim]`; token_index/token_ids/byte_start `[slots]`."""
+    """keys/values `[layers, kv_heads, slots, head_dim]`; token_index/token_ids/byte_start `[slots]`. An int8
+    store also has key_scale/value_scale `[layers, kv_heads, slots]` (fp16); read it through `keys_at`/`values_at`."""
 
     capacity: int
     keys: torch.Tensor
@@ -26,6 +32,8 @@ class KNNStore:
     token_ids: torch.Tensor
     byte_start: torch.Tensor
     written: int = 0  # entries ever added (slot of the next one: written % capacity)
+    key_scale: torch.Tensor | None = None  # int8 stores only
+    value_scale: torch.Tensor | None = None
     # block means per layer: (block, entries written when computed, means); an add leaves them, and the next
     # `centroids` call recomputes only the blocks the add wrote to
     _centroids: dict[int, tuple[int, int, torch.Tensor]] | None = None
@@ -34,12 +42,20 @@ class KNNStore:
     @classmethod
     def empty(cls, capacity: int, layers: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype,
               device: torch.device) -> KNNStore:
+        """A store of `capacity` entries in `dtype` (a float dtype, or torch.int8 for scaled int8 codes)."""
         kv = torch.zeros(layers, kv_heads, 0, head_dim, dtype=dtype, device=device)
         idx = torch.zeros(0, dtype=torch.long, device=device)
-        return cls(capacity, kv, kv.clone(), idx, idx.clone(), idx.clone())
+        scale = torch.zeros(layers, kv_heads, 0, dtype=SCALE_DTYPE, device=device) if dtype == QUANTISED else None
+        return cls(capacity, kv, kv.clone(), idx, idx.clone(), idx.clone(), 0, scale,
+                   scale.clone() if scale is not None else None)
 
     def __len__(self) -> int:
         return min(self.written, self.capacity)
+
+    @property
+    def quantised(self) -> bool:
+        """Whether keys/values are int8 codes with per-token-per-head scales."""
+        return self.key_scale is not None
 
     @property
     def allocated(self) -> int:
@@ -51,10 +67,22 @@ class KNNStore:
         self._shared = True
         return replace(self, _centroids=dict(self._centroids) if self._centroids else None, _shared=True)  # means cloned before update
 
+    def _buffers(self) -> tuple[str, ...]:
+        scales = ("key_scale", "value_scale") if self.quantised else ()
+        return ("keys", "values", "token_index", "token_ids", "byte_start", *scales)
+
     def _own(self) -> None:
-        for name in ("keys", "values", "token_index", "token_ids", "byte_start"):
+        for name in self._buffers():
             setattr(self, name, getattr(self, name).clone())
         self._shared = False
+
+    def keys_at(self, index: Index, dtype: torch.dtype) -> torch.Tensor:
+        """`keys[index]` (index into `[layers, kv_heads, slots]`) in `dtype`, decoded if int8."""
+        return _decoded(self.keys, self.key_scale, index, dtype)
+
+    def values_at(self, index: Index, dtype: torch.dtype) -> torch.Tensor:
+        """`values[index]` (index into `[layers, kv_heads, slots]`) in `dtype`, decoded if int8."""
+        return _decoded(self.values, self.value_scale, index, dtype)
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, token_index: torch.Tensor, token_ids: torch.Tensor,
             byte_start: torch.Tensor) -> None:
@@ -72,8 +100,8 @@ class KNNStore:
             e = self.capacity
         self._reserve(min(self.capacity, self.written + e))
         slots = (self.written + torch.arange(e, device=self.token_index.device)) % self.capacity
-        self.keys.index_copy_(2, slots, keys.to(self.keys.dtype))
-        self.values.index_copy_(2, slots, values.to(self.values.dtype))
+        _put(self.keys, self.key_scale, slots, keys)
+        _put(self.values, self.value_scale, slots, values)
         self.token_index.index_copy_(0, slots, token_index)
         self.token_ids.index_copy_(0, slots, token_ids)
         self.byte_start.index_copy_(0, slots, byte_start)
@@ -97,6 +125,9 @@ class KNNStore:
         self.token_index = grown(self.token_index, (size,), 0)
         self.token_ids = grown(self.token_ids, (size,), 0)
         self.byte_start = grown(self.byte_start, (size,), 0)
+        if self.key_scale is not None and self.value_scale is not None:
+            self.key_scale = grown(self.key_scale, (L, H, size), 2)
+            self.value_scale = grown(self.value_scale, (L, H, size), 2)
 
     def order(self) -> torch.Tensor:
         """Slot indices from the oldest entry to the newest."""
@@ -109,12 +140,11 @@ class KNNStore:
 
         Exact: scores are computed `block` keys at a time and merged, so memory is O(r · block), not O(r · n).
         """
-        n = len(self)
-        keys = self.keys[layer, :, :n]  # slots past n are allocated but empty
+        n = len(self)  # slots past n are allocated but empty
         best_s: torch.Tensor | None = None
         best_i: torch.Tensor | None = None
         for s in range(0, n, block):
-            scores = queries @ keys[:, s : s + block].to(queries.dtype).transpose(1, 2)
+            scores = queries @ self.keys_at((layer, slice(None), slice(s, min(s + block, n))), queries.dtype).transpose(1, 2)
             v, i = scores.topk(min(k, scores.shape[-1]), dim=-1)
             i += s
             if best_s is not None and best_i is not None:
@@ -151,7 +181,7 @@ class KNNStore:
         valid = slots < n
         slots = slots.clamp(max=n - 1)
         heads = torch.arange(slots.shape[0], device=slots.device).view(-1, 1)
-        keys = self.keys[layer][heads, slots].to(queries.dtype)  # [h, c*block, d]
+        keys = self.keys_at((layer, heads, slots), queries.dtype)  # [h, c*block, d]
         scores = (queries @ keys.transpose(1, 2)).masked_fill(~valid.unsqueeze(1), float("-inf"))
         top = scores.topk(min(k, int(valid.sum(-1).min())), dim=-1).indices
         return slots.gather(1, top.flatten(1)).view_as(top)
@@ -201,27 +231,48 @@ class KNNStore:
         """`[kv_heads, len(blocks), d]` fp32 means of the filled slots of the given runs of `block` slots."""
         slots = blocks.view(-1, 1) * block + torch.arange(block, device=blocks.device)
         filled = slots < n
-        keys = self.keys[layer][:, slots.clamp(max=n - 1)].float() * filled.unsqueeze(-1)
+        keys = self.keys_at((layer, slice(None), slots.clamp(max=n - 1)), torch.float) * filled.unsqueeze(-1)
         return keys.sum(2) / filled.sum(1).view(1, -1, 1)
 
     def gather(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `[kv_heads, r, k, d]` at `slots [kv_heads, r, k]` of one layer, in `dtype`."""
         heads = torch.arange(slots.shape[0], device=slots.device).view(-1, 1, 1)
-        return self.keys[layer][heads, slots].to(dtype), self.values[layer][heads, slots].to(dtype)
+        return self.keys_at((layer, heads, slots), dtype), self.values_at((layer, heads, slots), dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The filled slots as stored (ring layout kept, so a reload searches identically) + the counter."""
         n = len(self)
-        return {"keys": self.keys[:, :, :n], "values": self.values[:, :, :n], "token_index": self.token_index[:n],
-                "token_ids": self.token_ids[:n], "byte_start": self.byte_start[:n],
+        out = {name: getattr(self, name)[..., :n] for name in self._buffers() if name not in ("keys", "values")}
+        return {"keys": self.keys[:, :, :n], "values": self.values[:, :, :n], **out,
                 "written": torch.tensor([self.written], dtype=torch.long)}
 
     @classmethod
     def from_tensors(cls, capacity: int, t: dict[str, torch.Tensor]) -> KNNStore:
-        return cls(capacity, t["keys"].clone(), t["values"].clone(), t["token_index"].clone(), t["token_ids"].clone(),
-                   t["byte_start"].clone(), int(t["written"][0]))
+        """The store `tensors()` saved (int8 when it has scales)."""
+        ks, vs = (t[k].clone() if k in t else None for k in ("key_scale", "value_scale"))
+        store = cls(capacity, t["keys"].clone(), t["values"].clone(), t["token_index"].clone(), t["token_ids"].clone(),
+                    t["byte_start"].clone(), int(t["written"][0]), key_scale=ks, value_scale=vs)
+        if (store.keys.dtype == QUANTISED) != (store.key_scale is not None and store.value_scale is not None):
+            raise ValueError("an int8 store needs key_scale and value_scale, and only an int8 store has them")
+        return store
 
     def nbytes(self) -> int:
-        """Bytes held by the allocated buffers."""
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.token_index,
-                                                           self.token_ids, self.byte_start))
+        """Bytes held by the allocated buffers (RAM, including slots allocated but not yet filled)."""
+        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in self._buffers())
+
+
+def _decoded(data: torch.Tensor, scale: torch.Tensor | None, index: Index, dtype: torch.dtype) -> torch.Tensor:
+    """`data[index]` in `dtype`; with a scale, int8 codes decoded by their per-vector scales."""
+    if scale is None:
+        return data[index].to(dtype)
+    return dequantise(data[index], scale[index], dtype)
+
+
+def _put(data: torch.Tensor, scale: torch.Tensor | None, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """Write `x [layers, kv_heads, e, d]` at `slots` along dim 2, encoded to int8 when the store has scales."""
+    if scale is None:
+        data.index_copy_(2, slots, x.to(data.dtype))
+        return
+    codes, scales = quantise(x)
+    data.index_copy_(2, slots, codes)
+    scale.index_copy_(2, slots, scales)

@@ -21,7 +21,8 @@ from .base import Method, MethodOptions, OptionsT, StateT
 from .knnstore import KNNStore
 from .kvstate import KVState
 
-STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # option store_dtype; "model" = the model's own
+# option store_dtype; "model" = the model's own; int8 = codes with a scale per token and head (storecodec.py)
+STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 Positions = Literal["relative", "absolute"]
 Overflow = Literal["fifo", "clear"]
 
@@ -214,7 +215,7 @@ class StoreOptions(MethodOptions):
     Not a dataclass itself: annotations only, so it adds no fields."""
 
     memory: int
-    store_dtype: Literal["model", "bf16", "fp16"]
+    store_dtype: Literal["model", "bf16", "fp16", "int8"]
 
 
 StoreOptionsT = TypeVar("StoreOptionsT", bound=StoreOptions)
@@ -239,6 +240,12 @@ class StoreMethod(KVMachinery[StoreOptionsT, StoreStateT]):
         out = {f"local.{k}": v for k, v in state.local.tensors().items()}
         out.update({f"store.{k}": v for k, v in state.store.tensors().items()})
         return out
+
+    def memory_bytes(self, state: StoreStateT) -> int:
+        """The store's allocated buffers (a ring grows by doubling, so RAM may exceed what is filled, which is
+        all a snapshot writes) plus the bytes of the rest of the state."""
+        rest = sum(t.numel() * t.element_size() for k, t in self.state_tensors(state).items() if not k.startswith("store."))
+        return rest + state.store.nbytes()
 
     def split_tensors(self, tensors: dict[str, torch.Tensor], *extra: str) -> tuple[KVState, KNNStore, dict[str, dict[str, torch.Tensor]]]:
         """The window and the store from snapshot tensors (on the model's device), and the tensors of the

@@ -84,7 +84,8 @@ def save_run(store: SnapshotStore, name: str, backbone: Backbone, spec: RunSpec,
                      "after_cut": ({"id": result.after_cut[0], "nll": result.after_cut[1]}
                                    if result.after_cut else None)},
         "rng": None,  # no method of this release draws random numbers
-        "memory": {"entries": m.memory_size(result.state), "groups": m.dump(result.state)},
+        "memory": {"entries": m.memory_size(result.state), "ram_bytes": m.memory_bytes(result.state),
+                   "groups": m.dump(result.state)},
         "command": " ".join(sys.argv),
         **(extra or {}),
     }

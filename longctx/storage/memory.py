@@ -14,7 +14,8 @@ EXCERPT_BYTES = 80
 
 
 def list_snapshots(store: SnapshotStore | None = None) -> list[dict[str, Any]]:
-    """One summary per snapshot: name, method, model, document, tokens consumed, size, created."""
+    """One summary per snapshot: name, method, model, document, tokens consumed, bytes on disk (its files) and
+    in RAM (the memory's buffers when it was saved; None for a snapshot from before that was recorded), created."""
     store = store or SnapshotStore()
     rows = []
     for name in store.names():
@@ -26,14 +27,20 @@ def list_snapshots(store: SnapshotStore | None = None) -> list[dict[str, Any]]:
         m = snap.manifest
         rows.append({"name": name, "method": m["method"]["protocol"], "model": m["fingerprint"]["model"],
                      "document": m["document"]["path"], "tokens": m["progress"]["tokens_consumed"],
-                     "size_bytes": sum(f["size"] for f in m["files"].values()), "created": m["created"],
+                     "size_bytes": _disk_bytes(m), "ram_bytes": m["memory"].get("ram_bytes"), "created": m["created"],
                      "version": snap.path.name, "latest": name == store.latest_name()})
     return rows
 
 
+def _disk_bytes(manifest: dict[str, Any]) -> int:
+    """Bytes of the snapshot's files (tensors and all) as its manifest lists them."""
+    return sum(f["size"] for f in manifest["files"].values())
+
+
 def _damaged_row(store: SnapshotStore, name: str, error: SnapshotError) -> dict[str, Any]:
     """A listing row for a snapshot that fails verification: what is wrong, and what to do."""
-    return {"name": name, "method": "?", "model": "?", "document": "?", "tokens": 0, "size_bytes": 0, "created": 0.0,
+    return {"name": name, "method": "?", "model": "?", "document": "?", "tokens": 0, "size_bytes": 0, "ram_bytes": None,
+            "created": 0.0,
             "version": None, "latest": name == store.latest_name(),
             "damaged": f"{error.message} (remove it with `longctx memory rm {name}`)"}
 
@@ -58,7 +65,8 @@ def dump_snapshot(name: str | None = None, store: SnapshotStore | None = None) -
     return {"name": snap.name, "method": m["method"]["protocol"], "segment": m["method"]["segment"],
             "model": m["fingerprint"]["model"], "document": m["document"]["path"],
             "source_available": source is not None, "tokens_consumed": m["progress"]["tokens_consumed"],
-            "entries": m["memory"]["entries"], "tensors": _tensor_table(snap), "groups": groups}
+            "entries": m["memory"]["entries"], "disk_bytes": _disk_bytes(m), "ram_bytes": m["memory"].get("ram_bytes"),
+            "tensors": _tensor_table(snap), "groups": groups}
 
 
 def _tensor_table(snap: Snapshot) -> list[dict[str, Any]]:
