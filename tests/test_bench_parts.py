@@ -240,3 +240,26 @@ def test_throughput_vs_length_interleaves_methods(tiny_backbone):
     assert [r["memory_entries"] for r in rows if r["name"] == "xl"] == [34, 66]
     with pytest.raises(Exception, match="lengths"):
         throughput_vs_length(tiny_backbone, methods, _ids(10), [32], segment=16)
+
+
+def test_readers_table_puts_a_length_just_under_a_column_in_it_and_says_so():
+    """The in-window ceiling at "32k" reads 32,000-token documents (32,768 plus the question frame overflows a
+    32k window): the readers table counts it in the 32k column and names the length it read."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("to_markdown", REPO / "benchmarks" / "to_markdown.py")
+    assert spec is not None and spec.loader is not None
+    to_markdown = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(to_markdown)
+
+    def needle(length: int, correct: int) -> dict:
+        return {"benchmark": "needle", "model": {"model": "qwen2.5-coder-1.5b", "dtype": "bfloat16"},
+                "environment": {"load_avg_1m": 1.0},
+                "cells": [{"method": "full", "length": length, "kind": "needle", "items": 4, "correct": correct,
+                           "ingest_tokens_per_s": 20.0, "first_token_s": 2.0, "decode_tokens_per_s": 0.5},
+                          {"method": "full", "length": length, "kind": "absent", "items": 1, "correct": 0}]}
+
+    rows = to_markdown.readers([("a/x_8k.json", needle(8192, 4)), ("a/x_32000.json", needle(32000, 3))])
+    row = next(r for r in rows if r.startswith("| qwen2.5-coder-1.5b"))
+    assert "| 4/4 | 3/4 (32,000 tok) | not measured | not measured |" in row
+    assert to_markdown._reader_column(16384) == 16384  # far from every column: a column of its own
