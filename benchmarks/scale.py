@@ -10,7 +10,9 @@ recorded. Every (length, method) pair runs in a fresh process (`--child`), so ea
 methods are interleaved within each length, so a drift in machine load hits them alike. Each run reads the
 first `length` tokens in segments of --segment from an empty memory (`bench.throughput`: prefill, then 8
 greedy tokens) after one untimed warm-up segment. The result file is rewritten after every run, so a long
-sweep can be stopped and its finished runs kept; `ratios` compares each length with the shortest one.
+sweep can be stopped and its finished runs kept; `ratios` compares each length with the shortest one: the
+average tokens/s, the tokens/s over the last 8,192 tokens (the cost at that length), and both per CPU-second of
+the run's process, which other work on the machine does not dilute (with one thread).
 With --baseline DIR, every run is repeated right after with the `longctx` package of the checkout DIR (rows
 with "code": "baseline"), so the two versions are measured side by side under the same load.
 """
@@ -111,9 +113,13 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         base = mine[0]
         for r in mine[1:]:
-            out.append({"name": name, "length": r["length"], "vs_length": base["length"],
-                        "prefill_tok_s_ratio": r["prefill_tok_s"] / base["prefill_tok_s"],
-                        "peak_rss_ratio": r["peak_rss_mb"] / base["peak_rss_mb"]})
+            row = {"name": name, "length": r["length"], "vs_length": base["length"],
+                   "prefill_tok_s_ratio": r["prefill_tok_s"] / base["prefill_tok_s"],
+                   "peak_rss_ratio": r["peak_rss_mb"] / base["peak_rss_mb"]}
+            for key in ("prefill_tok_per_cpu_s", "tail_tok_s", "tail_tok_per_cpu_s"):  # rows of older runs lack them
+                if r.get(key) and base.get(key):
+                    row[f"{key}_ratio"] = r[key] / base[key]
+            out.append(row)
     return out
 
 
@@ -153,8 +159,9 @@ def main() -> None:
                 result["rows"].append(row)
                 result["ratios"] = ratios(result["rows"])
                 Path(args.out).write_text(json.dumps(result, indent=1, default=str))
-                print(json.dumps({k: row.get(k) for k in ("name", "length", "code", "prefill_tok_s", "peak_rss_mb",
-                                                          "decode_tok_s", "load_avg_end", "error")}), flush=True)
+                shown = ("name", "length", "code", "prefill_tok_s", "tail_tok_per_cpu_s", "peak_rss_mb", "decode_tok_s",
+                         "load_avg_end", "error")
+                print(json.dumps({k: row.get(k) for k in shown}), flush=True)
 
 
 if __name__ == "__main__":

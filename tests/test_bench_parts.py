@@ -195,7 +195,8 @@ def test_roofline_ratio():
 FIELDS = ("method", "protocol", "segment", "prefill_tokens", "prefill_s", "prefill_tok_s", "prefill_flops",
           "prefill_flops_per_token", "decode_tokens", "decode_s", "decode_tok_s", "first_token_s",
           "decode_flops_per_token", "memory_entries", "peak_rss_mb", "peak_gpu_mb", "load_avg_1m",
-          "machine_flops_per_s", "prefill_roofline", "decode_roofline")
+          "machine_flops_per_s", "prefill_roofline", "decode_roofline", "prefill_cpu_s", "prefill_tok_per_cpu_s",
+          "tail_tokens", "tail_tok_s", "tail_tok_per_cpu_s")
 
 
 def test_throughput_rows_are_consistent(tiny_backbone):
@@ -215,6 +216,17 @@ def test_throughput_rows_are_consistent(tiny_backbone):
     assert rows["window"]["memory_entries"] == 0
     assert rows["window"]["prefill_flops_per_token"] < rows["xl"]["prefill_flops_per_token"]
     assert rows["window"]["decode_flops_per_token"] < rows["xl"]["decode_flops_per_token"]
+
+
+def test_throughput_tail_covers_the_last_tokens_only(tiny_backbone, monkeypatch):
+    """The tail rate is measured over whole segments at the end of the read, at least TAIL tokens of them."""
+    from longctx.bench import throughput as tp
+
+    monkeypatch.setattr(tp._Marks, "TAIL", 40)
+    window, _ = build_method("window", tiny_backbone)
+    r = throughput(tiny_backbone, window, _ids(96), segment=16, decode_tokens=0)
+    assert r["tail_tokens"] == 48  # three 16-token segments: the fewest that hold 40 tokens
+    assert r["tail_tok_s"] > 0 and r["prefill_tok_per_cpu_s"] > 0 and 0 < r["prefill_cpu_s"]
 
 
 def test_throughput_prefill_flops_match_the_formula(tiny_backbone):

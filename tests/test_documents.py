@@ -221,3 +221,28 @@ def test_xhtml_with_an_xml_declaration_is_html(tmp_path):
     page.write_text('<?xml version="1.0" encoding="utf-8"?>\n<html xmlns="http://www.w3.org/1999/xhtml"><body>'
                     "<p>Hello there.</p></body></html>")
     assert sniff_format(str(page)) == "html" and read_all(str(page)) == "Hello there.\n"
+
+
+def test_a_source_is_hashed_once_while_unchanged(tmp_path, monkeypatch, isolated_home):
+    """A run asks for a document's text, identity and pages many times: the source is hashed once, and again
+    only when its stat signature changes; a file modified moments ago is hashed every time (racy mtime)."""
+    calls: list[str] = []
+
+    def counting(path, limit=None):
+        calls.append(path)
+        return file_sha256(path, limit=limit)
+
+    monkeypatch.setattr(documents, "file_sha256", counting)
+    src = tmp_path / "doc.txt.gz"
+    src.write_bytes(gzip.compress(b"first text\n"))
+    extract(str(src)), extract(str(src))
+    assert len(calls) == 2  # just written: not trusted to stay unchanged within its mtime tick
+
+    monkeypatch.setattr(documents, "_RACY_NS", -(10**18))  # as if written long before it was hashed
+    documents._HASHED.clear()
+    calls.clear()
+    first = extract(str(src))
+    assert extract(str(src)).identity == first.identity and len(calls) == 1
+    src.write_bytes(gzip.compress(b"the second, longer text\n"))
+    second = extract(str(src))
+    assert len(calls) == 2 and second.identity["sha256"] != first.identity["sha256"]

@@ -58,25 +58,57 @@ def throughput(backbone: Backbone, method: Method, ids: torch.Tensor, *, segment
     if len(ids) == 0:
         raise InputError("throughput needs at least one token")
     method.check_segment(segment)
-    tap, prefill_flops = _PlanTap(method), [0.0]
+    tap, prefill_flops, marks = _PlanTap(method), [0.0], _Marks()
 
-    def count(_seg: Any) -> None:  # called after each segment's forward
+    def count(seg: Any) -> None:  # called after each segment's forward
         assert tap.plan is not None  # the segment's read set it
         prefill_flops[0] += plan_flops(backbone, tap.plan)
+        marks.after(len(seg))
 
     gc.collect()  # what earlier runs left behind must not count as this run's peak
     reset_peak_rss()
+    marks.start()
     t0 = time.perf_counter()
     # the tap stands in for the method (a proxy: everything but `read` is forwarded to it)
     done = ingest(backbone, cast(Method, tap), plain_segments(ids, segment), segment=segment, on_segment=count)
     _sync(backbone)
     prefill_s = time.perf_counter() - t0
-    row = _prefill_row(method, ids, segment, prefill_s, prefill_flops[0])
+    row = _prefill_row(method, ids, segment, prefill_s, prefill_flops[0]) | marks.rates()
     row.update(_decode(backbone, method, done, decode_tokens, prefill_s))
     row.update({"peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
                 "load_avg_1m": load_average()})
     row.update(_roofline(row, machine_flops_per_s))
     return row
+
+
+class _Marks:
+    """Wall and CPU clocks after every prefill segment. Two load-robust views of cost at the end of a long
+    read: the rate over the last `TAIL` tokens (the cost *at* that length, not averaged from the start), and
+    tokens per CPU-second of this process (with one thread, work stolen by other processes is not counted)."""
+
+    TAIL = 8192
+
+    def __init__(self) -> None:
+        self.points: list[tuple[int, float, float]] = []  # (tokens read, wall s, process CPU s)
+
+    def start(self) -> None:
+        self.points = [(0, time.perf_counter(), time.process_time())]
+
+    def after(self, tokens: int) -> None:
+        self.points.append((self.points[-1][0] + tokens, time.perf_counter(), time.process_time()))
+
+    def rates(self) -> dict[str, Any]:
+        """prefill_cpu_s, prefill_tok_per_cpu_s, and the tail's tokens, tok/s and tok per CPU-s."""
+        n, wall, cpu = self.points[-1]
+        first = next((p for p in reversed(self.points) if n - p[0] >= self.TAIL), self.points[0])
+        tail_n, tail_wall, tail_cpu = n - first[0], wall - first[1], cpu - first[2]
+        cpu_s = cpu - self.points[0][2]
+
+        def per(tokens: int, seconds: float) -> float | None:
+            return tokens / seconds if seconds > 0 else None
+
+        return {"prefill_cpu_s": cpu_s, "prefill_tok_per_cpu_s": per(n, cpu_s), "tail_tokens": tail_n,
+                "tail_tok_s": per(tail_n, tail_wall), "tail_tok_per_cpu_s": per(tail_n, tail_cpu)}
 
 
 def _prefill_row(method: Method, ids: torch.Tensor, segment: int, seconds: float, flops: float) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -137,7 +138,7 @@ def extract(path: str) -> Extracted:
     fmt = sniff_format(path)
     if fmt is None:
         raise InputError(f"{path} is not a PDF, HTML or compressed document")
-    sha, size = file_sha256(path), os.path.getsize(path)
+    sha, size = _source_sha256(path)
     extractor = extractor_name(fmt)
     identity = {"format": fmt, "sha256": sha, "size": size, "extractor": extractor}
     stem = f"{sha}-{re.sub(r'[^A-Za-z0-9.]+', '-', extractor).strip('-')}"
@@ -146,6 +147,29 @@ def extract(path: str) -> Extracted:
         _write(path, fmt, text, pages_file)
     pages = tuple(json.loads(pages_file.read_text())["pages"]) if fmt == "pdf" else ()
     return Extracted(path, fmt, str(text), pages, identity)
+
+
+# path -> (stat signature, sha256, size): one run asks for a document's text, identity and pages many times
+_HASHED: dict[str, tuple[tuple[int, ...], str, int]] = {}
+_RACY_NS = 2_000_000_000  # a file modified this close to its hashing may change again within one mtime tick
+
+
+def _source_sha256(path: str) -> tuple[str, int]:
+    """sha256 and size of the source file, hashed once per process while its stat signature is unchanged.
+
+    The signature (device, inode, size, mtime, ctime) is trusted only for files last modified well before they
+    were hashed: a write within the same timestamp tick could otherwise leave the signature unchanged."""
+    st = os.stat(path)
+    signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    key = os.path.realpath(path)
+    known = _HASHED.get(key)
+    if known is not None and known[0] == signature:
+        return known[1], known[2]
+    hashed_at = time.time_ns()
+    sha = file_sha256(path)
+    if hashed_at - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
+        _HASHED[key] = (signature, sha, st.st_size)
+    return sha, st.st_size
 
 
 def _cache_dir() -> Path:
