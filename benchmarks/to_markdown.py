@@ -295,10 +295,12 @@ def readers(files: list[tuple[str, dict]]) -> list[str]:
     rows: dict[tuple[str, str], dict] = {}
     for path, d in files:
         reader = f"{d['model']['model']} ({d['model']['dtype']})"
+        names = _presets_given(d)
         for x in d["cells"]:
             if d["benchmark"] == "needle" and x["kind"] == "absent":
                 continue
-            row = rows.setdefault((reader, x["method"]), {"files": [], "read": [], "first": [], "decode": [], "load": []})
+            method = names.get(x["method"], x["method"])
+            row = rows.setdefault((reader, method), {"files": [], "read": [], "first": [], "decode": [], "load": []})
             column = _reader_column(x["length"])
             got, n = row.setdefault(f"{d['benchmark']} {column}", [0, 0]), x.get("items", x.get("trials"))
             got[0], got[1] = got[0] + x["correct"], got[1] + n
@@ -324,6 +326,15 @@ def readers(files: list[tuple[str, dict]]) -> list[str]:
                    f"| {mean(row['first'], '.1f')} | {mean(row['decode'], '.1f')} | {loads} | "
                    + " ".join(f"`{f}`" for f in row["files"]) + " |")
     return out + [""]
+
+
+def _presets_given(d: dict) -> dict[str, str]:
+    """Method name -> the preset the command named (`-m infllm-qa` runs method `infllm`): passkey files name
+    the method, needle files the preset; the built methods follow the command's `-m` order."""
+    command = d.get("environment", {}).get("command") or []
+    given = [command[i + 1] for i, arg in enumerate(command[:-1]) if arg in ("-m", "--method")]
+    built = list(d.get("methods", {}))
+    return dict(zip(built, given)) if d["benchmark"] == "passkey" and len(given) == len(built) else {}
 
 
 def _reader_cell(row: dict, key: str) -> str:

@@ -275,3 +275,15 @@ def test_readers_table_puts_a_length_just_under_a_column_in_it_and_says_so():
     row = next(r for r in rows if r.startswith("| qwen2.5-coder-1.5b"))
     assert "| 4/4 | 3/4 (32,000 tok) | not measured | not measured |" in row
     assert to_markdown._reader_column(16384) == 16384  # far from every column: a column of its own
+    # a passkey file names the method (`infllm`), the command the preset it ran (`-m infllm-qa`): one row
+    passkey = {"benchmark": "passkey", "model": {"model": "gemma-3-270m", "dtype": "bfloat16"},
+               "methods": {"infllm": "infllm(queries=32, ...)"},
+               "environment": {"command": ["longctx", "bench", "passkey", "emma.txt", "-m", "infllm-qa"]},
+               "cells": [{"method": "infllm", "length": 8192, "trials": 2, "correct": 2}]}
+    needle_qa = needle(8192, 4)
+    needle_qa["model"]["model"] = "gemma-3-270m"
+    for cell in needle_qa["cells"]:
+        cell["method"] = "infllm-qa"
+    rows = to_markdown.readers([("a/n.json", needle_qa), ("a/p.json", passkey)])
+    assert [r.split(" | ")[1] for r in rows if r.startswith("| gemma")] == ["infllm-qa"]
+    assert "| 4/4 | not measured | 2/2 | not measured |" in rows[2]
