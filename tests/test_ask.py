@@ -23,11 +23,13 @@ from longctx.run import prepare_run
 from longctx.storage.snapshot import SnapshotStore
 from longctx.tasks.citations import (
     BASELINE_QUESTION,
+    DEFAULT_RANKING,
     MERGE_GAP,
+    Evidence,
     RetrievalTally,
     heading_bytes,
     rank_spans,
-    relevance,
+    rank_weights,
     structural_mask,
 )
 from longctx.tasks.decode import continue_text, extend, fork, ingest, plain_segments
@@ -245,7 +247,7 @@ def test_infllm_cites_tokens_of_the_blocks_its_question_chose(tiny_backbone, doc
 
 def test_memorizing_cites_the_store_entries_it_retrieved(tiny_backbone, doc):
     size = Path(doc).stat().st_size
-    report = asking(tiny_backbone, doc, [Q1], cite=True, max_new_tokens=10)
+    report = asking(tiny_backbone, doc, [Q1, Q2], cite=True, max_new_tokens=10)
     answer = report.answers[0]
     n_doc, n_head = report.memory["document_tokens"], report.memory["head_tokens"]
     assert n_doc > OPTIONS["memorizing"]["window"] * 4
@@ -255,15 +257,18 @@ def test_memorizing_cites_the_store_entries_it_retrieved(tiny_backbone, doc):
     weights = [c.weight for c in answer.citations]
     assert weights == sorted(weights, reverse=True)
 
-    # recompute what the store held and what each answer step retrieved from it
+    # recompute what the store held and what each question's answer steps retrieved from it
     spec = spec_for(tiny_backbone, "memorizing")
     m = spec.method
     mem = read_document(tiny_backbone, spec, doc, head_ids(tiny_backbone), kind="ask")
     assert mem.reused and mem.byte_start.shape == (n_head + n_doc,)
-    asked = extend(tiny_backbone, m, fork(m, mem.done), torch.tensor(tail_ids(tiny_backbone, Q1)))
-    tally = RetrievalTally(n_head, n_head + n_doc)
-    cont = continue_text(tiny_backbone, m, asked, 10, stop=stop_ids(tiny_backbone.tokenizer, tiny_backbone.model),
-                         on_plan=tally.add)
+    tallies, conts = [], []
+    for q in (Q1, Q2):
+        asked = extend(tiny_backbone, m, fork(m, mem.done), torch.tensor(tail_ids(tiny_backbone, q)))
+        tallies.append(RetrievalTally(n_head, n_head + n_doc))
+        conts.append(continue_text(tiny_backbone, m, asked, 10, on_plan=tallies[-1].add,
+                                   stop=stop_ids(tiny_backbone.tokenizer, tiny_backbone.model)))
+    tally, cont = tallies[0], conts[0]
     assert len(cont.tokens) == answer.tokens
     stored_before = [r["tokens"] for r in m.dump(mem.done.state) if r["kind"] == "store"]
     stored_after = [r["tokens"] for r in m.dump(cont.done.state) if r["kind"] == "store"]
@@ -272,13 +277,14 @@ def test_memorizing_cites_the_store_entries_it_retrieved(tiny_backbone, doc):
     assert len(picked) and int(picked.min()) >= lo and int(picked.max()) < hi
 
     text = Path(doc).read_bytes()
-    # ranked by relevance: the picks' share less that of the question-independent probe, headings and sinks out
+    # ranked by the default rule, against the probe's picks, the structural tokens and both questions' picks
     probe = extend(tiny_backbone, m, fork(m, mem.done), torch.tensor(tail_ids(tiny_backbone, BASELINE_QUESTION)))
     baseline = RetrievalTally(n_head, n_head + n_doc)
     baseline.add(probe.last_plan)
     assert baseline.forwards == 1 and int(baseline.counts.sum()) > 0
     structural = structural_mask(mem.byte_start, n_head, n_head + n_doc, heading_bytes(text), m.options.sinks)
-    weights = relevance(tally.counts, baseline.counts, structural)
+    both = [Evidence(t, mem.byte_start, size, baseline, structural) for t in tallies]
+    weights = rank_weights(DEFAULT_RANKING, both[0], both)
     spans = [(a + n_head, b + n_head, w) for a, b, w in rank_spans(weights)]
     assert [(a - n_head, b - n_head) for a, b, _ in spans] == [c.tokens for c in answer.citations]
     for c, (a, b, share) in zip(answer.citations, spans, strict=True):

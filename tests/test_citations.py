@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from longctx.tasks.citations import (
+    Evidence,
     RetrievalTally,
+    common_reads,
     heading_bytes,
     rank_spans,
     relevance,
@@ -95,7 +97,8 @@ def test_two_questions_about_different_facts_cite_the_spans_that_hold_them():
         tally = answer_tally(starts, [resting + fact[::2], resting + fact[1::2], resting + fact])
         first_raw = tally.spans(limit=1)[0]
         assert not set(range(first_raw[0], first_raw[1])) & set(fact)  # the old ranking cites where heads rest
-        cites = retrieved_citations(tally, starts, len(text.encode()), None, baseline=baseline, structural=structural)
+        cites = retrieved_citations(Evidence(tally, starts, len(text.encode()), baseline, structural), None,
+                                    rule="probe")
         assert cites and cites[0].kind == "retrieved"
         assert [c.weight for c in cites] == sorted((c.weight for c in cites), reverse=True)
         assert 0 < sum(c.weight for c in cites) <= 1 + 1e-6 and cites[0].weight > 0.5
@@ -125,3 +128,53 @@ def test_printed_citations_show_relevance_and_reads_or_a_chunks_similarity():
     assert _weight(Citation("retrieved", (3, 9), 10, 40, 0.7134, "x", 0.0912)) == " relevance 71% (9% of reads)"
     assert _weight(Citation("retrieved", (0, 128), 0, 500, 0.4321, "x")) == " similarity 0.43"  # a RAG chunk
     assert _weight(Citation("held", (0, 5), 0, 20, None)) == ""
+
+
+def test_a_lone_fact_that_the_probe_also_reads_is_cited_first():
+    """One question about a document's one salient fact: the probe ("What is this text about?") reads that
+    fact too, so subtracting the probe cites an early span instead; the default rule cites the fact."""
+    text = planted_document()
+    starts = word_tokens(text)
+    headings = [t for h in ("CHAPTER I\n", "CHAPTER II") for t in tokens_of(starts, text, h)]
+    early = tokens_of(starts, text, "She walked along the lane and")
+    fact = tokens_of(starts, text, FACT_A)
+    tally = answer_tally(starts, [headings + early + fact] * 3)
+    baseline = answer_tally(starts, [headings + fact + fact])
+    structural = structural_mask(starts, HEAD, len(starts), heading_bytes(text.encode()), sinks=HEAD)
+    e = Evidence(tally, starts, len(text.encode()), baseline, structural)
+    old = retrieved_citations(e, None, rule="probe")
+    assert old and not overlaps(old[0], text, FACT_A)  # the failure the default rule must not repeat
+    first = retrieved_citations(e, None, others=[e])[0]
+    assert overlaps(first, text, FACT_A) and first.weight > 0.5
+
+
+def test_what_every_question_of_a_call_reads_is_no_answers_own():
+    """Three questions: all read the same early span, each reads its own fact. The cross-question rule drops
+    the common span; one question alone has nothing in common to drop."""
+    text = planted_document() + "The lamp was lit at six and put out at ten. " * 3
+    starts = word_tokens(text)
+    common = tokens_of(starts, text, "She walked along the lane and thought of")
+    own = [tokens_of(starts, text, f) for f in (FACT_A, FACT_B, "The lamp was lit at six")]
+    ev = [Evidence(answer_tally(starts, [common * 2 + mine]), starts, len(text.encode())) for mine in own]
+    assert common_reads(ev[:1]) is None
+    for e, fact in zip(ev, (FACT_A, FACT_B, "The lamp was lit at six"), strict=True):
+        assert not overlaps(retrieved_citations(e, None, rule="structure")[0], text, fact)  # raw: the common span
+        cites = retrieved_citations(e, None, rule="shared", others=ev)
+        assert len(cites) == 1 and overlaps(cites[0], text, fact)
+    alone = retrieved_citations(ev[0], None, rule="shared", others=ev[:1])
+    assert alone[0].tokens == retrieved_citations(ev[0], None, rule="structure")[0].tokens
+
+
+def test_two_questions_about_one_fact_both_cite_it():
+    """Both questions read the same fact and the same early span; the probe reads only the early span. What
+    every question reads is dropped only where the probe reads it too, so the shared fact stays cited."""
+    text = planted_document()
+    starts = word_tokens(text)
+    early = tokens_of(starts, text, "She walked along the lane and thought of")
+    fact = tokens_of(starts, text, FACT_A)
+    probe = answer_tally(starts, [early * 3])
+    ev = [Evidence(answer_tally(starts, [early * 3 + fact[: 8 + k]]), starts, len(text.encode()), probe)
+          for k in (0, 3)]
+    for e in ev:
+        first = retrieved_citations(e, None, others=ev)[0]
+        assert overlaps(first, text, FACT_A) and first.weight == pytest.approx(1.0)

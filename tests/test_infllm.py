@@ -33,9 +33,12 @@ def feed(backbone, method, ids: torch.Tensor, seg: int, state=None, *, start: in
 
 
 def test_without_block_memory_is_exactly_xl(tiny_backbone):
+    """Same sums up to fp32 rounding: `xl` reads its window from the room with re-based rotations
+    (model/roomread.py), `infllm` lays out its memory and rotates it at the plan's positions."""
     ids = doc()
-    assert stream_nll(tiny_backbone, "infllm", ids, 16, memory=0, block=1, window=24, sinks=2) == \
-        stream_nll(tiny_backbone, "xl", ids, 16, memory=24, sinks=2)
+    nll, tokens = stream_nll(tiny_backbone, "infllm", ids, 16, memory=0, block=1, window=24, sinks=2)
+    xl_nll, xl_tokens = stream_nll(tiny_backbone, "xl", ids, 16, memory=24, sinks=2)
+    assert tokens == xl_tokens and nll == pytest.approx(xl_nll, abs=2e-4)
 
 
 def test_reading_every_block_equals_full_attention(tiny_backbone, reference_model):

@@ -70,3 +70,13 @@ def test_bad_configs_are_refused():
         RetentionConfig(distances=())
     with pytest.raises(UsageError):
         RetentionConfig(facts=0)
+
+
+def test_report_set_takes_its_own_seeds_and_refuses_the_tuning_novel(tiny_backbone, tmp_path):
+    assert RetentionConfig().seed == 0 and RetentionConfig(eval_set="report").seed == 1000
+    with pytest.raises(UsageError, match="not in the report set"):
+        RetentionConfig(eval_set="report", seed=3)
+    book = tmp_path / "austen_persuasion.txt"
+    book.write_text("The tuning novel. " * 200)
+    with pytest.raises(UsageError, match="another novel"):
+        retention(tiny_backbone, ["sinks"], str(book), RetentionConfig(distances=(40,), eval_set="report"))

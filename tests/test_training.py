@@ -129,6 +129,28 @@ def test_checkpoint_resume_is_bit_identical(tiny_backbone):
     assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
 
 
+
+def test_stop_at_ends_a_bounded_run_validated_and_going_on_trains_as_one_run(tiny_backbone):
+    """`--stop-at`: the run ends at that step with a validation there, keeping the whole curriculum's
+    schedule, so going on afterwards gives exactly the parameters of one straight run."""
+    cfg = TrainConfig(segment=8, curriculum=((1, 2), (2, 4)), tune="lora", lora=LoraSpec(r=2, alpha=4), warmup=2)
+    task = RecallTask(fact=[290], question=[291], keys=list(range(300, 308)))
+    val = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(3))
+
+    def trainer() -> Trainer:
+        backbone = Backbone(tiny_model(), byte_bpe_tokenizer(), ModelInfo(model_id="tiny-llama", source="test"))
+        return Trainer(backbone, make("rmt", backbone, tokens=2), task, cfg, validation=val)
+
+    bounded = trainer()
+    first = bounded.run(stop_at=3)
+    assert first.steps == 3 and [v["step"] for v in first.validation] == [0, 3]
+    bounded.run()
+    straight = trainer()
+    straight.run()
+    assert bounded.step == straight.step == cfg.steps
+    assert all(torch.equal(a, b) for a, b in zip(bounded.params, straight.params))
+
+
 def trained_adapter(tmp_path, tune: str = "lora") -> tuple[Backbone, object, str]:
     backbone = Backbone(tiny_model(), byte_bpe_tokenizer(), ModelInfo(model_id="tiny-llama", source="test"))
     m = make("rmt", backbone, tokens=2)
@@ -209,7 +231,7 @@ def test_curriculum_parsing_and_schedule():
             parse_curriculum(bad)
 
 
-@pytest.mark.parametrize("flag, value, allowed", [("--task", "qa", "lm, recall"), ("--loss", "first", "all, last, answer"),
+@pytest.mark.parametrize("flag, value, allowed", [("--task", "qa", "lm, recall, facts"), ("--loss", "first", "all, last, answer"),
                                                    ("--tune", "bias", "memory, lora, full")])
 def test_cli_train_refuses_an_unknown_choice(tmp_path, flag, value, allowed):
     """--task/--loss/--tune are checked against their Literals before a model is loaded (exit 2, the choices)."""

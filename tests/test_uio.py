@@ -249,6 +249,34 @@ def test_fifo_keeps_the_newest_max_memory_entries_as_whole_segments(tiny_backbon
     assert "FIFO of 5" in fifo.unimem().management and "grows by 2" in unbounded.unimem().management
 
 
+def test_fifo_memory_in_its_room_equals_concatenation_step_by_step(tiny_backbone):
+    """At inference the fifo memory lives in a preallocated room (rowroom.py): 40 segments through a memory of
+    3 segments equal the autograd path's concatenate-then-slice at every step (hidden states of every
+    segment and the memory itself), while most writes append in place; a fork continued second copies."""
+    fifo = make(tiny_backbone, memory_tokens=2, management="fifo", max_memory=6)
+    segs = doc(40, 4)
+    room_state, plain_state, rooms = fifo.init_state(), fifo.init_state(), set()
+    for seg in segs:
+        with torch.inference_mode():
+            room_state, h_room, _ = forward_segment(tiny_backbone, fifo, room_state, seg)
+        with torch.enable_grad():
+            plain_state, h_plain, _ = forward_segment(tiny_backbone, fifo, plain_state, seg)
+        assert plain_state.room is None and room_state.room is not None
+        assert torch.equal(h_room, h_plain.detach())
+        assert torch.equal(room_state.hidden, plain_state.hidden.detach())
+        assert torch.equal(room_state.keys, plain_state.keys.detach())
+        rooms.add(id(room_state.room))
+    assert len(rooms) <= 40 // 5  # re-allocated only when full
+    with torch.inference_mode():
+        fork = fifo.fork_state(room_state)
+        first, _, _ = forward_segment(tiny_backbone, fifo, room_state, segs[0])
+        second, _, _ = forward_segment(tiny_backbone, fifo, fork, segs[1])
+        assert second.room is not first.room  # the second writer copied: the first's rows are untouched
+        again, _, _ = forward_segment(tiny_backbone, fifo, fifo.fork_state(room_state), segs[0])
+    assert torch.equal(first.hidden[:, :-2], room_state.hidden[:, 2:])
+    assert torch.equal(again.hidden, first.hidden)
+
+
 def test_unbounded_memory_refuses_a_read_past_the_trained_positions():
     """64 trained positions, 16-token segments, 8 memory tokens each: segment 7 would need 56 + 16 = 72."""
     backbone = new_backbone(max_position_embeddings=64)

@@ -29,6 +29,7 @@ from ..tasks.sampling import stop_ids
 from ..text.prompts import QAFrame, qa_frame
 from .needle import Fact, answered, make_facts
 from .passkey import Filler
+from .splits import eval_set
 
 DISTANCES = (2048, 8192, 32768, 131072)
 
@@ -38,14 +39,16 @@ class RetentionConfig:
     distances: Sequence[int] = DISTANCES
     trials: int = 1  # token streams (fact sets and filler offsets) per method
     facts: int = 4  # facts read together at the start of each stream
-    seed: int = 0
+    seed: int | None = None  # None: the set's first seed (0 tuning, 1000 report)
     max_new_tokens: int = 24
     instruction: str | None = None  # None = ask's default
+    eval_set: str = "tuning"  # tuning or report (splits.py): which seeds may be used, which novel not
 
     def __post_init__(self):
         self.distances = tuple(sorted(int(d) for d in self.distances))
         if self.trials < 1 or self.facts < 1 or not self.distances or self.distances[0] < 1:
             raise UsageError("retention needs >= 1 trial, >= 1 fact and distances >= 1 token")
+        self.seed = eval_set(self.eval_set).seed(self.seed)
 
 
 @dataclass
@@ -80,7 +83,8 @@ class RetentionReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"benchmark": "retention", "config": asdict(self.config), "methods": self.methods,
+        return {"benchmark": "retention", "config": asdict(self.config),
+                "set": eval_set(self.config.eval_set).describe(wording=False), "methods": self.methods,
                 "cells": self.cells(), "items": [asdict(r) for r in self.items], "reading": self.reading}
 
 
@@ -117,6 +121,7 @@ def retention(backbone: Backbone, methods: Sequence[str], filler_path: str, conf
     """Every method reads the same streams and answers the same questions at every distance."""
     from ..run import prepare_run
 
+    eval_set(config.eval_set).check_filler(filler_path)
     tok = backbone.tokenizer
     frame = qa_frame(tok, None, config.instruction)
     head = tok(frame.head, add_special_tokens=not frame.chat)["input_ids"]

@@ -198,7 +198,8 @@ def bench_retention(
     distances: Annotated[str, typer.Option(help="Tokens of book read between the facts and the questions, comma-separated (8k = 8192).")] = "2k,8k,32k,128k",
     trials: Annotated[int, typer.Option(help="Streams (fact sets and book offsets) per method.")] = 1,
     facts: Annotated[int, typer.Option(help="Facts read together at the start of each stream, one question each.")] = 4,
-    seed: Annotated[int, typer.Option(help="Seed for facts and book offsets.")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Seed for facts and book offsets (default: the set's first: 0 tuning, 1000 report).")] = None,
+    eval_set: NeedleSetOpt = "tuning",
     max_new_tokens: AnswerTokensOpt = 24,
     instruction: InstructionOpt = None,
     option: MethodsOptionOpt = None,
@@ -219,7 +220,7 @@ def bench_retention(
 
     names = method or ["mplus", "memoryllm", "memorizing", "sinks"]
     config = RetentionConfig(distances=_counts(distances, "--distances"), trials=trials, facts=facts, seed=seed,
-                             max_new_tokens=max_new_tokens, instruction=instruction)
+                             max_new_tokens=max_new_tokens, instruction=instruction, eval_set=eval_set)
     result = retention_bench(filler, names, config, model=model, dtype=dtype, device=device, threads=threads,
                              options=_parse_overrides(option or [], names), allow_untrained=allow_untrained,
                              on_item=_answer_printer("method", "distance", "fact"))

@@ -22,7 +22,9 @@ def train(
     method: Annotated[str, typer.Option("--method", "-m", help="Trainable method or preset (rmt, hmt, unimix-rmt, uio, memoryllm, mplus).")],
     out: Annotated[str, typer.Option(help="Adapter name (saved under LONGCTX_HOME/adapters) or a directory path with '/'.")],
     validation: Annotated[str | None, typer.Option(help="Held-out file: validation PPL before, during and after training.")] = None,
-    task: Annotated[str, typer.Option(help="lm = next-token loss on the files; recall = the synthetic recall task with the files as filler.")] = "lm",
+    task: Annotated[str, typer.Option(help="lm = next-token loss on the files; recall = the synthetic secret-word task with the files as filler; facts = invented facts, the files as distractor, a question, its answer scored.")] = "lm",
+    lm_share: Annotated[float, typer.Option(help="--task facts: share of ordinary next-token samples mixed in (keeps the language model).")] = 0.0,
+    val_recall: Annotated[int, typer.Option(help="--task facts: fact samples over the --validation novel whose answers are scored at each validation.")] = 0,
     segment: Annotated[int, typer.Option(help="Document tokens per segment.")] = 512,
     curriculum: Annotated[str, typer.Option(help="Stages SEGMENTS:STEPS, comma-separated: segments per sample grow as training goes.")] = "1:20,2:40",
     bptt: Annotated[int | None, typer.Option(help="Segments whose entering memory keeps its gradient (default: all, full BPTT).")] = None,
@@ -42,6 +44,7 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps (and at the end).")] = 10,
     init_adapter: Annotated[str | None, typer.Option(help="Start from this adapter (e.g. HMT stage 2 from a stage-1 adapter).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore an existing checkpoint of --out and start over.")] = False,
+    stop_at: Annotated[int | None, typer.Option(help="End at this step and save the adapter (the schedule stays the whole curriculum's); rerun without it to go on.")] = None,
     option: OptionOpt = None,
     model: Annotated[str | None, typer.Option(help="A name from `longctx models`, a local directory or an HF model id (default: smollm2-135m).")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, bf16, fp32 or fp16.")] = None,
@@ -68,19 +71,22 @@ def train(
     config = TrainConfig(segment=segment, curriculum=parse_curriculum(curriculum), bptt=bptt, loss=loss_, tune=tune_,
                          lora=LoraSpec(r=lora_r, alpha=lora_alpha), lr=lr, backbone_lr=backbone_lr, warmup=warmup,
                          clip=clip, accumulate=accumulate, seed=seed, autocast=autocast, validate_every=validate_every,
-                         val_tokens=val_tokens, checkpoint_every=checkpoint_every)
+                         val_tokens=val_tokens, checkpoint_every=checkpoint_every, lm_share=lm_share,
+                         val_recall=val_recall)
     err = stderr_console()
 
     def on_step(p) -> None:
         if progress and is_main_process():
             val = f" | val ppl {p.validation['ppl']:.3f}" if p.validation else ""
+            if p.validation and "answer_accuracy" in p.validation:
+                val += f" answers {p.validation['answer_accuracy']:.0%} (nll {p.validation['answer_nll']:.3f})"
             err.print(f"step {p.step}/{p.steps} segments {p.segments} loss {p.loss:.4f} lr {p.lr:.2e} "
                       f"{p.tokens / max(p.seconds, 1e-9):.0f} tok/s{val}", highlight=False)
 
     result = train_fn(files, method, out, config, validation=validation, task=task_,
                       options=_parse_overrides(option or [], [method]).get(method), init_adapter=init_adapter,
                       model=model, dtype=dtype, device=device, threads=threads, fresh=fresh,
-                      command=" ".join(["longctx", *sys.argv[1:]]), on_step=on_step)
+                      command=" ".join(["longctx", *sys.argv[1:]]), on_step=on_step, stop_at=stop_at)
     if not result:  # not rank 0 of a distributed run: rank 0 reports
         return
     if json_out:

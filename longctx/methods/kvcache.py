@@ -98,6 +98,10 @@ class KVMachinery(Method[OptionsT, StateT]):
         p = self.policy()
         if p.context is not None and len(state) + len(seg) > p.context:
             state = self._recompute(state, min(p.keep, p.context - len(seg)))
+        # Inference reads the room in place (model/roomread.py); autograd needs the exact concat path.
+        from_room = p.stores and len(seg) > 0 and torch.is_inference_mode_enabled()
+        if from_room:
+            state = state.reserve(len(seg))
         q_abs = seg.token_index.to(state.token_index.device)
         m = len(state)
         if p.positions == "absolute":
@@ -109,6 +113,8 @@ class KVMachinery(Method[OptionsT, StateT]):
         memory_values: list[torch.Tensor | None] | None = list(state.values) if m else None
         plan = ForwardPlan(query_pos=query_pos, key_pos=key_pos, mask=self._mask(state, q_abs, p),
                            memory_keys=memory_keys, memory_values=memory_values, capture=p.stores)
+        if from_room:
+            plan.room_read = state.room_read(plan, int(q_abs[0]))
         return state, plan
 
     @staticmethod
@@ -145,7 +151,11 @@ class KVMachinery(Method[OptionsT, StateT]):
         keys = torch.stack([plan.out.captured[i][0] for i in layers])
         values = torch.stack([plan.out.captured[i][1] for i in layers])
         dev = state.token_index.device
-        return state.append(keys, values, seg.token_index.to(dev), seg.ids.to(dev), seg.byte_start.to(dev))
+        grown = state.append(keys, values, seg.token_index.to(dev), seg.ids.to(dev), seg.byte_start.to(dev))
+        read = plan.room_read
+        if read is not None and grown.holds_appended(read, len(seg)):  # their rotated keys are valid from now on
+            read.commit(self.backbone.num_layers)
+        return grown
 
     def _recompute(self, state: KVState, keep: int) -> KVState:
         """Re-prefill the newest `keep` tokens at positions 0..keep-1 (their K/V as if the text began there)."""

@@ -10,6 +10,10 @@ evicting the oldest entries advances the view's start (the few sink entries in f
 with it). The room is re-allocated, copying the live entries once, only when it is full: an amortised
 O(1) cost per token whatever the window size, where concatenating and selecting copied all of it twice
 per step. Only the newest state of a room writes into it; an older one (or a fork) copies first.
+
+A room may also keep its keys *rotated* (`Room.rotated`, allocated on the first read that asks for it):
+slot j holds its key rotated at position `rot_pos[j]` (`UNROTATED` when it holds nothing valid), so a read
+whose positions are those plus one shift for the whole memory rotates only what is new (model/roomread.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from ..model.attention import ForwardPlan
+from ..model.roomread import UNROTATED, RoomRead
 
 MIN_ROOM = 64  # entries of the smallest room
 
@@ -26,17 +33,45 @@ class Room:
     """Storage behind `KVState` views: keys/values `[layers, kv_heads, size, head_dim]`, `index [3, size]`
     (token_index, token_ids, byte_start). `end`: the slot after the newest entry any view holds (only the view
     ending there may append in place). `epoch`: bumped whenever slots a view holds are overwritten, which
-    makes every view of an earlier epoch stale."""
+    makes every view of an earlier epoch stale. `rotated` (same shape as keys, or None until a read asks for
+    it) holds slot j's key rotated at position `rot_pos[j]` (int64 `[size]`, `UNROTATED` where not valid)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     index: torch.Tensor
     end: int = 0
     epoch: int = 0
+    rotated: torch.Tensor | None = None
+    rot_pos: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
         return int(self.index.shape[1])
+
+    def rotation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotated keys and their positions, allocated (every slot `UNROTATED`) on first use: only reads
+        that rotate from the room (inference) pay for the buffer."""
+        if self.rotated is None or self.rot_pos is None:
+            self.rotated = torch.empty_like(self.keys)
+            self.rot_pos = torch.full((self.size,), UNROTATED, dtype=torch.long, device=self.keys.device)
+        return self.rotated, self.rot_pos
+
+    def forget_rotation(self, a: int, b: int) -> None:
+        """Slots a..b-1 got new pre-rotation keys: their rotated keys are no longer valid."""
+        if self.rot_pos is not None:
+            self.rot_pos[a:b] = UNROTATED
+
+
+def rotation_shift(offset: int, span: int) -> int:
+    """The shift a room read adds to every plan position, from `offset`, the current tokens' document index
+    minus their plan position (for cache-relative positions: the tokens evicted so far; 0 for absolute
+    ones), and `span`, the keys the plan holds. It is `offset` modulo the power of two >= `span` (at least
+    64): a window entry's rotated position (its document index minus a multiple of that power) then stays
+    put until the offset crosses the next multiple, once per that many evicted tokens, and stays below
+    three times the span. It depends only on what memory holds, never on where it lies in the room, so a
+    fork, a resumed snapshot and an uninterrupted run compute the same numbers."""
+    period = 1 << max(span - 1, MIN_ROOM - 1).bit_length()
+    return offset % period
 
 
 @dataclass
@@ -93,7 +128,46 @@ class KVState:
         index = self.token_index.new_empty(3, size)
         keys[:, :, :n], values[:, :, :n] = self.keys, self.values
         index[0, :n], index[1, :n], index[2, :n] = self.token_index, self.token_ids, self.byte_start
-        return Room(keys, values, index, end=n)
+        room = Room(keys, values, index, end=n)
+        old = self.room
+        if old is not None and old.rotated is not None and old.rot_pos is not None:  # still valid where they move
+            rotated, rot_pos = room.rotation()
+            rotated[:, :, :n] = old.rotated[:, :, self.start : self.start + n]
+            rot_pos[:n] = old.rot_pos[self.start : self.start + n]
+        return room
+
+    def reserve(self, extra: int) -> KVState:
+        """This state with space for `extra` more entries written in place after it: itself when it is the
+        newest state of a room with space left, else a copy in a new room (what `append` would make)."""
+        self.check_current()
+        room = self.room
+        if room is not None and self._is_tip() and room.end + extra <= room.size:
+            return self
+        room = self._new_room(extra)
+        return KVState._view(room, 0, len(self))
+
+    def room_read(self, plan: ForwardPlan, first_token: int) -> RoomRead:
+        """A read of this memory from its room for `plan` (whose first `len(self)` keys are these entries), the
+        current tokens (document index `first_token` onwards) going to the slots after it: this state must
+        have room for them (`reserve`). Memory slots not rotated at their plan position plus the shift
+        (`rotation_shift`) are rotated again by the forward, and marked unrotated until it commits."""
+        room = self.room
+        if room is None or not self._is_tip():
+            raise RuntimeError("a room read needs the newest state of a room (reserve first)")
+        rotated, rot_pos = room.rotation()
+        m, end = len(self), self.start + len(self)
+        key_pos = plan.key_pos.to(torch.long)
+        shift = rotation_shift(first_token - int(key_pos[m]), int(key_pos.numel()))
+        need = key_pos[:m] + shift
+        moved = torch.nonzero(rot_pos[self.start : end] != need).flatten()
+        stale = moved + self.start
+        rot_pos[stale] = UNROTATED
+        return RoomRead(room.keys, room.values, rotated, rot_pos, self.start, end, shift, stale, need[moved],
+                        key_pos[m:] + shift, plan.memory_keys, plan.memory_values, plan.query_pos, plan.key_pos)
+
+    def holds_appended(self, read: RoomRead, count: int) -> bool:
+        """Whether this state (just appended `count` entries) wrote them where `read` rotated them."""
+        return self.room is not None and self.room.rotated is read.rotated and self.start + len(self) == read.end + count
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, token_index: torch.Tensor,
                token_ids: torch.Tensor, byte_start: torch.Tensor) -> KVState:
@@ -105,6 +179,7 @@ class KVState:
         if room is None or not self._is_tip() or room.end + e > room.size:
             room, start = self._new_room(e), 0
         at = room.end
+        room.forget_rotation(at, at + e)  # a read may have rotated these slots already: its commit comes after
         room.keys[:, :, at : at + e] = keys
         room.values[:, :, at : at + e] = values
         room.index[0, at : at + e], room.index[1, at : at + e], room.index[2, at : at + e] = token_index, token_ids, byte_start
@@ -157,6 +232,7 @@ class KVState:
             room.keys[:, :, b : b + ns] = room.keys[:, :, a : a + ns].clone()
             room.values[:, :, b : b + ns] = room.values[:, :, a : a + ns].clone()
             room.index[:, b : b + ns] = room.index[:, a : a + ns].clone()
+            room.forget_rotation(b, b + ns)
             room.epoch += 1  # views of this room that held the overwritten slots are now stale
         return KVState._view(room, a + count, len(self) - count)
 

@@ -16,7 +16,7 @@ Training (`backward_sample`) is the paper's incremental optimisation with a rese
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -29,6 +29,7 @@ from .base import MethodOptions, StepNLL, UniMem, option
 from .recurrent import TrainableMethod
 from .registry import register
 from .reservoir import Reservoir
+from .rowroom import RowRoom, append_rows
 
 Management = Literal["unbounded", "fifo"]
 
@@ -57,13 +58,17 @@ class UIOState:
     """`hidden [layers, m, d]`: the memory (each layer's attention input at the memory tokens), oldest first;
     `keys`/`values [layers, kv_heads, m, head_dim]`: its pre-rotation K/V through the transfer head (a cache
     derived from `hidden`, not persisted); `spans [chunks, 4]`: the segment each chunk of memory_tokens
-    entries summarises (first and end token, first token's byte, last token's byte); segments written."""
+    entries summarises (first and end token, first token's byte, last token's byte); segments written. At
+    inference hidden/keys/values are views of rows `start..` of a `RowRoom` (rowroom.py): a write appends
+    only the new rows and the FIFO only moves `start`; under autograd they are plain tensors (room None)."""
 
     hidden: torch.Tensor
     keys: torch.Tensor
     values: torch.Tensor
     spans: torch.Tensor
     segments: int = 0
+    room: RowRoom | None = field(default=None, repr=False, compare=False)
+    start: int = 0
 
 
 @dataclass
@@ -160,7 +165,9 @@ class UIO(TrainableMethod[UIOOptions, UIOState]):
         return int(state.hidden.shape[1])
 
     def fork_state(self, state: UIOState) -> UIOState:
-        """Writes build new tensors (never in place), so sharing the state is a copy."""
+        """Sharing the state is a copy: a write appends in place only past the newest row of its room, and
+        the second of two forks to write copies its rows into a new room (rowroom.py), so no state's rows
+        ever change."""
         return state
 
     def detach_state(self, state: UIOState) -> UIOState:
@@ -250,9 +257,14 @@ class UIO(TrainableMethod[UIOOptions, UIOState]):
     def write(self, state: UIOState, seg: Segment, plan: ForwardPlan) -> UIOState:
         hidden = self.encode(seg)
         keys, values = self.derive_kv(hidden)
-        grown = UIOState(torch.cat((state.hidden, hidden), dim=1), torch.cat((state.keys, keys), dim=2),
-                         torch.cat((state.values, values), dim=2), torch.cat((state.spans, self._span(seg))),
-                         state.segments + 1)
+        spans = torch.cat((state.spans, self._span(seg)))  # a few ints per segment
+        if torch.is_grad_enabled():  # autograd keeps every step's tensors: no shared buffer
+            grown = UIOState(torch.cat((state.hidden, hidden), dim=1), torch.cat((state.keys, keys), dim=2),
+                             torch.cat((state.values, values), dim=2), spans, state.segments + 1)
+        else:
+            (h, k, v), room, start = append_rows((state.hidden, state.keys, state.values), (1, 2, 2), state.room,
+                                                 state.start, (hidden, keys, values))
+            grown = UIOState(h, k, v, spans, state.segments + 1, room, start)
         return self._managed(grown)
 
     def _managed(self, state: UIOState) -> UIOState:
@@ -261,8 +273,9 @@ class UIO(TrainableMethod[UIOOptions, UIOState]):
         if chunks is None or len(state.spans) <= chunks:
             return state
         n = chunks * self.options.memory_tokens
+        dropped = self.memory_size(state) - n  # views: only the start moves
         return UIOState(state.hidden[:, -n:], state.keys[:, :, -n:], state.values[:, :, -n:], state.spans[-chunks:],
-                        state.segments)
+                        state.segments, state.room, state.start + dropped)
 
     # ---- training: incremental optimisation (docs/methods/uio.md) ------------------------------------------------
     def backward_sample(self, segments: Sequence[Segment], step: StepNLL, *, loss: str, weight: float,

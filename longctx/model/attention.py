@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from .roomread import RoomRead
+
 ATTN_NAME = "longctx"
 
 
@@ -112,6 +114,10 @@ class ForwardPlan:
     # Filled by the backbone before the forward: each layer's RoPE tables at the plan's positions, from that
     # layer's own rotary parameters (layers of one type share one object).
     rope: list[RopeTables] | None = None
+    # A read of the memory straight from a K/V room whose keys stay rotated between steps (roomread.py); the
+    # backbone drops it when the plan no longer reads what it was made for. With it, the RoPE tables are at
+    # the shifted positions: queries at `query_pos + shift`, keys at `room_read.rotate_positions`.
+    room_read: RoomRead | None = None
 
     def rope_of(self, layer: int) -> RopeTables:
         """The RoPE tables of `layer` (its own rotary parameters: a local layer's base may differ)."""
@@ -166,26 +172,29 @@ def longctx_attention(
     q = apply_rope(query, rope.cos_q, rope.sin_q)
     mem_k = plan.memory_keys[layer] if plan.memory_keys is not None else None
     mem_v = plan.memory_values[layer] if plan.memory_values is not None else None
-    if mem_k is not None and mem_v is not None and mem_k.shape[1] > 0:
-        k = torch.cat((mem_k.unsqueeze(0), key), dim=2)
+    with_memory = mem_k is not None and mem_v is not None and mem_k.shape[1] > 0
+    q_len = query.shape[2]
+    if plan.room_read is not None:  # rotated keys kept in the room: rotate only what is new, read a view
+        k, v = plan.room_read.layer_kv(layer, key, value, rope.cos_k, rope.sin_k, with_memory)
+    elif with_memory:
+        assert mem_k is not None and mem_v is not None
+        k = apply_rope(torch.cat((mem_k.unsqueeze(0), key), dim=2), rope.cos_k, rope.sin_k)
         v = torch.cat((mem_v.unsqueeze(0), value), dim=2)
-        cos_k, sin_k, mask, key_pos = rope.cos_k, rope.sin_k, plan.mask, plan.key_pos
     else:
-        q_len = query.shape[2]
-        k, v = key, value
-        cos_k, sin_k, key_pos = rope.cos_k[-q_len:], rope.sin_k[-q_len:], plan.key_pos[-q_len:]
-        mask = plan.mask[:, -q_len:] if plan.mask is not None else None
-    k = apply_rope(k, cos_k, sin_k)
+        k, v = apply_rope(key, rope.cos_k[-q_len:], rope.sin_k[-q_len:]), value
+    key_pos = plan.key_pos if with_memory else plan.key_pos[-q_len:]
+    mask = plan.mask if with_memory or plan.mask is None else plan.mask[:, -q_len:]
     if sliding_window is not None:
         mask = within_window(mask, plan.query_pos, key_pos, sliding_window)
-    if mask is None and k.shape[2] > q.shape[2]:  # SDPA's is_causal aligns top-left; memory needs bottom-right
-        mask = causal_mask(q.shape[2], k.shape[2], q.device)
+    if mask is None and k.shape[2] > q_len > 1:  # SDPA's is_causal aligns top-left; memory needs bottom-right
+        mask = causal_mask(q_len, k.shape[2], q.device)
     local_layer = sliding_window is not None  # entries read by similarity come from beyond any window
     found = plan.retrieve(plan, layer, query[0]) if plan.retrieve is not None and not local_layer else None
     if found is not None:
         out = attend_with_retrieved(q[0], k[0], v[0], mask, scaling, found).unsqueeze(0)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
+        causal = mask is None and q_len > 1  # one query after its memory sees every key: no mask at all
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scaling,
                                              enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
 

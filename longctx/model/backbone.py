@@ -145,12 +145,19 @@ class Backbone:
         return float(cos[0, 0].float())
 
     def plan_rope(self, plan: ForwardPlan) -> list[RopeTables]:
-        """Each layer's RoPE tables at the plan's positions; layers sharing rotary parameters share one."""
+        """Each layer's RoPE tables at the plan's positions; layers sharing rotary parameters share one. With
+        a room read that still fits the plan, the queries' tables are at their positions plus its shift and
+        the keys' only at the positions it rotates (roomread.py); a read that no longer fits is dropped."""
+        read = plan.room_read
+        if read is not None and not read.fits(plan.memory_keys, plan.memory_values, plan.query_pos, plan.key_pos):
+            read = plan.room_read = None
+        query_pos = plan.query_pos if read is None else plan.query_pos + read.shift
+        key_pos = plan.key_pos if read is None else read.rotate_positions
         made: dict[str | None, RopeTables] = {}
         for layer, key in enumerate(self.rope_keys):
             if key not in made:
-                cos_q, sin_q = self.rope_tables(plan.query_pos, layer)
-                cos_k, sin_k = self.rope_tables(plan.key_pos, layer)
+                cos_q, sin_q = self.rope_tables(query_pos, layer)
+                cos_k, sin_k = self.rope_tables(key_pos, layer)
                 made[key] = RopeTables(cos_q, sin_q, cos_k, sin_k, self._rope_scaling[key])
         return [made[key] for key in self.rope_keys]
 

@@ -7,17 +7,20 @@ was picked over layers, heads and steps. Methods that read memory by position (w
 tokens) retrieve nothing: their citation is what memory held.
 
 Raw picks say where the heads rest more than where the answer is: the oldest stored tokens and chapter
-headings draw picks whatever the question. So a citation ranks *relevance*, not picks (`relevance`):
-structural tokens (heading lines, the method's attention sinks) are left out, and the picks of a
-question-independent probe (`BASELINE_QUESTION`, read once per document) are subtracted, both as shares,
-so what every question reads cancels out. The heaviest remaining tokens seed spans (seeds close together
-join), ranked by their share of the remaining relevance; each span carries its byte offsets, that share,
-its share of the raw picks, and an excerpt of the source.
+headings draw picks whatever the question. So a citation ranks *relevance*, not picks, once every question
+of a call has been answered (`rank_weights`, rule DEFAULT_RANKING): structural tokens (heading lines, the
+method's attention sinks) are left out, and so are the tokens that every question of the call and a
+question-independent probe (`BASELINE_QUESTION`, read once per call) picked. A lone question drops only
+the structural tokens: the one salient fact of a document is often what the probe reads too. The other
+rules of RANKINGS are kept for `benchmarks/cite_rankings.py`, which compares them on the same answers.
+The heaviest remaining tokens seed spans (seeds close together join), ranked by their share of the
+remaining picks; each span carries its byte offsets, that share, its share of all picks, and an excerpt.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ FOCUS_TOKENS = 48  # the most relevant tokens that seed spans
 EXCERPT_CONTEXT = 60  # source bytes shown on each side of a span
 # Read after the document like a question, once per document: what it retrieves is what any question would.
 BASELINE_QUESTION = "What is this text about?"
+PROBE_DAMPING = 0.5  # the share of the probe's picks the damped ranking subtracts
 # A heading line: a markdown heading, a "Chapter 12" / "BOOK IV"-style line (the number is required: hard-wrapped
 # prose has short lines that start with "Part of..."), a roman numeral alone, or a short line in capitals.
 HEADING = re.compile(
@@ -42,8 +46,8 @@ HEADING = re.compile(
 @dataclass
 class Citation:
     """A source span: `kind` "retrieved" or "held". A retrieved span's `weight` is its relevance share (of
-    the answer's picks left after structural tokens and the question-independent baseline), `reads` its
-    share of all the answer's picks."""
+    the answer's picks left by the ranking rule: structural tokens and what every question and the probe
+    read removed), `reads` its share of all the answer's picks."""
 
     kind: str
     tokens: tuple[int, int]  # document token indices [start, end)
@@ -125,23 +129,84 @@ def structural_mask(byte_start: torch.Tensor, first: int, last: int, headings: l
     return mask
 
 
-def relevance(counts: torch.Tensor, baseline: torch.Tensor | None, structural: torch.Tensor | None) -> torch.Tensor:
-    """Per-token relevance of an answer's picks: structural tokens removed, then the baseline's share of
-    picks subtracted from the answer's share (negative parts clipped): a token that every question reads
-    as much as this one scores 0. Sums to at most 1."""
+def relevance(counts: torch.Tensor, baseline: torch.Tensor | None, structural: torch.Tensor | None,
+              damping: float = 1.0) -> torch.Tensor:
+    """Per-token relevance of an answer's picks: structural tokens removed, then `damping` times the
+    baseline's share of picks subtracted from the answer's share (negative parts clipped): with damping 1 a
+    token that the baseline reads as much as this answer scores 0. Sums to at most 1."""
+    w = shares(counts, structural)
+    if baseline is not None and w.sum() > 0:
+        w = (w - damping * shares(baseline, structural)).clamp(min=0)
+    return w
+
+
+def shares(counts: torch.Tensor, structural: torch.Tensor | None) -> torch.Tensor:
+    """Each token's share of the picks left after the structural tokens are removed (all zero if none are)."""
     w = counts.double().clone()
     if structural is not None:
         w[structural] = 0
-    if w.sum() <= 0:
-        return w
-    w /= w.sum()
-    if baseline is not None:
-        b = baseline.double().clone()
-        if structural is not None:
-            b[structural] = 0
-        if b.sum() > 0:
-            w = (w - b / b.sum()).clamp(min=0)
-    return w
+    total = w.sum()
+    return w / total if total > 0 else w
+
+
+@dataclass
+class Evidence:
+    """What one answer's citations are ranked from: its picks (`RetrievalTally`), the question-independent
+    probe's picks and the structural tokens (None where not found)."""
+
+    tally: RetrievalTally
+    byte_start: torch.Tensor  # every token's byte offset in the text read (spans map back through it)
+    doc_end: int  # the text's size in bytes
+    baseline: RetrievalTally | None = None
+    structural: torch.Tensor | None = None
+
+    def shares(self) -> torch.Tensor:
+        """The answer's share of picks per token, structural tokens left out."""
+        return shares(self.tally.counts, self.structural)
+
+
+def common_reads(evidence: Sequence[Evidence]) -> torch.Tensor | None:
+    """Bool per token: picked by every question of the call that picked anything (None with fewer than two
+    such questions: one question alone shares nothing)."""
+    picked = [e.tally.counts > 0 for e in evidence if e.tally.counts.sum() > 0]
+    if len(picked) < 2:
+        return None
+    return torch.stack(picked).all(0)
+
+
+def rank_weights(rule: str, evidence: Evidence, others: Sequence[Evidence] = ()) -> torch.Tensor:
+    """Per-token weights under one ranking `rule` (RANKINGS), from this answer's `evidence` and that of every
+    question of the same call (`others`, this answer's included) for the cross-question rules."""
+    e = evidence
+    base = e.baseline.counts if e.baseline is not None else None
+    if rule == "picks":
+        return e.tally.counts.double()
+    if rule == "structure":
+        return e.shares()
+    if rule == "probe":
+        return relevance(e.tally.counts, base, e.structural)
+    if rule == "damped":
+        return relevance(e.tally.counts, base, e.structural, damping=PROBE_DAMPING)
+    if rule == "shared":
+        return shares(e.tally.counts, _either(e.structural, shared_reads(e, others)))
+    raise ValueError(f"unknown citation ranking {rule!r} (one of {', '.join(RANKINGS)})")
+
+
+def shared_reads(evidence: Evidence, others: Sequence[Evidence]) -> torch.Tensor | None:
+    """Bool per token: read by every question of the call and by the probe (None with one question: a lone
+    question's fact is often what the probe reads too, so the probe alone drops nothing)."""
+    common = common_reads(others)
+    if common is not None and evidence.baseline is not None:
+        common &= evidence.baseline.counts > 0
+    return common
+
+
+def _either(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a | b
+
+
+RANKINGS = ("picks", "structure", "probe", "damped", "shared")
+DEFAULT_RANKING = "shared"  # chosen on the tuning set: docs/benchmarks.md "Which passage --cite names first"
 
 
 def span_bytes(byte_start: torch.Tensor, tokens: tuple[int, int], doc_end: int) -> tuple[int, int]:
@@ -174,16 +239,17 @@ def held_citations(runs: list[dict[str, Any]], first: int, last: int, byte_start
     return out
 
 
-def retrieved_citations(tally: RetrievalTally, byte_start: torch.Tensor, doc_end: int, path: str | None,
-                        limit: int = 3, *, baseline: RetrievalTally | None = None,
-                        structural: torch.Tensor | None = None) -> list[Citation]:
-    """The spans of the answer's picks most relevant to it (see `relevance`), most relevant first, as
-    citations (document token indices count from the document's start)."""
-    weights = relevance(tally.counts, baseline.counts if baseline is not None else None, structural)
+def retrieved_citations(evidence: Evidence, path: str | None, limit: int = 3, *, rule: str | None = None,
+                        others: Sequence[Evidence] = ()) -> list[Citation]:
+    """The spans of the answer's picks most relevant to it under ranking `rule` (default: DEFAULT_RANKING;
+    `others`: the evidence of every question of the call), most relevant first, as citations (document token
+    indices count from the document's start)."""
+    tally = evidence.tally
+    weights = rank_weights(rule or DEFAULT_RANKING, evidence, others)
     total = max(int(tally.counts.sum()), 1)
     out = []
     for a, b, share in rank_spans(weights, limit):
-        lo, hi = span_bytes(byte_start, (a + tally.first, b + tally.first), doc_end)
+        lo, hi = span_bytes(evidence.byte_start, (a + tally.first, b + tally.first), evidence.doc_end)
         out.append(Citation("retrieved", (a, b), lo, hi, round(share, 4), excerpt(path, lo, hi),
                             round(int(tally.counts[a:b].sum()) / total, 4)))
     return out

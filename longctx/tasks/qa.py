@@ -35,6 +35,7 @@ from ..text.segments import Segment
 from .citations import (
     BASELINE_QUESTION,
     Citation,
+    Evidence,
     RetrievalTally,
     heading_bytes,
     held_citations,
@@ -63,10 +64,12 @@ class Answer:
     seconds: float
     citations: list[Citation] = field(default_factory=list)
     cite_note: str | None = None
+    # what the citations were ranked from (benchmarks re-rank it); None without --cite or for RAG
+    evidence: Evidence | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**{k: v for k, v in asdict(self).items() if k != "citations"},
-                "citations": [c.to_dict() for c in self.citations]}
+        plain = {k: getattr(self, k) for k in ("question", "text", "tokens", "stopped", "first_token_s", "seconds")}
+        return {**plain, "citations": [c.to_dict() for c in self.citations], "cite_note": self.cite_note}
 
 
 @dataclass
@@ -140,7 +143,7 @@ def ask(path: str, questions: Sequence[str], *, method: str | None = None, model
     `method`: a memory method or preset (default: `DEFAULT_METHOD`), or "rag". `chat` None = the chat template
     when the model has one; `instruction` replaces the default line read before each question. `on_text(i,
     piece)` streams answer i as it is generated. With `cite`, each answer lists the source spans its memory
-    retrieved, most relevant to it first (`citations.relevance`), or, for position-reading methods, held. `reuse`/`save`: load the document's stored memory when
+    retrieved, most relevant to it first (`citations.rank_weights`), or, for position-reading methods, held. `reuse`/`save`: load the document's stored memory when
     there is one / store it after reading (benchmarks turn saving off)."""
     qs = [check_question(q) for q in questions]
     if not qs:
@@ -166,8 +169,10 @@ def ask(path: str, questions: Sequence[str], *, method: str | None = None, model
     if on_memory is not None:
         on_memory(memory)
     start = time.perf_counter() - t0
-    citing = _Citing(session, spec.method, mem) if cite else None
-    answers = [_answer(session, spec.method, mem, q, i, citing) for i, q in enumerate(qs)]
+    answered = [_answer(session, spec.method, mem, q, i) for i, q in enumerate(qs)]
+    answers = [a for a, _ in answered]
+    if cite:  # after every answer: a span that every question of the call reads is no answer's own
+        _Citing(session, spec.method, mem).cite(answered)
     return AskReport(mem.document, spec.preset, spec.method.describe(), spec.segment, session.frame.chat,
                      session.frame.instruction, memory, answers, session.sampling, max_new_tokens,
                      dict(backbone.fingerprint), load_s, start + answers[0].first_token_s)
@@ -187,19 +192,22 @@ def _generate(session: _Session, method: Method, done: Ingested, index: int,
 
 
 class _Citing:
-    """What every answer's citations are ranked against: the picks of a question-independent probe and the
-    document's structural tokens (heading lines, attention sinks). Found at the first answer that retrieved
-    anything, once per call (position-reading methods never pay for the probe)."""
+    """Ranks every answer's picks against what the others read: the picks of a question-independent probe
+    (read only when some answer retrieved anything, so position-reading methods never pay for it), the
+    document's structural tokens (heading lines, attention sinks) and the picks of the other questions."""
 
     def __init__(self, session: _Session, method: Method, mem: DocumentMemory):
         self.session, self.method, self.mem = session, method, mem
-        self._found: tuple[RetrievalTally, torch.Tensor] | None = None
 
-    def against(self) -> tuple[RetrievalTally, torch.Tensor]:
-        """The baseline tally and the structural mask, found on first use."""
-        if self._found is None:
-            self._found = _baseline(self.session, self.method, self.mem)
-        return self._found
+    def cite(self, answered: list[tuple[Answer, list[dict[str, Any]]]]) -> None:
+        """Fill each answer's citations (retrieved spans by relevance, else what its memory held)."""
+        retrieved = [a.evidence for a, _ in answered if a.evidence is not None and a.evidence.tally.counts.sum() > 0]
+        if retrieved:
+            baseline, structural = _baseline(self.session, self.method, self.mem)
+            for e in retrieved:
+                e.baseline, e.structural = baseline, structural
+        for answer, held in answered:
+            _cite(answer, self.method, self.mem, held, retrieved)
 
 
 def _read_question(session: _Session, method: Method, mem: DocumentMemory, question: str) -> Ingested:
@@ -219,9 +227,10 @@ def _baseline(session: _Session, method: Method, mem: DocumentMemory) -> tuple[R
     return baseline, structural_mask(mem.byte_start, mem.head_tokens, mem.done.tokens, headings, sinks)
 
 
-def _answer(session: _Session, method: Method, mem: DocumentMemory, question: str, index: int,
-            citing: _Citing | None = None) -> Answer:
-    """Continue a copy of the document's memory with the question, then answer it."""
+def _answer(session: _Session, method: Method, mem: DocumentMemory, question: str,
+            index: int) -> tuple[Answer, list[dict[str, Any]]]:
+    """Continue a copy of the document's memory with the question, then answer it; with --cite, the answer
+    carries its picks (`evidence`) and the spans its memory held when the question had been read."""
     t0 = time.perf_counter()
     done = _read_question(session, method, mem, question)
     doc_end = mem.done.tokens  # document tokens are [head_tokens, doc_end)
@@ -231,23 +240,22 @@ def _answer(session: _Session, method: Method, mem: DocumentMemory, question: st
     text, cont = _generate(session, method, done, index, tally)
     answer = Answer(question, text, len(cont.tokens), cont.stopped, prompt_s + cont.first_token_s,
                     time.perf_counter() - t0)
-    if tally is not None and citing is not None:  # tallied when citing
-        _cite(answer, method, mem, tally, held, citing)
-    return answer
+    if tally is not None:
+        answer.evidence = Evidence(tally, mem.byte_start, int(mem.document.get("size") or 0))
+    return answer, held
 
 
-def _cite(answer: Answer, method: Method, mem: DocumentMemory, tally: RetrievalTally,
-          held: list[dict[str, Any]], citing: _Citing) -> None:
-    """Retrieved spans ranked by relevance if similarity reading picked document tokens, else what the
-    memory held when the question had been read."""
+def _cite(answer: Answer, method: Method, mem: DocumentMemory, held: list[dict[str, Any]],
+          retrieved: list[Evidence]) -> None:
+    """Retrieved spans ranked by relevance (`citations.DEFAULT_RANKING`, against every question's picks in
+    `retrieved`) if similarity reading picked document tokens, else what the memory held when the question
+    had been read."""
     path, size = mem.document.get("path"), int(mem.document.get("size") or 0)
-    if tally.counts.sum() > 0:
-        baseline, structural = citing.against()
-        answer.citations = retrieved_citations(tally, mem.byte_start, size, path, baseline=baseline,
-                                               structural=structural)
+    if answer.evidence is not None and answer.evidence.tally.counts.sum() > 0:
+        answer.citations = retrieved_citations(answer.evidence, path, others=retrieved)
         if not answer.citations:
-            answer.cite_note = ("this answer read only what the question-independent probe reads, and headings: "
-                                "no span stands out for it")
+            answer.cite_note = ("this answer read only what the other questions or a question-independent probe "
+                                "read, and headings: no span stands out for it")
         return
     answer.citations = held_citations(held, mem.head_tokens, mem.done.tokens, mem.byte_start, size, path)
     why = f"{method.name} retrieved nothing for this answer (it reads memory by position, or its store was empty)"
@@ -296,8 +304,9 @@ def _rag_answer(session: _Session, full: Method, embedder, index, opts: RagOptio
     done = ingest(session.backbone, full, plain_segments(torch.tensor(ids, dtype=torch.long), 512))
     prompt_s = time.perf_counter() - t0
     text, cont = _generate(session, full, done, i, None)
+    best_first = sorted(hits, key=lambda hit: -hit[1])  # the prompt keeps document order; citations rank
     citations = [Citation("retrieved", (c.token_start, c.token_end), c.byte_start, c.byte_end, round(score, 4),
-                          " ".join(c.text.split())[:400]) for c, score in hits]
+                          " ".join(c.text.split())[:400]) for c, score in best_first]
     return Answer(question, text, len(cont.tokens), cont.stopped, prompt_s + cont.first_token_s,
                   time.perf_counter() - t0, citations if session.cite else [])
 

@@ -34,14 +34,16 @@ from ..storage.adapters import role_spec
 from ..storage.paths import longctx_home
 from ..storage.snapshot import SnapshotStore
 from ..stream import forward_segment, run_stream, scored_nll, step_nll
+from ..text.prompts import qa_frame
 from ..text.segments import Segment
 from ..version import __version__
+from .facts import TEMPLATES, FactRecall, Mixed, answer_scores
 from .recall import recall_task_for
 from .samples import SampleSource, TokenCorpus, window_segments
 
 LossMask = Literal["all", "last", "answer"]
 Tune = Literal["memory", "lora", "full"]
-TrainTask = Literal["lm", "recall"]
+TrainTask = Literal["lm", "recall", "facts"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class TrainConfig:
     validate_every: int = 0  # steps; 0 = only at the end
     val_tokens: int = 4096
     checkpoint_every: int = 0  # steps; 0 = none
+    lm_share: float = 0.0  # --task facts: share of ordinary next-token samples mixed in
+    val_recall: int = 0  # --task facts: fact samples on the validation novel scored at each validation
 
     @property
     def steps(self) -> int:
@@ -85,6 +89,8 @@ class TrainConfig:
             raise UsageError(f"--bptt must be >= 1 (got {self.bptt})")
         if self.segment < 2 or self.accumulate < 1:
             raise UsageError("--segment must be >= 2 and --accumulate >= 1")
+        if not 0 <= self.lm_share < 1 or self.val_recall < 0:
+            raise UsageError(f"--lm-share must be in [0, 1) (got {self.lm_share}) and --val-recall >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -187,9 +193,10 @@ class Trainer:
 
     def __init__(self, backbone: Backbone, method: Method, source: SampleSource, config: TrainConfig,
                  *, validation: torch.Tensor | None = None, checkpoints: SnapshotStore | None = None,
-                 checkpoint_name: str = "train"):
+                 checkpoint_name: str = "train", probe: Callable[[int], dict[str, Any]] | None = None):
         config.check()
         self.backbone, self.method, self.source, self.cfg = backbone, method, source, config
+        self.probe = probe  # probe(segments): task scores added to each validation (fact recall's answers)
         self.validation, self.checkpoints, self.checkpoint_name = validation, checkpoints, checkpoint_name
         self.shard = current_shard(backbone.device.type)
         if self.shard.world > 1 and method.backward_in_sample:
@@ -281,24 +288,30 @@ class Trainer:
             return None
         ids = self.validation[: self.cfg.val_tokens + 1]
         res = run_stream(self.backbone, self.method, window_segments(ids, self.cfg.segment))
-        out = {"step": self.step, "tokens": res.sums.tokens, "ppl": math.exp(res.sums.nll / res.sums.tokens)}
+        out: dict[str, Any] = {"step": self.step, "tokens": res.sums.tokens, "ppl": math.exp(res.sums.nll / res.sums.tokens)}
+        if self.probe is not None:  # at the segments the curriculum trains now (of the step just taken)
+            out.update(self.probe(self.cfg.segments_at(max(self.step - 1, 0))))
         self.val_history.append(out)
         return out
 
-    def run(self, on_step: Callable[[TrainProgress], None] | None = None) -> TrainResult:
-        """Train to the end of the curriculum, validating and checkpointing at the configured cadence."""
+    def run(self, on_step: Callable[[TrainProgress], None] | None = None, *, stop_at: int | None = None) -> TrainResult:
+        """Train to the end of the curriculum (or to step `stop_at`: a bounded run that keeps the whole
+        curriculum's schedule), validating and checkpointing at the configured cadence and at the end."""
         cfg = self.cfg
+        end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         if self.step == 0 and self.validation is not None and not self.val_history:
             self.validate()  # the untrained starting point, for the record
-        while self.step < cfg.steps:
+        while self.step < end:
             prog = self.train_step()
-            last = self.step == cfg.steps
+            last = self.step == end
             if last or (cfg.validate_every and self.step % cfg.validate_every == 0):
                 prog.validation = self.validate()
             if self.checkpoints is not None and self.shard.rank == 0 and (last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)):
                 self.save_checkpoint()
             if on_step is not None:
                 on_step(prog)
+        if self.val_history and self.val_history[-1]["step"] != self.step:  # resumed at `stop_at`: its figures
+            self.validate()
         return TrainResult(self.method, self.step, self.tokens, self.seconds, self.history, self.val_history)
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
@@ -355,14 +368,17 @@ def train(files: Sequence[str], method: str, out: str, config: TrainConfig, *, v
           task: TrainTask = "lm", options: dict[str, Any] | None = None, init_adapter: str | None = None,
           model: str | None = None, dtype: str | None = None, device: str | None = None, threads: int | None = None,
           fresh: bool = False, backbone: Backbone | None = None, command: str | None = None,
-          on_step: Callable[[TrainProgress], None] | None = None) -> dict[str, Any]:
+          on_step: Callable[[TrainProgress], None] | None = None, stop_at: int | None = None) -> dict[str, Any]:
     """Train `method`'s memory parameters on `files` and save adapter `out`; returns the adapter's manifest.
 
     Resumes from `out`'s training checkpoint when one exists (unless `fresh`). `init_adapter` starts from an
-    earlier adapter (HMT's stage 2 from stage 1)."""
+    earlier adapter (HMT's stage 2 from stage 1). `stop_at` ends at that step with the adapter saved; the
+    same command without it (or with a later step) continues from the checkpoint."""
     from ..run import backbone_for, build_method, environment, resolve_settings
     from ..storage.adapters import attach_adapter, save_adapter
 
+    if stop_at is not None and stop_at < 1:  # before anything is loaded or a checkpoint removed (--fresh)
+        raise UsageError(f"--stop-at must be >= 1 (got {stop_at})")
     if backbone is None:  # flag > LONGCTX_* env > user config > default, as every other command
         backbone = backbone_for(resolve_settings(model=model, dtype=dtype, device=device, threads=threads))
     m, preset = build_method(method, backbone, options, allow_untrained=True)
@@ -375,29 +391,68 @@ def train(files: Sequence[str], method: str, out: str, config: TrainConfig, *, v
         m.adapter = None  # it trains on from there: the result is a new adapter
     m.check_segment(config.segment)
     corpus = TokenCorpus.from_files(files, backbone.tokenizer)
-    source = recall_task_for(backbone.tokenizer, torch.cat(corpus.docs)) if task == "recall" else corpus
     if task == "lm" and config.loss == "answer":
-        raise UsageError("--loss answer needs a task with answer spans (--task recall)")
+        raise UsageError("--loss answer needs a task with answer spans (--task recall or facts)")
+    if task != "facts" and (config.lm_share or config.val_recall):
+        raise UsageError("--lm-share and --val-recall go with --task facts")
     val = TokenCorpus.from_files([validation], backbone.tokenizer) if validation else None
+    source, probe = _task_source(task, backbone, corpus, val, config)
     store = checkpoint_store()
     name = out.replace("/", "_").strip("_.") or "train"
     trainer = Trainer(backbone, m, source, config, validation=val.docs[0] if val else None, checkpoints=store,
-                      checkpoint_name=name)
+                      checkpoint_name=name, probe=probe(m) if probe else None)
     if fresh and name in store.names() and trainer.shard.rank == 0:
         store.remove(name)
     if trainer.shard.world > 1:
         trainer.shard.state.wait_for_everyone()  # every rank sees the same checkpoint (or none)
     resumed = trainer.load_checkpoint()
-    result = trainer.run(on_step)
+    if stop_at is not None and trainer.step > stop_at:
+        raise UsageError(f"--stop-at {stop_at}: the checkpoint of '{out}' is already at step {trainer.step}")
+    result = trainer.run(on_step, stop_at=stop_at)
     training = {"command": command, "longctx_version": __version__, "task": task, "config": config.to_dict(),
+                "task_data": _task_data(source),
                 "preset": preset.name, "data": corpus.files, "validation": val.files if val else None,
                 "init_adapter": init_adapter, "steps": result.steps, "tokens": result.tokens,
                 "seconds": result.seconds, "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
-                "resumed_from_checkpoint": resumed, "final_loss": result.history[-1]["loss"] if result.history else None,
+                "resumed_from_checkpoint": resumed, "curriculum_steps": config.steps, "final_loss": result.history[-1]["loss"] if result.history else None,
                 "validation_ppl": result.validation, "history": result.history, "device": str(backbone.device),
+                "model": dict(backbone.fingerprint),
                 "environment": environment()}
     training["processes"] = trainer.shard.world
     if trainer.shard.rank != 0:
         return {}
     path = save_adapter(out, m, backbone, config.tune, config.lora if config.tune == "lora" else None, training)
     return {"adapter": out, "path": str(path), **training}
+
+
+def _task_source(task: TrainTask, backbone: Backbone, corpus: TokenCorpus, val: TokenCorpus | None,
+                 config: TrainConfig) -> tuple[SampleSource, Callable[[Method], Callable[[int], dict[str, Any]]] | None]:
+    """The training samples of `task` over the files, and (fact recall with --val-recall and a validation
+    file) a probe factory scoring fact answers over the held-out novel."""
+    if task == "lm":
+        return corpus, None
+    filler = torch.cat(corpus.docs)
+    if task == "recall":
+        return recall_task_for(backbone.tokenizer, filler), None
+    frame = qa_frame(backbone.tokenizer)
+    facts = FactRecall(backbone.tokenizer, filler, frame)
+    source: SampleSource = Mixed(facts, corpus, config.lm_share) if config.lm_share else facts
+    if val is None or not config.val_recall:
+        return source, None
+    held_out = FactRecall(backbone.tokenizer, val.docs[0], frame)
+
+    def factory(method: Method) -> Callable[[int], dict[str, Any]]:
+        return lambda n: answer_scores(backbone, method, held_out, segments=n, segment=config.segment,
+                                       samples=config.val_recall)
+
+    return source, factory
+
+
+def _task_data(source: SampleSource) -> dict[str, Any] | None:
+    """What the manifest records about generated samples (fact recall): its size and mixing."""
+    facts = source.recall if isinstance(source, Mixed) else source
+    if not isinstance(facts, FactRecall):
+        return None
+    return {"generator": "facts", "templates": len(TEMPLATES), "max_facts": facts.max_facts,
+            "two_hop": facts.two_hop, "lm_share": source.lm_share if isinstance(source, Mixed) else 0.0,
+            "frame_chat": facts.frame.chat}
