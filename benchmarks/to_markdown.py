@@ -267,6 +267,14 @@ def render(d: dict) -> list[str]:
 
 
 READER_LENGTHS = (8192, 32768)
+# A length up to this much shorter than a column's counts in it, marked with its own length: the in-window
+# ceiling at "32k" reads 32,000-token documents, since 32,768 plus the question frame overflows a 32k window.
+READER_SLACK = 0.05
+
+
+def _reader_column(length: int) -> int:
+    """The table column (one of READER_LENGTHS) a measured length belongs to; the length itself if none."""
+    return next((n for n in READER_LENGTHS if n * (1 - READER_SLACK) <= length <= n), length)
 
 
 def _reader_order(reader: str, method: str) -> tuple[int, int, str]:
@@ -287,12 +295,17 @@ def readers(files: list[tuple[str, dict]]) -> list[str]:
     rows: dict[tuple[str, str], dict] = {}
     for path, d in files:
         reader = f"{d['model']['model']} ({d['model']['dtype']})"
+        names = _presets_given(d)
         for x in d["cells"]:
             if d["benchmark"] == "needle" and x["kind"] == "absent":
                 continue
-            row = rows.setdefault((reader, x["method"]), {"files": [], "read": [], "first": [], "decode": [], "load": []})
-            got, n = row.setdefault(f"{d['benchmark']} {x['length']}", [0, 0]), x.get("items", x.get("trials"))
+            method = names.get(x["method"], x["method"])
+            row = rows.setdefault((reader, method), {"files": [], "read": [], "first": [], "decode": [], "load": []})
+            column = _reader_column(x["length"])
+            got, n = row.setdefault(f"{d['benchmark']} {column}", [0, 0]), x.get("items", x.get("trials"))
             got[0], got[1] = got[0] + x["correct"], got[1] + n
+            if x["length"] != column:  # shown with the cell: "3/4 (32,000 tok)"
+                row.setdefault("lengths", {}).setdefault(f"{d['benchmark']} {column}", set()).add(x["length"])
             row["files"] += [] if Path(path).name in row["files"] else [Path(path).name]
             if d["benchmark"] == "needle":
                 for key, field in (("read", "ingest_tokens_per_s"), ("first", "first_token_s"), ("decode", "decode_tokens_per_s")):
@@ -306,14 +319,30 @@ def readers(files: list[tuple[str, dict]]) -> list[str]:
     out = ["| reader | method | " + " | ".join(head) + " | read tok/s | question → 1st token s | decode tok/s | load | result files |",
            "|---|---|" + "---|" * (len(head) + 5)]
     for (reader, method), row in sorted(rows.items(), key=lambda kv: _reader_order(*kv[0])):
-        cells = [f"{row[k][0]}/{row[k][1]}" if k in row else "not measured"
-                 for k in (f"{b} {n}" for b in ("needle", "passkey") for n in READER_LENGTHS)]
+        cells = [_reader_cell(row, k) for k in (f"{b} {n}" for b in ("needle", "passkey") for n in READER_LENGTHS)]
         lo, hi = (min(row["load"]), max(row["load"])) if row["load"] else (None, None)
         loads = "—" if lo is None else f"{lo:.1f}" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:.1f}–{hi:.1f}"
         out.append(f"| {reader} | {method} | " + " | ".join(cells) + f" | {mean(row['read'], ',.0f')} "
                    f"| {mean(row['first'], '.1f')} | {mean(row['decode'], '.1f')} | {loads} | "
                    + " ".join(f"`{f}`" for f in row["files"]) + " |")
     return out + [""]
+
+
+def _presets_given(d: dict) -> dict[str, str]:
+    """Method name -> the preset the command named (`-m infllm-qa` runs method `infllm`): passkey files name
+    the method, needle files the preset; the built methods follow the command's `-m` order."""
+    command = d.get("environment", {}).get("command") or []
+    given = [command[i + 1] for i, arg in enumerate(command[:-1]) if arg in ("-m", "--method")]
+    built = list(d.get("methods", {}))
+    return dict(zip(built, given)) if d["benchmark"] == "passkey" and len(given) == len(built) else {}
+
+
+def _reader_cell(row: dict, key: str) -> str:
+    """Correct/items of one cell, with the lengths read where they differ from the column's."""
+    if key not in row:
+        return "not measured"
+    other = sorted(row.get("lengths", {}).get(key, ()))
+    return f"{row[key][0]}/{row[key][1]}" + (f" ({', '.join(f'{n:,}' for n in other)} tok)" if other else "")
 
 
 def main() -> None:

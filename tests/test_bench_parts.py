@@ -121,6 +121,52 @@ def test_attended_keys_counts_a_mask_exactly():
     assert attended_keys(_plan(q, [m, None], mask=mask), q) == pytest.approx((expected_mem + 2.5) / 2)
 
 
+def _windowed(q_pos: range, k_pos: range, window: int | None) -> float:
+    """Keys per query by brute force: causal (key position <= query's), and within `window` of the query."""
+    return sum(sum(1 for k in k_pos if k <= p and (window is None or p - k < window)) for p in q_pos) / len(q_pos)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mistral", "llama"])
+def test_attended_keys_counts_a_local_layer_only_within_its_window(family):
+    """Gemma 3 (local next to global layers) and Mistral (every layer local): a local layer's keys are those
+    within its sliding window of each query, with memory keys and without; a global layer counts them all."""
+    from tiny_families import WINDOW, family_backbone
+
+    backbone = family_backbone(family)
+    windows = [backbone.layer_window(i) for i in range(backbone.num_layers)]
+    assert windows == {"gemma3": [WINDOW, None], "mistral": [WINDOW, WINDOW], "llama": [None, None]}[family]
+    m, q = 20, 32  # 20 memory keys at positions 0-19, then a 32-token segment at 20-51
+    plain = ForwardPlan(query_pos=torch.arange(q), key_pos=torch.arange(q), memory_keys=[None, None])
+    memory = _plan(q, [m, m])
+    memory.query_pos = torch.arange(m, m + q)
+    for plan, k_pos in ((plain, range(q)), (memory, range(m + q))):
+        q_pos = range(int(plan.query_pos[0]), int(plan.query_pos[-1]) + 1)
+        expected = sum(_windowed(q_pos, k_pos, w) for w in windows) / len(windows)
+        assert attended_keys(plan, q, windows=windows) == pytest.approx(expected)
+        if family != "llama":  # the window bites: fewer keys than the same plan on global layers
+            assert attended_keys(plan, q, windows=windows) < attended_keys(plan, q, num_layers=2)
+    # a band mask from the plan and the window together: both limits apply
+    band = (torch.arange(m, m + q)[:, None] - torch.arange(m + q)[None, :]).abs() < 16
+    memory.mask = band & (torch.arange(m + q)[None, :] <= torch.arange(m, m + q)[:, None])
+    expected = sum(_windowed(range(m, m + q), range(m + q), min(w or 16, 16)) for w in windows) / len(windows)
+    assert attended_keys(memory, q, windows=windows) == pytest.approx(expected)
+
+
+def test_throughput_counts_local_layers_within_their_window():
+    """The prefill FLOPs of a long plain read on Gemma 3's tiny config: its local layer attends at most its
+    window, so xl with everything in memory costs less attention than the same read counted as all-global."""
+    from tiny_families import WINDOW, family_backbone
+
+    backbone = family_backbone("gemma3")
+    ids, seg = _ids(48), 16
+    xl, _ = build_method("xl", backbone, {"memory": 1024, "sinks": 0})
+    r = throughput(backbone, xl, ids, segment=seg, decode_tokens=0)
+    cfg = backbone.config
+    per_segment = [(s + (seg + 1) / 2 + _windowed(range(s, s + seg), range(s + seg), WINDOW)) / 2
+                   for s in range(0, 48, seg)]  # global layer: all earlier tokens + causal; local: its band
+    assert r["prefill_flops"] == pytest.approx(sum(forward_flops(cfg, seg, k, with_logits=False) for k in per_segment))
+
+
 def test_attended_keys_needs_layers_when_only_retrieval_says():
     plan = ForwardPlan(query_pos=torch.arange(2), key_pos=torch.arange(2),
                        out=ForwardOutputs(retrieved={1: torch.zeros(4, 2, 3, dtype=torch.long)}))
@@ -206,3 +252,38 @@ def test_throughput_vs_length_interleaves_methods(tiny_backbone):
     assert [r["memory_entries"] for r in rows if r["name"] == "xl"] == [34, 66]
     with pytest.raises(Exception, match="lengths"):
         throughput_vs_length(tiny_backbone, methods, _ids(10), [32], segment=16)
+
+
+def test_readers_table_puts_a_length_just_under_a_column_in_it_and_says_so():
+    """The in-window ceiling at "32k" reads 32,000-token documents (32,768 plus the question frame overflows a
+    32k window): the readers table counts it in the 32k column and names the length it read."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("to_markdown", REPO / "benchmarks" / "to_markdown.py")
+    assert spec is not None and spec.loader is not None
+    to_markdown = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(to_markdown)
+
+    def needle(length: int, correct: int) -> dict:
+        return {"benchmark": "needle", "model": {"model": "qwen2.5-coder-1.5b", "dtype": "bfloat16"},
+                "environment": {"load_avg_1m": 1.0},
+                "cells": [{"method": "full", "length": length, "kind": "needle", "items": 4, "correct": correct,
+                           "ingest_tokens_per_s": 20.0, "first_token_s": 2.0, "decode_tokens_per_s": 0.5},
+                          {"method": "full", "length": length, "kind": "absent", "items": 1, "correct": 0}]}
+
+    rows = to_markdown.readers([("a/x_8k.json", needle(8192, 4)), ("a/x_32000.json", needle(32000, 3))])
+    row = next(r for r in rows if r.startswith("| qwen2.5-coder-1.5b"))
+    assert "| 4/4 | 3/4 (32,000 tok) | not measured | not measured |" in row
+    assert to_markdown._reader_column(16384) == 16384  # far from every column: a column of its own
+    # a passkey file names the method (`infllm`), the command the preset it ran (`-m infllm-qa`): one row
+    passkey = {"benchmark": "passkey", "model": {"model": "gemma-3-270m", "dtype": "bfloat16"},
+               "methods": {"infllm": "infllm(queries=32, ...)"},
+               "environment": {"command": ["longctx", "bench", "passkey", "emma.txt", "-m", "infllm-qa"]},
+               "cells": [{"method": "infllm", "length": 8192, "trials": 2, "correct": 2}]}
+    needle_qa = needle(8192, 4)
+    needle_qa["model"]["model"] = "gemma-3-270m"
+    for cell in needle_qa["cells"]:
+        cell["method"] = "infllm-qa"
+    rows = to_markdown.readers([("a/n.json", needle_qa), ("a/p.json", passkey)])
+    assert [r.split(" | ")[1] for r in rows if r.startswith("| gemma")] == ["infllm-qa"]
+    assert "| 4/4 | not measured | 2/2 | not measured |" in rows[2]

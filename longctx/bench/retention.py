@@ -24,9 +24,9 @@ from ..errors import UsageError
 from ..methods.base import Method
 from ..model.backbone import Backbone
 from ..resources import release_memory
-from ..tasks.decode import Ingested, continue_text, extend, fork, ingest, plain_segments
+from ..tasks.decode import Ingested, continue_streamed, extend, fork, ingest, plain_segments
 from ..tasks.sampling import stop_ids
-from ..text.prompts import qa_frame
+from ..text.prompts import QAFrame, qa_frame
 from .needle import Fact, answered, make_facts
 from .passkey import Filler
 from .splits import eval_set
@@ -146,7 +146,7 @@ def retention(backbone: Backbone, methods: Sequence[str], filler_path: str, conf
 class _Asker:
     backbone: Backbone
     method: Method
-    frame: Any
+    frame: QAFrame
     stops: set[int]
     max_new_tokens: int
 
@@ -154,8 +154,9 @@ class _Asker:
         """The greedy answer to `question` over a copy of `done` (the original memory is left as it was)."""
         tail = self.backbone.tokenizer(self.frame.tail(question), add_special_tokens=False)["input_ids"]
         q = extend(self.backbone, self.method, fork(self.method, done), torch.tensor(tail, dtype=torch.long))
-        cont = continue_text(self.backbone, self.method, q, self.max_new_tokens, stop=self.stops)
-        return self.backbone.tokenizer.decode(cont.tokens, skip_special_tokens=True).strip()
+        text, _ = continue_streamed(self.backbone, self.method, q, self.max_new_tokens, stop=self.stops,
+                                    stop_text=self.frame.stops)
+        return text.strip()
 
 
 def _read(method: Method, segment: int, stream: _Stream, config: RetentionConfig, ask: _Asker, name: str,

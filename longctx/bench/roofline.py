@@ -2,7 +2,8 @@
 
 The FLOP model is the usual one for decoder-only transformers: 2 FLOPs (a multiply and an add) per weight
 per token for every linear layer a token passes through, plus attention, which costs 2 x 2 x heads x head_dim
-per (query, attended key) pair (QK^T and AV). Norms, RoPE, activations, softmax and bias adds are left out:
+per (query, attended key) pair (QK^T and AV); a local (sliding-window) layer attends only the keys
+within its window. Norms, RoPE, activations, softmax and bias adds are left out:
 they are a few percent at most. For SmolLM2-135M this gives 0.269 GFLOP per token with logits, plus
 69,120 FLOPs per attended key.
 """
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ..model.attention import ForwardPlan
+from ..model.attention import ForwardPlan, within_window
 from ..model.models import parse_dtype
 
 WARMUP_SHARE = 0.2  # of the time budget spent warming up (allocator, oneDNN kernel selection, GPU clocks)
@@ -89,41 +91,52 @@ def forward_flops(config, tokens: int, attended_keys: float, *, with_logits: boo
     return 2.0 * weights * tokens + attention_flops_per_key(config) * tokens * attended_keys
 
 
-def attended_keys(plan: ForwardPlan, q_len: int, *, num_layers: int | None = None) -> float:
+def attended_keys(plan: ForwardPlan, q_len: int, *, num_layers: int | None = None,
+                  windows: Sequence[int | None] | None = None) -> float:
     """Mean number of keys each query of one forward attends, averaged over layers: its own segment (causal),
     the memory keys of the layers that have them, and the entries similarity reading retrieved.
 
-    With a mask in the plan the local part is counted from it exactly (a band or dilation sees fewer keys);
-    retrieved entries count in full, so padding a method marks invalid makes the figure an upper bound.
-    `num_layers` defaults to the length of `plan.memory_keys`; it is needed when only retrieval says which
-    layers there are.
+    Local keys are counted as the attention function masks them: bottom-right causal, or the plan's mask
+    exactly (a band or dilation sees fewer keys), and at a local layer (`windows[layer]`, the sliding window
+    the model passes it; None = a global layer) only the keys within its window of each query. Retrieved
+    entries count in full, so padding a method marks invalid makes the figure an upper bound. `num_layers`
+    defaults to the length of `windows`, else of `plan.memory_keys`; it is needed when only retrieval says
+    which layers there are.
     """
     memory = plan.memory_keys
-    layers = num_layers if num_layers is not None else (len(memory) if memory is not None else None)
+    layers = num_layers if num_layers is not None else len(windows) if windows is not None else (
+        len(memory) if memory is not None else None)
     if layers is None:
         if plan.out.retrieved:
             raise ValueError("attended_keys needs num_layers when the plan has retrieval but no memory keys")
         layers = 1
-    with_memory = sum(1 for k in memory or () if k is not None and k.shape[1] > 0)
-    seen_with, seen_without = _local_keys(plan, q_len)
-    local = (with_memory * seen_with + (layers - with_memory) * seen_without) / layers
+    counted: dict[tuple[bool, int | None], float] = {}  # layers of one kind see the same keys
+    local = 0.0
+    for layer in range(layers):
+        kind = (_has_memory(plan, layer), windows[layer] if windows is not None else None)
+        if kind not in counted:
+            counted[kind] = _local_keys(plan, q_len, *kind)
+        local += counted[kind]
     retrieved = sum(int(r.shape[-1]) for r in plan.out.retrieved.values()) / layers
-    return local + retrieved
+    return local / layers + retrieved
 
 
-def _local_keys(plan: ForwardPlan, q_len: int) -> tuple[float, float]:
-    """Mean keys per query at a layer with memory ([memory; segment]) and at one without (the segment only),
-    as the attention function masks them: bottom-right causal unless the plan brings a mask."""
-    m = _memory_len(plan)
-    if plan.mask is None:
-        causal = (q_len + 1) / 2
-        return m + causal, causal
-    mask = plan.mask
-    return float(mask.sum()) / q_len, float(mask[:, -q_len:].sum()) / q_len
+def _has_memory(plan: ForwardPlan, layer: int) -> bool:
+    memory = plan.memory_keys
+    k = memory[layer] if memory is not None and layer < len(memory) else None
+    return k is not None and k.shape[1] > 0
 
 
-def _memory_len(plan: ForwardPlan) -> int:
-    return max((int(k.shape[1]) for k in plan.memory_keys or () if k is not None), default=0)
+def _local_keys(plan: ForwardPlan, q_len: int, with_memory: bool, window: int | None) -> float:
+    """Mean keys per query at one layer: [memory; segment] with memory, else the segment only, masked as the
+    attention function masks them (bottom-right causal unless the plan brings a mask; a local layer's band)."""
+    key_pos = plan.key_pos if with_memory else plan.key_pos[-q_len:]
+    mask = plan.mask if plan.mask is None or with_memory else plan.mask[:, -q_len:]
+    if window is not None:
+        mask = within_window(mask, plan.query_pos, key_pos, window)
+    if mask is None:  # causal over the segment, after every memory key
+        return (len(key_pos) - q_len) + (q_len + 1) / 2
+    return float(mask.sum()) / q_len
 
 
 def roofline_ratio(achieved_tokens_per_s: float, flops_per_token: float, machine_flops_per_s: float) -> float:

@@ -46,7 +46,7 @@ class _PlanTap:
 def plan_flops(backbone: Backbone, plan: ForwardPlan) -> float:
     """FLOPs one forward with `plan` needed, without logits (after the forward: retrieval fills the plan)."""
     q = int(plan.query_pos.numel())  # memory-token methods run more rows than the segment has tokens
-    keys = attended_keys(plan, q, num_layers=backbone.num_layers)
+    keys = attended_keys(plan, q, windows=[backbone.layer_window(i) for i in range(backbone.num_layers)])
     return forward_flops(backbone.config, q, keys, with_logits=False)
 
 

@@ -16,7 +16,7 @@ segment is read back by the method as it grows:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,11 +117,13 @@ class Continuation:
 
 def continue_text(backbone: Backbone, method: Method, done: Ingested, max_new_tokens: int, *,
                   sampling: Sampling | None = None, stop: Collection[int] = (),
-                  on_token: Callable[[int], None] | None = None,
+                  on_token: Callable[[int], bool | None] | None = None,
                   on_plan: Callable[[ForwardPlan], None] | None = None) -> Continuation:
     """Continue the ingested text token by token; each token is read into memory before the next is chosen.
-    A token in `stop` ends generation (it is neither kept nor read). `on_plan` sees every forward's plan
-    (the last prompt forward first), e.g. to collect what similarity reading retrieved."""
+    A token in `stop` ends generation (it is neither kept nor read). `on_token` sees each kept token; when it
+    returns True (the text now holds a stop string) generation stops after that token, which is kept but not
+    read. `on_plan` sees every forward's plan (the last prompt forward first), e.g. to collect what similarity
+    reading retrieved."""
     sampling = sampling or Sampling()
     out: list[int] = []
     gen, t0, first = sampling.generator(), time.perf_counter(), None
@@ -134,8 +136,8 @@ def continue_text(backbone: Backbone, method: Method, done: Ingested, max_new_to
             if token in stop:
                 return Continuation(out, "stop", done, first, time.perf_counter() - t0)
             out.append(token)
-            if on_token is not None:
-                on_token(token)
+            if on_token is not None and on_token(token):
+                return Continuation(out, "stop", done, first, time.perf_counter() - t0)
             done = _advance(backbone, method, done, token)
             if on_plan is not None and done.last_plan is not None:  # always set after a token is read
                 on_plan(done.last_plan)
@@ -144,16 +146,19 @@ def continue_text(backbone: Backbone, method: Method, done: Ingested, max_new_to
 
 def continue_streamed(backbone: Backbone, method: Method, done: Ingested, max_new_tokens: int, *,
                       sampling: Sampling | None = None, stop: Collection[int] = (),
-                      on_text: Callable[[str], None] | None = None,
+                      stop_text: Sequence[str] = (), on_text: Callable[[str], None] | None = None,
                       on_plan: Callable[[ForwardPlan], None] | None = None) -> tuple[str, Continuation]:
     """`continue_text` with the tokens turned into text as they come: `on_text` gets each new piece (never
-    half a UTF-8 character). Returns the whole text and the continuation."""
-    stream = TextStream(backbone.tokenizer)
+    half a UTF-8 character). A string of `stop_text` appearing in the text ends generation ("stop"); the text
+    is cut where it begins, and `on_text` never sees any of it (a piece that may be its beginning is held
+    back until the next tokens tell). Returns the text and the continuation."""
+    stream = TextStream(backbone.tokenizer, stop_text)
 
-    def on_token(token: int) -> None:
+    def on_token(token: int) -> bool:
         piece = stream.push(token)
         if piece and on_text is not None:
             on_text(piece)
+        return stream.stopped
 
     cont = continue_text(backbone, method, done, max_new_tokens, sampling=sampling, stop=stop, on_token=on_token,
                          on_plan=on_plan)

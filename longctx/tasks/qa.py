@@ -59,7 +59,7 @@ class Answer:
     question: str
     text: str
     tokens: int
-    stopped: str  # "stop" (end of turn) or "length" (--max-new-tokens reached)
+    stopped: str  # "stop" (end of turn; in a plain frame also the next turn's marker line) or "length"
     first_token_s: float  # from the question to its first answer token
     seconds: float
     citations: list[Citation] = field(default_factory=list)
@@ -186,7 +186,8 @@ def _generate(session: _Session, method: Method, done: Ingested, index: int,
         session.on_text(index, "")  # the answer starts (even one that turns out empty)
         on_text = functools.partial(session.on_text, index)
     text, cont = continue_streamed(session.backbone, method, done, session.max_new_tokens, sampling=session.sampling,
-                                   stop=session.stops, on_text=on_text, on_plan=tally.add if tally is not None else None)
+                                   stop=session.stops, stop_text=session.frame.stops, on_text=on_text,
+                                   on_plan=tally.add if tally is not None else None)
     return text.strip(), cont
 
 

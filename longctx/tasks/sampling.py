@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,25 +69,58 @@ def stop_ids(tokenizer, model=None) -> set[int]:
 
 class TextStream:
     """Decode a growing token list into text pieces: each `push` returns only the new text, and holds back a
-    trailing partial UTF-8 character (shown as U+FFFD by the tokenizer) until its next bytes arrive."""
+    trailing partial UTF-8 character (shown as U+FFFD by the tokenizer) until its next bytes arrive.
 
-    def __init__(self, tokenizer):
+    With `stops` (text-level stop strings, e.g. the next "Question:" line a base model writes after its
+    answer), the text ends where the first stop string begins: `stopped` turns true, `text()` is cut there,
+    and a trailing piece that could still grow into a stop string is held back while streaming, so no part
+    of a stop string is ever returned by `push`."""
+
+    def __init__(self, tokenizer, stops: Sequence[str] = ()):
         self.tokenizer = tokenizer
+        self.stops = tuple(s for s in stops if s)
         self.tokens: list[int] = []
         self.shown = 0  # characters already returned
+        self.cut: int | None = None  # where the first stop string starts, once one has been generated
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string has been generated: nothing after it belongs to the text."""
+        return self.cut is not None
 
     def push(self, token: int) -> str:
-        self.tokens.append(token)
-        text = self.text()
-        if text.endswith("\ufffd"):
+        if self.stopped:
             return ""
-        new, self.shown = text[self.shown :], len(text)
+        self.tokens.append(token)
+        text = self._decoded()
+        self.cut = first_stop(text, self.stops)
+        if self.cut is None and text.endswith("\ufffd"):
+            return ""
+        end = self.cut if self.cut is not None else len(text) - held_back(text, self.stops)
+        new, self.shown = text[self.shown : end], max(self.shown, end)
         return new
 
     def flush(self) -> str:
+        """The rest of the text (a held-back beginning of a stop string that never completed included)."""
         text = self.text()
-        new, self.shown = text[self.shown :], len(text)
+        new, self.shown = text[self.shown :], max(self.shown, len(text))
         return new
 
     def text(self) -> str:
+        """Everything generated so far, cut before the first stop string."""
+        return self._decoded()[: self.cut]
+
+    def _decoded(self) -> str:
         return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+
+def first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the earliest stop string in `text` begins (None: none occurs)."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that is the beginning of a stop string (it may still become one)."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-n:])),
+               default=0)

@@ -16,6 +16,8 @@ MARKER = "\u0000LONGCTX-DOCUMENT\u0000"
 # Measured on SmolLM2-135M-Instruct (docs/ask.md): asking it to say when the document does not contain the
 # answer made it refuse questions the document does answer, so the default instruction does not ask that.
 INSTRUCTION = "Answer the question about the document above in a few words."
+# The line openings of the plain (no chat template) frame: "Document:\n...\n\nQuestion: ...\nAnswer:".
+PLAIN_MARKERS = ("Question:", "Answer:", "Document:")
 
 
 def chat_halves(tokenizer, system: str | None = None) -> tuple[str, str]:
@@ -48,6 +50,16 @@ class QAFrame:
         """The text read after the document for `question` (the instruction sits next to it: a small model
         follows what it read last)."""
         return self.tail_template.replace("{instruction}", self.instruction).replace("{question}", question)
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        """Text that ends an answer: none in a chat frame (the template's end-of-turn token does); in a plain
+        frame, the start of a line that opens the frame's next turn (the instruction line, "Question:",
+        "Answer:", "Document:"), since a base model goes on writing question/answer pairs after its answer."""
+        if self.chat:
+            return ()
+        first = self.instruction.strip().splitlines()[0] if self.instruction.strip() else ""
+        return tuple(f"\n{marker}" for marker in ((first,) if first else ()) + PLAIN_MARKERS)
 
 
 def qa_frame(tokenizer, chat: bool | None = None, instruction: str | None = None) -> QAFrame:
