@@ -1,6 +1,6 @@
 """The K/V methods against the bare model: a segment's forward with a full memory, and decoding at 8k.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kv_speed.py [--baseline /work/main] [--reps 5]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kv_speed.py [--baseline DIR] [--reps 5]
         [--decode-memory 7680] [--decode-tokens 16] [--dtype bf16] [--data /work/shared/data]
         [--out benchmarks/results/kv_speed.json]
 
@@ -238,7 +238,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data", default="/work/shared/data")
-    ap.add_argument("--baseline", help="a checkout measured too, in its own process (e.g. /work/main)")
+    ap.add_argument("--baseline", help="a checkout measured too, in its own process (e.g. an older commit's `git archive`)")
     ap.add_argument("--rounds", type=int, default=1, help="alternations of this checkout and the baseline")
     ap.add_argument("--out", default="benchmarks/results/kv_speed.json")
     ap.add_argument("--code", help=argparse.SUPPRESS)
