@@ -134,6 +134,7 @@ def _decode(backbone: Backbone, method: Method, done: Any, tokens: int, prefill_
     out: dict[str, Any] = {"decode_tokens": 0, "decode_s": None, "decode_tok_s": None, "first_token_s": None,
                            "decode_flops_per_token": None, "memory_entries": method.memory_size(state),
                            "memory_ram_bytes": method.memory_bytes(state),
+                           "memory_disk_bytes": method.memory_disk_bytes(state),
                            "memory_snapshot_bytes": sum(t.numel() * t.element_size()
                                                         for t in method.state_tensors(state).values())}
     if result is None or not result.tokens:

@@ -19,6 +19,7 @@ import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 
 import torch
@@ -187,6 +188,14 @@ class Method(ABC, Generic[OptionsT, StateT]):
     def memory_bytes(self, state: StateT) -> int:
         """Bytes the state holds in RAM (for `memory ls`/`dump`). Default: the bytes of its snapshot tensors."""
         return sum(t.numel() * t.element_size() for t in self.state_tensors(state).values())
+
+    def memory_disk_bytes(self, state: StateT) -> int:
+        """Bytes the state keeps in files on disk (a disk store's segments, as allocated). Default: none."""
+        return 0
+
+    def state_files(self, state: StateT) -> dict[str, Path]:
+        """Files a snapshot of `state` links beside its tensors, by name (a disk store's segments). Default: none."""
+        return {}
 
     def fork_state(self, state: StateT) -> StateT:
         """An independent copy of `state`: writing to one never changes the other (each question of `ask`

@@ -52,6 +52,7 @@ class InfLLMOptions(StoreOptions):
     queries: int = option(8, "recent queries that choose the blocks")
     refresh: int = option(128, "one-token forwards (generation) choose blocks again after this many tokens")
     store_dtype: Literal["model", "bf16", "fp16", "int8"] = option("int8", "dtype of the block memory: int8 = codes with a scale per token and head (a quarter of fp32, PPL within 0.1 %), model, bf16 or fp16")
+    store: Literal["ram", "disk"] = option("ram", "where the store's keys/values live: ram, or disk (page files under LONGCTX_HOME/stores that a saved memory links without a copy; RAM keeps token indices and summaries)")
     scoring: Literal["exact", "representative"] = option("exact", "exact: every stored key scores its block (fp32); representative: only the block's `representatives` most-attended keys (InfLLM; model dtype)")
     representatives: int = option(4, "r: keys per block that represent it under scoring representative (InfLLM: 4)")
 

@@ -5,15 +5,17 @@ a document fills it and appending never copies what is already there. Slot `i % 
 entry ever written; the oldest is overwritten first (FIFO). Keys are pre-rotation (positions are assigned
 at read time) and may be kept in a narrower dtype than the model's, or as int8 codes with a scale per
 token and head (storecodec.py): each scored block or gathered entry is widened (decoded) first, the rest stays
-compact.
+compact. With `disk`, keys/values live in page files (pagefile.py) and only the token indices stay in RAM.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
+from .pagefile import PageFile, PageLayout
 from .storecodec import QUANTISED, SCALE_DTYPE, dequantise, quantise
 
 Index = tuple[int | slice | torch.Tensor, ...]  # into `[layers, kv_heads, slots]` (a head vector's position)
@@ -38,16 +40,20 @@ class KNNStore:
     # `centroids` call recomputes only the blocks the add wrote to
     _centroids: dict[int, tuple[int, int, torch.Tensor]] | None = None
     _shared: bool = False  # buffers shared with a fork: copied before the first write (copy on write)
+    # keys/values (and scales) on disk; then `keys`/`values`/scales are empty and give only shape and dtype
+    pages: PageFile | None = None
 
     @classmethod
     def empty(cls, capacity: int, layers: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype,
-              device: torch.device) -> KNNStore:
-        """A store of `capacity` entries in `dtype` (a float dtype, or torch.int8 for scaled int8 codes)."""
+              device: torch.device, disk: bool = False) -> KNNStore:
+        """A store of `capacity` entries in `dtype` (a float dtype, or torch.int8 for scaled int8 codes), its
+        keys/values in RAM or, with `disk`, in page files."""
         kv = torch.zeros(layers, kv_heads, 0, head_dim, dtype=dtype, device=device)
         idx = torch.zeros(0, dtype=torch.long, device=device)
         scale = torch.zeros(layers, kv_heads, 0, dtype=SCALE_DTYPE, device=device) if dtype == QUANTISED else None
+        pages = PageFile(PageLayout(layers, kv_heads, head_dim, dtype)) if disk else None
         return cls(capacity, kv, kv.clone(), idx, idx.clone(), idx.clone(), 0, scale,
-                   scale.clone() if scale is not None else None)
+                   scale.clone() if scale is not None else None, pages=pages)
 
     def __len__(self) -> int:
         return min(self.written, self.capacity)
@@ -68,20 +74,30 @@ class KNNStore:
         return replace(self, _centroids=dict(self._centroids) if self._centroids else None, _shared=True)  # means cloned before update
 
     def _buffers(self) -> tuple[str, ...]:
+        """The names of the buffers held in RAM (a ring of slots each)."""
+        index = ("token_index", "token_ids", "byte_start")
+        if self.pages is not None:
+            return index
         scales = ("key_scale", "value_scale") if self.quantised else ()
-        return ("keys", "values", "token_index", "token_ids", "byte_start", *scales)
+        return ("keys", "values", *index, *scales)
 
     def _own(self) -> None:
         for name in self._buffers():
             setattr(self, name, getattr(self, name).clone())
+        if self.pages is not None:
+            self.pages = self.pages.fork()
         self._shared = False
 
     def keys_at(self, index: Index, dtype: torch.dtype) -> torch.Tensor:
         """`keys[index]` (index into `[layers, kv_heads, slots]`) in `dtype`, decoded if int8."""
+        if self.pages is not None:
+            return self.pages.read(0, index, dtype).to(self.token_index.device)
         return _decoded(self.keys, self.key_scale, index, dtype)
 
     def values_at(self, index: Index, dtype: torch.dtype) -> torch.Tensor:
         """`values[index]` (index into `[layers, kv_heads, slots]`) in `dtype`, decoded if int8."""
+        if self.pages is not None:
+            return self.pages.read(1, index, dtype).to(self.token_index.device)
         return _decoded(self.values, self.value_scale, index, dtype)
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, token_index: torch.Tensor, token_ids: torch.Tensor,
@@ -100,34 +116,28 @@ class KNNStore:
             e = self.capacity
         self._reserve(min(self.capacity, self.written + e))
         slots = (self.written + torch.arange(e, device=self.token_index.device)) % self.capacity
-        _put(self.keys, self.key_scale, slots, keys)
-        _put(self.values, self.value_scale, slots, values)
+        if self.pages is not None:
+            self.pages.write(slots, keys, values)
+        else:
+            _put(self.keys, self.key_scale, slots, keys)
+            _put(self.values, self.value_scale, slots, values)
         self.token_index.index_copy_(0, slots, token_index)
         self.token_ids.index_copy_(0, slots, token_ids)
         self.byte_start.index_copy_(0, slots, byte_start)
         self.written += e
 
     def _reserve(self, needed: int) -> None:
-        """Grow the buffers (doubling, capped at capacity) so that `needed` slots exist."""
+        """Grow the RAM buffers (doubling, capped at capacity) so that `needed` slots exist."""
         have = self.allocated
         if needed <= have:
             return
         size = min(self.capacity, max(needed, 2 * have, GROW_MIN))
-        L, H, _, D = self.keys.shape
-
-        def grown(t: torch.Tensor, shape: tuple[int, ...], dim: int) -> torch.Tensor:
-            out = t.new_zeros(shape)
-            out.narrow(dim, 0, have).copy_(t)
-            return out
-
-        self.keys = grown(self.keys, (L, H, size, D), 2)
-        self.values = grown(self.values, (L, H, size, D), 2)
-        self.token_index = grown(self.token_index, (size,), 0)
-        self.token_ids = grown(self.token_ids, (size,), 0)
-        self.byte_start = grown(self.byte_start, (size,), 0)
-        if self.key_scale is not None and self.value_scale is not None:
-            self.key_scale = grown(self.key_scale, (L, H, size), 2)
-            self.value_scale = grown(self.value_scale, (L, H, size), 2)
+        for name in self._buffers():
+            t = getattr(self, name)
+            dim = _slot_dim(t)
+            out = t.new_zeros(*t.shape[:dim], size, *t.shape[dim + 1:])
+            _first_slots(out, have).copy_(t)
+            setattr(self, name, out)
 
     def order(self) -> torch.Tensor:
         """Slot indices from the oldest entry to the newest."""
@@ -240,15 +250,31 @@ class KNNStore:
         return self.keys_at((layer, heads, slots), dtype), self.values_at((layer, heads, slots), dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The filled slots as stored (ring layout kept, so a reload searches identically) + the counter."""
+        """The filled slots as stored (ring layout kept, so a reload searches identically) + the counter. A disk
+        store lists its segments instead of keys/values (their files are linked: `files`)."""
         n = len(self)
-        out = {name: getattr(self, name)[..., :n] for name in self._buffers() if name not in ("keys", "values")}
-        return {"keys": self.keys[:, :, :n], "values": self.values[:, :, :n], **out,
-                "written": torch.tensor([self.written], dtype=torch.long)}
+        out = {name: _first_slots(getattr(self, name), n) for name in self._buffers()}
+        if self.pages is not None:
+            out["pages.layout"] = self.keys  # empty: the stored dtype and [layers, kv_heads, 0, head_dim]
+            out["pages.segments"] = torch.tensor(sorted(self.pages.segments), dtype=torch.long)
+        return {**out, "written": torch.tensor([self.written], dtype=torch.long)}
+
+    def files(self) -> dict[str, Path]:
+        """The files a snapshot of this store links (a disk store's segments, then frozen); none in RAM."""
+        return self.pages.link_names() if self.pages is not None else {}
 
     @classmethod
     def from_tensors(cls, capacity: int, t: dict[str, torch.Tensor]) -> KNNStore:
-        """The store `tensors()` saved (int8 when it has scales)."""
+        """The store `tensors()` saved (int8 when it has scales; on disk when it lists segments, whose files
+        the snapshot being loaded links: `pagefile.snapshot_files`)."""
+        if "pages.layout" in t:
+            layout = t["pages.layout"]
+            L, H, _, D = layout.shape
+            store = cls.empty(capacity, L, H, D, dtype=layout.dtype, device=t["token_index"].device)
+            store.pages = PageFile.open_linked(PageLayout(L, H, D, layout.dtype), t["pages.segments"].tolist())
+            store.token_index, store.token_ids, store.byte_start = (t[k].clone() for k in ("token_index", "token_ids", "byte_start"))
+            store.written = int(t["written"][0])
+            return store
         ks, vs = (t[k].clone() if k in t else None for k in ("key_scale", "value_scale"))
         store = cls(capacity, t["keys"].clone(), t["values"].clone(), t["token_index"].clone(), t["token_ids"].clone(),
                     t["byte_start"].clone(), int(t["written"][0]), key_scale=ks, value_scale=vs)
@@ -257,8 +283,22 @@ class KNNStore:
         return store
 
     def nbytes(self) -> int:
-        """Bytes held by the allocated buffers (RAM, including slots allocated but not yet filled)."""
+        """Bytes held by the allocated buffers in RAM (including slots allocated but not yet filled)."""
         return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in self._buffers())
+
+    def disk_bytes(self) -> int:
+        """Bytes a disk store's segment files occupy on disk; 0 in RAM."""
+        return self.pages.disk_bytes() if self.pages is not None else 0
+
+
+def _slot_dim(t: torch.Tensor) -> int:
+    """The slot dimension of a buffer: `[layers, kv_heads, slots(, head_dim)]` or `[slots]`."""
+    return 2 if t.dim() >= 3 else 0
+
+
+def _first_slots(t: torch.Tensor, n: int) -> torch.Tensor:
+    """A view of a buffer's first `n` slots."""
+    return t.narrow(_slot_dim(t), 0, n)
 
 
 def _decoded(data: torch.Tensor, scale: torch.Tensor | None, index: Index, dtype: torch.dtype) -> torch.Tensor:

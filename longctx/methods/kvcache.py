@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -216,6 +217,7 @@ class StoreOptions(MethodOptions):
 
     memory: int
     store_dtype: Literal["model", "bf16", "fp16", "int8"]
+    store: Literal["ram", "disk"]
 
 
 StoreOptionsT = TypeVar("StoreOptionsT", bound=StoreOptions)
@@ -231,7 +233,7 @@ class StoreMethod(KVMachinery[StoreOptionsT, StoreStateT]):
         b = self.backbone
         dtype = STORE_DTYPES.get(self.options.store_dtype, b.dtype)
         return KNNStore.empty(self.options.memory, layers, int(b.config.num_key_value_heads), b.head_dim,
-                              dtype=dtype, device=b.device)
+                              dtype=dtype, device=b.device, disk=self.options.store == "disk")
 
     def memory_size(self, state: StoreStateT) -> int:
         return len(state.local) + len(state.store)
@@ -241,9 +243,16 @@ class StoreMethod(KVMachinery[StoreOptionsT, StoreStateT]):
         out.update({f"store.{k}": v for k, v in state.store.tensors().items()})
         return out
 
+    def memory_disk_bytes(self, state: StoreStateT) -> int:
+        return state.store.disk_bytes()
+
+    def state_files(self, state: StoreStateT) -> dict[str, Path]:
+        """A disk store's segment files (a snapshot links them; from then on they are never written)."""
+        return state.store.files()
+
     def memory_bytes(self, state: StoreStateT) -> int:
         """The store's allocated buffers (a ring grows by doubling, so RAM may exceed what is filled, which is
-        all a snapshot writes) plus the bytes of the rest of the state."""
+        all a snapshot writes) plus the bytes of the rest of the state (a disk store's keys/values: none)."""
         rest = sum(t.numel() * t.element_size() for k, t in self.state_tensors(state).items() if not k.startswith("store."))
         return rest + state.store.nbytes()
 

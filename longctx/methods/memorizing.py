@@ -50,6 +50,7 @@ class MemorizingOptions(StoreOptions):
     combine: Literal["joint", "gate"] = option("joint", "joint: one softmax over [retrieved; local]; gate: g*retrieved + (1-g)*local")
     gate: float = option(0.5, "g of combine=gate, every head (untrained; 0 = local only)")
     store_dtype: Literal["model", "bf16", "fp16", "int8"] = option("int8", "dtype of stored keys/values: int8 = codes with a scale per token and head (a quarter of fp32), model, bf16 or fp16")
+    store: Literal["ram", "disk"] = option("ram", "where the store's keys/values live: ram, or disk (page files under LONGCTX_HOME/stores that a saved memory links without a copy; RAM keeps token indices and summaries)")
     block: int = option(8192, "store keys scored at a time by the exact search (bounds the score buffer)")
     index: Literal["exact", "blocks"] = option(
         "exact", "exact: every store key scored; blocks: score block means, then the keys of the most-voted blocks")

@@ -15,6 +15,7 @@ from ..errors import LongctxError, LongctxWarning, UsageError
 from ..invocation import command_line
 from ..methods import get_method
 from ..methods.base import Method
+from ..methods.pagefile import snapshot_files
 from ..metrics import NllSums
 from ..model.backbone import Backbone
 from ..model.identity import RUN_KEYS, differences, is_legacy, version_changes
@@ -92,7 +93,8 @@ def save_run(store: SnapshotStore, name: str, backbone: Backbone, spec: RunSpec,
     tensors = {f"state.{k}": v for k, v in m.state_tensors(result.state).items()}
     tensors.update({f"metrics.{k}": v for k, v in result.sums.to_tensors().items()})
     tensors.update(extra_tensors or {})
-    return store.save(name, tensors, manifest)
+    files = {f"state.{k}": v for k, v in m.state_files(result.state).items()}
+    return store.save(name, tensors, manifest, files=files)
 
 
 def fingerprint_differences(manifest: dict[str, Any], backbone: Backbone, name: str = "NAME") -> list[str]:
@@ -189,7 +191,9 @@ def _check_source(snap: Snapshot, path: str, saved: dict[str, Any] | None) -> No
 
 def restore(snap: Snapshot, spec: RunSpec) -> tuple[Any, NllSums, int]:
     """State, sums and tokens consumed, ready to continue."""
-    state = spec.method.state_from_tensors({k[6:]: v for k, v in snap.tensors.items() if k.startswith("state.")})
+    files = {k[6:]: v for k, v in snap.files.items() if k.startswith("state.")}
+    with snapshot_files(files):  # a disk store reopens the segment files the snapshot links
+        state = spec.method.state_from_tensors({k[6:]: v for k, v in snap.tensors.items() if k.startswith("state.")})
     prog = snap.manifest["progress"]
     sums = NllSums.from_tensors({k[8:]: v for k, v in snap.tensors.items() if k.startswith("metrics.")},
                                 bytes=int(prog["bytes_scored"]), segments=int(prog["segments"]))

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,7 @@ class Snapshot:
     path: Path
     manifest: dict[str, Any]
     tensors: dict[str, torch.Tensor]
+    files: dict[str, Path] = field(default_factory=dict)  # linked beside the tensors (a disk store's segments)
 
 
 def check_name(name: str) -> str:
@@ -73,17 +74,19 @@ class SnapshotStore:
 
     # ---- writing -------------------------------------------------------------------------------------------
     def save(self, name: str, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], *,
-             state_file: Path | None = None) -> Path:
+             state_file: Path | None = None, files: dict[str, Path] | None = None, link: bool = True) -> Path:
         """Write a new version of `name` atomically and point LATEST at it; returns the version directory.
         With `state_file`, that file is copied byte for byte instead of writing `tensors` (a new manifest for
-        the same state: its sha256, and every reference to it, still hold)."""
+        the same state: its sha256, and every reference to it, still hold). `files` (name -> path) are hard-
+        linked into the version (copied where a link cannot be made, or without `link`) and verified like the
+        state file; a caller that links them never writes them again."""
         check_name(name)
         snap_dir = self.root / name
         self._make_dir(snap_dir, name)
         with self._lock(snap_dir):
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=snap_dir))
             try:
-                self._write_version(tmp, tensors, manifest, name, state_file)
+                self._write_version(tmp, tensors, manifest, name, state_file, files or {}, link)
                 final = snap_dir / f"v{self._next_seq(snap_dir):06d}"
                 os.rename(tmp, final)
                 _fsync_path(snap_dir)
@@ -118,7 +121,13 @@ class SnapshotStore:
             raise SnapshotError(f"could not write {self.what} '{name}': {os_reason(e)}; nothing was changed") from e
 
     def _write_version(self, tmp: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], name: str,
-                       state_file: Path | None) -> None:
+                       state_file: Path | None, files: dict[str, Path], link: bool) -> None:
+        for fname, src in files.items():
+            if link:
+                _link_or_copy(src, tmp / fname)
+            else:
+                shutil.copyfile(src, tmp / fname)
+            _fsync_path(tmp / fname)
         state = tmp / STATE_FILE
         if state_file is not None:
             shutil.copyfile(state_file, state)
@@ -129,7 +138,8 @@ class SnapshotStore:
             save_file(flat, str(state), metadata={"format": "longctx-snapshot", "format_version": str(FORMAT_VERSION)})
         _fsync_path(state)
         full = {**manifest, "format_version": FORMAT_VERSION, "name": name, "created": time.time(),
-                "files": {STATE_FILE: {"size": state.stat().st_size, "sha256": file_sha256(state)}}}
+                "files": {f: {"size": (tmp / f).stat().st_size, "sha256": file_sha256(tmp / f)}
+                          for f in (STATE_FILE, *files)}}
         (tmp / MANIFEST_FILE).write_text(json.dumps(full, indent=1, sort_keys=True), encoding="utf-8")
         _fsync_path(tmp / MANIFEST_FILE)
         _fsync_path(tmp)
@@ -214,7 +224,8 @@ class SnapshotStore:
         """Verify an exported snapshot directory and store it as a new version (under its own name by default)."""
         snap = read_snapshot_dir(src, name=name or "", tensors=True)
         target = check_name(name or snap.manifest.get("name", ""))
-        self.save(target, snap.tensors, own_manifest(snap.manifest))
+        # copied, not linked: the exported directory stays the user's to change or delete
+        self.save(target, snap.tensors, own_manifest(snap.manifest), files=snap.files, link=False)
         return target
 
 
@@ -246,7 +257,16 @@ def read_snapshot_dir(path: Path, *, name: str, tensors: bool = True) -> Snapsho
     if tensors:
         from safetensors.torch import load_file
     data = load_file(str(path / STATE_FILE)) if tensors else {}
-    return Snapshot(name or manifest.get("name", ""), path, manifest, data)
+    linked = {f: path / f for f in manifest["files"] if f != STATE_FILE}
+    return Snapshot(name or manifest.get("name", ""), path, manifest, data, linked)
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    """`dest` as a hard link to `src` (no copy), or a copy where links cannot be made (another file system)."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
 
 
 def _fsync_path(path: Path) -> None:

@@ -1,0 +1,183 @@
+"""A store on disk (`store: disk`, methods/pagefile.py) holds and returns exactly what the RAM store does, its
+snapshot links its files without a copy and never sees later writes, and its scratch files do not outlive it."""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_equivalence import doc, stream_nll
+from test_store_dtype import STORE_METHODS, build
+
+import longctx
+from longctx.methods import pagefile
+from longctx.methods.knnstore import KNNStore
+from longctx.storage.snapshot import SnapshotError, SnapshotStore
+from longctx.stream import forward_segment, run_stream
+from longctx.text.segments import iter_segments
+from longctx.text.tokens import TokenChunk
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def small_segments(monkeypatch):
+    """Two pages a segment file, so a few hundred entries span several files (and their seams)."""
+    monkeypatch.setattr(pagefile, "PAGES_PER_FILE", 2)
+
+
+def pair(dtype: torch.dtype, capacity: int = 1000, batches=(5, 300, 1, 128, 700, 200)) -> tuple[KNNStore, KNNStore]:
+    """The same entries added to a RAM store and a disk store (wrapping around the ring past `capacity`)."""
+    g = torch.Generator().manual_seed(0)
+    ram = KNNStore.empty(capacity, 3, 2, 8, dtype=dtype, device=CPU)
+    disk = KNNStore.empty(capacity, 3, 2, 8, dtype=dtype, device=CPU, disk=True)
+    written = 0
+    for e in batches:
+        k, v = torch.randn(3, 2, e, 8, generator=g), torch.randn(3, 2, e, 8, generator=g)
+        idx = torch.arange(written, written + e)
+        written += e
+        for s in (ram, disk):
+            s.add(k, v, idx, idx + 7, idx * 2)
+    return ram, disk
+
+
+def reads(store: KNNStore) -> list[torch.Tensor]:
+    """Every way the methods index a store: a layer's slot range, slots of all layers, per-head gathers."""
+    n, g = len(store), torch.Generator().manual_seed(1)
+    heads = torch.arange(2).view(-1, 1)
+    index = [(1, slice(None), slice(0, n)), (2, slice(None), slice(130, 391)),
+             (slice(None), slice(None), torch.tensor([3, n - 1, 129, 128, 3])),
+             (0, heads, torch.randint(0, n, (2, 7), generator=g)), (2, slice(None), torch.randint(0, n, (4, 5), generator=g))]
+    return [f(i, torch.float) for i in index for f in (store.keys_at, store.values_at)]
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16, torch.float32])
+def test_a_disk_store_reads_and_searches_exactly_as_the_ram_store(dtype):
+    ram, disk = pair(dtype)
+    assert len(disk.pages.segments) > 1 and disk.written > disk.capacity  # several files; the ring wrapped
+    for a, b in zip(reads(ram), reads(disk), strict=True):
+        assert torch.equal(a, b)
+    q = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(ram.search(1, q, 5, 64), disk.search(1, q, 5, 64))
+    assert torch.equal(ram.centroids(2, 16), disk.centroids(2, 16))
+    args = {"k": 3, "block": 16, "probes": 2, "candidates": 4, "voters": q}
+    assert torch.equal(ram.search_blocks(0, q, **args), disk.search_blocks(0, q, **args))
+
+
+def test_a_disk_store_keeps_only_its_token_indices_in_ram():
+    ram, disk = pair(torch.int8)
+    assert disk.nbytes() == 3 * 8 * disk.allocated  # token_index, token_ids, byte_start
+    assert ram.nbytes() - disk.nbytes() == ram.allocated * 2 * 3 * 2 * (8 + 2)  # what stays on disk
+    assert disk.disk_bytes() >= len(disk) * 2 * 3 * 2 * (8 + 2)  # keys + values, codes + scales, every layer/head
+
+
+def test_a_fork_of_a_disk_store_copies_a_segment_before_either_side_writes_it():
+    _, disk = pair(torch.float32)
+    before = reads(disk)
+    fork = disk.fork()
+    k = torch.ones(3, 2, 50, 8)
+    idx = torch.arange(50) + 10_000
+    fork.add(k, k, idx, idx, idx)
+    assert all(torch.equal(a, b) for a, b in zip(before, reads(disk), strict=True))
+    disk.add(-k, -k, idx, idx, idx)
+    newest = (disk.written - 50 + torch.arange(50)) % disk.capacity  # the ring's slots of the last 50 added
+    assert torch.equal(fork.keys_at((0, 0, newest), torch.float), k[0, 0])
+    assert torch.equal(disk.keys_at((0, 0, newest), torch.float), -k[0, 0])
+
+
+def test_scratch_files_go_with_their_store_and_a_dead_process_s_are_removed(tmp_path):
+    _, disk = pair(torch.int8)
+    paths = [seg.path for seg in disk.pages.segments.values()]
+    scratch = paths[0].parent
+    stale = scratch.parent / "work-999999999-x"  # a pid that cannot exist
+    stale.mkdir()
+    pagefile._scratch_under.cache_clear()  # a new process's first disk store
+    pair(torch.int8)
+    assert not stale.exists()
+    del disk
+    gc.collect()
+    assert not any(p.exists() for p in paths)
+
+
+def test_infllm_and_memorizing_on_disk_score_exactly_as_in_ram(tiny_backbone):
+    ids = doc(200)
+    for name, opts in (("infllm", STORE_METHODS["infllm"]), ("infllm", {**STORE_METHODS["infllm"], "scoring": "representative"}),
+                       ("memorizing", STORE_METHODS["memorizing"])):
+        ram, _ = stream_nll(tiny_backbone, name, ids, 16, **opts)
+        disk, _ = stream_nll(tiny_backbone, name, ids, 16, store="disk", **opts)
+        assert disk == ram, (name, opts)
+
+
+def _segments(ids: torch.Tensor) -> list:
+    return list(iter_segments([TokenChunk(ids.numpy(), np.arange(len(ids)), len(ids), 0)], 16))
+
+
+def test_a_disk_store_snapshot_links_its_segments_and_resumes_bit_for_bit(tiny_backbone):
+    m = build(tiny_backbone, "infllm", store="disk", **{**STORE_METHODS["infllm"], "memory": 512})
+    segs = _segments(torch.randint(3, 400, (560,), generator=torch.Generator().manual_seed(3)))
+    first = run_stream(tiny_backbone, m, segs[:30])
+    snaps = SnapshotStore()
+    version = snaps.save("disk", m.state_tensors(first.state), {"note": "test"},
+                         files={f"state.{k}": v for k, v in m.state_files(first.state).items()})
+    linked = sorted(version.glob("state.store.*.seg"))
+    assert len(linked) > 1 and all(os.stat(p).st_nlink == 2 for p in linked)  # the scratch file and its link
+    assert "state.store.keys" not in snaps.load("disk").tensors  # the keys/values are the linked files
+    sums = {p: pagefile_sha(p) for p in linked}
+    snap = snaps.load("disk")
+    with pagefile.snapshot_files({k[6:]: v for k, v in snap.files.items()}):
+        loaded = m.state_from_tensors({k: v for k, v in snap.tensors.items()})
+    outs = []
+    with torch.inference_mode():
+        for state in (first.state, loaded, m.fork_state(first.state)):
+            for seg in segs[30:]:
+                state, hidden, _ = forward_segment(tiny_backbone, m, state, seg)
+            outs.append(hidden)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert {p: pagefile_sha(p) for p in linked} == sums  # three continuations wrote; the snapshot's files held
+
+
+def pagefile_sha(path: Path) -> str:
+    from longctx.storage.hashing import file_sha256
+
+    return file_sha256(path)
+
+
+def test_a_saved_disk_memory_resumes_through_the_library_and_a_damaged_segment_is_refused(tiny_backbone, tmp_path):
+    from tiny_tokenizers import sample_text
+
+    book = tmp_path / "book.txt"
+    book.write_text(sample_text(2500), encoding="utf-8")
+    opts = {"infllm": {**STORE_METHODS["infllm"], "memory": 4096, "store": "disk"}}
+    whole = longctx.perplexity(str(book), ["infllm"], backbone=tiny_backbone, segment=16, options=opts, max_tokens=480)
+    longctx.perplexity(str(book), ["infllm"], backbone=tiny_backbone, segment=16, options=opts, max_tokens=240,
+                       save_memory="half")
+    resumed = longctx.perplexity(str(book), backbone=tiny_backbone, resume="half", max_tokens=480)
+    assert resumed.runs[0].result.sums.nll == whole.runs[0].result.sums.nll
+    version = SnapshotStore().version_dir("half")
+    seg = sorted(version.glob("state.store.*.seg"))[0]
+    os.chmod(seg, 0o644)
+    with open(seg, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x01")
+    with pytest.raises(SnapshotError, match="corrupted or was modified"):
+        longctx.perplexity(str(book), backbone=tiny_backbone, resume="half", max_tokens=480)
+
+
+def test_an_exported_disk_memory_imports_as_a_copy(tiny_backbone, tmp_path):
+    from tiny_tokenizers import sample_text
+
+    book = tmp_path / "book.txt"
+    book.write_text(sample_text(1500), encoding="utf-8")
+    opts = {"infllm": {**STORE_METHODS["infllm"], "memory": 4096, "store": "disk"}}
+    longctx.perplexity(str(book), ["infllm"], backbone=tiny_backbone, segment=16, options=opts, max_tokens=320,
+                       save_memory="a")
+    snaps = SnapshotStore()
+    snaps.export("a", tmp_path / "exported")
+    snaps.import_(tmp_path / "exported", "b")
+    for seg in (tmp_path / "exported").glob("state.store.*.seg"):
+        assert os.stat(seg).st_nlink == 1  # not linked into the store: the export stays the user's
+    assert sorted(snaps.load("b").files) == sorted(snaps.load("a").files)
