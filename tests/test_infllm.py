@@ -154,6 +154,28 @@ def test_representatives_are_the_most_attended_tokens_and_choose_a_planted_block
     assert rec.token_index.tolist() == list(range(40, 48)) and 43 in rec.focus.tolist()
 
 
+def test_only_the_score_layers_choose_the_blocks(tiny_backbone):
+    """A block one head of layer 1 singles out is chosen when layer 1 scores, and a layer left out of
+    `score_layers` cannot change the choice (its keys replaced by noise: the same blocks)."""
+    gen = torch.Generator().manual_seed(0)
+    layers, kv_heads, dim, block = 2, 2, 16, 8
+    keys = torch.randn(layers, kv_heads, 128, dim, generator=gen)
+    queries = torch.randn(layers, 4, 3, dim, generator=gen)
+    keys[1, 0, 43] = 4 * queries[1, 1].mean(0)  # block 5 answers head 1 (KV head 0) of layer 1
+
+    def chosen(score_layers: str, stored: torch.Tensor) -> list[int]:
+        m = build(tiny_backbone, block=block, memory=128, topk=1, score_layers=score_layers)
+        store = KNNStore.empty(128, layers, kv_heads, dim, dtype=torch.float32, device=torch.device("cpu"))
+        idx = torch.arange(128)
+        store.add(stored, stored.clone(), idx, idx, idx)
+        return m.recall(store, queries).token_index.tolist()
+
+    assert chosen("1", keys) == chosen("all", keys) == list(range(40, 48))
+    noisy = keys.clone()
+    noisy[1] = torch.randn(kv_heads, 128, dim, generator=gen)
+    assert chosen("0", noisy) == chosen("0", keys)
+
+
 def test_representative_memory_survives_a_snapshot_and_a_fork(tiny_backbone):
     m = build(tiny_backbone, window=8, sinks=1, block=4, memory=24, topk=2, scoring="representative",
               representatives=2)

@@ -25,6 +25,7 @@ tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -37,8 +38,10 @@ from .blockreps import BlockReps, representatives
 from .knnstore import KNNStore
 from .kvcache import KVPolicy, StoreMethod, StoreOptions, StoreState
 from .kvstate import KVState
+from .layersets import resolve_layers
 from .registry import register
 
+SCORE_CHUNK = 65536  # stored keys decoded at a time by exact scoring (50 MB of fp32 keys on the default model)
 FOCUS = 32  # read tokens named as retrieved (citations): those the choosing heads attended to most
 
 
@@ -55,6 +58,7 @@ class InfLLMOptions(StoreOptions):
     store: Literal["ram", "disk"] = option("ram", "where the store's keys/values live: ram, or disk (page files under LONGCTX_HOME/stores that a saved memory links without a copy; RAM keeps token indices and summaries)")
     scoring: Literal["exact", "representative"] = option("exact", "exact: every stored key scores its block (fp32); representative: only the block's `representatives` most-attended keys (InfLLM; model dtype)")
     representatives: int = option(4, "r: keys per block that represent it under scoring representative (InfLLM: 4)")
+    score_layers: str = option("all", "layers whose heads choose the blocks, as fractions of depth ('all', '0.55-0.65'); the chosen blocks are still read at every layer")
 
     def __post_init__(self):
         for key in ("block", "topk", "queries", "refresh"):
@@ -124,6 +128,11 @@ class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
     def policy(self) -> KVPolicy:
         o = self.options
         return KVPolicy(sinks=o.sinks, capacity=o.window)
+
+    @cached_property
+    def score_layers(self) -> tuple[int, ...]:
+        """The layers whose heads score the blocks (`score_layers`)."""
+        return resolve_layers(self.options.score_layers, self.backbone.num_layers)
 
     def check_segment(self, segment: int) -> None:
         o = self.options
@@ -201,22 +210,17 @@ class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
         With `reps`, only each block's representative keys are scored (in the model dtype)."""
         o = self.options
         n = len(store) // o.block * o.block  # whole blocks only (the store is filled block by block)
-        kv_heads, scale = store.keys.shape[1], self.backbone.head_dim**-0.5
         best = torch.zeros(n // o.block, device=store.keys.device)
         token_best = torch.zeros(n, device=store.keys.device)
         if queries.shape[2] == 0:  # nothing read yet to choose with (a store restored without queries): the newest
             best = store.token_index[: n : o.block].float()
-        for layer in range(store.keys.shape[0] if queries.shape[2] else 0):
+        for layer in self.score_layers if queries.shape[2] else ():
             if reps is not None:
                 block_mass, token_best = self._rep_mass(reps, queries[layer], layer, n, token_best)
                 best = torch.maximum(best, block_mass)
                 continue
-            q = queries[layer].float()
-            heads, s, dim = q.shape
-            keys = store.keys_at((layer, slice(None), slice(0, n)), torch.float)
-            logits = (q.reshape(kv_heads, -1, dim) @ keys.transpose(1, 2)) * scale
-            mass = logits.view(heads, s, n).softmax(-1).mean(1)  # [heads, n]
-            best = torch.maximum(best, mass.view(heads, -1, o.block).sum(-1).amax(0))
+            mass = self._key_mass(store, queries[layer], layer, n)  # [heads, n]
+            best = torch.maximum(best, mass.view(mass.shape[0], -1, o.block).sum(-1).amax(0))
             token_best = torch.maximum(token_best, mass.amax(0))
         top = best.topk(min(o.topk, best.numel())).indices
         top = top[store.token_index[top * o.block].argsort()]  # document order
@@ -226,6 +230,21 @@ class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
         index = (slice(None), slice(None), slots)
         return Recalled(store.keys_at(index, dtype), store.values_at(index, dtype), store.token_index[slots],
                         store.token_index[focus])
+
+    def _key_mass(self, store: KNNStore, queries: torch.Tensor, layer: int, n: int) -> torch.Tensor:
+        """Each head's attention `[heads, n]` over the first `n` stored keys of `layer` (softmax of q·k in fp32,
+        averaged over `queries [heads, s, d]`). Keys are decoded `SCORE_CHUNK` at a time, so only the logits
+        grow with the store."""
+        q = queries.float()
+        heads, s, dim = q.shape
+        kv_heads = store.keys.shape[1]
+        q = q.reshape(kv_heads, -1, dim) * self.backbone.head_dim**-0.5
+        logits = torch.empty(kv_heads, q.shape[1], n, device=q.device)
+        for a in range(0, n, SCORE_CHUNK):
+            b = min(a + SCORE_CHUNK, n)
+            torch.matmul(q, store.keys_at((layer, slice(None), slice(a, b)), torch.float).transpose(1, 2),
+                         out=logits[:, :, a:b])
+        return logits.view(heads, s, n).softmax(-1).mean(1)
 
     def _rep_mass(self, reps: BlockReps, queries: torch.Tensor, layer: int, n: int,
                   token_best: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,6 +44,7 @@ from .storecodec import QUANTISED, SCALE_DTYPE, quantise
 PAGE = 128  # slots per page (infllm's block): the unit of every read
 PAGES_PER_FILE = 64  # 8,192 slots a segment file (~97 MB int8 on the default model)
 SEGMENT_NAME = "store.{:05d}.seg"
+COPY_CHUNK = 1 << 20  # bytes per read when a frozen segment is copied
 
 # the files a snapshot being loaded links (name -> path): set around `state_from_tensors` by whoever restores
 linked_files: contextvars.ContextVar[Mapping[str, Path]] = contextvars.ContextVar("linked_files",
@@ -72,11 +73,16 @@ class _Segment:
         self._finalizer = weakref.finalize(self, _close, self.fd, path if scratch else None)
 
     def thawed(self, directory: Path, size: int) -> _Segment:
-        """A writable scratch copy of this (frozen) segment in `directory`."""
+        """A writable scratch copy of this (frozen) segment in `directory`, copied through the open file (its
+        name may be gone: a snapshot version pruned since)."""
         fd, tmp = tempfile.mkstemp(prefix="seg-", suffix=".tmp", dir=directory)
         os.close(fd)
-        shutil.copyfile(self.path, tmp)
-        return _Segment(Path(tmp), scratch=True, size=size)
+        copy = _Segment(Path(tmp), scratch=True, size=size)
+        for start in range(0, size, COPY_CHUNK):
+            data = os.pread(self.fd, min(COPY_CHUNK, size - start), start)
+            if data.count(0) != len(data):  # leave runs of zeros as holes: the copy stays sparse
+                os.pwrite(copy.fd, data, start)
+        return copy
 
 
 def _close(fd: int, remove: Path | None) -> None:
