@@ -93,11 +93,12 @@ def test_scratch_files_go_with_their_store_and_a_dead_process_s_are_removed(tmp_
     _, disk = pair(torch.int8)
     paths = [seg.path for seg in disk.pages.segments.values()]
     scratch = paths[0].parent
-    stale = scratch.parent / "work-999999999-x"  # a pid that cannot exist
+    stale = scratch.parent / "work-1-x"  # a crashed run's: its lock file is held by no one
     stale.mkdir()
+    (stale / pagefile.LOCK_NAME).touch()
     pagefile._scratch_under.cache_clear()  # a new process's first disk store
     pair(torch.int8)
-    assert not stale.exists()
+    assert not stale.exists() and scratch.exists()  # this process still holds its own lock
     del disk
     gc.collect()
     assert not any(p.exists() for p in paths)

@@ -25,10 +25,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
+import fcntl
 import functools
 import os
 import shutil
 import tempfile
+import time
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -44,6 +46,7 @@ from .storecodec import QUANTISED, SCALE_DTYPE, quantise
 PAGE = 128  # slots per page (infllm's block): the unit of every read
 PAGES_PER_FILE = 64  # 8,192 slots a segment file (~97 MB int8 on the default model)
 SEGMENT_NAME = "store.{:05d}.seg"
+LOCK_NAME = ".lock"  # in a scratch directory: flocked by the process using it
 COPY_CHUNK = 1 << 20  # bytes per read when a frozen segment is copied
 
 # the files a snapshot being loaded links (name -> path): set around `state_from_tensors` by whoever restores
@@ -182,6 +185,7 @@ class PageFile:
         seg = self.segments.get(index)
         size = PAGES_PER_FILE * self.layout.page_bytes
         if seg is None:
+            self.directory.mkdir(parents=True, exist_ok=True)  # removed under us (by hand): made again
             fd, tmp = tempfile.mkstemp(prefix="seg-", suffix=".tmp", dir=self.directory)
             os.close(fd)
             seg = self.segments[index] = _Segment(Path(tmp), scratch=True, size=size)
@@ -282,7 +286,7 @@ def _bytes(x: torch.Tensor) -> torch.Tensor:
 
 def _scratch_dir() -> Path:
     """This process's scratch directory for segment files under the current LONGCTX_HOME (removed at exit);
-    removes those of processes that are gone."""
+    removes those no live process holds (a crashed run's)."""
     return _scratch_under(longctx_home() / "stores", os.getpid())
 
 
@@ -290,19 +294,30 @@ def _scratch_dir() -> Path:
 def _scratch_under(root: Path, pid: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for old in root.glob("work-*"):
-        pid = old.name.split("-")[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
+        _remove_if_abandoned(old)
     path = Path(tempfile.mkdtemp(prefix=f"work-{pid}-", dir=root))
+    lock = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held for the process's life: the directory is in use
     atexit.register(shutil.rmtree, str(path), True)  # segments unlink themselves sooner, once unused
     return path
 
 
-def _alive(pid: int) -> bool:
+def _remove_if_abandoned(directory: Path) -> None:
+    """Remove a scratch directory whose lock no process holds (its owner is gone, whatever its pid says).
+    One without a lock file is skipped while young: its owner may be about to take the lock."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        lock = os.open(directory / LOCK_NAME, os.O_RDWR)
+    except FileNotFoundError:
+        with contextlib.suppress(OSError):
+            if time.time() - directory.stat().st_mtime > 3600:
+                shutil.rmtree(directory, ignore_errors=True)
+        return
+    except OSError:
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        shutil.rmtree(directory, ignore_errors=True)
+    except BlockingIOError:
+        pass  # in use
+    finally:
+        os.close(lock)
