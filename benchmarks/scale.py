@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale.py [--methods window,sinks,xl,infllm,infllm:store_dtype=int8]
         [--lengths 8192,65536,262144,1048576] [--segment 512] [--dtype bf16] [--threads 1]
         [--data /work/shared/data] [--decode 8] [--baseline ../main] [--out benchmarks/results/scale.json]
+    .venv/bin/python benchmarks/scale.py --plot DIR RESULT.json [RESULT.json ...]   # needs matplotlib ('.[plot]')
 
 The text is the public-domain novels under --data (every *.txt, sorted by name), joined and repeated until it
 holds the longest length asked for; it is built and tokenized at run time (never committed) and its sha256 is
@@ -133,6 +134,36 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def plot(files: list[str], out_dir: Path) -> list[Path]:
+    """Tokens per CPU-second over the last 8,192 tokens, and peak RSS, against length (log scale), one line
+    per method, from the rows of every result file given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for f in files for r in json.loads(Path(f).read_text())["rows"]
+            if "error" not in r and r.get("code") != "baseline" and r.get("tail_tok_per_cpu_s")]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key, label, name in (("tail_tok_per_cpu_s", "tokens per CPU-second (last 8,192 tokens)", "scale_speed.png"),
+                             ("peak_rss_mb", "peak RSS (MiB)", "scale_rss.png")):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for method in dict.fromkeys(r["name"] for r in rows):
+            pts = sorted((r["length"], r[key]) for r in rows if r["name"] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method.replace(":", " "))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens read")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        written.append(out_dir / name)
+    return written
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="window,sinks,xl,infllm")
@@ -146,7 +177,11 @@ def main() -> None:
     ap.add_argument("--code", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="benchmarks/results/scale.json")
     ap.add_argument("--child", nargs=3, metavar=("METHOD", "LENGTH", "IDS"), help=argparse.SUPPRESS)
+    ap.add_argument("--plot", nargs="+", metavar=("DIR", "RESULT"), help="draw speed and RSS vs length from result files")
     args = ap.parse_args()
+    if args.plot:
+        print("\n".join(str(p) for p in plot(args.plot[1:], Path(args.plot[0]))))
+        return
     if args.child:
         child(args.child[0], int(args.child[1]), args.child[2], args)
         return

@@ -20,6 +20,7 @@ from .methods.base import Method
 from .model.backbone import Backbone
 from .model.models import load_backbone
 from .presets import Preset, load_preset
+from .resources import peak_rss_mb
 from .storage.adapters import attach_adapter, require_trained
 from .storage.checkpoint import RunSpec
 
@@ -52,13 +53,13 @@ def check_model_path(model: str | None) -> None:
 
 
 def environment() -> dict[str, Any]:
-    """Library versions, threads, machine and the command line, printed with every result (a result file
-    without the command that produced it cannot be reproduced or checked)."""
+    """Library versions, threads, machine, the process's peak RSS so far and the command line, printed with
+    every result (a result file without the command that produced it cannot be reproduced or checked)."""
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "load_avg_1m": load_average(), "command": list(sys.argv)}
+            "load_avg_1m": load_average(), "peak_rss_mb": peak_rss_mb(), "command": list(sys.argv)}
 
 
 def build_method(spec: str | Preset, backbone: Backbone, overrides: dict[str, Any] | None = None, *,
