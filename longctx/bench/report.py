@@ -120,7 +120,7 @@ def suite_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
     except ImportError:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
-    plt.rcParams["axes.prop_cycle"] = matplotlib.cycler(color=plt.cm.tab20.colors)  # > 10 methods: distinct colours
+    plt.rcParams["axes.prop_cycle"] = plt.cycler(color=[plt.cm.tab20(i) for i in range(20)])  # > 10 methods: distinct colours
     made = []
     parts = result["parts"]
     if "ppl" in parts:

@@ -172,11 +172,11 @@ class PageFile:
             fd, base = self._writable(page)
             base += lay.offset(part, scaled)
             if run == PAGE:
-                os.pwrite(fd, memoryview(chunk.numpy()).cast("B"), base)
+                os.pwrite(fd, chunk.numpy().data.cast("B"), base)
             else:
                 for lh in range(lay.layers * lay.heads):
                     off = base + (lh * PAGE + first) * row
-                    os.pwrite(fd, memoryview(chunk.view(lay.layers * lay.heads, -1)[lh].numpy()).cast("B"), off)
+                    os.pwrite(fd, chunk.view(lay.layers * lay.heads, -1)[lh].numpy().data, off)
             i += run
 
     def _writable(self, page: int) -> tuple[int, int]:
@@ -223,7 +223,7 @@ class PageFile:
             base = (page % PAGES_PER_FILE) * lay.page_bytes + lay.offset(part, scaled)
             targets = [(layers[0], raw[p].reshape(-1))] if contiguous else [(li, raw[p, j]) for j, li in enumerate(layers)]
             for li, buf in targets:
-                got = os.preadv(seg.fd, [memoryview(buf.numpy())], base + li * raw.shape[-1])
+                got = os.preadv(seg.fd, [buf.numpy().data], base + li * raw.shape[-1])
                 if got != (span if contiguous else raw.shape[-1]):
                     raise OSError(f"{seg.path} is shorter than its store says (page {page})")
         out = out.permute(1, 2, 0, 3, 4).reshape(len(layers), lay.heads, len(pages) * PAGE, width)
