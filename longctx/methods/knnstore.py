@@ -90,15 +90,18 @@ class KNNStore:
 
     def keys_at(self, index: Index, dtype: torch.dtype) -> torch.Tensor:
         """`keys[index]` (index into `[layers, kv_heads, slots]`) in `dtype`, decoded if int8."""
-        if self.pages is not None:
-            return self.pages.read(0, index, dtype).to(self.token_index.device)
-        return _decoded(self.keys, self.key_scale, index, dtype)
+        return self._read(0, index, dtype)
 
     def values_at(self, index: Index, dtype: torch.dtype) -> torch.Tensor:
         """`values[index]` (index into `[layers, kv_heads, slots]`) in `dtype`, decoded if int8."""
+        return self._read(1, index, dtype)
+
+    def _read(self, part: int, index: Index, dtype: torch.dtype) -> torch.Tensor:
+        """Keys (part 0) or values (1) at `index`, from RAM or from the page files."""
         if self.pages is not None:
-            return self.pages.read(1, index, dtype).to(self.token_index.device)
-        return _decoded(self.values, self.value_scale, index, dtype)
+            return self.pages.read(part, index, dtype).to(self.token_index.device)
+        data, scale = (self.keys, self.key_scale) if part == 0 else (self.values, self.value_scale)
+        return _decoded(data, scale, index, dtype)
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, token_index: torch.Tensor, token_ids: torch.Tensor,
             byte_start: torch.Tensor) -> None:

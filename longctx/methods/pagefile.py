@@ -68,19 +68,28 @@ class _Segment:
     """One segment file, open for positional reads (and writes unless frozen). Deleted when no store uses it,
     if it is a scratch file (a snapshot's file is only closed)."""
 
-    def __init__(self, path: Path, *, scratch: bool, size: int):
-        self.path, self.scratch, self.frozen = path, scratch, not scratch
-        self.fd = os.open(path, (os.O_RDWR | os.O_CREAT) if scratch else os.O_RDONLY, 0o644)
-        if scratch:
-            os.ftruncate(self.fd, size)  # sparse: blocks are allocated as pages are written
-        self._finalizer = weakref.finalize(self, _close, self.fd, path if scratch else None)
+    def __init__(self, path: Path, fd: int, *, scratch: bool):
+        self.path, self.fd, self.frozen = path, fd, not scratch
+        weakref.finalize(self, _close, fd, path if scratch else None)
+
+    @classmethod
+    def scratch(cls, directory: Path, size: int) -> _Segment:
+        """A new, writable, sparse segment file of `size` bytes in `directory` (blocks are allocated as pages
+        are written)."""
+        directory.mkdir(parents=True, exist_ok=True)  # removed under us (by hand): made again
+        fd, tmp = tempfile.mkstemp(prefix="seg-", suffix=".tmp", dir=directory)
+        os.ftruncate(fd, size)
+        return cls(Path(tmp), fd, scratch=True)
+
+    @classmethod
+    def linked(cls, path: Path) -> _Segment:
+        """A snapshot's segment file, read-only (frozen)."""
+        return cls(path, os.open(path, os.O_RDONLY), scratch=False)
 
     def thawed(self, directory: Path, size: int) -> _Segment:
         """A writable scratch copy of this (frozen) segment in `directory`, copied through the open file (its
         name may be gone: a snapshot version pruned since)."""
-        fd, tmp = tempfile.mkstemp(prefix="seg-", suffix=".tmp", dir=directory)
-        os.close(fd)
-        copy = _Segment(Path(tmp), scratch=True, size=size)
+        copy = _Segment.scratch(directory, size)
         for start in range(0, size, COPY_CHUNK):
             data = os.pread(self.fd, min(COPY_CHUNK, size - start), start)
             if data.count(0) != len(data):  # leave runs of zeros as holes: the copy stays sparse
@@ -185,10 +194,7 @@ class PageFile:
         seg = self.segments.get(index)
         size = PAGES_PER_FILE * self.layout.page_bytes
         if seg is None:
-            self.directory.mkdir(parents=True, exist_ok=True)  # removed under us (by hand): made again
-            fd, tmp = tempfile.mkstemp(prefix="seg-", suffix=".tmp", dir=self.directory)
-            os.close(fd)
-            seg = self.segments[index] = _Segment(Path(tmp), scratch=True, size=size)
+            seg = self.segments[index] = _Segment.scratch(self.directory, size)
         elif seg.frozen:
             seg = self.segments[index] = seg.thawed(self.directory, size)
         return seg.fd, within * self.layout.page_bytes
@@ -257,7 +263,7 @@ class PageFile:
                 raise SnapshotError(f"the snapshot does not link {name}, which its disk store needs")
             if path.stat().st_size != size:
                 raise SnapshotError(f"{path} has {path.stat().st_size} bytes; a segment of this store has {size}")
-            segments[index] = _Segment(path, scratch=False, size=size)
+            segments[index] = _Segment.linked(path)
         return cls(layout, segments)
 
     def disk_bytes(self) -> int:
