@@ -73,3 +73,38 @@ def test_a_store_continued_twice_needs_a_copy():
         ltm.tensors()
     again = copy.merged(*slots(6, 2), recall_init=5, capacity=6)
     assert len(again) == 6 and again.pruned == 2
+
+
+def _in_order(ltm: LongTerm) -> dict[str, torch.Tensor]:
+    """Every row in insertion order, the hidden states read however the store keeps them."""
+    order = ltm.in_order()
+    return {"hidden": ltm._rows(order), "keys": ltm.keys[order], "origin": ltm.origin[order], "freq": ltm.freq[order]}
+
+
+@pytest.mark.parametrize("capacity,j", [(10, 3), (16, 5)])
+def test_a_disk_store_merges_and_reads_exactly_as_the_ram_store(capacity, j, monkeypatch):
+    from longctx.methods import longterm
+
+    monkeypatch.setattr(longterm, "FILE_PAGES", 4)  # several segment files, and their seams
+    ram, disk = (LongTerm.empty(LAYERS, D, R, torch.float32, disk=d) for d in (False, True))
+    for u in range(12):
+        new = slots(u * j, j)
+        ram, disk = (s.merged(*new, recall_init=3, capacity=capacity) for s in (ram, disk))
+        a, b = _in_order(ram), _in_order(disk)
+        assert all(torch.equal(a[k], b[k]) for k in a), u
+        rows = torch.tensor([len(ram) - 1, 0, 2])
+        assert torch.equal(ram.rows_at(rows, 1), disk.rows_at(rows, 1))
+        assert torch.equal(ram.rows_at(None, 2), disk.rows_at(None, 2))
+    assert len(disk.pages.segments) > 1 and disk.hidden.shape[0] == 0  # on disk, nothing of it in RAM
+    shrunk_ram, shrunk_disk = (s.merged(*slots(99, 2), recall_init=1, capacity=capacity // 2) for s in (ram, disk))
+    a, b = _in_order(shrunk_ram), _in_order(shrunk_disk)  # fewer slots than before: the compacting copy
+    assert len(shrunk_disk) == capacity // 2 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_fork_of_a_disk_store_shares_its_files_until_either_side_writes():
+    base = LongTerm.empty(LAYERS, D, R, torch.float32, disk=True).merged(*slots(0, 6), recall_init=2, capacity=8)
+    fork = base.fork()
+    before = _in_order(base)
+    grown = fork.merged(*slots(6, 4), recall_init=1, capacity=8)  # prunes: rewrites rows in place
+    assert torch.equal(_in_order(base)["hidden"], before["hidden"])  # the original's rows are untouched
+    assert len(grown) == 8 and grown.pruned == 2

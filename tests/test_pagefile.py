@@ -113,6 +113,47 @@ def test_infllm_and_memorizing_on_disk_score_exactly_as_in_ram(tiny_backbone):
         assert disk == ram, (name, opts)
 
 
+MPLUS = {"pool": 6, "update": 4, "ltm": 12, "retrieve": 5}
+
+
+def test_mplus_with_its_long_term_store_on_disk_scores_exactly_as_in_ram(tiny_backbone, monkeypatch):
+    from longctx.methods import longterm
+
+    monkeypatch.setattr(longterm, "FILE_PAGES", 4)
+    ids = doc(200)
+    ram, _ = stream_nll(tiny_backbone, "mplus", ids, 16, **MPLUS)
+    disk, _ = stream_nll(tiny_backbone, "mplus", ids, 16, store="disk", **MPLUS)
+    assert disk == ram
+
+
+def test_an_mplus_snapshot_links_its_long_term_files_and_resumes_bit_for_bit(tiny_backbone, monkeypatch):
+    from longctx.methods import longterm
+
+    monkeypatch.setattr(longterm, "FILE_PAGES", 4)
+    m = build(tiny_backbone, "mplus", store="disk", **MPLUS)
+    segs = _segments(torch.randint(3, 400, (320,), generator=torch.Generator().manual_seed(5)))
+    first = run_stream(tiny_backbone, m, segs[:12])
+    assert len(first.state.ltm) == 12 and first.state.ltm.pruned > 0 and m.memory_disk_bytes(first.state) > 0
+    snaps = SnapshotStore()
+    version = snaps.save("mp", m.state_tensors(first.state), {"note": "test"},
+                         files={f"state.{k}": v for k, v in m.state_files(first.state).items()})
+    linked = sorted(version.glob("state.store.*.seg"))
+    assert len(linked) > 1 and all(os.stat(p).st_nlink == 2 for p in linked)
+    assert "ltm.hidden" not in snaps.load("mp").tensors
+    sums = {p: pagefile_sha(p) for p in linked}
+    snap = snaps.load("mp")
+    with pagefile.snapshot_files({k[6:]: v for k, v in snap.files.items()}):
+        loaded = m.state_from_tensors(dict(snap.tensors))
+    outs = []
+    with torch.inference_mode():
+        for state in (first.state, loaded, m.fork_state(first.state)):
+            for seg in segs[12:]:
+                state, hidden, _ = forward_segment(tiny_backbone, m, state, seg)
+            outs.append(hidden)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert {p: pagefile_sha(p) for p in linked} == sums  # three continuations pruned and wrote; the files held
+
+
 def _segments(ids: torch.Tensor) -> list:
     return list(iter_segments([TokenChunk(ids.numpy(), np.arange(len(ids)), len(ids), 0)], 16))
 
@@ -182,3 +223,20 @@ def test_an_exported_disk_memory_imports_as_a_copy(tiny_backbone, tmp_path):
     for seg in (tmp_path / "exported").glob("state.store.*.seg"):
         assert os.stat(seg).st_nlink == 1  # not linked into the store: the export stays the user's
     assert sorted(snaps.load("b").files) == sorted(snaps.load("a").files)
+
+
+def test_memory_ls_counts_the_blocks_a_sparse_store_file_holds_not_its_length(tiny_backbone, tmp_path):
+    from tiny_tokenizers import sample_text
+
+    from longctx.storage.memory import list_snapshots
+
+    book = tmp_path / "book.txt"
+    book.write_text(sample_text(1500), encoding="utf-8")
+    opts = {"mplus": {**MPLUS, "store": "disk"}}  # 12 slots written of a 2,048-slot segment file
+    longctx.perplexity(str(book), ["mplus"], backbone=tiny_backbone, segment=16, options=opts, max_tokens=320,
+                       save_memory="sparse", allow_untrained=True)
+    snap = SnapshotStore().load("sparse", tensors=False)
+    listed = sum(f["size"] for f in snap.manifest["files"].values())
+    row = next(r for r in list_snapshots() if r["name"] == "sparse")
+    seg = next(snap.path.glob("state.store.*.seg"))
+    assert row["size_bytes"] < listed and row["size_bytes"] >= listed - seg.stat().st_size + 12 * 2 * 64 * 4  # 12 slots: 2 layers × 64 fp32

@@ -258,8 +258,7 @@ class KNNStore:
         n = len(self)
         out = {name: _first_slots(getattr(self, name), n) for name in self._buffers()}
         if self.pages is not None:
-            out["pages.layout"] = self.keys  # empty: the stored dtype and [layers, kv_heads, 0, head_dim]
-            out["pages.segments"] = torch.tensor(sorted(self.pages.segments), dtype=torch.long)
+            out.update({f"pages.{k}": v for k, v in self.pages.tensors().items()})
         return {**out, "written": torch.tensor([self.written], dtype=torch.long)}
 
     def files(self) -> dict[str, Path]:
@@ -271,10 +270,10 @@ class KNNStore:
         """The store `tensors()` saved (int8 when it has scales; on disk when it lists segments, whose files
         the snapshot being loaded links: `pagefile.snapshot_files`)."""
         if "pages.layout" in t:
-            layout = t["pages.layout"]
-            L, H, _, D = layout.shape
-            store = cls.empty(capacity, L, H, D, dtype=layout.dtype, device=t["token_index"].device)
-            store.pages = PageFile.open_linked(PageLayout(L, H, D, layout.dtype), t["pages.segments"].tolist())
+            pages = PageFile.from_tensors({k[6:]: v for k, v in t.items() if k.startswith("pages.")})
+            lay = pages.layout
+            store = cls.empty(capacity, lay.layers, lay.heads, lay.dim, dtype=lay.dtype, device=t["token_index"].device)
+            store.pages = pages
             store.token_index, store.token_ids, store.byte_start = (t[k].clone() for k in ("token_index", "token_ids", "byte_start"))
             store.written = int(t["written"][0])
             return store

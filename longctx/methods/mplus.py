@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,8 @@ class MPlusOptions(MemoryLLMOptions):
     retriever_dim: int = option(64, "r: width of the retriever's f_q/f_k projections (paper: 256)")
     recall_init: int = option(10, "recall frequency of a slot entering the long-term store (paper: 10)")
     retriever_loss: float = option(1.0, "weight of the retriever's BCE in training (0 = retriever not trained)")
+    store: Literal["ram", "disk"] = option("ram", "where the long-term slots' hidden states live: ram, or disk "
+                                                  "(page files under LONGCTX_HOME/stores; a snapshot links them)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -118,11 +121,24 @@ class MPlus(MemoryLLM[MPlusOptions]):
 
     # ---- state ---------------------------------------------------------------------------------------------
     def init_state(self) -> MPlusState:
-        b, r = self.backbone, self.options.retriever_dim
-        layers, d = b.num_layers, b.config.hidden_size
-        ltm = LongTerm(torch.zeros(0, layers, d, dtype=b.dtype), torch.zeros(0, layers, r),
-                       torch.zeros(0, 6, dtype=torch.long), torch.zeros(0, layers, dtype=torch.long))
+        b, o = self.backbone, self.options
+        ltm = LongTerm.empty(b.num_layers, b.config.hidden_size, o.retriever_dim, b.dtype, disk=o.store == "disk")
         return MPlusState(**vars(super().init_state()), ltm=ltm)
+
+    def fork_state(self, state: PoolState) -> MPlusState:
+        """The pool copied through its tensors; the long-term store forked (a disk store shares its files until
+        either side writes)."""
+        state = _own(state)
+        pool = super().state_from_tensors({k: v.clone() for k, v in super().state_tensors(state).items()})
+        queries = state.queries.clone() if state.queries is not None else None
+        return MPlusState(**vars(pool), ltm=state.ltm.fork(), queries=queries)
+
+    def memory_disk_bytes(self, state: PoolState) -> int:
+        return _own(state).ltm.disk_bytes()
+
+    def state_files(self, state: PoolState) -> dict[str, Path]:
+        """A disk store's segment files (a snapshot links them; from then on they are never written)."""
+        return _own(state).ltm.files()
 
     def state_tensors(self, state: PoolState) -> dict[str, torch.Tensor]:
         state = _own(state)
@@ -177,7 +193,7 @@ class MPlus(MemoryLLM[MPlusOptions]):
         picked = self.pick(ltm, layer, chooser, count)
         out.ltm_picked[layer] = picked
         b = self.backbone
-        k, v = b.layer_kv(layer, b.layer_norm_input(layer, ltm.hidden[picked, layer].to(b.device, b.dtype)))
+        k, v = b.layer_kv(layer, b.layer_norm_input(layer, ltm.rows_at(picked, layer).to(b.device, b.dtype)))
         all_keys, all_values = plan.memory_keys, plan.memory_values  # pool_plan gives every layer its BOS + pool
         keys, values = all_keys[layer] if all_keys else None, all_values[layer] if all_values else None
         if all_keys is None or all_values is None or keys is None or values is None:
@@ -200,7 +216,7 @@ class MPlus(MemoryLLM[MPlusOptions]):
     # ---- retriever training --------------------------------------------------------------------------------
     def retriever_bce(self, ltm: LongTerm, layer: int, h_x: torch.Tensor, count: int) -> torch.Tensor:
         """BCE of every slot's relevance against `attention_labels`, on detached states: only f_q/f_k learn."""
-        slots = ltm.hidden[:, layer].to(h_x.device).detach()
+        slots = ltm.rows_at(None, layer).to(h_x.device).detach()
         h = h_x.detach()
         labels = self.attention_labels(layer, h, slots, count)
         # f_k from the slots themselves (not the keys stored at insertion), so that f_k trains too

@@ -7,7 +7,8 @@ reads. A page is `PAGE` consecutive slots of every layer and head, one record:
     keys [layers, kv_heads, PAGE, head_dim] | values (same) | key scales [layers, kv_heads, PAGE] | value scales
 
 so reading a block of every layer is one contiguous read, and appending whole pages is one write each.
-`PAGES_PER_FILE` pages make a segment file (`store.00003.seg`).
+`PAGES_PER_FILE` pages make a segment file (`store.00003.seg`). A store of one tensor whose reads pick
+single rows (M+'s long-term slots, longterm.py) uses pages of one slot and one part instead (`PageLayout`).
 
 Reads and writes go through `os.pread`/`os.pwrite`, not a memory map: mapped pages a process touched stay
 resident and count in its RSS, so a map would bring the whole store into RAM as the document is read; file
@@ -106,12 +107,24 @@ def _close(fd: int, remove: Path | None) -> None:
 
 @dataclass(frozen=True)
 class PageLayout:
-    """Byte offsets inside a page record (see the module docstring)."""
+    """Byte offsets inside a page record (see the module docstring). A K/V store has `parts` 2 (keys, values)
+    and `page` PAGE slots; a store of one tensor read by single rows (M+'s long-term slots) has 1 and 1."""
 
     layers: int
     heads: int
     dim: int
     dtype: torch.dtype  # stored dtype: a float dtype, or int8 codes (then with fp16 scales)
+    page: int = PAGE  # slots a page
+    parts: int = 2  # tensors a page holds (keys and values)
+    file_pages: int | None = None  # pages a segment file (None: PAGES_PER_FILE)
+
+    @property
+    def pages_per_file(self) -> int:
+        return self.file_pages or PAGES_PER_FILE
+
+    @property
+    def file_bytes(self) -> int:
+        return self.pages_per_file * self.page_bytes
 
     @property
     def item(self) -> int:
@@ -119,19 +132,32 @@ class PageLayout:
 
     @property
     def part_bytes(self) -> int:  # keys (or values) of one page
-        return self.layers * self.heads * PAGE * self.dim * self.item
+        return self.layers * self.heads * self.page * self.dim * self.item
 
     @property
     def scale_bytes(self) -> int:  # key (or value) scales of one page; 0 for a float store
-        return self.layers * self.heads * PAGE * SCALE_DTYPE.itemsize if self.dtype == QUANTISED else 0
+        return self.layers * self.heads * self.page * SCALE_DTYPE.itemsize if self.dtype == QUANTISED else 0
 
     @property
     def page_bytes(self) -> int:
-        return 2 * (self.part_bytes + self.scale_bytes)
+        return self.parts * (self.part_bytes + self.scale_bytes)
 
     def offset(self, part: int, scaled: bool) -> int:
         """Where in a page record `part` (0 keys, 1 values) starts: its data, or with `scaled` its scales."""
-        return 2 * self.part_bytes + part * self.scale_bytes if scaled else part * self.part_bytes
+        return self.parts * self.part_bytes + part * self.scale_bytes if scaled else part * self.part_bytes
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The layout as a snapshot records it: an empty tensor of the stored dtype and shape
+        `[layers, heads, 0, dim]`, and `[page, parts, pages a file]`."""
+        return {"layout": torch.zeros(self.layers, self.heads, 0, self.dim, dtype=self.dtype),
+                "geometry": torch.tensor([self.page, self.parts, self.pages_per_file], dtype=torch.long)}
+
+    @classmethod
+    def from_tensors(cls, t: Mapping[str, torch.Tensor]) -> PageLayout:
+        """The layout `tensors()` recorded (a snapshot without `geometry`: a K/V store's defaults)."""
+        layers, heads, _, dim = t["layout"].shape
+        page, parts, file_pages = t["geometry"].tolist() if "geometry" in t else (PAGE, 2, PAGES_PER_FILE)
+        return cls(layers, heads, dim, t["layout"].dtype, page, parts, file_pages)
 
 
 class PageFile:
@@ -155,9 +181,10 @@ class PageFile:
         return self._directory
 
     # ---- writing ---------------------------------------------------------------------------------------------
-    def write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Put entries `[layers, kv_heads, e, dim]` at `slots [e]` (encoded to int8 when the store is)."""
-        for part, x in enumerate((keys, values)):
+    def write(self, slots: torch.Tensor, *parts: torch.Tensor) -> None:
+        """Put entries `[layers, kv_heads, e, dim]` of each part (keys, values) at `slots [e]` (encoded to int8
+        when the store is)."""
+        for part, x in enumerate(parts):
             if self.quantised:
                 codes, scales = quantise(x)
                 self._write_part(slots, codes, part, scaled=False)
@@ -173,26 +200,26 @@ class PageFile:
         s = slots.cpu().tolist()
         i = 0
         while i < len(s):
-            page, first = divmod(s[i], PAGE)
+            page, first = divmod(s[i], lay.page)
             run = 1
-            while i + run < len(s) and s[i + run] == s[i] + run and (first + run) < PAGE:
+            while i + run < len(s) and s[i + run] == s[i] + run and (first + run) < lay.page:
                 run += 1
             chunk = _bytes(x.narrow(2, i, run))  # [L, H, run(, D)] as raw bytes
             fd, base = self._writable(page)
             base += lay.offset(part, scaled)
-            if run == PAGE:
+            if run == lay.page:
                 os.pwrite(fd, chunk.numpy().data.cast("B"), base)
             else:
                 for lh in range(lay.layers * lay.heads):
-                    off = base + (lh * PAGE + first) * row
+                    off = base + (lh * lay.page + first) * row
                     os.pwrite(fd, chunk.view(lay.layers * lay.heads, -1)[lh].numpy().data, off)
             i += run
 
     def _writable(self, page: int) -> tuple[int, int]:
         """The fd and byte offset of `page`, its segment created or copied (when frozen) as needed."""
-        index, within = divmod(page, PAGES_PER_FILE)
+        index, within = divmod(page, self.layout.pages_per_file)
         seg = self.segments.get(index)
-        size = PAGES_PER_FILE * self.layout.page_bytes
+        size = self.layout.file_bytes
         if seg is None:
             seg = self.segments[index] = _Segment.scratch(self.directory, size)
         elif seg.frozen:
@@ -204,7 +231,7 @@ class PageFile:
         """`data[index]` of keys (part 0) or values (1), decoded to `dtype`; index into `[layers, kv_heads,
         slots]` as the in-RAM store's: a layer int or slice, a heads slice or tensor, a slots slice or tensor."""
         layer, heads, slots = index
-        pages, local = _pages_of(slots)
+        pages, local = _pages_of(slots, self.layout.page)
         data = self._read_pages(pages, part, scaled=False, layer=layer)
         idx = (0 if isinstance(layer, int) else slice(None), heads, local)
         if not self.quantised:
@@ -217,22 +244,22 @@ class PageFile:
         lay = self.layout
         layers = [layer] if isinstance(layer, int) else list(range(lay.layers))[layer]
         dtype, width = (SCALE_DTYPE, 1) if scaled else (lay.dtype, lay.dim)
-        out = torch.empty(len(pages), len(layers), lay.heads, PAGE, width, dtype=dtype)
+        out = torch.empty(len(pages), len(layers), lay.heads, lay.page, width, dtype=dtype)
         raw = out.view(torch.uint8).view(len(pages), len(layers), -1)  # one (page, layer) row of bytes
         contiguous = len(layers) == lay.layers or len(layers) == 1
         span = raw.shape[-1] * (len(layers) if contiguous else 1)
         for p, page in enumerate(pages):
-            seg = self.segments.get(page // PAGES_PER_FILE)
+            seg = self.segments.get(page // lay.pages_per_file)
             if seg is None:  # never written (a slot the caller masks out): zeros
                 raw[p].zero_()
                 continue
-            base = (page % PAGES_PER_FILE) * lay.page_bytes + lay.offset(part, scaled)
+            base = (page % lay.pages_per_file) * lay.page_bytes + lay.offset(part, scaled)
             targets = [(layers[0], raw[p].reshape(-1))] if contiguous else [(li, raw[p, j]) for j, li in enumerate(layers)]
             for li, buf in targets:
                 got = os.preadv(seg.fd, [buf.numpy().data], base + li * raw.shape[-1])
                 if got != (span if contiguous else raw.shape[-1]):
                     raise OSError(f"{seg.path} is shorter than its store says (page {page})")
-        out = out.permute(1, 2, 0, 3, 4).reshape(len(layers), lay.heads, len(pages) * PAGE, width)
+        out = out.permute(1, 2, 0, 3, 4).reshape(len(layers), lay.heads, len(pages) * lay.page, width)
         return out.squeeze(-1) if scaled else out
 
     # ---- sharing ---------------------------------------------------------------------------------------------
@@ -254,7 +281,7 @@ class PageFile:
     def open_linked(cls, layout: PageLayout, indices: list[int]) -> PageFile:
         """The store a snapshot links (its files from `linked_files`), read-only until written (then copied)."""
         files = linked_files.get()
-        size = PAGES_PER_FILE * layout.page_bytes
+        size = layout.file_bytes
         segments = {}
         for index in indices:
             name = SEGMENT_NAME.format(index)
@@ -266,23 +293,33 @@ class PageFile:
             segments[index] = _Segment.linked(path)
         return cls(layout, segments)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What a snapshot records of this store besides its (linked) files: the layout and the segments."""
+        return {**self.layout.tensors(), "segments": torch.tensor(sorted(self.segments), dtype=torch.long)}
+
+    @classmethod
+    def from_tensors(cls, t: Mapping[str, torch.Tensor]) -> PageFile:
+        """The store `tensors()` recorded, its files linked by the snapshot being loaded (`snapshot_files`)."""
+        return cls.open_linked(PageLayout.from_tensors(t), t["segments"].tolist())
+
     def disk_bytes(self) -> int:
         """Bytes the segment files occupy on disk (allocated blocks: the files are sparse)."""
         return sum(os.fstat(seg.fd).st_blocks * 512 for seg in self.segments.values())
 
 
-def _pages_of(slots: slice | torch.Tensor) -> tuple[list[int], slice | torch.Tensor]:
-    """The pages holding `slots` (in order) and the slots' positions in the buffer those pages read into."""
+def _pages_of(slots: slice | torch.Tensor, size: int) -> tuple[list[int], slice | torch.Tensor]:
+    """The pages (of `size` slots) holding `slots`, in order, and the slots' positions in the buffer those
+    pages read into."""
     if isinstance(slots, slice):
         start, stop = slots.start or 0, slots.stop
         if stop is None or slots.step not in (None, 1):
             raise TypeError("a page file reads a slot slice with an end and step 1")
-        first = start // PAGE
-        pages = list(range(first, -(-stop // PAGE))) if stop > start else []
-        return pages, slice(start - first * PAGE, stop - first * PAGE)
-    page = torch.div(slots, PAGE, rounding_mode="floor")
+        first = start // size
+        pages = list(range(first, -(-stop // size))) if stop > start else []
+        return pages, slice(start - first * size, stop - first * size)
+    page = torch.div(slots, size, rounding_mode="floor")
     unique, where = torch.unique(page, return_inverse=True)
-    return unique.tolist(), where * PAGE + slots % PAGE
+    return unique.tolist(), where * size + slots % size
 
 
 def _bytes(x: torch.Tensor) -> torch.Tensor:

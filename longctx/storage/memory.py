@@ -27,14 +27,22 @@ def list_snapshots(store: SnapshotStore | None = None) -> list[dict[str, Any]]:
         m = snap.manifest
         rows.append({"name": name, "method": m["method"]["protocol"], "model": m["fingerprint"]["model"],
                      "document": m["document"]["path"], "tokens": m["progress"]["tokens_consumed"],
-                     "size_bytes": _disk_bytes(m), "ram_bytes": m["memory"].get("ram_bytes"), "created": m["created"],
+                     "size_bytes": _disk_bytes(snap), "ram_bytes": m["memory"].get("ram_bytes"), "created": m["created"],
                      "version": snap.path.name, "latest": name == store.latest_name()})
     return rows
 
 
-def _disk_bytes(manifest: dict[str, Any]) -> int:
-    """Bytes of the snapshot's files (tensors and all) as its manifest lists them."""
-    return sum(f["size"] for f in manifest["files"].values())
+def _disk_bytes(snap: Snapshot) -> int:
+    """Bytes the snapshot's files (tensors and all) occupy: allocated blocks, since a disk store's segment
+    files are sparse (a file that cannot be read counts at the size its manifest lists)."""
+    total = 0
+    for name, f in snap.manifest["files"].items():
+        try:
+            st = (snap.path / name).stat()
+            total += min(st.st_size, st.st_blocks * 512)
+        except OSError:
+            total += f["size"]
+    return total
 
 
 def _damaged_row(store: SnapshotStore, name: str, error: SnapshotError) -> dict[str, Any]:
@@ -65,7 +73,7 @@ def dump_snapshot(name: str | None = None, store: SnapshotStore | None = None) -
     return {"name": snap.name, "method": m["method"]["protocol"], "segment": m["method"]["segment"],
             "model": m["fingerprint"]["model"], "document": m["document"]["path"],
             "source_available": source is not None, "tokens_consumed": m["progress"]["tokens_consumed"],
-            "entries": m["memory"]["entries"], "disk_bytes": _disk_bytes(m), "ram_bytes": m["memory"].get("ram_bytes"),
+            "entries": m["memory"]["entries"], "disk_bytes": _disk_bytes(snap), "ram_bytes": m["memory"].get("ram_bytes"),
             "tensors": _tensor_table(snap), "groups": groups}
 
 
