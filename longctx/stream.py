@@ -96,10 +96,13 @@ def forward_segment(backbone: Backbone, method: Method, state: Any, seg: Segment
     return method.write(state, seg, plan), tokens, plan
 
 
-def read_forward(backbone: Backbone, method: Method, state: Any, seg: Segment) -> tuple[Any, torch.Tensor, ForwardPlan]:
-    """`forward_segment` without the write: what the segment sees of memory, and its tokens' hidden states."""
+def read_forward(backbone: Backbone, method: Method, state: Any, seg: Segment, *,
+                 capture: bool = False) -> tuple[Any, torch.Tensor, ForwardPlan]:
+    """`forward_segment` without the write: what the segment sees of memory, and its tokens' hidden states
+    (with `capture`, every row's pre-rotation keys/values are kept in the plan's outputs)."""
     lora.activate(backbone, method.lora)
     state, plan = method.read(state, seg)
+    plan.capture = plan.capture or capture
     hidden = backbone.forward(seg.ids, plan, embeds=plan.embeds)
     plan.out.hidden = hidden
     return state, (hidden if plan.token_rows is None else hidden[plan.token_rows]), plan

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -340,6 +341,30 @@ def test_generation_past_a_segment_writes_memory_as_ingesting_the_text_would(tin
     full = ingest(tiny_backbone, m, plain_segments(torch.cat((prompt, torch.tensor(out[:8], dtype=torch.long))), 16))
     a, b = m.state_tensors(after.state), m.state_tensors(full.state)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name, options, cached", [("rmt", {"tokens": 2}, True), ("hmt", {"sensory": 3, "cache": 4}, True),
+                                                   ("hmt", {"sensory": 3, "cache": 4, "summary": "current"}, False),
+                                                   ("unimix", UNIMIX, False)])
+def test_a_pending_segment_continues_from_its_keys_and_values_where_the_method_allows(tiny_backbone, name, options,
+                                                                                      cached):
+    """Generating into a pending segment runs only the new token after the kept keys/values of the rows before
+    it, where those rows do not depend on the segment's tokens; each step's hidden state equals a full re-read."""
+    from longctx.tasks import decode
+
+    m = make(name, tiny_backbone, **options)
+    prompt = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(2))
+    done = decode.ingest(tiny_backbone, m, decode.plain_segments(prompt, 16))
+    assert (done.pending_kv is not None) == cached
+    for token in torch.randint(3, 256, (7,), generator=torch.Generator().manual_seed(3)).tolist():
+        with torch.inference_mode():
+            nxt = decode._advance(tiny_backbone, m, done, token)
+            reread = decode._advance(tiny_backbone, m, replace(done, pending_kv=None), token)
+        assert (nxt.pending_kv is not None) == cached
+        if cached:
+            assert nxt.last_plan.embeds.shape[0] == 1 and nxt.pending_kv.rows == done.pending_kv.rows + 1
+        torch.testing.assert_close(nxt.last_hidden, reread.last_hidden, rtol=1e-5, atol=1e-5)
+        done = nxt
 
 
 @pytest.mark.parametrize("name, options", [("rmt", {"tokens": 2}), ("hmt", {"sensory": 2, "cache": 3}),

@@ -145,6 +145,12 @@ class Method(ABC, Generic[OptionsT, StateT]):
     # memory rewritten once per segment (memory tokens), not per token: generation holds a pending segment
     writes_per_segment: bool = False
 
+    def pending_cacheable(self) -> bool:
+        """Whether a pending segment's forward is `[rows that depend only on the memory; its tokens; ...]` at
+        positions 0, 1, 2, ..., so that generation may keep the keys/values of the rows before each new token
+        and run only that token (tasks/decode.py). Default: no (each token re-reads the pending segment)."""
+        return False
+
     def __init__(self, options: OptionsT, backbone: Backbone):
         self.options = options
         self.backbone = backbone

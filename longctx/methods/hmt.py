@@ -127,6 +127,10 @@ class HMT(TrainableMethod[HMTOptions, HMTState]):
         embeds = torch.cat((prior, sensory, x, prior))
         return state, self.memory_plan(embeds, 1 + sensory.shape[0], len(seg))
 
+    def pending_cacheable(self) -> bool:
+        """[P_n; sensory; tokens; P_n]: P_n depends on the segment's own tokens only with `summary: current`."""
+        return self.options.summary == "previous"
+
     def summary_text(self, state: HMTState, x: torch.Tensor) -> torch.Tensor:
         """Embeddings `[j, d]` the summary pass reads: the previous segment's end, or (paper) this one's start."""
         if self.options.summary == "current":

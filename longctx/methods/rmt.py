@@ -95,6 +95,9 @@ class RMT(TrainableMethod[RMTOptions, TokenMemory]):
     def check_segment(self, segment: int) -> None:
         self.check_span(segment, 2 * self.options.tokens)
 
+    def pending_cacheable(self) -> bool:
+        return True  # [read slots; tokens; write slots]: the read slots are the memory, fixed until the write
+
     def init_state(self) -> TokenMemory:
         return TokenMemory(self.params.memory)
 

@@ -9,8 +9,11 @@ segment is read back by the method as it grows:
   appends one entry);
 - memory-token methods (`rmt`, `hmt`, `unimix` with RMT tokens) write memory once per *segment*: the
   text since the last write (the prompt's final partial segment, then the generated tokens) is held as a
-  pending segment that each step reads in full without writing, and is written when it reaches the
-  segment length, exactly as if it had been part of the document (tested against ingesting it).
+  pending segment, and is written when it reaches the segment length, exactly as if it had been part of
+  the document (tested against ingesting it). Until then each new token attends to the pending segment:
+  where the rows before its tokens depend only on the memory (`Method.pending_cacheable`: `rmt`, `hmt`
+  with the causal summary), their keys/values and the tokens' are kept (`PendingKV`) and a step runs the
+  new token alone, as a key/value method's does; otherwise each step re-reads the whole pending segment.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 from ..errors import InputError
 from ..methods.base import Method
+from ..model import lora
 from ..model.attention import ForwardPlan
 from ..model.backbone import Backbone
 from ..stream import forward_segment as step
@@ -32,12 +36,41 @@ from ..text.segments import Segment
 from .sampling import Sampling, TextStream
 
 
+@dataclass(frozen=True)
+class PendingKV:
+    """Pre-rotation keys and values `[kv_heads, rows, head_dim]` per layer of a pending segment's forward up to
+    its last token read (the memory rows before its tokens, then the tokens): what the next token attends to.
+    Never written in place: a step makes a new one, so a fork may share it."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def rows(self) -> int:
+        return int(self.keys[0].shape[1])
+
+    @classmethod
+    def of(cls, plan: ForwardPlan) -> PendingKV:
+        """From a pending segment's full forward (captured): the rows up to its last token."""
+        end = plan.token_rows.stop if plan.token_rows is not None else None
+        layers = range(len(plan.out.captured))
+        return cls([plan.out.captured[i][0][:, :end] for i in layers], [plan.out.captured[i][1][:, :end] for i in layers])
+
+    def extended(self, plan: ForwardPlan) -> PendingKV:
+        """These rows and the one the single-token forward `plan` captured."""
+        layers = range(len(self.keys))
+        return PendingKV([torch.cat((self.keys[i], plan.out.captured[i][0]), 1) for i in layers],
+                         [torch.cat((self.values[i], plan.out.captured[i][1]), 1) for i in layers])
+
+
 @dataclass
 class Ingested:
     """Memory after reading some tokens, and the forward of the last one (its hidden state and plan).
 
     `pending` holds tokens read but not yet written to a segment-recurrent memory (else empty); `segment`
-    is the segment length memory is written at. `last_plan` is None for a memory restored from a snapshot."""
+    is the segment length memory is written at; `pending_kv` the keys/values of the pending segment's
+    forward when the method allows generation to continue from them. `last_plan` is None for a memory
+    restored from a snapshot."""
 
     state: Any
     tokens: int  # tokens read so far (the next token's index)
@@ -46,6 +79,7 @@ class Ingested:
     pending: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     segment: int = 0
     prompt: bool = False  # the last segment read was a prompt: its re-reads (generation) may choose with it
+    pending_kv: PendingKV | None = None
 
 
 def plain_segments(ids: torch.Tensor, segment: int, start: int = 0, *, prompt: bool = False) -> Iterator[Segment]:
@@ -67,14 +101,13 @@ def ingest(backbone: Backbone, method: Method, segments: Iterable[Segment], stat
     """Read every segment into memory; keep only what the next token needs. For a memory-token method a
     final segment shorter than `segment` (default: the first one's length) is read but left pending."""
     state = method.init_state() if state is None else state
-    hidden = plan = None
+    hidden = plan = kv = None
     tokens, size, pending, prompt = 0, segment or 0, torch.zeros(0, dtype=torch.long), False
     with torch.inference_mode():
         for seg in segments:
             size = size or len(seg)
-            if method.writes_per_segment and len(seg) < size:
-                _, hidden, plan = read_forward(backbone, method, state, seg)  # read, not written: pending
-                pending = seg.ids
+            if method.writes_per_segment and len(seg) < size:  # read, not written: pending
+                pending, (hidden, plan, kv) = seg.ids, _read_pending(backbone, method, state, seg)
             else:
                 state, hidden, plan = step(backbone, method, state, seg)
             tokens, prompt = seg.start + len(seg), seg.prompt
@@ -82,7 +115,7 @@ def ingest(backbone: Backbone, method: Method, segments: Iterable[Segment], stat
                 on_segment(seg)
     if hidden is None:
         raise InputError("nothing to read: the text has no tokens")
-    return Ingested(state, tokens, hidden[-1], plan, pending, size, prompt)
+    return Ingested(state, tokens, hidden[-1], plan, pending, size, prompt, kv)
 
 
 def extend(backbone: Backbone, method: Method, done: Ingested, ids: torch.Tensor) -> Ingested:
@@ -101,7 +134,7 @@ def fork(method: Method, done: Ingested) -> Ingested:
     """An independent copy of `done`: reading a question into it leaves the original memory untouched (some
     methods update their stores in place)."""
     return Ingested(method.fork_state(done.state), done.tokens, done.last_hidden, done.last_plan,
-                    done.pending.clone(), done.segment, done.prompt)
+                    done.pending.clone(), done.segment, done.prompt, done.pending_kv)
 
 
 @dataclass
@@ -187,5 +220,32 @@ def _advance(backbone: Backbone, method: Method, done: Ingested, token: int) -> 
         state, hidden, plan = step(backbone, method, done.state, seg)
         return Ingested(state, done.tokens + 1, hidden[-1], plan, torch.zeros(0, dtype=torch.long), done.segment,
                         done.prompt)
-    _, hidden, plan = read_forward(backbone, method, done.state, seg)
-    return Ingested(done.state, done.tokens + 1, hidden[-1], plan, pending, done.segment, done.prompt)
+    kv: PendingKV | None
+    if done.pending_kv is not None:
+        hidden, plan, kv = _next_pending(backbone, method, done.pending_kv, token)
+    else:
+        hidden, plan, kv = _read_pending(backbone, method, done.state, seg)
+    return Ingested(done.state, done.tokens + 1, hidden[-1], plan, pending, done.segment, done.prompt, kv)
+
+
+def _read_pending(backbone: Backbone, method: Method, state: Any,
+                  seg: Segment) -> tuple[torch.Tensor, ForwardPlan, PendingKV | None]:
+    """A pending segment read in full (not written); its keys/values kept where the method allows."""
+    cacheable = method.pending_cacheable()
+    _, hidden, plan = read_forward(backbone, method, state, seg, capture=cacheable)
+    return hidden, plan, PendingKV.of(plan) if cacheable else None
+
+
+def _next_pending(backbone: Backbone, method: Method, kv: PendingKV,
+                  token: int) -> tuple[torch.Tensor, ForwardPlan, PendingKV]:
+    """The pending segment's next token, run alone after the rows of `kv` (the same attention as a full read
+    of the segment gives its last token: the rows before it never see it)."""
+    lora.activate(backbone, method.lora)
+    dev, rows = backbone.device, kv.rows
+    ids = torch.tensor([token], device=dev)
+    embeds = backbone.model.get_input_embeddings()(ids)
+    plan = ForwardPlan(query_pos=torch.tensor([rows], device=dev), key_pos=torch.arange(rows + 1, device=dev),
+                       memory_keys=list(kv.keys), memory_values=list(kv.values), capture=True, embeds=embeds)
+    hidden = backbone.forward(ids, plan, embeds=embeds)
+    plan.out.hidden = hidden
+    return hidden, plan, kv.extended(plan)
