@@ -126,56 +126,36 @@ def test_mplus_with_its_long_term_store_on_disk_scores_exactly_as_in_ram(tiny_ba
     assert disk == ram
 
 
-def test_an_mplus_snapshot_links_its_long_term_files_and_resumes_bit_for_bit(tiny_backbone, monkeypatch):
-    from longctx.methods import longterm
-
-    monkeypatch.setattr(longterm, "FILE_PAGES", 4)
-    m = build(tiny_backbone, "mplus", store="disk", **MPLUS)
-    segs = _segments(torch.randint(3, 400, (320,), generator=torch.Generator().manual_seed(5)))
-    first = run_stream(tiny_backbone, m, segs[:12])
-    assert len(first.state.ltm) == 12 and first.state.ltm.pruned > 0 and m.memory_disk_bytes(first.state) > 0
-    snaps = SnapshotStore()
-    version = snaps.save("mp", m.state_tensors(first.state), {"note": "test"},
-                         files={f"state.{k}": v for k, v in m.state_files(first.state).items()})
-    linked = sorted(version.glob("state.store.*.seg"))
-    assert len(linked) > 1 and all(os.stat(p).st_nlink == 2 for p in linked)
-    assert "ltm.hidden" not in snaps.load("mp").tensors
-    sums = {p: pagefile_sha(p) for p in linked}
-    snap = snaps.load("mp")
-    with pagefile.snapshot_files({k[6:]: v for k, v in snap.files.items()}):
-        loaded = m.state_from_tensors(dict(snap.tensors))
-    outs = []
-    with torch.inference_mode():
-        for state in (first.state, loaded, m.fork_state(first.state)):
-            for seg in segs[12:]:
-                state, hidden, _ = forward_segment(tiny_backbone, m, state, seg)
-            outs.append(hidden)
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
-    assert {p: pagefile_sha(p) for p in linked} == sums  # three continuations pruned and wrote; the files held
-
-
 def _segments(ids: torch.Tensor) -> list:
     return list(iter_segments([TokenChunk(ids.numpy(), np.arange(len(ids)), len(ids), 0)], 16))
 
 
-def test_a_disk_store_snapshot_links_its_segments_and_resumes_bit_for_bit(tiny_backbone):
-    m = build(tiny_backbone, "infllm", store="disk", **{**STORE_METHODS["infllm"], "memory": 512})
-    segs = _segments(torch.randint(3, 400, (560,), generator=torch.Generator().manual_seed(3)))
-    first = run_stream(tiny_backbone, m, segs[:30])
+@pytest.mark.parametrize("name, options, tokens, read, absent, filled", [
+    ("infllm", {**STORE_METHODS["infllm"], "memory": 512}, 560, 30, "store.keys", lambda s: len(s.store) > 400),
+    ("mplus", MPLUS, 320, 12, "ltm.hidden", lambda s: len(s.ltm) == 12 and s.ltm.pruned > 0)])
+def test_a_disk_store_snapshot_links_its_segments_and_resumes_bit_for_bit(tiny_backbone, monkeypatch, name, options,
+                                                                          tokens, read, absent, filled):
+    from longctx.methods import longterm
+
+    monkeypatch.setattr(longterm, "FILE_PAGES", 4)  # M+'s rows: several segment files
+    m = build(tiny_backbone, name, store="disk", **options)
+    segs = _segments(torch.randint(3, 400, (tokens,), generator=torch.Generator().manual_seed(3)))
+    first = run_stream(tiny_backbone, m, segs[:read])
+    assert filled(first.state) and m.memory_disk_bytes(first.state) > 0
     snaps = SnapshotStore()
     version = snaps.save("disk", m.state_tensors(first.state), {"note": "test"},
                          files={f"state.{k}": v for k, v in m.state_files(first.state).items()})
     linked = sorted(version.glob("state.store.*.seg"))
     assert len(linked) > 1 and all(os.stat(p).st_nlink == 2 for p in linked)  # the scratch file and its link
-    assert "state.store.keys" not in snaps.load("disk").tensors  # the keys/values are the linked files
-    sums = {p: pagefile_sha(p) for p in linked}
     snap = snaps.load("disk")
+    assert absent not in snap.tensors  # the keys/values (M+: hidden states) are the linked files
+    sums = {p: pagefile_sha(p) for p in linked}
     with pagefile.snapshot_files({k[6:]: v for k, v in snap.files.items()}):
-        loaded = m.state_from_tensors({k: v for k, v in snap.tensors.items()})
+        loaded = m.state_from_tensors(dict(snap.tensors))
     outs = []
     with torch.inference_mode():
         for state in (first.state, loaded, m.fork_state(first.state)):
-            for seg in segs[30:]:
+            for seg in segs[read:]:
                 state, hidden, _ = forward_segment(tiny_backbone, m, state, seg)
             outs.append(hidden)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
