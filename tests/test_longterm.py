@@ -81,12 +81,13 @@ def _in_order(ltm: LongTerm) -> dict[str, torch.Tensor]:
     return {"hidden": ltm._rows(order), "keys": ltm.keys[order], "origin": ltm.origin[order], "freq": ltm.freq[order]}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
 @pytest.mark.parametrize("capacity,j", [(10, 3), (16, 5)])
-def test_a_disk_store_merges_and_reads_exactly_as_the_ram_store(capacity, j, monkeypatch):
+def test_a_disk_store_merges_and_reads_exactly_as_the_ram_store(capacity, j, dtype, monkeypatch):
     from longctx.methods import longterm
 
     monkeypatch.setattr(longterm, "FILE_PAGES", 4)  # several segment files, and their seams
-    ram, disk = (LongTerm.empty(LAYERS, D, R, torch.float32, disk=d) for d in (False, True))
+    ram, disk = (LongTerm.empty(LAYERS, D, R, dtype, disk=d) for d in (False, True))
     for u in range(12):
         new = slots(u * j, j)
         ram, disk = (s.merged(*new, recall_init=3, capacity=capacity) for s in (ram, disk))
@@ -108,3 +109,18 @@ def test_a_fork_of_a_disk_store_shares_its_files_until_either_side_writes():
     grown = fork.merged(*slots(6, 4), recall_init=1, capacity=8)  # prunes: rewrites rows in place
     assert torch.equal(_in_order(base)["hidden"], before["hidden"])  # the original's rows are untouched
     assert len(grown) == 8 and grown.pruned == 2
+
+
+def test_an_int8_store_keeps_each_slot_within_half_a_step_of_its_hidden_states_and_round_trips():
+    exact, coded = (LongTerm.empty(LAYERS, D, R, dtype) for dtype in (torch.float32, torch.int8))
+    gen = torch.Generator().manual_seed(0)
+    for u in range(6):
+        new = (torch.randn(4, LAYERS, D, generator=gen) * (u + 1), *slots(4 * u, 4)[1:])
+        exact, coded = (s.merged(*new, recall_init=2, capacity=10) for s in (exact, coded))
+    a, b = _in_order(exact)["hidden"], _in_order(coded)["hidden"]
+    step = a.abs().amax(-1, keepdim=True) / 127
+    assert coded.hidden.dtype == torch.int8 and ((a - b).abs() <= step / 2 + 1e-6).all() and not torch.equal(a, b)
+    again = LongTerm.from_tensors({k: v.clone() for k, v in coded.tensors().items()})
+    assert torch.equal(_in_order(again)["hidden"], b)
+    with pytest.raises(ValueError, match="hidden_scale"):
+        LongTerm.from_tensors({k: v for k, v in coded.tensors().items() if k != "ltm.hidden_scale"})

@@ -116,14 +116,18 @@ def test_infllm_and_memorizing_on_disk_score_exactly_as_in_ram(tiny_backbone):
 MPLUS = {"pool": 6, "update": 4, "ltm": 12, "retrieve": 5}
 
 
-def test_mplus_with_its_long_term_store_on_disk_scores_exactly_as_in_ram(tiny_backbone, monkeypatch):
+@pytest.mark.parametrize("dtype", ["model", "int8"])
+def test_mplus_with_its_long_term_store_on_disk_scores_exactly_as_in_ram(tiny_backbone, monkeypatch, dtype):
     from longctx.methods import longterm
 
     monkeypatch.setattr(longterm, "FILE_PAGES", 4)
     ids = doc(200)
-    ram, _ = stream_nll(tiny_backbone, "mplus", ids, 16, **MPLUS)
-    disk, _ = stream_nll(tiny_backbone, "mplus", ids, 16, store="disk", **MPLUS)
+    ram, _ = stream_nll(tiny_backbone, "mplus", ids, 16, store_dtype=dtype, **MPLUS)
+    disk, _ = stream_nll(tiny_backbone, "mplus", ids, 16, store="disk", store_dtype=dtype, **MPLUS)
     assert disk == ram
+    if dtype == "int8":  # the codes change what is read back, a little
+        exact, _ = stream_nll(tiny_backbone, "mplus", ids, 16, **MPLUS)
+        assert exact != ram and abs(exact - ram) < 1e-2 * abs(exact)
 
 
 def _segments(ids: torch.Tensor) -> list:

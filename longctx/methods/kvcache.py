@@ -21,9 +21,9 @@ from ..text.segments import Segment
 from .base import Method, MethodOptions, OptionsT, StateT
 from .knnstore import KNNStore
 from .kvstate import KVState
+from .storecodec import StoreDtype, store_dtype
 
 # option store_dtype; "model" = the model's own; int8 = codes with a scale per token and head (storecodec.py)
-STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 Positions = Literal["relative", "absolute"]
 Overflow = Literal["fifo", "clear"]
 
@@ -216,7 +216,7 @@ class StoreOptions(MethodOptions):
     Not a dataclass itself: annotations only, so it adds no fields."""
 
     memory: int
-    store_dtype: Literal["model", "bf16", "fp16", "int8"]
+    store_dtype: StoreDtype
     store: Literal["ram", "disk"]
 
 
@@ -231,7 +231,7 @@ class StoreMethod(KVMachinery[StoreOptionsT, StoreStateT]):
     def new_store(self, layers: int) -> KNNStore:
         """An empty store of `options.memory` entries at `layers` layers, in `options.store_dtype`."""
         b = self.backbone
-        dtype = STORE_DTYPES.get(self.options.store_dtype, b.dtype)
+        dtype = store_dtype(self.options.store_dtype, b.dtype)
         return KNNStore.empty(self.options.memory, layers, int(b.config.num_key_value_heads), b.head_dim,
                               dtype=dtype, device=b.device, disk=self.options.store == "disk")
 

@@ -24,6 +24,7 @@ import torch
 
 from .memoryllm import UPDATE
 from .pagefile import PageFile, PageLayout
+from .storecodec import QUANTISED, SCALE_DTYPE, dequantise, quantise
 
 FILE_PAGES = 2048  # slots a segment file of a disk store (~70 MB in bf16 on the default model)
 COPY_ROWS = 1024  # rows read at once when a disk store is compacted
@@ -39,17 +40,22 @@ class Room:
     end: int = 0  # rows the newest store of this room holds (only that store writes here)
     epoch: int = 0
     pages: PageFile | None = None  # a disk store's hidden states
+    scale: torch.Tensor | None = None  # [size, layers]: an int8 RAM store's scales
 
     def put(self, rows: torch.Tensor, hidden: torch.Tensor) -> None:
-        """Write `hidden [j, layers, d]` at `rows`."""
-        if self.pages is None:
-            self.hidden[rows] = hidden.to(self.hidden.dtype)
-        else:
+        """Write `hidden [j, layers, d]` at `rows` (encoded to int8 when the store is)."""
+        if self.pages is not None:
             self.pages.write(rows, hidden.transpose(0, 1).unsqueeze(1))  # [layers, 1, j, d]
+        elif self.scale is not None:
+            self.hidden[rows], self.scale[rows] = quantise(hidden)
+        else:
+            self.hidden[rows] = hidden.to(self.hidden.dtype)
 
-    def view(self, size: int) -> torch.Tensor:
-        """The hidden states of the first `size` rows (a disk store: its placeholder)."""
-        return self.hidden[:size] if self.pages is None else self.hidden
+    def view(self, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The hidden states (and int8 scales) of the first `size` rows (a disk store: its placeholder)."""
+        if self.pages is not None:
+            return self.hidden, None
+        return self.hidden[:size], self.scale[:size] if self.scale is not None else None
 
 
 @dataclass
@@ -58,7 +64,8 @@ class LongTerm:
     insertion, fp32), `origin [m, 6]` (as the pool's; column UPDATE is the age), `freq [m, layers]` recall
     frequencies and `seq [m]` insertion order (None: the rows are in insertion order); counters: LTM
     updates (merges) and slots pruned. With `pages` the hidden states are on disk (`hidden` is then
-    `[0, layers, d]`, the dtype and shape only): read them through `rows_at`."""
+    `[0, layers, d]`, the dtype and shape only); an int8 store in RAM has `scale [m, layers]` beside its
+    codes. Read them through `rows_at`, which decodes."""
 
     hidden: torch.Tensor
     keys: torch.Tensor
@@ -70,6 +77,7 @@ class LongTerm:
     room: Room | None = field(default=None, repr=False, compare=False)
     epoch: int = 0
     pages: PageFile | None = field(default=None, repr=False, compare=False)
+    scale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.seq is None:
@@ -80,23 +88,35 @@ class LongTerm:
 
     @classmethod
     def empty(cls, layers: int, d: int, r: int, dtype: torch.dtype, *, disk: bool = False) -> LongTerm:
-        """A store with no slots, its hidden states in `dtype`, in RAM or (`disk`) in page files."""
+        """A store with no slots, its hidden states in `dtype` (a float dtype, or int8 codes with a scale per
+        slot and layer), in RAM or (`disk`) in page files."""
         pages = PageFile(PageLayout(layers, 1, d, dtype, page=1, parts=1, file_pages=FILE_PAGES)) if disk else None
+        scale = torch.zeros(0, layers, dtype=SCALE_DTYPE) if dtype == QUANTISED and not disk else None
         return cls(torch.zeros(0, layers, d, dtype=dtype), torch.zeros(0, layers, r), torch.zeros(0, 6, dtype=torch.long),
-                   torch.zeros(0, layers, dtype=torch.long), pages=pages)
+                   torch.zeros(0, layers, dtype=torch.long), pages=pages, scale=scale)
+
+    @property
+    def read_dtype(self) -> torch.dtype:
+        """The dtype reads return: the stored one, or fp32 for int8 codes."""
+        return torch.float32 if self.hidden.dtype == QUANTISED else self.hidden.dtype
 
     def rows_at(self, rows: torch.Tensor | None, layer: int) -> torch.Tensor:
-        """Hidden states `[k, d]` of `rows` (None: every row) at `layer`."""
+        """Hidden states `[k, d]` of `rows` (None: every row) at `layer`, decoded."""
+        index = (slice(None) if rows is None else rows, layer)
         if self.pages is None:
-            return self.hidden[:, layer] if rows is None else self.hidden[rows, layer]
+            return self._decoded(index)
         slots = slice(0, len(self)) if rows is None else rows
-        return self.pages.read(0, (layer, slice(None), slots), self.hidden.dtype)[0]
+        return self.pages.read(0, (layer, slice(None), slots), self.read_dtype)[0]
 
     def _rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Hidden states `[k, layers, d]` of `rows`, every layer."""
+        """Hidden states `[k, layers, d]` of `rows`, every layer, decoded."""
         if self.pages is None:
-            return self.hidden[rows]
-        return self.pages.read(0, (slice(None), slice(None), rows), self.hidden.dtype)[:, 0].transpose(0, 1)
+            return self._decoded((rows,))
+        return self.pages.read(0, (slice(None), slice(None), rows), self.read_dtype)[:, 0].transpose(0, 1)
+
+    def _decoded(self, index: tuple) -> torch.Tensor:
+        """`hidden[index]` of a RAM store, int8 codes decoded by their scales."""
+        return self.hidden[index] if self.scale is None else dequantise(self.hidden[index], self.scale[index], torch.float32)
 
     def check_current(self) -> None:
         """Refuse to read a store a newer one overwrote (continued twice without a copy)."""
@@ -115,7 +135,7 @@ class LongTerm:
                 pages.write(torch.arange(at, at + len(part)), self._rows(part).transpose(0, 1).unsqueeze(1))
         return replace(self, hidden=self.hidden if pages is not None else self.hidden[rows], keys=self.keys[rows],
                        origin=self.origin[rows], freq=self.freq[rows], seq=self.seq[rows], room=None, epoch=0,
-                       pages=pages)
+                       pages=pages, scale=self.scale[rows] if self.scale is not None else None)
 
     def fork(self) -> LongTerm:
         """An independent copy: in RAM through its tensors; on disk sharing the files until either side writes."""
@@ -149,8 +169,9 @@ class LongTerm:
             return {"ltm.keys": self.keys, "ltm.origin": self.origin, "ltm.freq": self.freq, "ltm.seq": self.seq,
                     "ltm.counters": counters, **pages}
         order = self.in_order()
+        scale = {"ltm.hidden_scale": self.scale[order]} if self.scale is not None else {}
         return {"ltm.hidden": self.hidden[order], "ltm.keys": self.keys[order], "ltm.origin": self.origin[order],
-                "ltm.freq": self.freq[order], "ltm.counters": counters}
+                "ltm.freq": self.freq[order], "ltm.counters": counters, **scale}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> LongTerm:
@@ -159,7 +180,10 @@ class LongTerm:
         merges, pruned = (int(x) for x in t["ltm.counters"].tolist())
         keys, origin, freq = (t[f"ltm.{k}"].cpu() for k in ("keys", "origin", "freq"))
         if "ltm.pages.layout" not in t:
-            return cls(t["ltm.hidden"].cpu(), keys, origin, freq, merges, pruned)
+            scale = t["ltm.hidden_scale"].cpu() if "ltm.hidden_scale" in t else None
+            if (t["ltm.hidden"].dtype == QUANTISED) != (scale is not None):
+                raise ValueError("an int8 long-term store needs ltm.hidden_scale, and only an int8 store has it")
+            return cls(t["ltm.hidden"].cpu(), keys, origin, freq, merges, pruned, scale=scale)
         pages = PageFile.from_tensors({k[len("ltm.pages."):]: v for k, v in t.items() if k.startswith("ltm.pages.")})
         lay = pages.layout
         hidden = torch.zeros(0, lay.layers, lay.dim, dtype=lay.dtype)
@@ -204,20 +228,25 @@ class LongTerm:
                                          for t in (self.origin, freq, seq))
         for t, src in ((out_origin, origin), (out_freq, freq[n:]), (out_seq, seq[n:])):
             t[rows] = src[fresh]
-        return LongTerm(room.view(size), room.keys[:size], out_origin, out_freq, self.merges + 1,
-                        self.pruned + n + j - int(keep.sum()), out_seq, room, room.epoch, room.pages)
+        hidden_view, scale_view = room.view(size)
+        return LongTerm(hidden_view, room.keys[:size], out_origin, out_freq, self.merges + 1,
+                        self.pruned + n + j - int(keep.sum()), out_seq, room, room.epoch, room.pages, scale_view)
 
     def _grown(self, hidden: torch.Tensor, keys: torch.Tensor, origin: torch.Tensor, freq: torch.Tensor,
                seq: torch.Tensor) -> LongTerm:
         """A copy with the new slots appended as rows past the last (before pruning)."""
         n, j = len(self), hidden.shape[0]
-        pages = None
-        if self.pages is not None:
-            pages = self.pages.fork()
-            pages.write(n + torch.arange(j), hidden.transpose(0, 1).unsqueeze(1))
-        grown_hidden = self.hidden if pages is not None else torch.cat((self.hidden, hidden.to(self.hidden.dtype)))
+        room = Room(self.hidden, self.keys, pages=self.pages.fork() if self.pages is not None else None)
+        grown_hidden, scale = self.hidden, self.scale
+        if room.pages is not None:
+            room.put(n + torch.arange(j), hidden)
+        elif scale is not None:
+            codes, scales = quantise(hidden)
+            grown_hidden, scale = torch.cat((self.hidden, codes)), torch.cat((scale, scales))
+        else:
+            grown_hidden = torch.cat((self.hidden, hidden.to(self.hidden.dtype)))
         return LongTerm(grown_hidden, torch.cat((self.keys, keys)), torch.cat((self.origin, origin)), freq, self.merges,
-                        self.pruned, seq, pages=pages)
+                        self.pruned, seq, pages=room.pages, scale=scale)
 
     def _room_for(self, size: int, capacity: int) -> tuple[Room, int]:
         """This store's room if it may write there and has `size` rows, else a new one holding a copy (a disk
@@ -234,4 +263,8 @@ class LongTerm:
             return Room(self.hidden, keys, end=size, pages=self.pages.fork()), size
         hidden = self.hidden.new_empty(rows, *self.hidden.shape[1:])
         hidden[:n] = self.hidden
-        return Room(hidden, keys, end=size), size
+        scale = None
+        if self.scale is not None:
+            scale = self.scale.new_empty(rows, *self.scale.shape[1:])
+            scale[:n] = self.scale
+        return Room(hidden, keys, end=size, scale=scale), size

@@ -34,6 +34,7 @@ from .longterm import LongTerm
 from .memoryllm import UPDATE, MemoryLLM, MemoryLLMOptions, MemoryLLMParams, PoolState, slot_groups, summary_row
 from .recurrent import gaussian
 from .registry import register
+from .storecodec import StoreDtype, store_dtype
 
 AGE_BUCKETS = 8  # `memory dump`'s age histogram of the long-term store
 
@@ -47,6 +48,8 @@ class MPlusOptions(MemoryLLMOptions):
     retriever_loss: float = option(1.0, "weight of the retriever's BCE in training (0 = retriever not trained)")
     store: Literal["ram", "disk"] = option("ram", "where the long-term slots' hidden states live: ram, or disk "
                                                   "(page files under LONGCTX_HOME/stores; a snapshot links them)")
+    store_dtype: StoreDtype = option("model", "dtype of the long-term slots' hidden states: model, bf16, fp16, or "
+                                              "int8 (codes with a scale per slot and layer)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -122,7 +125,8 @@ class MPlus(MemoryLLM[MPlusOptions]):
     # ---- state ---------------------------------------------------------------------------------------------
     def init_state(self) -> MPlusState:
         b, o = self.backbone, self.options
-        ltm = LongTerm.empty(b.num_layers, b.config.hidden_size, o.retriever_dim, b.dtype, disk=o.store == "disk")
+        ltm = LongTerm.empty(b.num_layers, b.config.hidden_size, o.retriever_dim, store_dtype(o.store_dtype, b.dtype),
+                             disk=o.store == "disk")
         return MPlusState(**vars(super().init_state()), ltm=ltm)
 
     def fork_state(self, state: PoolState) -> MPlusState:

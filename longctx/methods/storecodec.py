@@ -10,8 +10,12 @@ Codes are dequantised only where they are read: the blocks a search scores, the 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
+StoreDtype = Literal["model", "bf16", "fp16", "int8"]  # the `store_dtype` option of the large stores
+STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 CODE_MAX = 127  # symmetric: codes in [-127, 127], so 0 is exact and +x/-x round alike
 SCALE_DTYPE = torch.float16  # 2 bytes a scale; its 11-bit mantissa keeps the scale to 0.05 %
 QUANTISED = torch.int8
@@ -31,3 +35,8 @@ def quantise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantise(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`codes [..., d]` times their `scale [...]`, computed in fp32, returned in `dtype`."""
     return (codes.float() * scale.float().unsqueeze(-1)).to(dtype)
+
+
+def store_dtype(name: StoreDtype, model: torch.dtype) -> torch.dtype:
+    """The dtype a store option names ("model": the model's own)."""
+    return STORE_DTYPES.get(name, model)
