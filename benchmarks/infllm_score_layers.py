@@ -1,7 +1,8 @@
 """Which layers' heads find the pass key's block: the rank of that block under `infllm`'s exact scoring, per layer.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/infllm_score_layers.py books/austen_persuasion.txt \
-        [--length 8192] [--trials 5] [--out benchmarks/results/infllm_score_layers_tuning_8k.json]
+        [--length 8192] [--trials 5] [--model NAME] [--preset infllm] \
+        [--out benchmarks/results/infllm_score_layers_tuning_8k.json]
 
 Tuning set only (Persuasion filler, the tuning seeds and key wording): this chooses `score_layers`, so it
 must not look at the report set. Each trial builds the passkey prompt `bench passkey` builds, reads the
@@ -57,10 +58,12 @@ def main() -> None:
     ap.add_argument("filler")
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--model", default=None, help="reader (a catalog name, HF id or directory; default: the default model)")
+    ap.add_argument("--preset", default="infllm", help="the infllm preset whose options read the haystack")
     ap.add_argument("--out", default="benchmarks/results/infllm_score_layers_tuning_8k.json")
     args = ap.parse_args()
-    backbone = longctx.load_backbone(dtype="bf16", threads=1)
-    method, _ = build_method(load_preset("infllm"), backbone)
+    backbone = longctx.load_backbone(args.model, dtype="auto", threads=1)
+    method, _ = build_method(load_preset(args.preset), backbone)
     split = eval_set("tuning")
     split.check_filler(args.filler)
     filler = Filler.from_file(args.filler, backbone.tokenizer)
