@@ -236,35 +236,33 @@ class LongTerm:
                seq: torch.Tensor) -> LongTerm:
         """A copy with the new slots appended as rows past the last (before pruning)."""
         n, j = len(self), hidden.shape[0]
-        room = Room(self.hidden, self.keys, pages=self.pages.fork() if self.pages is not None else None)
-        grown_hidden, scale = self.hidden, self.scale
-        if room.pages is not None:
-            room.put(n + torch.arange(j), hidden)
-        elif scale is not None:
-            codes, scales = quantise(hidden)
-            grown_hidden, scale = torch.cat((self.hidden, codes)), torch.cat((scale, scales))
-        else:
-            grown_hidden = torch.cat((self.hidden, hidden.to(self.hidden.dtype)))
-        return LongTerm(grown_hidden, torch.cat((self.keys, keys)), torch.cat((self.origin, origin)), freq, self.merges,
-                        self.pruned, seq, pages=room.pages, scale=scale)
+        room = self._copied_room(n + j, n + j)
+        room.put(n + torch.arange(j), hidden)
+        room.keys[n:] = keys.to(room.keys.dtype)
+        grown_hidden, scale = room.view(n + j)
+        return LongTerm(grown_hidden, room.keys, torch.cat((self.origin, origin)), freq, self.merges, self.pruned, seq,
+                        pages=room.pages, scale=scale)
 
     def _room_for(self, size: int, capacity: int) -> tuple[Room, int]:
-        """This store's room if it may write there and has `size` rows, else a new one holding a copy (a disk
-        store's files are shared with the old store until one of them writes)."""
+        """This store's room if it may write there and has `size` rows, else a new one holding a copy."""
         room = self.room
-        n = len(self)
-        if room is not None and room.epoch == self.epoch and room.end == n and room.keys.shape[0] >= size:
+        if room is not None and room.epoch == self.epoch and room.end == len(self) and room.keys.shape[0] >= size:
             room.end = size
             return room, size
-        rows = min(max(2 * size, 64), max(capacity, size))
+        return self._copied_room(size, min(max(2 * size, 64), max(capacity, size))), size
+
+    def _copied_room(self, size: int, rows: int) -> Room:
+        """A new room of `rows` rows holding a copy of this store, for a store of `size` rows (a disk store's
+        files are shared with this one until one of them writes)."""
+        n = len(self)
         keys = self.keys.new_empty(rows, *self.keys.shape[1:])
         keys[:n] = self.keys
         if self.pages is not None:
-            return Room(self.hidden, keys, end=size, pages=self.pages.fork()), size
+            return Room(self.hidden, keys, end=size, pages=self.pages.fork())
         hidden = self.hidden.new_empty(rows, *self.hidden.shape[1:])
         hidden[:n] = self.hidden
         scale = None
         if self.scale is not None:
             scale = self.scale.new_empty(rows, *self.scale.shape[1:])
             scale[:n] = self.scale
-        return Room(hidden, keys, end=size, scale=scale), size
+        return Room(hidden, keys, end=size, scale=scale)
