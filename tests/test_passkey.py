@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from test_rag import encoder_dir  # noqa: F401 (a fixture: a tiny random sentence encoder)
 from test_retrieval import build
 from tiny_tokenizers import sample_text
 from typer.testing import CliRunner
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 from longctx.bench.passkey import (
     Filler,
     PasskeyConfig,
+    RagReader,
     TrialResult,
     first_integer,
     make_trial,
@@ -22,6 +24,8 @@ from longctx.bench.passkey import (
     where_held,
 )
 from longctx.cli import app
+from longctx.tasks.qa import RagOptions
+from longctx.tasks.rag import Embedder
 from longctx.tasks.decode import ingest, plain_segments
 
 
@@ -107,3 +111,33 @@ def test_labels_keep_two_configurations_of_one_method_apart(tiny_backbone, fille
     report = passkey(tiny_backbone, methods, filler_file, cfg, labels=["top4", "top2"])
     assert list(report.methods) == ["top4", "top2"] and [r.method for r in report.results] == ["top4", "top2"]
     assert "topk=4" in report.methods["top4"] and report.methods["top2"].startswith("memorizing(")
+
+
+def test_rag_answers_the_same_prompts_from_the_chunks_it_retrieves(tiny_backbone, filler_file, encoder_dir):
+    """`rag` reads the task line, the retrieved chunks and the question: with every chunk retrieved the key is
+    in its prompt ("retrieved"); with one chunk, retrieved says whether that chunk holds the key."""
+    full = build(tiny_backbone, "full")
+    every = RagReader(full, Embedder.load(encoder_dir), RagOptions(topk=1000, chunk_tokens=16))
+    cfg = PasskeyConfig(lengths=[300], depths=(0.3, 0.7), trials=2, segment=64, max_new_tokens=2)
+    report = passkey(tiny_backbone, [every, build(tiny_backbone, "window")], filler_file, cfg)
+    rag = [r for r in report.results if r.method == "rag"]
+    assert [(r.key, r.depth) for r in rag] == [(r.key, r.depth) for r in report.results if r.method == "window"]
+    assert all(r.held == "store" and r.retrieved == 1.0 for r in rag)
+    assert report.methods["rag"].startswith("rag(topk=1000, chunk_tokens=16, ") and "reader=full" in report.methods["rag"]
+    one = RagReader(full, every.embedder, RagOptions(topk=1, chunk_tokens=16))
+    trial = make_trial(tiny_backbone.tokenizer, Filler.from_file(filler_file, tiny_backbone.tokenizer), 300, 0.5,
+                       random.Random(0))
+    haystack = trial.ids[trial.head : len(trial.ids) - trial.question]
+    context = one.context(tiny_backbone, haystack, "What is the pass key?")
+    assert 0 < len(tiny_backbone.tokenizer(context, add_special_tokens=False)["input_ids"]) <= 24
+    assert context in every.context(tiny_backbone, haystack, "What is the pass key?")
+
+
+def test_cli_bench_passkey_rag(model_dir, filler_file, encoder_dir):
+    res = CliRunner().invoke(app, ["bench", "passkey", filler_file, "--model", model_dir, "-m", "rag", "--lengths", "300",
+                                   "--trials", "1", "--json", "--dtype", "fp32", "-o", f"rag.embedder={encoder_dir}",
+                                   "-o", "rag.chunk_tokens=16", "-o", "rag.topk=2", "--max-new-tokens", "2"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert list(out["methods"]) == ["rag"] and out["trials"][0]["held"] == "store"
+    assert out["methods"]["rag"].startswith("rag(topk=2, chunk_tokens=16")

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import random
 import re
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +46,7 @@ class PasskeyTrial:
     ids: torch.Tensor
     needle: tuple[int, int]  # token span of the information line
     question: int = 0  # tokens of the question at the end (read as the prompt, after the haystack)
+    head: int = 0  # tokens of the task line before the haystack
 
 
 @dataclass
@@ -95,7 +98,7 @@ def make_trial(tokenizer, filler: Filler, length: int, depth: float, rng: random
     cut = int(before[-1]) + 1 if len(before) else cut  # the needle starts a sentence
     ids = torch.cat((head, hay[:cut], info, hay[cut:], question))
     start = len(head) + cut
-    return PasskeyTrial(length, depth, key, ids, (start, start + len(info)), len(question))
+    return PasskeyTrial(length, depth, key, ids, (start, start + len(info)), len(question), len(head))
 
 
 @dataclass
@@ -170,6 +173,62 @@ def run_trial(backbone: Backbone, method: Method, trial: PasskeyTrial, segment: 
 
 
 @dataclass
+class RagReader:
+    """`rag` on a passkey prompt, as `ask --method rag` answers: the haystack is cut into chunks and embedded,
+    the chunks most similar to the question go into the prompt in document order between the task line and
+    the question, and the plain model reads that prompt with full attention."""
+
+    full: Method
+    embedder: Any
+    options: Any  # tasks.qa.RagOptions
+    name: str = "rag"
+
+    @classmethod
+    def build(cls, backbone: Backbone, options: dict[str, Any] | None) -> RagReader:
+        from ..run import build_method
+        from ..tasks.qa import RagOptions
+        from ..tasks.rag import Embedder
+
+        opts = RagOptions.from_mapping(options or {}, where="rag option")
+        return cls(build_method("full", backbone)[0], Embedder.load(opts.embedder), opts)
+
+    def check_segment(self, segment: int) -> None:
+        self.full.check_segment(segment)
+
+    def describe(self) -> str:
+        o = self.options
+        return (f"rag(topk={o.topk}, chunk_tokens={o.chunk_tokens}, embedder={self.embedder.fingerprint['model']}, "
+                f"reader={self.full.describe()})")
+
+    def context(self, backbone: Backbone, haystack: torch.Tensor, question: str) -> str:
+        """The retrieved chunks of the haystack's text, in document order."""
+        from ..tasks import rag
+
+        with tempfile.TemporaryDirectory(prefix="longctx-passkey-") as tmp:
+            path = Path(tmp) / "haystack.txt"
+            path.write_text(backbone.tokenizer.decode(haystack), encoding="utf-8")
+            index = rag.build_index(str(path), backbone.tokenizer, self.embedder, chunk_tokens=self.options.chunk_tokens)
+        hits = rag.in_document_order(rag.search(index, self.embedder, question, self.options.topk))
+        return "\n\n".join(c.text.strip() for c, _ in hits)
+
+
+def run_rag_trial(backbone: Backbone, reader: RagReader, trial: PasskeyTrial, question: str, segment: int,
+                  max_new_tokens: int, label: str | None = None) -> TrialResult:
+    """`rag` on one prompt: the task line, the chunks retrieved for `question`, then the prompt's question.
+    The key is "retrieved" when a retrieved chunk holds it, and held in the store (the index) always."""
+    t0 = time.perf_counter()
+    cut = len(trial.ids) - trial.question
+    context = reader.context(backbone, trial.ids[trial.head : cut], question)
+    encoded = torch.tensor(backbone.tokenizer(context, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.cat((trial.ids[: trial.head], encoded, trial.ids[cut:]))
+    tokens, _ = greedy(backbone, reader.full, ingest(backbone, reader.full, plain_segments(ids, segment)), max_new_tokens)
+    answer = backbone.tokenizer.decode(tokens, skip_special_tokens=True)
+    return TrialResult(label or reader.name, trial.length, trial.depth, trial.key, answer.strip(),
+                       first_integer(answer) == str(trial.key), "store", float(str(trial.key) in context),
+                       time.perf_counter() - t0)
+
+
+@dataclass
 class PasskeyConfig:
     lengths: Sequence[int]
     depths: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -215,7 +274,7 @@ class PasskeyReport:
                 "cells": self.cells(), "trials": [{**asdict(r), "failure": r.failure} for r in self.results]}
 
 
-def passkey(backbone: Backbone, methods: Sequence[Method], filler_path: str, config: PasskeyConfig,
+def passkey(backbone: Backbone, methods: Sequence[Method | RagReader], filler_path: str, config: PasskeyConfig,
             on_result: Callable[[TrialResult], None] | None = None,
             labels: Sequence[str] | None = None) -> PasskeyReport:
     """Every method on the same prompts: for each length, `trials` prompts cycling through the depths.
@@ -234,7 +293,11 @@ def passkey(backbone: Backbone, methods: Sequence[Method], filler_path: str, con
             depth = config.depths[t % len(config.depths)]
             trial = make_trial(backbone.tokenizer, filler, length, depth, rng, frame, split.wording)
             for label, m in zip(labels, methods):
-                result = run_trial(backbone, m, trial, config.segment, config.max_new_tokens, label)
+                if isinstance(m, RagReader):
+                    result = run_rag_trial(backbone, m, trial, split.wording.question, config.segment,
+                                           config.max_new_tokens, label)
+                else:
+                    result = run_trial(backbone, m, trial, config.segment, config.max_new_tokens, label)
                 release_memory()
                 report.results.append(result)
                 if on_result is not None:
@@ -248,12 +311,14 @@ def passkey_bench(filler_path: str, methods: Sequence[str], config: PasskeyConfi
                   allow_untrained: bool = False,
                   on_result: Callable[[TrialResult], None] | None = None) -> dict[str, Any]:
     """`longctx bench passkey` as a library call: load the model, build the methods, run, describe the run.
-    Trainable methods load their presets' adapters (or refuse, unless `allow_untrained`)."""
+    Trainable methods load their presets' adapters (or refuse, unless `allow_untrained`); "rag" is the
+    retrieval baseline (`RagReader`, its options as `ask --method rag` takes them)."""
     from ..run import build_method
     from .record import bench_backbone, described
 
     backbone = bench_backbone(backbone, model=model, dtype=dtype, device=device, threads=threads)
-    built = [build_method(name, backbone, (options or {}).get(name), allow_untrained=allow_untrained)[0]
+    built = [RagReader.build(backbone, (options or {}).get(name)) if name == "rag" else
+             build_method(name, backbone, (options or {}).get(name), allow_untrained=allow_untrained)[0]
              for name in methods]
     if len({m.name for m in built}) < len(built):
         raise UsageError("name each method once (presets of one method are not told apart in the results)")

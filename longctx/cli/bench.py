@@ -81,7 +81,7 @@ def bench_suite(
 @_errors_to_exit
 def bench_passkey(
     filler: Annotated[str, typer.Argument(help="Book to cut haystacks from (public-domain text, UTF-8).")],
-    method: Annotated[list[str] | None, typer.Option("--method", "-m", help="Method or preset (repeatable). Default: infllm, memorizing, sinks, window.")] = None,
+    method: Annotated[list[str] | None, typer.Option("--method", "-m", help="Method, preset or rag (repeatable). Default: infllm, memorizing, sinks, window.")] = None,
     lengths: Annotated[str, typer.Option(help="Prompt lengths in tokens, comma-separated (16k = 16384).")] = "16k,32k",
     depths: Annotated[str, typer.Option(help="Depths of the key in the haystack, cycled over the trials.")] = "0.1,0.3,0.5,0.7,0.9",
     trials: Annotated[int, typer.Option(help="Prompts per length (the same for every method).")] = 20,
@@ -102,7 +102,8 @@ def bench_passkey(
 
     Every method answers the same prompts (Landmark wording, 5-digit key, book filler) by greedy decoding;
     a trial is correct when the first integer of the answer is the key. Failures are split into "not held"
-    (the key left memory), "not retrieved" (stored, but no head read it) and "copy error".
+    (the key left memory), "not retrieved" (stored, but no head read it, or for rag no retrieved chunk held it)
+    and "copy error".
     """
     from ..bench.passkey import PasskeyConfig, passkey_bench
     from .render import print_passkey, stderr_console
