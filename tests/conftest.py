@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 from hypothesis import settings
-from tiny_tokenizers import byte_bpe_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_tokenizers import byte_bpe_tokenizer, wordpiece_tokenizer
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 from longctx.model.backbone import Backbone, ModelInfo
 
@@ -93,3 +93,16 @@ def model_dir(tmp_path_factory) -> str:
 # Property tests draw the same examples on every run and machine (CI must not flake on a new seed).
 settings.register_profile("deterministic", derandomize=True, deadline=None, print_blob=True)
 settings.load_profile("deterministic")
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory) -> str:
+    """A random 2-layer BERT (hidden 32) and its tokenizer, saved as an HF directory."""
+    tokenizer = wordpiece_tokenizer()
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    d = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(config).eval().save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return str(d)

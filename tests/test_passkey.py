@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-from test_rag import encoder_dir  # noqa: F401 (a fixture: a tiny random sentence encoder)
 from test_retrieval import build
 from tiny_tokenizers import sample_text
 from typer.testing import CliRunner
@@ -24,9 +23,9 @@ from longctx.bench.passkey import (
     where_held,
 )
 from longctx.cli import app
+from longctx.tasks.decode import ingest, plain_segments
 from longctx.tasks.qa import RagOptions
 from longctx.tasks.rag import Embedder
-from longctx.tasks.decode import ingest, plain_segments
 
 
 @pytest.fixture

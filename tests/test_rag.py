@@ -14,8 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_tokenizers import byte_bpe_tokenizer, sample_text, training_corpus
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
 from longctx.errors import InputError, UsageError
 from longctx.tasks import rag
@@ -23,35 +21,6 @@ from longctx.text.textio import open_source
 from longctx.text.tokens import tokenize_text
 
 BOM = b"\xef\xbb\xbf"
-
-
-def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
-    """A BERT-style uncased WordPiece tokenizer ([CLS] text [SEP]) trained on the tiny corpus."""
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(training_corpus(), trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials,
-                                                                         show_progress=False))
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory) -> str:
-    """A random 2-layer BERT (hidden 32) and its tokenizer, saved as an HF directory."""
-    tokenizer = wordpiece_tokenizer()
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
-    d = tmp_path_factory.mktemp("tiny-bert")
-    BertModel(config).eval().save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return str(d)
 
 
 @pytest.fixture(scope="module")

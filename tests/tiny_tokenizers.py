@@ -3,6 +3,7 @@
 - `byte_bpe_tokenizer()`: GPT-2 style byte-level BPE shaped like SmolLM2's (no BOS added by default).
 - `sentencepiece_tokenizer()`: Llama-style SentencePiece BPE (byte fallback, dummy prefix, adds BOS),
   loaded through transformers' `LlamaTokenizer` (a `TokenizersBackend`, so offsets work).
+- `wordpiece_tokenizer()`: BERT-style uncased WordPiece, for a tiny sentence encoder (RAG).
 - `sample_text()`: a deterministic ~10 KB awkward text (mixed newlines, tabs, CJK, emoji, combining marks).
 
 Import from tests as `from tiny_tokenizers import byte_bpe_tokenizer` (pytest puts tests/ on sys.path).
@@ -15,7 +16,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import generate_merges
 
@@ -143,6 +144,22 @@ def sentencepiece_tokenizer(vocab_size: int = 400) -> LlamaTokenizer:
         add_eos_token=False,
         extra_special_tokens=[p for i, p in enumerate(pieces) if sp.is_control(i)],
     )
+
+
+def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
+    """A BERT-style uncased WordPiece tokenizer ([CLS] text [SEP]) trained on the tiny corpus."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(training_corpus(), trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials,
+                                                                         show_progress=False))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
 
 
 def sample_text(size: int = 10_000, seed: int = 7) -> str:

@@ -134,7 +134,7 @@ class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
     def score_layers(self) -> tuple[int, ...]:
         """The layers whose heads score the blocks (`score_layers`; auto: the catalog's for this reader)."""
         if self.options.score_layers.strip().lower() == "auto":
-            return retrieval_layers(self.backbone.fingerprint.get("model"), self.backbone.num_layers)
+            return retrieval_layers(self.backbone.info.model_id, self.backbone.num_layers)
         return resolve_layers(self.options.score_layers, self.backbone.num_layers)
 
     def check_segment(self, segment: int) -> None:
