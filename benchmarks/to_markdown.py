@@ -301,6 +301,7 @@ def readers(files: list[tuple[str, dict]]) -> list[str]:
                 continue
             method = names.get(x["method"], x["method"])
             row = rows.setdefault((reader, method), {"files": [], "read": [], "first": [], "decode": [], "load": []})
+            row["window"] = d["model"]["arch"].get("max_position_embeddings")
             column = _reader_column(x["length"])
             got, n = row.setdefault(f"{d['benchmark']} {column}", [0, 0]), x.get("items", x.get("trials"))
             got[0], got[1] = got[0] + x["correct"], got[1] + n
@@ -319,7 +320,8 @@ def readers(files: list[tuple[str, dict]]) -> list[str]:
     out = ["| reader | method | " + " | ".join(head) + " | read tok/s | question → 1st token s | decode tok/s | load | result files |",
            "|---|---|" + "---|" * (len(head) + 5)]
     for (reader, method), row in sorted(rows.items(), key=lambda kv: _reader_order(*kv[0])):
-        cells = [_reader_cell(row, k) for k in (f"{b} {n}" for b in ("needle", "passkey") for n in READER_LENGTHS)]
+        cells = [_reader_cell(row, f"{b} {n}", n if method == "full" else None)
+                 for b in ("needle", "passkey") for n in READER_LENGTHS]
         lo, hi = (min(row["load"]), max(row["load"])) if row["load"] else (None, None)
         loads = "—" if lo is None else f"{lo:.1f}" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:.1f}–{hi:.1f}"
         out.append(f"| {reader} | {method} | " + " | ".join(cells) + f" | {mean(row['read'], ',.0f')} "
@@ -337,9 +339,13 @@ def _presets_given(d: dict) -> dict[str, str]:
     return dict(zip(built, given)) if d["benchmark"] == "passkey" and len(given) == len(built) else {}
 
 
-def _reader_cell(row: dict, key: str) -> str:
-    """Correct/items of one cell, with the lengths read where they differ from the column's."""
+def _reader_cell(row: dict, key: str, in_window: int | None = None) -> str:
+    """Correct/items of one cell, with the lengths read where they differ from the column's. An in-window
+    ceiling (`in_window`: the column's length) the reader's trained window cannot hold is not a ceiling."""
     if key not in row:
+        window = row.get("window")
+        if in_window and window and window * (1 + READER_SLACK) < in_window:
+            return f"— (window {window:,})"
         return "not measured"
     other = sorted(row.get("lengths", {}).get(key, ()))
     return f"{row[key][0]}/{row[key][1]}" + (f" ({', '.join(f'{n:,}' for n in other)} tok)" if other else "")
