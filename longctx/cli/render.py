@@ -366,5 +366,8 @@ def print_models(rows: list[dict[str, Any]]) -> None:
                       f"trained context {r['trained_context']:,}, {state}", highlight=False)
         for label, key in (("what", "what"), ("licence", "licence"), ("source", "source"), ("sha256", "sha256")):
             console.print(f"  {label + ':':<9}{r[key]}", highlight=False)
+        if r["retrieval_layers"]:  # infllm's score_layers auto
+            console.print(f"  {'layers:':<9}{', '.join(map(str, r['retrieval_layers']))} choose infllm's blocks "
+                          "(measured retrieval layers)", highlight=False)
         if not r["installed"] and not r["default"]:
             console.print(f"  install: longctx models install {r['name']}", highlight=False)

@@ -167,7 +167,8 @@ def listing() -> list[dict[str, object]]:
     """Every named model (the default first) with what `longctx models` shows."""
     return [{"name": e.name, "what": e.what, "family": e.family, "parameters": e.parameters,
              "trained_context": e.trained_context, "licence": e.licence, "source": e.source,
-             "sha256": e.sha256, "installed": is_installed(e), "disk_bytes": disk_bytes(e),
+             "sha256": e.sha256, "retrieval_layers": list(e.retrieval_layers), "installed": is_installed(e),
+             "disk_bytes": disk_bytes(e),
              "default": e.name == DEFAULT_NAME} for e in ENTRIES]
 
 
