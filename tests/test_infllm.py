@@ -191,8 +191,9 @@ def test_auto_score_layers_are_the_readers_measured_ones(tiny_backbone, monkeypa
     entry = replace(catalog.CATALOG["qwen2.5-coder-1.5b"], name="tiny-named", retrieval_layers=(1,))
     monkeypatch.setitem(catalog.CATALOG, "tiny-named", entry)
     named = Backbone(tiny_backbone.model, tiny_backbone.tokenizer, ModelInfo(model_id="tiny-named", source="test"))
-    assert build(named).score_layers == (1,)
+    assert build(named).score_layers == (1,) and "score_layers=auto(1)" in build(named).describe()
     assert build(named, score_layers="all").score_layers == (0, 1)
+    assert "score_layers=auto(all)" in build(tiny_backbone).describe()
 
 
 def test_representative_memory_survives_a_snapshot_and_a_fork(tiny_backbone):

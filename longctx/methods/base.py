@@ -248,8 +248,12 @@ class Method(ABC, Generic[OptionsT, StateT]):
 
     def describe(self) -> str:
         """`name(key=value, ...)`: the protocol string printed with every number (`non-causal` last if so)."""
-        opts = [f"{k}={v}" for k, v in self.options.to_dict().items()] + ([] if self.causal else ["non-causal"])
+        opts = [f"{k}={v}" for k, v in self.protocol_options().items()] + ([] if self.causal else ["non-causal"])
         return f"{self.name}({', '.join(opts)})"
+
+    def protocol_options(self) -> dict[str, Any]:
+        """The options as the protocol line states them (a method may spell out what a value resolved to)."""
+        return self.options.to_dict()
 
 
 # A prompt segment (the question of `ask`) may choose memory with its own queries; document text chooses

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -136,6 +136,14 @@ class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
         if self.options.score_layers.strip().lower() == "auto":
             return retrieval_layers(self.backbone.info.model_id, self.backbone.num_layers)
         return resolve_layers(self.options.score_layers, self.backbone.num_layers)
+
+    def protocol_options(self) -> dict[str, Any]:
+        """`score_layers: auto` is stated with the layers it chose for this reader: `auto(2/5/6/8/14)`."""
+        opts = super().protocol_options()
+        if self.options.score_layers.strip().lower() == "auto":
+            every = self.score_layers == tuple(range(self.backbone.num_layers))
+            opts["score_layers"] = "auto(all)" if every else f"auto({'/'.join(map(str, self.score_layers))})"
+        return opts
 
     def check_segment(self, segment: int) -> None:
         o = self.options
