@@ -301,7 +301,7 @@ def readers(files: list[tuple[str, dict]]) -> list[str]:
                 continue
             method = names.get(x["method"], x["method"])
             row = rows.setdefault((reader, method), {"files": [], "read": [], "first": [], "decode": [], "load": []})
-            row["window"] = d["model"]["arch"].get("max_position_embeddings")
+            row["window"] = d["model"].get("arch", {}).get("max_position_embeddings")
             column = _reader_column(x["length"])
             got, n = row.setdefault(f"{d['benchmark']} {column}", [0, 0]), x.get("items", x.get("trials"))
             got[0], got[1] = got[0] + x["correct"], got[1] + n

@@ -274,6 +274,10 @@ def test_readers_table_puts_a_length_just_under_a_column_in_it_and_says_so():
     rows = to_markdown.readers([("a/x_8k.json", needle(8192, 4)), ("a/x_32000.json", needle(32000, 3))])
     row = next(r for r in rows if r.startswith("| qwen2.5-coder-1.5b"))
     assert "| 4/4 | 3/4 (32,000 tok) | not measured | not measured |" in row
+    short = needle(8192, 0)  # a reader trained on 8,192 positions has no in-window ceiling at 32k
+    short["model"] = {"model": "smollm2-135m", "dtype": "bfloat16", "arch": {"max_position_embeddings": 8192}}
+    row = next(r for r in to_markdown.readers([("a/s.json", short)]) if r.startswith("| smollm2-135m"))
+    assert "| 0/4 | — (window 8,192) | not measured | — (window 8,192) |" in row
     assert to_markdown._reader_column(16384) == 16384  # far from every column: a column of its own
     # a passkey file names the method (`infllm`), the command the preset it ran (`-m infllm-qa`): one row
     passkey = {"benchmark": "passkey", "model": {"model": "gemma-3-270m", "dtype": "bfloat16"},
