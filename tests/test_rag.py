@@ -147,6 +147,7 @@ def test_search_caps_k_and_orders(index, embedder):
     assert len(hits) == len(index) and {c for c, _ in hits} == set(index.chunks)
     ordered = rag.in_document_order(hits[:5])
     assert [c.byte_start for c, _ in ordered] == sorted(c.byte_start for c, _ in hits[:5])
+    assert rag.prompt_text(hits[:5]) == "\n\n".join(c.text.strip() for c, _ in ordered)  # what a reader's prompt holds
     with pytest.raises(UsageError, match="at least 1"):
         rag.search(index, embedder, "q", k=0)
 

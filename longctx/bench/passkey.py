@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,10 @@ from ..tasks.decode import extend, greedy, ingest, plain_segments
 from ..text.prompts import chat_halves
 from ..text.textio import open_source
 from .splits import LANDMARK, KeyWording, eval_set
+
+if TYPE_CHECKING:  # the RAG baseline's modules load only when a run names it
+    from ..tasks.qa import RagOptions
+    from ..tasks.rag import Embedder
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.\n")
@@ -179,8 +183,8 @@ class RagReader:
     the question, and the plain model reads that prompt with full attention."""
 
     full: Method
-    embedder: Any
-    options: Any  # tasks.qa.RagOptions
+    embedder: Embedder
+    options: RagOptions
     name: str = "rag"
 
     @classmethod
@@ -208,8 +212,7 @@ class RagReader:
             path = Path(tmp) / "haystack.txt"
             path.write_text(backbone.tokenizer.decode(haystack), encoding="utf-8")
             index = rag.build_index(str(path), backbone.tokenizer, self.embedder, chunk_tokens=self.options.chunk_tokens)
-        hits = rag.in_document_order(rag.search(index, self.embedder, question, self.options.topk))
-        return "\n\n".join(c.text.strip() for c, _ in hits)
+        return rag.prompt_text(rag.search(index, self.embedder, question, self.options.topk))
 
 
 def run_rag_trial(backbone: Backbone, reader: RagReader, trial: PasskeyTrial, question: str, segment: int,

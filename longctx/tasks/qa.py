@@ -294,7 +294,7 @@ def _rag_answer(session: _Session, full: Method, embedder, index, opts: RagOptio
 
     t0 = time.perf_counter()
     hits = rag.in_document_order(rag.search(index, embedder, question, opts.topk))
-    context = "\n\n".join(c.text.strip() for c, _ in hits)
+    context = rag.prompt_text(hits)
     ids = (session.encode(session.frame.head, head=True) + session.encode(context)
            + session.encode(session.frame.tail(question)))
     limit = session.backbone.max_positions - session.max_new_tokens

@@ -280,3 +280,8 @@ def search(index: ChunkIndex, embedder: Embedder, question: str, k: int) -> list
 def in_document_order(hits: list[tuple[Chunk, float]]) -> list[tuple[Chunk, float]]:
     """The same hits sorted by position in the document (for a prompt that reads in order)."""
     return sorted(hits, key=lambda hit: hit[0].byte_start)
+
+
+def prompt_text(hits: list[tuple[Chunk, float]]) -> str:
+    """Retrieved chunks as a reader's prompt holds them: in document order, separated by a blank line."""
+    return "\n\n".join(c.text.strip() for c, _ in in_document_order(hits))
