@@ -75,6 +75,30 @@ def test_a_disk_store_keeps_only_its_token_indices_in_ram():
     assert disk.disk_bytes() >= len(disk) * 2 * 3 * 2 * (8 + 2)  # keys + values, codes + scales, every layer/head
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16])
+def test_a_disk_store_s_keys_kept_in_ram_read_as_the_files_do_without_reading_them(dtype, monkeypatch):
+    ram, disk = pair(dtype, batches=(5, 300, 1))
+    before = disk.nbytes()
+    disk.keep_keys_in_ram((2, 0))  # filled from the files for what is held, then kept up to date
+    per_slot = 2 * 2 * (8 * dtype.itemsize + (2 if dtype == torch.int8 else 0))  # layers x heads x (key + scale)
+    assert disk.nbytes() - before == disk.allocated * per_slot
+    g = torch.Generator().manual_seed(5)
+    for e in (128, 700, 200):  # the ring wraps, the RAM buffers grow
+        k, v = torch.randn(3, 2, e, 8, generator=g), torch.randn(3, 2, e, 8, generator=g)
+        idx = torch.arange(disk.written, disk.written + e)
+        for s in (ram, disk):
+            s.add(k, v, idx, idx + 7, idx * 2)
+    assert all(torch.equal(a, b) for a, b in zip(reads(ram), reads(disk), strict=True))
+    assert set(disk.tensors()) == set(pair(dtype)[1].tensors())  # not saved: the files hold those keys
+    read = disk.pages.read
+    monkeypatch.setattr(disk.pages, "read", lambda part, index, dt: pytest.fail("read a file") if part == 0 and index[0] in (0, 2) else read(part, index, dt))
+    n = len(disk)
+    for layer in (0, 2):
+        assert torch.equal(disk.keys_at((layer, slice(None), slice(0, n)), torch.float),
+                           ram.keys_at((layer, slice(None), slice(0, n)), torch.float))
+    assert torch.equal(disk.keys_at((1, 0, slice(3, 9)), torch.float), ram.keys_at((1, 0, slice(3, 9)), torch.float))
+
+
 def test_a_fork_of_a_disk_store_copies_a_segment_before_either_side_writes_it():
     _, disk = pair(torch.float32)
     before = reads(disk)
@@ -111,6 +135,17 @@ def test_infllm_and_memorizing_on_disk_score_exactly_as_in_ram(tiny_backbone):
         ram, _ = stream_nll(tiny_backbone, name, ids, 16, **opts)
         disk, _ = stream_nll(tiny_backbone, name, ids, 16, store="disk", **opts)
         assert disk == ram, (name, opts)
+    for keys in ("ram", "auto"):  # the choosing layers' keys copied in RAM: auto does so for 1 layer in 4 (here 0 of 2)
+        opts = {**STORE_METHODS["infllm"], "score_layers": "0.5-1", "score_keys": keys}
+        disk, _ = stream_nll(tiny_backbone, "infllm", ids, 16, store="disk", **opts)
+        assert disk == stream_nll(tiny_backbone, "infllm", ids, 16, **opts)[0]
+
+
+def test_infllm_keeps_the_choosing_layers_keys_in_ram_when_they_are_few(tiny_backbone):
+    opts = {**STORE_METHODS["infllm"], "store": "disk", "score_layers": "0.5-1"}  # layer 1 of 2
+    assert build(tiny_backbone, "infllm", **opts).init_state().store.ram_layers == ()  # auto: half the layers
+    assert build(tiny_backbone, "infllm", score_keys="ram", **opts).init_state().store.ram_layers == (1,)
+    assert build(tiny_backbone, "infllm", score_keys="ram", **{**opts, "scoring": "representative"}).init_state().store.ram_layers == ()
 
 
 MPLUS = {"pool": 6, "update": 4, "ltm": 12, "retrieve": 5}
@@ -136,6 +171,8 @@ def _segments(ids: torch.Tensor) -> list:
 
 @pytest.mark.parametrize("name, options, tokens, read, absent, filled", [
     ("infllm", {**STORE_METHODS["infllm"], "memory": 512}, 560, 30, "store.keys", lambda s: len(s.store) > 400),
+    ("infllm", {**STORE_METHODS["infllm"], "memory": 512, "score_layers": "0.5-1", "score_keys": "ram"}, 560, 30,
+     "store.ram_keys", lambda s: len(s.store) > 400 and s.store.ram_layers == (1,)),
     ("mplus", MPLUS, 320, 12, "ltm.hidden", lambda s: len(s.ltm) == 12 and s.ltm.pruned > 0)])
 def test_a_disk_store_snapshot_links_its_segments_and_resumes_bit_for_bit(tiny_backbone, monkeypatch, name, options,
                                                                           tokens, read, absent, filled):
@@ -156,6 +193,8 @@ def test_a_disk_store_snapshot_links_its_segments_and_resumes_bit_for_bit(tiny_b
     sums = {p: pagefile_sha(p) for p in linked}
     with pagefile.snapshot_files({k[6:]: v for k, v in snap.files.items()}):
         loaded = m.state_from_tensors(dict(snap.tensors))
+    if name == "infllm":  # a RAM copy of some keys is rebuilt from the files
+        assert loaded.store.ram_layers == first.state.store.ram_layers
     outs = []
     with torch.inference_mode():
         for state in (first.state, loaded, m.fork_state(first.state)):

@@ -5,7 +5,9 @@ a document fills it and appending never copies what is already there. Slot `i % 
 entry ever written; the oldest is overwritten first (FIFO). Keys are pre-rotation (positions are assigned
 at read time) and may be kept in a narrower dtype than the model's, or as int8 codes with a scale per
 token and head (storecodec.py): each scored block or gathered entry is widened (decoded) first, the rest stays
-compact. With `disk`, keys/values live in page files (pagefile.py) and only the token indices stay in RAM.
+compact. With `disk`, keys/values live in page files (pagefile.py) and only the token indices stay in RAM,
+plus, when asked (`keep_keys_in_ram`), a copy of a few layers' keys: those a method scores at every step, so
+that scoring reads no file (infllm's choosing layers).
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ class KNNStore:
     _shared: bool = False  # buffers shared with a fork: copied before the first write (copy on write)
     # keys/values (and scales) on disk; then `keys`/`values`/scales are empty and give only shape and dtype
     pages: PageFile | None = None
+    # a disk store's keys of these layers, also in RAM (`[len(ram_layers), kv_heads, slots, head_dim]`, as stored)
+    ram_layers: tuple[int, ...] = ()
+    ram_keys: torch.Tensor | None = None
+    ram_key_scale: torch.Tensor | None = None
+    _scores: torch.Tensor | None = None  # fp32 scratch for scores over the stored keys (`score_buffer`), never saved
 
     @classmethod
     def empty(cls, capacity: int, layers: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype,
@@ -77,7 +84,8 @@ class KNNStore:
         """The names of the buffers held in RAM (a ring of slots each)."""
         index = ("token_index", "token_ids", "byte_start")
         if self.pages is not None:
-            return index
+            copy = ("ram_keys", "ram_key_scale") if self.quantised else ("ram_keys",)
+            return (*index, *copy) if self.ram_layers else index
         scales = ("key_scale", "value_scale") if self.quantised else ()
         return ("keys", "values", *index, *scales)
 
@@ -98,6 +106,10 @@ class KNNStore:
 
     def _read(self, part: int, index: Index, dtype: torch.dtype) -> torch.Tensor:
         """Keys (part 0) or values (1) at `index`, from RAM or from the page files."""
+        layer = index[0]
+        if part == 0 and isinstance(layer, int) and layer in self.ram_layers:
+            assert self.ram_keys is not None
+            return _decoded(self.ram_keys, self.ram_key_scale, (self.ram_layers.index(layer), *index[1:]), dtype)
         if self.pages is not None:
             return self.pages.read(part, index, dtype).to(self.token_index.device)
         data, scale = (self.keys, self.key_scale) if part == 0 else (self.values, self.value_scale)
@@ -121,6 +133,9 @@ class KNNStore:
         slots = (self.written + torch.arange(e, device=self.token_index.device)) % self.capacity
         if self.pages is not None:
             self.pages.write(slots, keys, values)
+            if self.ram_layers:
+                assert self.ram_keys is not None
+                _put(self.ram_keys, self.ram_key_scale, slots, keys[list(self.ram_layers)])
         else:
             _put(self.keys, self.key_scale, slots, keys)
             _put(self.values, self.value_scale, slots, values)
@@ -141,6 +156,32 @@ class KNNStore:
             out = t.new_zeros(*t.shape[:dim], size, *t.shape[dim + 1:])
             _first_slots(out, have).copy_(t)
             setattr(self, name, out)
+
+    def keep_keys_in_ram(self, layers: tuple[int, ...]) -> None:
+        """Keep a copy of `layers`' keys in RAM as well (a disk store; in RAM they are there already), filled
+        from the page files for what the store holds, so that reading those keys reads no file."""
+        if self.pages is None or not layers or layers == self.ram_layers:
+            return
+        _, kv_heads, _, dim = self.keys.shape
+        n, size = len(self), self.allocated
+        self.ram_keys = self.keys.new_zeros(len(layers), kv_heads, size, dim)
+        self.ram_key_scale = self.key_scale.new_zeros(len(layers), kv_heads, size) if self.key_scale is not None else None
+        for i, layer in enumerate(layers if n else ()):
+            codes, scales = self.pages.read_stored(0, layer, n)
+            self.ram_keys[i, :, :n] = codes
+            if self.ram_key_scale is not None and scales is not None:
+                self.ram_key_scale[i, :, :n] = scales
+        self.ram_layers = tuple(layers)
+
+    def score_buffer(self, rows: int, n: int) -> torch.Tensor:
+        """A reused fp32 buffer `[rows, n]` for scores over `n` stored keys, its contents undefined. At a million
+        keys it is hundreds of MB, and a fresh buffer that size is page-faulted in (system time) at every use;
+        this one grows by doubling, up to `rows x capacity`. A fork shares it (neither keeps scores in it)."""
+        buf, numel = self._scores, rows * n
+        if buf is None or buf.numel() < numel:
+            grown = min(2 * buf.numel(), rows * self.capacity) if buf is not None else 0
+            buf = self._scores = torch.empty(max(numel, grown), device=self.token_index.device)
+        return buf[:numel].view(rows, n)
 
     def order(self) -> torch.Tensor:
         """Slot indices from the oldest entry to the newest."""
@@ -255,8 +296,8 @@ class KNNStore:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The filled slots as stored (ring layout kept, so a reload searches identically) + the counter. A disk
         store lists its segments instead of keys/values (their files are linked: `files`)."""
-        n = len(self)
-        out = {name: _first_slots(getattr(self, name), n) for name in self._buffers()}
+        n = len(self)  # a disk store's RAM copy of some keys is not saved: its files hold them
+        out = {name: _first_slots(getattr(self, name), n) for name in self._buffers() if not name.startswith("ram_")}
         if self.pages is not None:
             out.update({f"pages.{k}": v for k, v in self.pages.tensors().items()})
         return {**out, "written": torch.tensor([self.written], dtype=torch.long)}

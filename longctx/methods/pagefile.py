@@ -239,6 +239,14 @@ class PageFile:
         scale = self._read_pages(pages, part, scaled=True, layer=layer)
         return (data[idx].float() * scale[idx].float().unsqueeze(-1)).to(dtype)
 
+    def read_stored(self, part: int, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Slots `0..n` of one layer's keys (part 0) or values (1) as stored, `[kv_heads, n, dim]`, and their
+        int8 scales `[kv_heads, n]` (None for a float store)."""
+        pages = list(range(-(-n // self.layout.page)))
+        data = self._read_pages(pages, part, scaled=False, layer=layer)[0, :, :n]
+        scale = self._read_pages(pages, part, scaled=True, layer=layer)[0, :, :n] if self.quantised else None
+        return data, scale
+
     def _read_pages(self, pages: list[int], part: int, *, scaled: bool, layer: int | slice) -> torch.Tensor:
         """`[layers read, kv_heads, len(pages) * PAGE(, dim)]` of `pages`, in the stored dtype."""
         lay = self.layout
