@@ -14,7 +14,8 @@ greedy tokens) after one untimed warm-up segment. The result file is rewritten a
 sweep can be stopped and its finished runs kept; `ratios` compares each length with the shortest one: the
 average tokens/s, the tokens/s over the last 8,192 tokens (the cost at that length), and both per CPU-second of
 the run's process, which other work on the machine does not dilute (with one thread).
-A method may carry options (`NAME:key=value[:key=value]`, the rest defaults); every row also records the
+A method is a preset (its options and adapter: `uio-fifo`, `memorizing-fast`) and may carry option overrides
+(`NAME:key=value[:key=value]`); every row also records the
 bytes its memory holds at the end, in RAM (allocated) and as a snapshot would write them (filled).
 With --baseline DIR, every run is repeated right after with the `longctx` package of the checkout DIR (rows
 with "code": "baseline"), so the two versions are measured side by side under the same load.
@@ -79,13 +80,12 @@ def child(method: str, length: int, ids_path: str, args: argparse.Namespace) -> 
 
     import longctx
     from longctx.bench.throughput import throughput
-    from longctx.methods import get_method
+    from longctx.run import build_method
 
     backbone = longctx.load_backbone(dtype=dtype, threads=threads)
     ids = torch.from_numpy(np.load(ids_path, mmap_mode="r")[:length].copy())
     name, options = method_spec(method)
-    cls = get_method(name)
-    m = cls(cls.Options.from_mapping(options), backbone)
+    m, _ = build_method(name, backbone, options)  # a preset: its options and trained adapter, then the overrides
     throughput(backbone, m, ids[:segment], segment=segment, decode_tokens=1)  # warm-up, untimed
     row = throughput(backbone, m, ids, segment=segment, decode_tokens=args.decode)
     row["longctx_path"] = str(Path(longctx.__file__).parent)
