@@ -68,7 +68,7 @@ def test_misspelled_method_gets_a_suggestion(book, model_dir):
 
 
 def test_max_tokens_takes_16k_and_refuses_words(book, no_model):
-    from longctx.cli.reading import _max_tokens
+    from longctx.cli.perplexity import _max_tokens
 
     assert (_max_tokens("16k"), _max_tokens("300"), _max_tokens("ALL"), _max_tokens(None)) == (16384, 300, "all", None)
     r = ppl(book, "--max-tokens", "lots")

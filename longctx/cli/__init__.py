@@ -4,7 +4,7 @@ stdout carries results only (tables, --json, --jsonl); progress, warnings and er
 Exit codes: 0 ok, 1 runtime failure, 2 usage or bad input, 130 interrupted (docs/errors.md).
 
 One module per command group; this one creates the apps, and importing the group modules registers their
-commands (in the order `--help` lists them): reading (ppl, ask, generate), text, catalog (methods, presets,
+commands (in the order `--help` lists them): perplexity (ppl), reading (ask, generate), text, catalog (methods, presets,
 models), training (train, adapters), memory, bench, doctor. Shared option declarations live in options.py,
 the mapping of library errors to exit codes in exits.py.
 """
@@ -49,7 +49,7 @@ def main_options(
 # The command modules register on the apps above, so they are imported after them, in the order the
 # top-level commands are listed by `--help` (sub-apps keep the order of add_typer above).
 # isort: off
-from . import reading, text, catalog, training, memory, bench, doctor  # noqa: E402, F401
+from . import perplexity, reading, text, catalog, training, memory, bench, doctor  # noqa: E402, F401
 # isort: on
 from .reading import DEFAULT_ASK_METHOD  # noqa: E402, F401
 
