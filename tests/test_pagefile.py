@@ -135,7 +135,7 @@ def test_infllm_and_memorizing_on_disk_score_exactly_as_in_ram(tiny_backbone):
         ram, _ = stream_nll(tiny_backbone, name, ids, 16, **opts)
         disk, _ = stream_nll(tiny_backbone, name, ids, 16, store="disk", **opts)
         assert disk == ram, (name, opts)
-    for keys in ("ram", "auto"):  # the choosing layers' keys copied in RAM: auto does so for 1 layer in 4 (here 0 of 2)
+    for keys in ("ram", "auto"):  # the choosing layers' keys copied in RAM (ram), or not (auto: 1 of 2 layers is too many)
         opts = {**STORE_METHODS["infllm"], "score_layers": "0.5-1", "score_keys": keys}
         disk, _ = stream_nll(tiny_backbone, "infllm", ids, 16, store="disk", **opts)
         assert disk == stream_nll(tiny_backbone, "infllm", ids, 16, **opts)[0]

@@ -165,7 +165,8 @@ class InfLLM(StoreMethod[InfLLMOptions, InfLLMState]):
 
     def _keep_score_keys(self, store: KNNStore) -> None:
         """Exact scoring reads the choosing layers' keys every segment: a disk store keeps a RAM copy of them
-        (`score_keys`), so choosing reads no file (a quarter of a 1M-token run's CPU time was those reads)."""
+        (`score_keys`), so choosing reads no file (from the page files a choice over a million stored tokens
+        cost 1.6 times as much: benchmarks/score_keys.py)."""
         o, layers = self.options, self.score_layers
         few = len(layers) * 4 <= self.backbone.num_layers
         if o.store == "disk" and o.scoring == "exact" and (o.score_keys == "ram" or (o.score_keys == "auto" and few)):
