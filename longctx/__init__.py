@@ -23,7 +23,7 @@ from .version import __version__
 _API = {
     "perplexity": "longctx.tasks.perplexity", "perplexity_many": "longctx.tasks.corpus",
     "load_backbone": "longctx.model.models", "ask": "longctx.tasks.qa", "generate": "longctx.tasks.generation",
-    "train": "longctx.tasks.training", "TrainConfig": "longctx.tasks.training", "Sampling": "longctx.tasks.sampling",
+    "train": "longctx.tasks.training", "TrainConfig": "longctx.tasks.trainconfig", "Sampling": "longctx.tasks.sampling",
     "METHODS": "longctx.methods", "get_method": "longctx.methods", "load_preset": "longctx.presets",
 }
 

@@ -38,7 +38,8 @@ from longctx.tasks.facts import (
 )
 from longctx.tasks.recall import RecallTask, recall_accuracy
 from longctx.tasks.samples import TokenCorpus
-from longctx.tasks.training import TrainConfig, Trainer, parse_curriculum
+from longctx.tasks.trainconfig import TrainConfig, parse_curriculum
+from longctx.tasks.trainer import Trainer
 from longctx.text.prompts import qa_frame
 
 EVAL_LISTS = {"SURNAMES": needle.SURNAMES, "TITLES": needle.TITLES, "PLACES": needle.PLACES, "THINGS": needle.THINGS,
@@ -195,7 +196,7 @@ def test_memory_learns_a_planted_recall_four_segments_back(name, options):
 def test_the_answer_trains_the_injection_only_when_bptt_reaches_the_fact(bptt, reaches):
     """memoryllm's injection-then-question objective: the fact's segment (0) writes the slots the last
     segment (3) reads; the answer's loss reaches that write through the pool when BPTT covers segments 1-3."""
-    from longctx.tasks.training import unroll
+    from longctx.tasks.trainer import unroll
 
     torch.manual_seed(0)
     backbone = Backbone(LlamaForCausalLM(tiny_config()).eval(), byte_bpe_tokenizer(), ModelInfo(model_id="tiny-llama", source="test"))

@@ -24,7 +24,8 @@ from longctx.storage.adapters import role_spec, save_adapter
 from longctx.storage.snapshot import SnapshotStore
 from longctx.stream import forward_segment, run_stream, scored_nll
 from longctx.tasks.samples import TokenCorpus, window_segments
-from longctx.tasks.training import TrainConfig, Trainer
+from longctx.tasks.trainconfig import TrainConfig
+from longctx.tasks.trainer import Trainer
 
 SMALL = {"pool": 6, "update": 4}
 PLUS = {**SMALL, "ltm": 100, "retrieve": 5}

@@ -30,7 +30,8 @@ from longctx.storage.snapshot import SnapshotError, SnapshotStore
 from longctx.stream import run_stream
 from longctx.tasks.recall import RecallTask, recall_accuracy
 from longctx.tasks.samples import window_segments
-from longctx.tasks.training import TrainConfig, Trainer, parse_curriculum, unroll
+from longctx.tasks.trainconfig import TrainConfig, parse_curriculum
+from longctx.tasks.trainer import Trainer, unroll
 
 runner = CliRunner()
 ROOT = Path(__file__).parents[1]

@@ -1,7 +1,7 @@
 """`uio` (UIO-LLMs) on tiny random Llamas: the decoder without memory is the base model, the encoder's mask and
 positions are the paper's, incremental optimisation equals full BPTT when the reservoir holds every chunk,
 the reservoir keeps each past chunk with probability W/t, importance weighting, memory management, exact
-state round trips, and training through `longctx.tasks.training.Trainer` with adapters that round-trip."""
+state round trips, and training through `longctx.tasks.trainer.Trainer` with adapters that round-trip."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from longctx.storage.adapters import attach_adapter, role_spec, save_adapter
 from longctx.storage.snapshot import SnapshotStore
 from longctx.stream import forward_segment, run_stream, step_nll
 from longctx.tasks.samples import TokenCorpus, window_segments
-from longctx.tasks.training import TrainConfig, Trainer, unroll
+from longctx.tasks.trainconfig import TrainConfig
+from longctx.tasks.trainer import Trainer, unroll
 
 
 def make(backbone: Backbone, **options) -> UIO:

@@ -61,7 +61,7 @@ def train(
     """
     from ..model.lora import LoraSpec
     from ..sharding import is_main_process
-    from ..tasks.training import LossMask, TrainConfig, TrainTask, Tune, parse_curriculum
+    from ..tasks.trainconfig import LossMask, TrainConfig, TrainTask, Tune, parse_curriculum
     from ..tasks.training import train as train_fn
     from .render import stderr_console
 

@@ -220,7 +220,7 @@ class Method(ABC, Generic[OptionsT, StateT]):
         """What the memory holds, as groups of entries with their provenance (for `memory dump`)."""
         return []
 
-    # ---- training hooks: what the trainer (tasks/training.py) calls; the defaults suit a training-free method
+    # ---- training hooks: what the trainer (tasks/trainer.py) calls; the defaults suit a training-free method
     # fine-tuned through the backbone (no memory parameters, nothing to detach, ordinary backward).
     backward_in_sample: ClassVar[bool] = False  # True: `backward_sample` back-propagates as it reads (UIO)
 
