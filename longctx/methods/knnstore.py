@@ -236,8 +236,11 @@ class KNNStore:
         slots = slots.clamp(max=n - 1)
         heads = torch.arange(slots.shape[0], device=slots.device).view(-1, 1)
         keys = self.keys_at((layer, heads, slots), queries.dtype)  # [h, c*block, d]
-        scores = (queries @ keys.transpose(1, 2)).masked_fill(~valid.unsqueeze(1), float("-inf"))
-        top = scores.topk(min(k, int(valid.sum(-1).min())), dim=-1).indices
+        scores = queries @ keys.transpose(1, 2)
+        filled = valid.sum(-1)
+        if int(filled.min()) < valid.shape[-1]:  # only a partly filled last block has empty slots to hide
+            scores.masked_fill_(~valid.unsqueeze(1), float("-inf"))
+        top = scores.topk(min(k, int(filled.min())), dim=-1).indices
         return slots.gather(1, top.flatten(1)).view_as(top)
 
     def _newest_blocks(self, block: int, count: int, heads: int, device: torch.device) -> torch.Tensor:
