@@ -34,14 +34,13 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import build_text, method_spec  # noqa: E402
+from scale import method_spec, text_ids  # noqa: E402
 
 import longctx  # noqa: E402
 from longctx.bench.record import run_record  # noqa: E402
 from longctx.run import build_method  # noqa: E402
 from longctx.stream import forward_segment  # noqa: E402
 from longctx.tasks.decode import ingest, plain_segments  # noqa: E402
-from longctx.text.tokens import tokenize_text  # noqa: E402
 
 
 def read_to(backbone, method, ids: torch.Tensor, start: int, end: int, segment: int) -> Any:
@@ -94,8 +93,8 @@ def main() -> None:
     args = ap.parse_args()
     backbone = longctx.load_backbone(dtype=args.dtype, threads=1)
     span = args.pairs * args.segment
-    text = build_text(Path(args.data), args.at + span)
-    ids = torch.tensor(tokenize_text(backbone.tokenizer, text).ids[: args.at + span])
+    all_ids, text = text_ids(Path(args.data), backbone.tokenizer, args.at + span)
+    ids = torch.tensor(all_ids[: args.at + span])
     name, options = method_spec(args.method)
     method, _ = build_method(name, backbone, options)
     from_ = max(0, args.at - args.warm) if args.warm else 0
@@ -105,7 +104,7 @@ def main() -> None:
     held = {"near": method.memory_size(near), "far": method.memory_size(far)}
     ready_s = time.perf_counter() - t0
     times = interleave(backbone, method, ids, near, far, args)
-    result = {"benchmark": "cost_at_length", "method": args.method, "protocol": method.describe(),
+    result = {"benchmark": "cost_at_length", "method": args.method, "protocol": method.describe(), "text": text,
               "near": args.near, "at": args.at, "far_read_from": from_, "segment": args.segment, "pairs": args.pairs,
               "memory_entries": held, "setup_s": ready_s, "segment_cpu_s": times,
               **summary(times, args.segment),

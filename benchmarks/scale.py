@@ -47,21 +47,27 @@ def build_text(data: Path, tokens_needed: int, chars_per_token: float = 3.5) -> 
     return "\n\n".join([text] * repeats)
 
 
-def tokenize(data: Path, tokens_needed: int, dtype: str, work: Path) -> tuple[Path, dict[str, Any]]:
-    """Token ids of the built text in `work/ids.npy`, and what the text was."""
-    import longctx
+def text_ids(data: Path, tokenizer: Any, tokens_needed: int) -> tuple[list[int], dict[str, Any]]:
+    """Token ids of the built text (all of them, at least `tokens_needed`), and what the text was."""
     from longctx.text.tokens import tokenize_text
 
-    backbone = longctx.load_backbone(dtype=dtype, threads=1)
     text = build_text(data, tokens_needed)
-    ids = tokenize_text(backbone.tokenizer, text).ids
+    ids = tokenize_text(tokenizer, text).ids
     if len(ids) < tokens_needed:
         raise SystemExit(f"the text built from {data} has {len(ids)} tokens, fewer than {tokens_needed}")
-    path = work / "ids.npy"
-    np.save(path, np.asarray(ids, dtype=np.int64))
     books = sorted(p.name for p in data.glob("*.txt"))
     info = {"books": books, "chars": len(text), "tokens": int(len(ids)),
             "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    return ids, info
+
+
+def tokenize(data: Path, tokens_needed: int, dtype: str, work: Path) -> tuple[Path, dict[str, Any]]:
+    """Token ids of the built text in `work/ids.npy`, and what the text was."""
+    import longctx
+
+    ids, info = text_ids(data, longctx.load_backbone(dtype=dtype, threads=1).tokenizer, tokens_needed)
+    path = work / "ids.npy"
+    np.save(path, np.asarray(ids, dtype=np.int64))
     return path, info
 
 
