@@ -237,10 +237,10 @@ class KNNStore:
         heads = torch.arange(slots.shape[0], device=slots.device).view(-1, 1)
         keys = self.keys_at((layer, heads, slots), queries.dtype)  # [h, c*block, d]
         scores = queries @ keys.transpose(1, 2)
-        filled = valid.sum(-1)
-        if int(filled.min()) < valid.shape[-1]:  # only a partly filled last block has empty slots to hide
+        filled = int(valid.sum(-1).min())  # the fewest filled candidate slots of any head
+        if filled < valid.shape[-1]:  # only a partly filled last block has empty slots to hide
             scores.masked_fill_(~valid.unsqueeze(1), float("-inf"))
-        top = scores.topk(min(k, int(filled.min())), dim=-1).indices
+        top = scores.topk(min(k, filled), dim=-1).indices
         return slots.gather(1, top.flatten(1)).view_as(top)
 
     def _newest_blocks(self, block: int, count: int, heads: int, device: torch.device) -> torch.Tensor:
