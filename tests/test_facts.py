@@ -148,6 +148,33 @@ def test_mixed_samples_keep_the_lm_share():
     assert 30 <= lm <= 70  # 50 expected; every LM sample scores all its targets, a fact sample its answer only
 
 
+def test_recall_curves_split_the_steps_as_the_trainer_drew_them():
+    """benchmarks/recall_curves.py says which steps were LM samples from (seed, step, lane) alone; it must agree
+    with what the trainer's source really drew (an LM sample scores every target, a fact sample its answer)."""
+    import importlib.util
+    from pathlib import Path
+
+    from longctx.tasks.trainer import sample_generator
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "recall_curves.py"
+    spec = importlib.util.spec_from_file_location("recall_curves", path)
+    assert spec is not None and spec.loader is not None
+    curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curves)
+    src = source()
+    mix = Mixed(src, TokenCorpus([src.filler], [{"path": "x"}]), 0.25)
+    config = {"seed": 7, "lm_share": 0.25, "accumulate": 1}
+    drawn = [mix.draw(2, 256, sample_generator(7, step, 0)) for step in range(60)]
+    real = ["lm" if int((torch.cat([x.targets for x in d]) >= 0).sum()) > 100 else "facts" for d in drawn]
+    assert [k[0] for k in curves.sample_kinds("facts", config, 60)] == real and 5 <= real.count("lm") <= 25
+    history = [{"step": s + 1, "segments": 1 if s < 20 else 2, "loss": 3.0 if k == "lm" else 0.5}
+               for s, k in enumerate(real)]
+    rows = curves.curves({"task": "facts", "config": config, "history": history}, window=25)
+    assert [(r["segments"], r["steps"]) for r in rows] == [(1, [1, 20]), (2, [21, 45]), (2, [46, 60])]
+    assert all(r["answer_loss"] == 0.5 and r["lm_loss"] in (3.0, None) for r in rows)
+    assert sum(r["lm_samples"] for r in rows) == real.count("lm")
+
+
 def test_curriculum_reaches_sixteen_segments():
     cfg = TrainConfig(curriculum=parse_curriculum("1:2,2:2,4:2,8:2,16:2"))
     assert [cfg.segments_at(s) for s in range(10)] == [1, 1, 2, 2, 4, 4, 8, 8, 16, 16] and cfg.steps == 10
@@ -161,6 +188,24 @@ def test_answer_scores_are_those_of_fixed_samples():
     a = answer_scores(backbone, m, src, segments=2, segment=256, samples=3)
     assert a == answer_scores(backbone, m, src, segments=2, segment=256, samples=3)
     assert a["answer_accuracy"] == 0 and 4 < a["answer_nll"] < 9  # random weights: near ln(400) = 6.0
+    # no memory: the question's segment reads the same whatever came before it
+    assert all(answer_scores(backbone, m, src, segments=2, segment=256, samples=3, memory=mode) == a
+               for mode in ("swapped", "reset"))
+
+
+def test_answer_scores_ablate_the_memory_the_question_reads():
+    """`xl` carries the previous segment's keys: what the question's segment reads differs with its own
+    memory, another sample's and the initial (empty) one; with one segment there is nothing to ablate."""
+    torch.manual_seed(0)
+    backbone = Backbone(LlamaForCausalLM(tiny_config()).eval(), byte_bpe_tokenizer(), ModelInfo(model_id="tiny-llama", source="test"))
+    m = get_method("xl")(get_method("xl").Options.from_mapping({"memory": 256}), backbone)
+    src = source()
+    scores = {mode: answer_scores(backbone, m, src, segments=2, segment=256, samples=3, memory=mode)["answer_nll"]
+              for mode in ("own", "swapped", "reset")}
+    assert len(set(scores.values())) == 3, scores
+    one = {mode: answer_scores(backbone, m, src, segments=1, segment=512, samples=3, memory=mode)["answer_nll"]
+           for mode in ("own", "swapped", "reset")}
+    assert len(set(one.values())) == 1, one
 
 
 # ---- the machinery learns: a planted key recalled 4 segments later -------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -204,25 +204,37 @@ class Mixed:
         return source.draw(n, segment, gen)
 
 
+MemoryAblation = Literal["own", "swapped", "reset"]
+
+
 def answer_scores(backbone: Backbone, method: Method, source: FactRecall, *, segments: int, segment: int,
-                  samples: int, seed: int = 4321) -> dict[str, Any]:
+                  samples: int, seed: int = 4321, memory: MemoryAblation = "own") -> dict[str, Any]:
     """Teacher-forced scores of the answers of `samples` fixed fact samples (the same ones at every call with
     the same arguments): `answer_accuracy`, the share whose every answer token is the greedy one (so greedy
-    decoding would produce the answer), and `answer_nll`, the mean NLL per answer token."""
+    decoding would produce the answer), and `answer_nll`, the mean NLL per answer token.
+
+    `memory` says what the question's segment (the last) reads: `own`, the memory its sample's earlier
+    segments wrote; `swapped`, the memory the *next* sample's earlier segments wrote (cyclically: the same
+    kind of text and facts, but not the asked one); `reset`, the method's initial memory. A memory that
+    carries the fact scores better with `own` than with the other two; a model that only guesses the
+    answer's kind scores alike."""
     gen = torch.Generator().manual_seed(seed)
+    draws = [source.draw(segments, segment, gen) for _ in range(samples)]
+    if any(bool((seg.targets >= 0).any()) for segs in draws for seg in segs[:-1]):
+        raise UsageError(f"an answer is longer than a segment of {segment} tokens; use a longer --segment")
     exact, nll, tokens = 0, 0.0, 0
     with torch.inference_mode():
-        for _ in range(samples):
-            state, ok = method.init_state(), True
-            for seg in source.draw(segments, segment, gen):
-                state, hidden, _ = forward_segment(backbone, method, state, seg)
-                scored = seg.targets >= 0
-                if bool(scored.any()):
-                    logits = backbone.model.lm_head(hidden[scored.to(hidden.device)]).float()
-                    want = seg.targets[scored].to(logits.device)
-                    nll += float(torch.nn.functional.cross_entropy(logits, want, reduction="sum"))
-                    tokens += int(want.numel())
-                    ok = ok and bool((logits.argmax(-1) == want).all())
-            exact += ok
+        for i, segs in enumerate(draws):
+            donor = {"own": segs, "swapped": draws[(i + 1) % samples], "reset": []}[memory]
+            state = method.init_state()
+            for seg in donor[: segments - 1]:
+                state, _, _ = forward_segment(backbone, method, state, seg)
+            _, hidden, _ = forward_segment(backbone, method, state, segs[-1])
+            scored = segs[-1].targets >= 0
+            logits = backbone.model.lm_head(hidden[scored.to(hidden.device)]).float()
+            want = segs[-1].targets[scored].to(logits.device)
+            nll += float(torch.nn.functional.cross_entropy(logits, want, reduction="sum"))
+            tokens += int(want.numel())
+            exact += bool((logits.argmax(-1) == want).all())
     return {"recall_segments": segments, "recall_samples": samples, "answer_accuracy": exact / max(samples, 1),
             "answer_nll": nll / max(tokens, 1)}
