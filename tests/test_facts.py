@@ -284,6 +284,12 @@ def test_cli_trains_facts_mixed_with_lm_records_answers_and_stops_at_a_step(mode
     assert out["task_data"]["lm_share"] == 0.5 and out["task_data"]["templates"] == len(TEMPLATES)
     assert [v["recall_segments"] for v in out["validation_ppl"]] == [1, 1, 1, 2]
     assert all(0 <= v["answer_accuracy"] <= 1 and v["answer_nll"] > 0 for v in out["validation_ppl"])
+    # from 2 segments on, the control: the same questions read with another sample's memory
+    assert [("answer_nll_swapped" in v) for v in out["validation_ppl"]] == [False, False, False, True]
+    from longctx.cli.training import _validation_text
+
+    assert "another sample's memory" in _validation_text(out["validation_ppl"][-1])
+    assert "another sample's memory" not in _validation_text(out["validation_ppl"][0])
     going_on = CliRunner().invoke(app, args)
     assert going_on.exit_code == 0, going_on.output
     assert json.loads(going_on.stdout)["steps"] == 4 and json.loads(going_on.stdout)["resumed_from_checkpoint"]

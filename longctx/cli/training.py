@@ -24,7 +24,7 @@ def train(
     validation: Annotated[str | None, typer.Option(help="Held-out file: validation PPL before, during and after training.")] = None,
     task: Annotated[str, typer.Option(help="lm = next-token loss on the files; recall = the synthetic secret-word task with the files as filler; facts = invented facts, the files as distractor, a question, its answer scored.")] = "lm",
     lm_share: Annotated[float, typer.Option(help="--task facts: share of ordinary next-token samples mixed in (keeps the language model).")] = 0.0,
-    val_recall: Annotated[int, typer.Option(help="--task facts: fact samples over the --validation novel whose answers are scored at each validation.")] = 0,
+    val_recall: Annotated[int, typer.Option(help="--task facts: fact samples over the --validation novel whose answers are scored at each validation (from 2 segments on, also with another sample's memory: the control).")] = 0,
     segment: Annotated[int, typer.Option(help="Document tokens per segment.")] = 512,
     curriculum: Annotated[str, typer.Option(help="Stages SEGMENTS:STEPS, comma-separated: segments per sample grow as training goes.")] = "1:20,2:40",
     bptt: Annotated[int | None, typer.Option(help="Segments whose entering memory keeps its gradient (default: all, full BPTT).")] = None,
@@ -77,11 +77,8 @@ def train(
 
     def on_step(p) -> None:
         if progress and is_main_process():
-            val = f" | val ppl {p.validation['ppl']:.3f}" if p.validation else ""
-            if p.validation and "answer_accuracy" in p.validation:
-                val += f" answers {p.validation['answer_accuracy']:.0%} (nll {p.validation['answer_nll']:.3f})"
             err.print(f"step {p.step}/{p.steps} segments {p.segments} loss {p.loss:.4f} lr {p.lr:.2e} "
-                      f"{p.tokens / max(p.seconds, 1e-9):.0f} tok/s{val}", highlight=False)
+                      f"{p.tokens / max(p.seconds, 1e-9):.0f} tok/s{_validation_text(p.validation)}", highlight=False)
 
     result = train_fn(files, method, out, config, validation=validation, task=task_,
                       options=_parse_overrides(option or [], [method]).get(method), init_adapter=init_adapter,
@@ -98,6 +95,20 @@ def train(
     val = f"; validation PPL {vals[0]['ppl']:.3f} -> {vals[-1]['ppl']:.3f}" if len(vals) >= 2 else ""
     print(f"adapter {out} saved at {result['path']}: {result['steps']} steps, {result['tokens']:,} tokens in "
           f"{result['seconds']:.0f} s{val}")
+
+
+def _validation_text(v: dict[str, float] | None) -> str:
+    """The progress line's validation part: the PPL and, with --val-recall, the held-out answers read with
+    their own memory and (the control) with another sample's."""
+    if not v:
+        return ""
+    text = f" | val ppl {v['ppl']:.3f}"
+    if "answer_accuracy" in v:
+        text += f" answers {v['answer_accuracy']:.0%} (nll {v['answer_nll']:.3f}"
+        if "answer_nll_swapped" in v:
+            text += f"; another sample's memory: {v['answer_accuracy_swapped']:.0%}, nll {v['answer_nll_swapped']:.3f}"
+        text += ")"
+    return text
 
 
 def _one_of(option: str, value: str, allowed: tuple[_S, ...]) -> _S:

@@ -108,8 +108,16 @@ def _task_source(task: TrainTask, backbone: Backbone, corpus: TokenCorpus, val: 
     held_out = FactRecall(backbone.tokenizer, val.docs[0], frame)
 
     def factory(method: Method) -> Callable[[int], dict[str, Any]]:
-        return lambda n: answer_scores(backbone, method, held_out, segments=n, segment=config.segment,
-                                       samples=config.val_recall)
+        def probe(n: int) -> dict[str, Any]:
+            scores = answer_scores(backbone, method, held_out, segments=n, segment=config.segment,
+                                   samples=config.val_recall)
+            if n > 1:  # the control: the same questions read with another sample's memory
+                swapped = answer_scores(backbone, method, held_out, segments=n, segment=config.segment,
+                                        samples=config.val_recall, memory="swapped")
+                scores |= {f"{k}_swapped": swapped[k] for k in ("answer_accuracy", "answer_nll")}
+            return scores
+
+        return probe
 
     return source, factory
 
