@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
+import sys
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -82,8 +84,10 @@ def main() -> None:
         for r in rows:
             print(f"| {r['segments']} | {r['steps'][0]}–{r['steps'][1]} | {_fmt(r['answer_loss'])} "
                   f"| {r['answer_below_0.1']}/{r['answer_samples']} | {_fmt(r['lm_loss'])} |")
-    if a.out:
-        Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    if a.out:  # the runs' files carry their model and machine; this one only re-reads them
+        record = {"benchmark": "recall_curves", "command": " ".join(["python", *sys.argv]),
+                  "python": platform.python_version(), "window": a.window, "runs": out}
+        Path(a.out).write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

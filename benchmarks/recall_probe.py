@@ -45,7 +45,7 @@ def main() -> None:
     source = FactRecall(backbone.tokenizer, TokenCorpus.from_files([a.novel], backbone.tokenizer).docs[0],
                         qa_frame(backbone.tokenizer))
     out = {"benchmark": "recall_probe", "novel": a.novel, "segment": a.segment, "samples": a.samples,
-           "seed": a.seed, "environment": run_record(backbone, seed=a.seed), "protocols": {}, "cells": []}
+           "seed": a.seed, "record": run_record(backbone, seed=a.seed), "protocols": {}, "cells": []}
     for label, spec in (pair.split("=", 1) for pair in a.methods.split(",")):
         method, _ = build_method(spec, backbone)
         out["protocols"][label] = method.describe()
@@ -58,7 +58,7 @@ def main() -> None:
                 print(f"{label} {n} segments {mode}: {cell['answer_accuracy']:.3f} exact, "
                       f"{cell['answer_nll']:.3f} nats", file=sys.stderr)
                 Path(a.out).write_text(json.dumps(out, indent=1, default=str) + "\n")
-    out["environment_end"] = run_record(backbone, seed=a.seed)
+    out["record_end"] = run_record(backbone, seed=a.seed)
     Path(a.out).write_text(json.dumps(out, indent=1, default=str) + "\n")
 
 

@@ -23,7 +23,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL_FREE = {"cli_startup": "times `longctx` commands starting up; no model is loaded",
-              "pdf_extractors": "times PDF text extraction (pypdf, pdfminer.six); no model is loaded"}
+              "pdf_extractors": "times PDF text extraction (pypdf, pdfminer.six); no model is loaded",
+              "recall_curves": "splits training runs' step records (each run file has its own record); no model is loaded"}
 
 RESULT_PATH = re.compile(r"benchmarks/results/[\w./-]+\.(?:json|md|png)")
 # a command that produces results: a longctx command or a benchmark script (to_markdown.py only renders)
