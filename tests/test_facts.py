@@ -18,6 +18,7 @@ from transformers import LlamaForCausalLM
 
 from longctx.bench import needle
 from longctx.bench.splits import SETS
+from longctx.errors import UsageError
 from longctx.methods import get_method
 from longctx.model.backbone import Backbone, ModelInfo
 from longctx.tasks.facts import (
@@ -206,6 +207,8 @@ def test_answer_scores_ablate_the_memory_the_question_reads():
     one = {mode: answer_scores(backbone, m, src, segments=1, segment=512, samples=3, memory=mode)["answer_nll"]
            for mode in ("own", "swapped", "reset")}
     assert len(set(one.values())) == 1, one
+    with pytest.raises(UsageError, match="at least 2 samples"):
+        answer_scores(backbone, m, src, segments=2, segment=256, samples=1, memory="swapped")
 
 
 # ---- the machinery learns: a planted key recalled 4 segments later -------------------------------------------

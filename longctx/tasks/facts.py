@@ -218,6 +218,8 @@ def answer_scores(backbone: Backbone, method: Method, source: FactRecall, *, seg
     kind of text and facts, but not the asked one); `reset`, the method's initial memory. A memory that
     carries the fact scores better with `own` than with the other two; a model that only guesses the
     answer's kind scores alike."""
+    if memory == "swapped" and samples < 2:
+        raise UsageError("another sample's memory needs at least 2 samples")
     gen = torch.Generator().manual_seed(seed)
     draws = [source.draw(segments, segment, gen) for _ in range(samples)]
     if any(bool((seg.targets >= 0).any()) for segs in draws for seg in segs[:-1]):

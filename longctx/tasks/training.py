@@ -111,7 +111,7 @@ def _task_source(task: TrainTask, backbone: Backbone, corpus: TokenCorpus, val: 
         def probe(n: int) -> dict[str, Any]:
             scores = answer_scores(backbone, method, held_out, segments=n, segment=config.segment,
                                    samples=config.val_recall)
-            if n > 1:  # the control: the same questions read with another sample's memory
+            if n > 1 and config.val_recall > 1:  # the control: the questions read with another sample's memory
                 swapped = answer_scores(backbone, method, held_out, segments=n, segment=config.segment,
                                         samples=config.val_recall, memory="swapped")
                 scores |= {f"{k}_swapped": swapped[k] for k in ("answer_accuracy", "answer_nll")}
