@@ -190,8 +190,9 @@ def test_answer_scores_are_those_of_fixed_samples():
     assert a == answer_scores(backbone, m, src, segments=2, segment=256, samples=3)
     assert a["answer_accuracy"] == 0 and 4 < a["answer_nll"] < 9  # random weights: near ln(400) = 6.0
     # no memory: the question's segment reads the same whatever came before it
-    assert all(answer_scores(backbone, m, src, segments=2, segment=256, samples=3, memory=mode) == a
-               for mode in ("swapped", "reset"))
+    controlled = answer_scores(backbone, m, src, segments=2, segment=256, samples=3, controls=("swapped", "reset"))
+    assert {k: v for k, v in controlled.items() if k in a} == a
+    assert all(controlled[f"{k}_{c}"] == a[k] for k in ("answer_accuracy", "answer_nll") for c in ("swapped", "reset"))
 
 
 def test_answer_scores_ablate_the_memory_the_question_reads():
@@ -201,14 +202,14 @@ def test_answer_scores_ablate_the_memory_the_question_reads():
     backbone = Backbone(LlamaForCausalLM(tiny_config()).eval(), byte_bpe_tokenizer(), ModelInfo(model_id="tiny-llama", source="test"))
     m = get_method("xl")(get_method("xl").Options.from_mapping({"memory": 256}), backbone)
     src = source()
-    scores = {mode: answer_scores(backbone, m, src, segments=2, segment=256, samples=3, memory=mode)["answer_nll"]
-              for mode in ("own", "swapped", "reset")}
-    assert len(set(scores.values())) == 3, scores
-    one = {mode: answer_scores(backbone, m, src, segments=1, segment=512, samples=3, memory=mode)["answer_nll"]
-           for mode in ("own", "swapped", "reset")}
-    assert len(set(one.values())) == 1, one
+    nll = ("answer_nll", "answer_nll_swapped", "answer_nll_reset")
+    two = answer_scores(backbone, m, src, segments=2, segment=256, samples=3, controls=("swapped", "reset"))
+    assert len({two[k] for k in nll}) == 3, two
+    assert two["answer_nll"] == answer_scores(backbone, m, src, segments=2, segment=256, samples=3)["answer_nll"]
+    one = answer_scores(backbone, m, src, segments=1, segment=512, samples=3, controls=("swapped", "reset"))
+    assert len({one[k] for k in nll}) == 1, one
     with pytest.raises(UsageError, match="at least 2 samples"):
-        answer_scores(backbone, m, src, segments=2, segment=256, samples=1, memory="swapped")
+        answer_scores(backbone, m, src, segments=2, segment=256, samples=1, controls=("swapped",))
 
 
 # ---- the machinery learns: a planted key recalled 4 segments later -------------------------------------------

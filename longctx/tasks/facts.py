@@ -204,39 +204,64 @@ class Mixed:
         return source.draw(n, segment, gen)
 
 
-MemoryAblation = Literal["own", "swapped", "reset"]
+Control = Literal["swapped", "reset"]
 
 
 def answer_scores(backbone: Backbone, method: Method, source: FactRecall, *, segments: int, segment: int,
-                  samples: int, seed: int = 4321, memory: MemoryAblation = "own") -> dict[str, Any]:
+                  samples: int, seed: int = 4321, controls: Sequence[Control] = ()) -> dict[str, Any]:
     """Teacher-forced scores of the answers of `samples` fixed fact samples (the same ones at every call with
     the same arguments): `answer_accuracy`, the share whose every answer token is the greedy one (so greedy
     decoding would produce the answer), and `answer_nll`, the mean NLL per answer token.
 
-    `memory` says what the question's segment (the last) reads: `own`, the memory its sample's earlier
-    segments wrote; `swapped`, the memory the *next* sample's earlier segments wrote (cyclically: the same
-    kind of text and facts, but not the asked one); `reset`, the method's initial memory. A memory that
-    carries the fact scores better with `own` than with the other two; a model that only guesses the
-    answer's kind scores alike."""
-    if memory == "swapped" and samples < 2:
+    `controls` also reads each question's segment (the last) with a memory other than its own, in the same
+    pass, scored as `answer_accuracy_<control>` and `answer_nll_<control>`: `swapped`, the memory the *next*
+    sample's earlier segments wrote (cyclically: the same kind of text and facts, but not the asked one);
+    `reset`, the method's initial memory. A memory that carries the fact scores better with its own than
+    under the controls; a model that only guesses the answer's kind scores alike."""
+    if "swapped" in controls and samples < 2:
         raise UsageError("another sample's memory needs at least 2 samples")
     gen = torch.Generator().manual_seed(seed)
     draws = [source.draw(segments, segment, gen) for _ in range(samples)]
     if any(bool((seg.targets >= 0).any()) for segs in draws for seg in segs[:-1]):
         raise UsageError(f"an answer is longer than a segment of {segment} tokens; use a longer --segment")
-    exact, nll, tokens = 0, 0.0, 0
+    sums = {suffix: _AnswerSums() for suffix in ("", *(f"_{c}" for c in controls))}
     with torch.inference_mode():
+        first = None  # sample 0's memory: the swapped control of the last sample reads it
         for i, segs in enumerate(draws):
-            donor = {"own": segs, "swapped": draws[(i + 1) % samples], "reset": []}[memory]
             state = method.init_state()
-            for seg in donor[: segments - 1]:
+            for seg in segs[:-1]:  # the earlier segments are read once, whatever reads their memory
                 state, _, _ = forward_segment(backbone, method, state, seg)
-            _, hidden, _ = forward_segment(backbone, method, state, segs[-1])
-            scored = segs[-1].targets >= 0
-            logits = backbone.model.lm_head(hidden[scored.to(hidden.device)]).float()
-            want = segs[-1].targets[scored].to(logits.device)
-            nll += float(torch.nn.functional.cross_entropy(logits, want, reduction="sum"))
-            tokens += int(want.numel())
-            exact += bool((logits.argmax(-1) == want).all())
-    return {"recall_segments": segments, "recall_samples": samples, "answer_accuracy": exact / max(samples, 1),
-            "answer_nll": nll / max(tokens, 1)}
+            if "reset" in controls:
+                sums["_reset"].add(backbone, method, method.init_state(), segs[-1])
+            if "swapped" in controls:
+                if i == 0:
+                    first = method.fork_state(state)
+                else:
+                    sums["_swapped"].add(backbone, method, method.fork_state(state), draws[i - 1][-1])
+            sums[""].add(backbone, method, state, segs[-1])
+        if "swapped" in controls:
+            sums["_swapped"].add(backbone, method, first, draws[-1][-1])
+    out: dict[str, Any] = {"recall_segments": segments, "recall_samples": samples}
+    for suffix, total in sums.items():
+        out[f"answer_accuracy{suffix}"] = total.exact / max(samples, 1)
+        out[f"answer_nll{suffix}"] = total.nll / max(total.tokens, 1)
+    return out
+
+
+@dataclass
+class _AnswerSums:
+    """Running sums of one reading's answer scores."""
+
+    exact: int = 0
+    nll: float = 0.0
+    tokens: int = 0
+
+    def add(self, backbone: Backbone, method: Method, state: Any, question: Segment) -> None:
+        """Read the question's segment over `state` and add its answer's NLL and exactness."""
+        _, hidden, _ = forward_segment(backbone, method, state, question)
+        scored = question.targets >= 0
+        logits = backbone.model.lm_head(hidden[scored.to(hidden.device)]).float()
+        want = question.targets[scored].to(logits.device)
+        self.nll += float(torch.nn.functional.cross_entropy(logits, want, reduction="sum"))
+        self.tokens += int(want.numel())
+        self.exact += bool((logits.argmax(-1) == want).all())

@@ -17,7 +17,7 @@ from ..storage.paths import longctx_home
 from ..storage.snapshot import SnapshotStore
 from ..text.prompts import qa_frame
 from ..version import __version__
-from .facts import TEMPLATES, FactRecall, Mixed, answer_scores
+from .facts import TEMPLATES, Control, FactRecall, Mixed, answer_scores
 from .recall import recall_task_for
 from .samples import SampleSource, TokenCorpus
 from .trainconfig import TrainConfig, TrainTask
@@ -108,14 +108,10 @@ def _task_source(task: TrainTask, backbone: Backbone, corpus: TokenCorpus, val: 
     held_out = FactRecall(backbone.tokenizer, val.docs[0], frame)
 
     def factory(method: Method) -> Callable[[int], dict[str, Any]]:
-        def probe(n: int) -> dict[str, Any]:
-            scores = answer_scores(backbone, method, held_out, segments=n, segment=config.segment,
-                                   samples=config.val_recall)
-            if n > 1 and config.val_recall > 1:  # the control: the questions read with another sample's memory
-                swapped = answer_scores(backbone, method, held_out, segments=n, segment=config.segment,
-                                        samples=config.val_recall, memory="swapped")
-                scores |= {f"{k}_swapped": swapped[k] for k in ("answer_accuracy", "answer_nll")}
-            return scores
+        def probe(n: int) -> dict[str, Any]:  # the control: the questions read with another sample's memory
+            controls: tuple[Control, ...] = ("swapped",) if n > 1 and config.val_recall > 1 else ()
+            return answer_scores(backbone, method, held_out, segments=n, segment=config.segment,
+                                 samples=config.val_recall, controls=controls)
 
         return probe
 
