@@ -34,13 +34,13 @@ class _Kind:
         return self.name
 
 
-def sample_kinds(task: str, config: dict[str, Any], steps: int) -> list[list[str]]:
-    """The kinds ("facts" or "lm") of each step's `accumulate` samples, drawn as the trainer drew them."""
+def sample_kinds(task: str, config: dict[str, Any], steps: int) -> list[str]:
+    """The kind ("facts" or "lm") of each step's sample (one per step: --accumulate 1), drawn as the trainer
+    drew it."""
     if task != "facts":
-        return [["lm"] * config.get("accumulate", 1) for _ in range(steps)]
+        return ["lm"] * steps
     mixed = Mixed(_Kind("facts"), _Kind("lm"), config.get("lm_share", 0.0))
-    lanes = range(config.get("accumulate", 1))
-    return [[mixed.draw(1, 1, sample_generator(config["seed"], step, lane)) for lane in lanes] for step in range(steps)]
+    return [mixed.draw(1, 1, sample_generator(config["seed"], step, 0)) for step in range(steps)]
 
 
 def curves(run: dict[str, Any], window: int) -> list[dict[str, Any]]:
@@ -56,7 +56,7 @@ def curves(run: dict[str, Any], window: int) -> list[dict[str, Any]]:
             row = {"segments": rec["segments"], "first_step": rec["step"], "answer": [], "lm": []}
             rows.append(row)
         row["last_step"] = rec["step"]
-        row["answer" if kind[0] == "facts" else "lm"].append(rec["loss"])
+        row["answer" if kind == "facts" else "lm"].append(rec["loss"])
     return [{"segments": r["segments"], "steps": [r["first_step"], r["last_step"]],
              "answer_loss": mean(r["answer"]) if r["answer"] else None, "answer_samples": len(r["answer"]),
              "answer_below_0.1": sum(x < 0.1 for x in r["answer"]),
